@@ -1,0 +1,705 @@
+"""Reading and writing weight files.
+
+Everything here works on flat ``dict[str, np.ndarray]`` state dicts keyed by
+Hugging Face **PyTorch** parameter names (``encoder.embeddings.word_embeddings.weight``,
+``decoder.cls.predictions.bias``, ...), or -- for our own parameter trees -- on
+nested dicts of numpy arrays stored as Flax msgpack.  Nothing in this module
+knows about model architectures.
+
+All writes are atomic: the bytes go to a temporary file in the destination
+folder, which is fsynced and then moved over the final name with
+:func:`os.replace`, so an interrupted save never leaves a half-written file
+under the final name.
+
+Every problem with a file that is read raises
+:class:`jaxencdec.checkpoint.errors.CheckpointError` with a message naming the
+file and the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import struct
+import tempfile
+import types
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+from jaxencdec.checkpoint.errors import CheckpointError
+
+__all__ = [
+    "WEIGHT_FILE_CANDIDATES",
+    "resolve_model_folder",
+    "find_weights",
+    "read_state_dict",
+    "hf_flax_to_state_dict",
+    "read_safetensors",
+    "write_safetensors",
+    "read_pytorch_bin",
+    "read_msgpack",
+    "write_msgpack",
+    "read_json",
+    "write_json",
+]
+
+PathLike = str | os.PathLike
+
+# (file name, kind, is_index), in the order find_weights looks for them.
+WEIGHT_FILE_CANDIDATES: tuple[tuple[str, str, bool], ...] = (
+    ("model.safetensors", "safetensors", False),
+    ("model.safetensors.index.json", "safetensors", True),
+    ("flax_model.msgpack", "flax", False),
+    ("flax_model.msgpack.index.json", "flax", True),
+    ("pytorch_model.bin", "pytorch", False),
+    ("pytorch_model.bin.index.json", "pytorch", True),
+)
+
+_DEFAULT_METADATA: Mapping[str, str] = types.MappingProxyType({"format": "pt"})
+
+
+# --------------------------------------------------------------------------------------
+# atomic writes
+# --------------------------------------------------------------------------------------
+
+
+def _write_bytes(f: BinaryIO, data: Any) -> None:
+    """Write one buffer to an open file (the single low-level write used by all savers)."""
+    f.write(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_open(path: PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file object; on clean exit it atomically becomes ``path``.
+
+    The data is written to a temporary file next to ``path``, flushed and
+    fsynced, then moved over ``path`` with :func:`os.replace`.  On any
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(folder)
+
+
+def _atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with _atomic_open(path) as f:
+        _write_bytes(f, data)
+
+
+# --------------------------------------------------------------------------------------
+# model location
+# --------------------------------------------------------------------------------------
+
+
+def _looks_like_local_path(s: str) -> bool:
+    if s.startswith((".", "~", "/", "\\")) or "\\" in s:
+        return True
+    if len(s) >= 2 and s[1] == ":" and s[0].isalpha():  # Windows drive
+        return True
+    return s.count("/") > 1 or s.endswith("/")
+
+
+def resolve_model_folder(
+    path_or_repo_id: PathLike,
+    allow_patterns: list[str] | str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir: PathLike | None = None,
+) -> Path:
+    """Return a local folder holding a model's files.
+
+    A local directory is returned as is.  Anything else is taken as a Hugging
+    Face Hub repo id and fetched with ``huggingface_hub.snapshot_download``
+    (restricted to ``allow_patterns`` if given; honours ``HF_HUB_OFFLINE`` and
+    the local cache).
+
+    Raises:
+        CheckpointError: ``path_or_repo_id`` is an existing file, looks like a
+            local path (absolute, ``./``, ``~``, more than one ``/``) but does
+            not exist, or the hub download fails (offline and not cached,
+            repo not found, invalid repo id, network error).
+    """
+    if isinstance(path_or_repo_id, os.PathLike):
+        as_path_only = True
+        s = os.fspath(path_or_repo_id)
+    else:
+        as_path_only = False
+        s = str(path_or_repo_id)
+    local = Path(s).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{s}: is a file, not a model folder or a hub repo id")
+    if as_path_only or _looks_like_local_path(s):
+        raise CheckpointError(
+            f"{s}: is neither a local folder nor a reachable hub repo "
+            "(it looks like a local path, and no such directory exists)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id=s,
+            allow_patterns=allow_patterns,
+            revision=revision,
+            cache_dir=None if cache_dir is None else os.fspath(cache_dir),
+        )
+    except Exception as e:  # offline, not found, gated, invalid id, network, ...
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        raise CheckpointError(
+            f"{s}: is neither a local folder nor a reachable hub repo "
+            f"({type(e).__name__}: {reason})"
+        ) from e
+    return Path(folder)
+
+
+# --------------------------------------------------------------------------------------
+# locating weight files
+# --------------------------------------------------------------------------------------
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    """Read an HF ``*.index.json`` and return its ``weight_map`` (name -> shard file)."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: index has no (or an empty) 'weight_map' object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"{index_path}: weight_map entry {name!r} does not name a shard file"
+            )
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(
+                f"{index_path}: shard {shard!r} lies outside the checkpoint folder"
+            )
+    return weight_map
+
+
+def _find_weights(folder: PathLike) -> tuple[str, list[Path], Path | None, dict[str, str] | None]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    for name, kind, is_index in WEIGHT_FILE_CANDIDATES:
+        p = folder / name
+        if not p.is_file():
+            continue
+        if not is_index:
+            return kind, [p], None, None
+        weight_map = _read_index(p)
+        shards: list[Path] = []
+        for shard in dict.fromkeys(weight_map.values()):
+            sp = folder / shard
+            if not sp.is_file():
+                raise CheckpointError(f"{p}: shard {shard!r} named in weight_map is missing")
+            shards.append(sp)
+        return kind, shards, p, weight_map
+    looked_for = ", ".join(n for n, _, _ in WEIGHT_FILE_CANDIDATES)
+    raise CheckpointError(f"{folder}: no weight file found (looked for {looked_for})")
+
+
+def find_weights(folder: PathLike) -> tuple[str, list[Path]]:
+    """Find the weight file(s) of a model folder.
+
+    Looks, in this order, for ``model.safetensors``, ``model.safetensors.index.json``,
+    ``flax_model.msgpack``, ``flax_model.msgpack.index.json``, ``pytorch_model.bin``,
+    ``pytorch_model.bin.index.json``; the first one present wins.
+
+    Returns:
+        ``(kind, files)`` with ``kind`` one of ``"safetensors"``, ``"flax"``,
+        ``"pytorch"`` and ``files`` the weight files to read: one file, or for
+        a sharded checkpoint every shard named in the index's ``weight_map``
+        (in order of first appearance).
+
+    Raises:
+        CheckpointError: ``folder`` is not a directory, none of the files
+            exists, an index is invalid, or a shard it names is missing.
+    """
+    kind, files, _, _ = _find_weights(folder)
+    return kind, files
+
+
+# --------------------------------------------------------------------------------------
+# safetensors
+# --------------------------------------------------------------------------------------
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype(np.uint16),
+    "I16": np.dtype(np.int16),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "U32": np.dtype(np.uint32),
+    "I32": np.dtype(np.int32),
+    "F32": np.dtype(np.float32),
+    "U64": np.dtype(np.uint64),
+    "I64": np.dtype(np.int64),
+    "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def _le_contiguous(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    # (np.ascontiguousarray would turn 0-d arrays into 1-d ones)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _check_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in state_dict.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"state_dict keys must be non-empty str, got {name!r}")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved in safetensors and cannot be a tensor name")
+        arr = _le_contiguous(np.asarray(value))
+        if arr.dtype not in _NP_TO_ST:
+            raise TypeError(f"{name}: dtype {arr.dtype} cannot be stored in safetensors")
+        out[name] = arr
+    return out
+
+
+def write_safetensors(
+    state_dict: Mapping[str, Any],
+    path: PathLike,
+    metadata: Mapping[str, str] | None = _DEFAULT_METADATA,
+) -> None:
+    """Atomically write a flat state dict as a safetensors file.
+
+    Args:
+        state_dict: ``name -> array`` (numpy arrays, or anything ``np.asarray``
+            accepts, e.g. jax arrays).  Supported dtypes: bool, (u)int8/16/32/64,
+            float16/32/64, ``ml_dtypes.bfloat16``, float8 e4m3fn / e5m2.  Shapes
+            are kept as is (0-d included).
+        path: destination file; its folder is created if needed.
+        metadata: ``str -> str`` stored under ``__metadata__`` (default
+            ``{"format": "pt"}``, which transformers expects); ``None`` for none.
+
+    The file follows the safetensors spec (8-byte little-endian header length,
+    JSON header padded to 8 bytes, tensors back to back) and is written
+    tensor by tensor, so no second copy of the whole checkpoint is held in memory.
+
+    Raises:
+        TypeError / ValueError: invalid names, dtypes or metadata (caller bugs).
+    """
+    arrays = _check_state_dict(state_dict)
+    header: dict[str, Any] = {}
+    if metadata:
+        meta = dict(metadata)
+        for k, v in meta.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
+        header["__metadata__"] = meta
+    # Same order as the reference implementation: larger alignment first, then by name.
+    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    offset = 0
+    for name in order:
+        arr = arrays[name]
+        header[name] = {
+            "dtype": _NP_TO_ST[arr.dtype],
+            "shape": [int(d) for d in arr.shape],
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with _atomic_open(path) as f:
+        _write_bytes(f, struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for name in order:
+            arr = arrays[name]
+            if arr.nbytes:
+                _write_bytes(f, memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def _read_safetensors_manual(path: Path) -> dict[str, np.ndarray]:
+    """Strict pure-numpy safetensors reader (bf16/float8 via ml_dtypes).
+
+    Used when the ``safetensors`` package cannot give numpy arrays for a file
+    (older versions refuse bf16).  Raises ValueError on any inconsistency.
+    """
+    with open(path, "rb") as f:
+        buf = bytearray(f.read())
+    if len(buf) < 8:
+        raise ValueError("file shorter than the 8-byte header length")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    if n > len(buf) - 8:
+        raise ValueError(f"header length {n} exceeds file size {len(buf)}")
+    header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = memoryview(buf)[8 + n :]
+    spans = []
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name!r}: header entry is not an object")
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
+        shape = info.get("shape")
+        offsets = info.get("data_offsets")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
+            raise ValueError(f"tensor {name!r}: invalid shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= len(data):
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} outside the data")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: data_offsets do not match shape/dtype")
+        spans.append((begin, end))
+        out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
+    pos = 0
+    for begin, end in sorted(spans):
+        if begin != pos:
+            raise ValueError("tensor data is not contiguous")
+        pos = end
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} trailing bytes after the tensor data")
+    return out
+
+
+def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
+    """Read one safetensors file into ``name -> np.ndarray``.
+
+    dtypes and shapes are kept exactly (bf16 as ``ml_dtypes.bfloat16``,
+    bit-identical).
+
+    Raises:
+        CheckpointError: missing file, or truncated / corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: safetensors file not found")
+    try:
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    except Exception as first:
+        try:
+            return _read_safetensors_manual(path)
+        except Exception:
+            msg = " ".join(str(first).split()) or type(first).__name__
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg})") from first
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch pickles
+# --------------------------------------------------------------------------------------
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    exact = {
+        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
+    }
+    if t.dtype in exact:
+        as_int, np_dtype = exact[t.dtype]
+        return np.array(t.contiguous().view(as_int).numpy(), copy=True).view(np_dtype)
+    try:
+        return np.array(t.numpy(), copy=True)
+    except TypeError:  # dtypes numpy lacks (e.g. other float8 flavours)
+        return np.array(t.float().numpy(), copy=True)
+
+
+def read_pytorch_bin(path: PathLike) -> dict[str, np.ndarray]:
+    """Read one ``pytorch_model.bin`` (or shard) into ``name -> np.ndarray``.
+
+    Uses ``torch.load(map_location="cpu", weights_only=True)``: a pickle that
+    would import or call anything besides tensors is refused, never executed.
+    bf16 / float8 tensors become the matching ``ml_dtypes`` arrays (same bits).
+
+    Raises:
+        CheckpointError: torch not installed; file missing, refused
+            (tries to execute code), truncated/corrupt, or not a flat dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: PyTorch weight file not found")
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path}: reading PyTorch .bin weights needs torch; "
+            "install jaxencdec[convert] or convert the checkpoint to safetensors"
+        ) from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle tries to execute code or load "
+            f"non-tensor objects (not executed; {first_line})"
+        ) from e
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        if "weights only load failed" in msg.lower() or "weights_only" in msg.lower():
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle tries to execute code (not executed; {msg})"
+            ) from e
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch weight file ({msg})") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a dict of tensors, found {type(obj).__name__}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor"
+            )
+        out[name] = _torch_to_numpy(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# msgpack (Flax)
+# --------------------------------------------------------------------------------------
+
+
+def _msgpack_restore_file(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    from flax.serialization import msgpack_restore
+
+    data = path.read_bytes()
+    try:
+        tree = msgpack_restore(data)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt msgpack file ({msg})") from e
+    if not isinstance(tree, dict):
+        raise CheckpointError(
+            f"{path}: truncated or corrupt msgpack file (top level is "
+            f"{type(tree).__name__}, not a dict)"
+        )
+    return tree
+
+
+def read_msgpack(path: PathLike) -> dict:
+    """Read a Flax msgpack file (``flax.serialization.msgpack_restore``).
+
+    Returns the nested dict as stored, leaves as numpy arrays.
+
+    Raises:
+        CheckpointError: missing file, truncated / corrupt data, or a top
+            level that is not a dict.
+    """
+    return _msgpack_restore_file(Path(path), "msgpack file")
+
+
+def write_msgpack(tree: Mapping, path: PathLike) -> None:
+    """Atomically write a nested dict of arrays with ``flax.serialization.msgpack_serialize``.
+
+    Leaves may be numpy or jax arrays or scalars; they are stored as numpy
+    arrays with their dtype and shape.  Read back with :func:`read_msgpack`.
+    """
+    from flax.serialization import msgpack_serialize
+
+    def to_np(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {str(k): to_np(v) for k, v in x.items()}
+        return np.asarray(x)
+
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"tree must be a (nested) mapping, got {type(tree).__name__}")
+    _atomic_write_bytes(path, msgpack_serialize(to_np(tree)))
+
+
+def hf_flax_to_state_dict(tree: Mapping, source: PathLike = "<tree>") -> dict[str, np.ndarray]:
+    """Turn a nested HF-Flax (transformers 4.x) param dict into PyTorch names.
+
+    The path is joined with ``"."``; a leaf ``kernel`` becomes ``weight``
+    (transposed when 2-D: HF Flax kernels are ``[in, out]``, i.e. PyTorch's
+    ``weight.T``, GPT-2's Conv1D included), ``embedding`` and ``scale``
+    become ``weight``, everything else (``bias``, ...) keeps its name.  A
+    lone top-level ``"params"`` wrapper is dropped.
+
+    Raises:
+        CheckpointError: a leaf is not an array, or two leaves map to the same name.
+    """
+    if set(tree) == {"params"} and isinstance(tree["params"], Mapping):
+        tree = tree["params"]
+    out: dict[str, np.ndarray] = {}
+
+    def walk(node: Mapping, prefix: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            p = (*prefix, str(key))
+            if isinstance(value, Mapping):
+                walk(value, p)
+                continue
+            if not isinstance(value, (np.ndarray, np.generic)):
+                raise CheckpointError(
+                    f"{source}: leaf {'/'.join(p)!r} is a {type(value).__name__}, not an array"
+                )
+            arr = np.asarray(value)
+            leaf = p[-1]
+            if leaf == "kernel":
+                if arr.ndim == 2:
+                    arr = np.ascontiguousarray(arr.T)
+                leaf = "weight"
+            elif leaf in ("embedding", "scale"):
+                leaf = "weight"
+            name = ".".join((*p[:-1], leaf))
+            if name in out:
+                raise CheckpointError(
+                    f"{source}: two parameters map to the same PyTorch name {name!r}"
+                )
+            out[name] = arr
+
+    walk(tree, ())
+    return out
+
+
+def _flatten_slash(tree: Mapping, prefix: str = "") -> list[str]:
+    names: list[str] = []
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else str(k)
+        names.extend(_flatten_slash(v, p) if isinstance(v, Mapping) else [p])
+    return names
+
+
+# --------------------------------------------------------------------------------------
+# whole checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def read_state_dict(folder: PathLike) -> dict[str, np.ndarray]:
+    """Read a model folder's weights into one flat ``PyTorch name -> np.ndarray`` dict.
+
+    Reads what :func:`find_weights` finds: safetensors (dtypes kept exactly,
+    bf16 as ``ml_dtypes.bfloat16``), HF-Flax msgpack (converted to PyTorch
+    names by :func:`hf_flax_to_state_dict`), or ``pytorch_model.bin`` (loaded
+    with ``weights_only=True``).  Shards of a sharded checkpoint are merged;
+    every name in the index's ``weight_map`` must be found in its shard.
+
+    Raises:
+        CheckpointError: no weights, missing shard, truncated / corrupt /
+            refused file, a tensor in two shards, or a name listed in the
+            index missing from the shards.
+    """
+    kind, files, index_path, weight_map = _find_weights(folder)
+    out: dict[str, np.ndarray] = {}
+    found_in: dict[str, Path] = {}  # names as the index spells them -> shard
+
+    def add(names: list[str], shard: Path) -> None:
+        for n in names:
+            if n in found_in:
+                raise CheckpointError(
+                    f"{shard}: tensor {n!r} is also stored in {found_in[n].name}"
+                )
+            found_in[n] = shard
+
+    for f in files:
+        if kind == "safetensors":
+            sd = read_safetensors(f)
+            add(list(sd), f)
+        elif kind == "pytorch":
+            sd = read_pytorch_bin(f)
+            add(list(sd), f)
+        else:
+            tree = _msgpack_restore_file(f, "Flax weight file")
+            add(_flatten_slash(tree), f)
+            sd = hf_flax_to_state_dict(tree, f)
+        out.update(sd)
+
+    if weight_map is not None:
+        missing = [n for n in weight_map if n not in found_in]
+        if missing:
+            shown = ", ".join(f"{n!r} (in {weight_map[n]})" for n in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise CheckpointError(f"{index_path}: tensors missing from their shards: {shown}{more}")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------
+
+
+def read_json(path: PathLike) -> dict:
+    """Read a JSON file whose top level is an object (config, index, ...).
+
+    Raises:
+        CheckpointError: missing / unreadable file, invalid UTF-8 or JSON
+            (with line and column), or a top level that is not an object.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: JSON file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON file ({e})") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: JSON top level is a {type(obj).__name__}, not an object")
+    return obj
+
+
+def write_json(obj: Any, path: PathLike) -> None:
+    """Atomically write ``obj`` as JSON (``indent=2, sort_keys=True``, trailing newline, UTF-8)."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    _atomic_write_bytes(path, text.encode("utf-8"))
