@@ -1,0 +1,368 @@
+"""Text <-> token-id conversion on top of the `tokenizers` library.
+
+`Tokenizer.from_pretrained` reads a Hugging Face tokenizer folder (or Hub repo) in one of three formats,
+in this priority: ``tokenizer.json``; WordPiece ``vocab.txt`` (BERT); byte-level BPE ``vocab.json`` +
+``merges.txt`` (GPT-2, or RoBERTa/BART when ``tokenizer_config.json`` says so). The pipelines built from
+the vocabulary files are those transformers builds, so ids and decoded strings match its fast tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+
+SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' registration order
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+OVERRIDABLE = {f"{name}_token" for name in SPECIAL_TOKEN_NAMES} | {
+    "do_lower_case",
+    "strip_accents",
+    "tokenize_chinese_chars",
+    "clean_up_tokenization_spaces",
+    "add_prefix_space",
+    "tokenizer_class",
+}
+# Conventional special-token spellings, tried in order; the first one in the vocabulary is used when no
+# config file names the token.
+WORDPIECE_DEFAULTS = {"pad": ["[PAD]"], "unk": ["[UNK]"], "cls": ["[CLS]"], "sep": ["[SEP]"], "mask": ["[MASK]"]}
+BYTE_LEVEL_DEFAULTS = {
+    "pad": ["<pad>"],
+    "unk": ["<unk>", "<|endoftext|>"],
+    "bos": ["<s>", "<|endoftext|>"],
+    "eos": ["</s>", "<|endoftext|>"],
+    "cls": ["<s>"],
+    "sep": ["</s>"],
+    "mask": ["<mask>"],
+}
+ROBERTA_CLASSES = ("RobertaTokenizer", "BartTokenizer")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus its special tokens, with batching to numpy arrays.
+
+    Args:
+        backend: the `tokenizers.Tokenizer` pipeline; its own padding and truncation are switched off,
+            because both are decided per call.
+        special_tokens: maps "pad", "bos", "eos", "unk", "cls", "sep", "mask" to a token string or None.
+            Tokens not yet in the backend's added vocabulary are added as special tokens.
+        clean_up_tokenization_spaces: default for `decode` (transformers skips it for BPE models).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        special_tokens: dict[str, str | None],
+        clean_up_tokenization_spaces: bool = False,
+    ):
+        backend.no_padding()
+        backend.no_truncation()
+        added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        backend.add_special_tokens(
+            [
+                AddedToken(token, special=True, normalized=False)
+                for token in (special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES)
+                if token is not None and token not in added
+            ]
+        )
+        self._backend = backend
+        self._special_tokens = {name: special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES}
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **overrides) -> Tokenizer:
+        """Load from a local folder or a Hugging Face Hub repo id.
+
+        `overrides` replace `tokenizer_config.json` entries: ``pad_token`` (and the other ``*_token``
+        names), ``do_lower_case``, ``strip_accents``, ``tokenize_chinese_chars``,
+        ``clean_up_tokenization_spaces``, ``add_prefix_space``, ``tokenizer_class``.
+        """
+        unknown = set(overrides) - OVERRIDABLE
+        if unknown:
+            raise TypeError(f"unknown tokenizer override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
+        folder = _resolve_folder(os.fspath(path_or_hub_id))
+        config = {
+            **_read_json(os.path.join(folder, "tokenizer_config.json"), missing_ok=True),
+            **_read_json(os.path.join(folder, "special_tokens_map.json"), missing_ok=True),
+            **overrides,
+        }
+        backend = _build_backend(folder, config)
+        defaults = WORDPIECE_DEFAULTS if isinstance(backend.model, models.WordPiece) else BYTE_LEVEL_DEFAULTS
+        special_tokens = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            key = f"{name}_token"
+            if key in config:
+                special_tokens[name] = _token_content(config[key])
+            else:
+                present = [t for t in defaults.get(name, []) if backend.token_to_id(t) is not None]
+                special_tokens[name] = present[0] if present else None
+        if (config.get("tokenizer_class") or "").removesuffix("Fast") in ROBERTA_CLASSES:
+            backend.post_processor = _roberta_processing(backend, special_tokens, config)
+        return cls(backend, special_tokens, bool(config.get("clean_up_tokenization_spaces", False)))
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included; valid ids are ``0 .. vocab_size - 1``."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    def _special_id(self, name: str) -> int | None:
+        token = self._special_tokens[name]
+        return None if token is None else self._backend.token_to_id(token)
+
+    pad_token_id = property(lambda self: self._special_id("pad"))
+    bos_token_id = property(lambda self: self._special_id("bos"))
+    eos_token_id = property(lambda self: self._special_id("eos"))
+    unk_token_id = property(lambda self: self._special_id("unk"))
+    cls_token_id = property(lambda self: self._special_id("cls"))
+    sep_token_id = property(lambda self: self._special_id("sep"))
+    mask_token_id = property(lambda self: self._special_id("mask"))
+
+    # ------------------------------------------------------------------ encoding
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        max_length: int | None = None,
+        truncation: bool = False,
+        padding: bool | str = "longest",
+        add_special_tokens: bool = True,
+    ) -> dict:
+        """Encode one text or a batch of texts.
+
+        Args:
+            texts: a string (treated as a batch of one) or a sequence of strings.
+            max_length: the length for ``padding="max_length"`` and ``truncation=True``.
+            truncation: cut each sequence to `max_length` tokens, special tokens included (these are kept).
+            padding: "longest" (or True) pads to the longest sequence in the batch, "max_length" pads to
+                `max_length`, False / "do_not_pad" does not pad. Padding is on the right with `pad_token_id`.
+            add_special_tokens: add the format's special tokens (e.g. BERT's [CLS] ... [SEP]).
+
+        Returns:
+            ``{"input_ids", "attention_mask"}``: numpy int32 arrays of shape ``[batch, length]``
+            (attention_mask is 1 on tokens, 0 on padding); without padding, lists of ``batch`` int lists.
+        """
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if (truncation or padding == "max_length") and max_length is None:
+            raise ValueError("max_length is required for truncation=True and padding='max_length'")
+        if truncation:
+            self._backend.enable_truncation(max_length)
+        else:
+            self._backend.no_truncation()
+        encodings = self._backend.encode_batch(batch, add_special_tokens=add_special_tokens)
+        ids = [encoding.ids for encoding in encodings]
+
+        if padding in (False, "do_not_pad"):
+            return {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
+        if padding in (True, "longest"):
+            length = max(map(len, ids), default=0)
+        elif padding == "max_length":
+            length = max_length
+            too_long = [len(seq) for seq in ids if len(seq) > length]
+            if too_long:
+                raise ValueError(
+                    f"a sequence has {max(too_long)} tokens, more than max_length={length}; pass truncation=True"
+                )
+        else:
+            raise ValueError(f"padding must be 'longest', 'max_length', True or False, got {padding!r}")
+        if self.pad_token_id is None and any(len(seq) < length for seq in ids):
+            raise ValueError(
+                "padding is needed but this tokenizer has no pad token; "
+                "pass e.g. pad_token=<eos token> to Tokenizer.from_pretrained"
+            )
+        input_ids = np.full((len(ids), length), self.pad_token_id or 0, dtype=np.int32)
+        attention_mask = np.zeros((len(ids), length), dtype=np.int32)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(
+        self,
+        ids,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Turn one sequence of ids (list, numpy or jax array of shape ``[length]``) back into text.
+
+        `clean_up_tokenization_spaces` (None: the tokenizer's default) removes spaces before punctuation
+        and contractions, as transformers does; like transformers, it is never applied to BPE models.
+        Raises ValueError for ids outside ``0 .. vocab_size - 1``.
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"decode expects a 1-D sequence of integer ids, got shape {ids.shape} {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of range [0, {self.vocab_size})")
+        text = self._backend.decode(ids.astype(np.int64).tolist(), skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces and not isinstance(self._backend.model, models.BPE):
+            text = _clean_up_tokenization(text)
+        return text
+
+    def batch_decode(
+        self,
+        sequences,
+        skip_special_tokens: bool = True,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        """`decode` each row of `sequences` (an int array ``[batch, length]`` or a list of id lists)."""
+        return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
+
+
+# ---------------------------------------------------------------------- loading helpers
+
+
+def _resolve_folder(path_or_hub_id: str) -> str:
+    if os.path.isdir(path_or_hub_id):
+        return path_or_hub_id
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=list(TOKENIZER_FILES))
+    except Exception as error:
+        raise OSError(
+            f"{path_or_hub_id!r} is not a local folder, and downloading its tokenizer files from the "
+            f"Hugging Face Hub failed: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _read_json(path: str, missing_ok: bool = False) -> dict:
+    if missing_ok and not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
+
+
+def _token_content(token) -> str | None:
+    """Special tokens are stored as plain strings or as AddedToken dicts {"content": ...}."""
+    return token["content"] if isinstance(token, dict) else token
+
+
+def _build_backend(folder: str, config: dict) -> Backend:
+    path = {name: os.path.join(folder, name) for name in TOKENIZER_FILES}
+    if os.path.isfile(path["tokenizer.json"]):
+        try:
+            return Backend.from_file(path["tokenizer.json"])
+        except Exception as error:
+            raise ValueError(f"cannot read tokenizer file {path['tokenizer.json']}: {error}") from error
+    if os.path.isfile(path["vocab.txt"]):
+        return _wordpiece(path["vocab.txt"], config)
+    if os.path.isfile(path["vocab.json"]) and os.path.isfile(path["merges.txt"]):
+        return _byte_level_bpe(path["vocab.json"], path["merges.txt"], config)
+    raise FileNotFoundError(
+        f"no tokenizer files in {folder}: looked for tokenizer.json, vocab.txt (WordPiece) "
+        "and vocab.json + merges.txt (byte-level BPE)"
+    )
+
+
+def _wordpiece(vocab_path: str, config: dict) -> Backend:
+    """BERT's pipeline, as transformers' BertTokenizer(Fast) builds it."""
+    try:
+        with open(vocab_path, encoding="utf-8") as file:
+            vocab = {line.rstrip("\n"): index for index, line in enumerate(file)}
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read tokenizer file {vocab_path}: {error}") from error
+    unk = _token_content(config.get("unk_token", "[UNK]"))
+    backend = Backend(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        strip_accents=config.get("strip_accents"),
+        lowercase=config.get("do_lower_case", True),
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls = _token_content(config.get("cls_token", "[CLS]"))
+    sep = _token_content(config.get("sep_token", "[SEP]"))
+    missing = [token for token in (cls, sep) if token not in vocab]
+    if missing:
+        raise ValueError(f"{vocab_path} lacks the special token(s) {missing}")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return backend
+
+
+def _byte_level_bpe(vocab_path: str, merges_path: str, config: dict) -> Backend:
+    """GPT-2's pipeline, as transformers' GPT2Tokenizer(Fast) builds it."""
+    vocab = _read_json(vocab_path)
+    merges = []
+    try:
+        with open(merges_path, encoding="utf-8") as file:
+            lines = file.read().split("\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read tokenizer file {merges_path}: {error}") from error
+    for number, line in enumerate(lines, 1):
+        if line.startswith("#version") or not line:
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2:
+            raise ValueError(f"{merges_path} line {number}: expected two space-separated tokens, got {line!r}")
+        merges.append(tuple(pair))
+    backend = Backend(
+        models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _roberta_processing(backend: Backend, special_tokens: dict, config: dict) -> processors.RobertaProcessing:
+    """``<s> $A </s>`` as transformers' RobertaTokenizer / BartTokenizer add it."""
+    cls, sep = special_tokens["cls"], special_tokens["sep"]
+    if cls is None or sep is None or backend.token_to_id(cls) is None or backend.token_to_id(sep) is None:
+        raise ValueError(
+            f"{config['tokenizer_class']} needs cls and sep tokens in the vocabulary, got {cls!r} and {sep!r}"
+        )
+    return processors.RobertaProcessing(
+        (sep, backend.token_to_id(sep)),
+        (cls, backend.token_to_id(cls)),
+        trim_offsets=True,
+        add_prefix_space=config.get("add_prefix_space", False),
+    )
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization`: drop the spaces the tokenizer put before punctuation."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
