@@ -1,0 +1,1 @@
+"""Checkpoint files and Hugging Face names: the only place that knows them."""

@@ -1,0 +1,224 @@
+"""The one place that knows Hugging Face parameter names: per-architecture tables, ours <-> HF PyTorch.
+
+A table is a list of :class:`Rule`: one Hugging Face tensor, the parameter path(s) of ours it holds, and how
+its layout differs. HF Flax checkpoints are first renamed to PyTorch names by ``checkpoint.io``, so one table
+serves both. Our paths are ``/``-joined (``decoder/layers_0/self_attention/query/kernel``).
+
+Layouts: PyTorch ``nn.Linear`` weights are ``[out, in]`` (ours ``[in, out]``, with attention projections
+split into ``[D, heads, head_dim]`` or ``[heads, head_dim, D]``); GPT-2's ``Conv1D`` weights are already
+``[in, out]`` and fuse query/key/value along ``out``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from jaxencdec.config import TransformerSpec
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Hugging Face tensor ``hf`` <-> our parameters ``ours`` (several when HF fuses them).
+
+    layout: ``"same"`` (identical: embeddings, norms), ``"flat"`` (HF holds our arrays flattened and
+    concatenated: biases), ``"linear"`` (PyTorch
+    ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``). ``n_in``: how many leading axes of our kernel are
+    input axes (2 for attention output projections ``[heads, head_dim, D]``).
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    layout: str = "same"
+    n_in: int = 1
+
+    def hf_shape(self, our_shapes: list[Shape]) -> Shape:
+        """The shape the HF tensor must have for our parameters of ``our_shapes``."""
+        if self.layout == "same":
+            return our_shapes[0]
+        if self.layout == "flat":
+            return (sum(math.prod(s) for s in our_shapes),)
+        n_in = math.prod(our_shapes[0][: self.n_in])
+        n_out = sum(math.prod(s[self.n_in:]) for s in our_shapes)
+        return (n_out, n_in) if self.layout == "linear" else (n_in, n_out)
+
+    def to_ours(self, tensor: np.ndarray, our_shapes: list[Shape]) -> list[np.ndarray]:
+        if self.layout == "same":
+            return [tensor]
+        if self.layout == "linear":
+            tensor = tensor.T  # [in, out]
+        sizes = [math.prod(s[self.n_in:]) if self.layout != "flat" else math.prod(s) for s in our_shapes]
+        parts = np.split(tensor, np.cumsum(sizes)[:-1], axis=-1)
+        return [p.reshape(s) for p, s in zip(parts, our_shapes)]
+
+    def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
+        if self.layout == "same":
+            return arrays[0]
+        if self.layout == "flat":
+            return np.concatenate([a.reshape(-1) for a in arrays])
+        n_in = math.prod(arrays[0].shape[: self.n_in])
+        fused = np.concatenate([a.reshape(n_in, -1) for a in arrays], axis=-1)  # [in, out]
+        return fused.T if self.layout == "linear" else fused
+
+
+def _linear(hf: str, ours: str, n_in: int = 1, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{hf}.weight", (f"{ours}/kernel",), "linear", n_in)]
+    return rules + [Rule(f"{hf}.bias", (f"{ours}/bias",), "flat")] if bias else rules
+
+
+def _norm(hf: str, ours: str) -> list[Rule]:
+    return [Rule(f"{hf}.weight", (f"{ours}/scale",)), Rule(f"{hf}.bias", (f"{ours}/bias",))]
+
+
+def _attention(hf: str, ours: str, q: str, k: str, v: str, out: str) -> list[Rule]:
+    return [r for name, proj in ((q, "query"), (k, "key"), (v, "value")) for r in _linear(f"{hf}.{name}", f"{ours}/{proj}")] \
+        + _linear(f"{hf}.{out}", f"{ours}/out", n_in=2)
+
+
+def _conv1d(hf: str, ours: tuple[str, ...], n_in: int = 1) -> list[Rule]:
+    return [Rule(f"{hf}.weight", tuple(f"{o}/kernel" for o in ours), "conv1d", n_in),
+            Rule(f"{hf}.bias", tuple(f"{o}/bias" for o in ours), "flat")]
+
+
+# ---- per-architecture tables: (base-model rules, LM-head rules, base prefix inside a *ForCausalLM) ----
+
+def _bert_base(spec: TransformerSpec) -> list[Rule]:
+    rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
+             Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
+             Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)),
+             *_norm("embeddings.LayerNorm", "embeddings/norm")]
+    for i in range(spec.num_layers):
+        hf, ours = f"encoder.layer.{i}", f"layers_{i}"
+        blocks = [("attention", "self_attention")] + ([("crossattention", "cross_attention")]
+                                                      if spec.add_cross_attention else [])
+        for hf_block, block in blocks:
+            rules += [r for name, proj in (("query", "query"), ("key", "key"), ("value", "value"))
+                      for r in _linear(f"{hf}.{hf_block}.self.{name}", f"{ours}/{block}/{proj}")]
+            rules += _linear(f"{hf}.{hf_block}.output.dense", f"{ours}/{block}/out", n_in=2)
+            rules += _norm(f"{hf}.{hf_block}.output.LayerNorm", f"{ours}/{block}_norm")
+        rules += _linear(f"{hf}.intermediate.dense", f"{ours}/mlp/wi") + _linear(f"{hf}.output.dense", f"{ours}/mlp/wo")
+        rules += _norm(f"{hf}.output.LayerNorm", f"{ours}/mlp_norm")
+    if spec.pooler:
+        rules += _linear("pooler.dense", "pooler")
+    return rules
+
+
+def _bert_head(spec: TransformerSpec) -> list[Rule]:
+    return [*_linear("cls.predictions.transform.dense", "lm_head/transform"),
+            *_norm("cls.predictions.transform.LayerNorm", "lm_head/transform_norm"),
+            Rule("cls.predictions.bias", ("lm_head/bias",))] + _untied(spec, "cls.predictions.decoder")
+
+
+def _roberta_head(spec: TransformerSpec) -> list[Rule]:
+    return [*_linear("lm_head.dense", "lm_head/transform"), *_norm("lm_head.layer_norm", "lm_head/transform_norm"),
+            Rule("lm_head.bias", ("lm_head/bias",))] + _untied(spec, "lm_head.decoder")
+
+
+def _untied(spec: TransformerSpec, hf: str) -> list[Rule]:
+    return [] if spec.tie_word_embeddings else _linear(hf, "lm_head/output", bias=False)
+
+
+def _gpt2_base(spec: TransformerSpec) -> list[Rule]:
+    rules = [Rule("wte.weight", ("embeddings/word/embedding",)), Rule("wpe.weight", ("embeddings/position/embedding",)),
+             *_norm("ln_f", "final_norm")]
+    for i in range(spec.num_layers):
+        hf, ours = f"h.{i}", f"layers_{i}"
+        rules += _norm(f"{hf}.ln_1", f"{ours}/self_attention_norm")
+        rules += _conv1d(f"{hf}.attn.c_attn", tuple(f"{ours}/self_attention/{p}" for p in ("query", "key", "value")))
+        rules += _conv1d(f"{hf}.attn.c_proj", (f"{ours}/self_attention/out",), n_in=2)
+        if spec.add_cross_attention:
+            rules += _norm(f"{hf}.ln_cross_attn", f"{ours}/cross_attention_norm")
+            rules += _conv1d(f"{hf}.crossattention.q_attn", (f"{ours}/cross_attention/query",))
+            rules += _conv1d(f"{hf}.crossattention.c_attn", (f"{ours}/cross_attention/key", f"{ours}/cross_attention/value"))
+            rules += _conv1d(f"{hf}.crossattention.c_proj", (f"{ours}/cross_attention/out",), n_in=2)
+        rules += _norm(f"{hf}.ln_2", f"{ours}/mlp_norm")
+        rules += _conv1d(f"{hf}.mlp.c_fc", (f"{ours}/mlp/wi",)) + _conv1d(f"{hf}.mlp.c_proj", (f"{ours}/mlp/wo",))
+    return rules
+
+
+def _gpt2_head(spec: TransformerSpec) -> list[Rule]:
+    return _untied(spec, "lm_head")
+
+
+def _bart_base(spec: TransformerSpec) -> list[Rule]:
+    rules = [Rule("embed_tokens.weight", ("embeddings/word/embedding",)),
+             Rule("embed_positions.weight", ("embeddings/position/embedding",)),
+             *_norm("layernorm_embedding", "embeddings/norm")]
+    for i in range(spec.num_layers):
+        hf, ours = f"layers.{i}", f"layers_{i}"
+        blocks = [("self_attn", "self_attention")] + ([("encoder_attn", "cross_attention")]
+                                                     if spec.add_cross_attention else [])
+        for hf_block, block in blocks:
+            rules += _attention(f"{hf}.{hf_block}", f"{ours}/{block}", "q_proj", "k_proj", "v_proj", "out_proj")
+            rules += _norm(f"{hf}.{hf_block}_layer_norm", f"{ours}/{block}_norm")
+        rules += _linear(f"{hf}.fc1", f"{ours}/mlp/wi") + _linear(f"{hf}.fc2", f"{ours}/mlp/wo")
+        rules += _norm(f"{hf}.final_layer_norm", f"{ours}/mlp_norm")
+    return rules
+
+
+def _bart_head(spec: TransformerSpec) -> list[Rule]:
+    return _untied(spec, "lm_head")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one Hugging Face architecture names its tensors.
+
+    ``encoder_prefixes``: where the base model may sit in a standalone checkpoint used as an encoder (first is
+    what HF's ``EncoderDecoderModel`` uses). ``decoder_prefix``: where the base model sits in the ``*ForCausalLM``.
+    """
+
+    base: Callable[[TransformerSpec], list[Rule]]
+    head: Callable[[TransformerSpec], list[Rule]]
+    encoder_prefixes: tuple[str, ...]
+    decoder_prefix: str
+
+
+ARCHITECTURES: Mapping[str, Architecture] = {
+    "bert": Architecture(_bert_base, _bert_head, ("", "bert."), "bert."),
+    "roberta": Architecture(_bert_base, _roberta_head, ("", "roberta."), "roberta."),
+    "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), "transformer."),
+    "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), "model.decoder."),
+}
+
+# Non-persistent buffers and derived tensors some checkpoints carry; never weights, never reported.
+IGNORED_SUFFIXES = ("position_ids", "token_type_ids", "attn.bias", "attn.masked_bias", "predictions.decoder.bias",
+                    "lm_head.decoder.bias")
+
+
+def _prefixed(rules: list[Rule], hf_prefix: str, our_prefix: str) -> list[Rule]:
+    return [Rule(hf_prefix + r.hf, tuple(f"{our_prefix}/{o}" for o in r.ours), r.layout, r.n_in) for r in rules]
+
+
+def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: str, our_prefix: str) -> list[Rule]:
+    """Rules for one stack: an encoder as HF's ``AutoModel`` names it, or a decoder as ``*ForCausalLM`` does."""
+    arch = ARCHITECTURES[model_type]
+    if role == "encoder":
+        return _prefixed(arch.base(spec), hf_prefix + arch.encoder_prefixes[0], our_prefix)
+    return _prefixed(arch.base(spec), hf_prefix + arch.decoder_prefix, our_prefix) + \
+        _prefixed(arch.head(spec), hf_prefix, our_prefix)
+
+
+def encoder_decoder_rules(config) -> list[Rule]:
+    """Rules for a Hugging Face ``EncoderDecoderModel`` state dict (``encoder.*``, ``decoder.*``, projection)."""
+    rules = stack_rules(config.encoder.model_type, config.encoder_spec, "encoder", "encoder.", "encoder")
+    rules += stack_rules(config.decoder.model_type, config.decoder_spec, "decoder", "decoder.", "decoder")
+    if config.needs_projection:
+        rules += _prefixed(_linear("enc_to_dec_proj", "enc_to_dec_proj"), "", "")
+    return [Rule(r.hf, tuple(o.lstrip("/") for o in r.ours), r.layout, r.n_in) for r in rules]
+
+
+def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
+    """Other names a standalone checkpoint may use for ``hf_name`` (with or without the base-model prefix)."""
+    arch = ARCHITECTURES[model_type]
+    if role == "encoder":
+        head = arch.encoder_prefixes[0]
+        rest = hf_name[len(head):] if hf_name.startswith(head) else hf_name
+        return [p + rest for p in arch.encoder_prefixes if p + rest != hf_name]
+    prefix = arch.decoder_prefix
+    return [hf_name[len(prefix):]] if hf_name.startswith(prefix) else []

@@ -1,0 +1,392 @@
+"""Model configurations: frozen dataclasses that round-trip Hugging Face ``config.json``.
+
+Each architecture config mirrors the Hugging Face class of the same name field for field (same names, same
+defaults), keeps every key it does not model in ``extra`` so that writing it back loses nothing, and reduces
+itself to a :class:`TransformerSpec`: the architecture-agnostic description that the shared ``nn`` blocks are
+built from. Architectures differ only in the spec they produce, never in module code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+from jaxencdec.checkpoint.io import read_json
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unsupported or inconsistent."""
+
+
+Role = Literal["encoder", "decoder"]
+
+# Hugging Face activation names -> the names our MLP understands.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What the shared building blocks need to know about one stack (encoder or decoder).
+
+    Attributes:
+      vocab_size: rows of the word embedding table.
+      hidden_size: model width ``D``.
+      num_layers, num_heads, intermediate_size: depth, heads (``D % num_heads == 0``), MLP width.
+      activation: a Hugging Face activation name from ``ACTIVATIONS``.
+      layer_norm_eps: epsilon of every layer norm.
+      max_positions: rows of the position table (``0``: no learned positions).
+      position_offset: added to positions before the lookup (BART: 2).
+      positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
+      pad_token_id: needed by the RoBERTa scheme.
+      type_vocab_size: rows of the token-type table (``0``: none); we always use type 0.
+      embed_scale: multiplier on word embeddings (BART's ``scale_embedding``).
+      embedding_norm: layer norm after the embedding sum (BERT, RoBERTa, BART).
+      pre_norm: pre-layer-norm residual blocks with a final norm (GPT-2) instead of post-norm (BERT, BART).
+      pooler: a tanh pooler over the first token (BERT/RoBERTa encoders).
+      is_decoder: causal self-attention; add_cross_attention: a cross-attention block per layer.
+      lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa).
+      lm_head_bias: a bias on the vocabulary logits.
+      tie_word_embeddings: logits use the word embedding table instead of a separate matrix.
+      hidden_dropout, attention_dropout, activation_dropout, embedding_dropout: dropout rates.
+      initializer_range: standard deviation of the normal initializer.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    activation: str
+    layer_norm_eps: float
+    max_positions: int
+    position_offset: int = 0
+    positions_from_padding: bool = False
+    pad_token_id: int | None = None
+    type_vocab_size: int = 0
+    embed_scale: float = 1.0
+    embedding_norm: bool = True
+    pre_norm: bool = False
+    pooler: bool = False
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    lm_head_transform: bool = False
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    embedding_dropout: float = 0.1
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0,
+               f"hidden size {self.hidden_size} is not divisible by the number of attention heads {self.num_heads}")
+        _check(self.activation in ACTIVATIONS, f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _check(not self.positions_from_padding or self.pad_token_id is not None,
+               "RoBERTa-style positions need pad_token_id")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table can embed."""
+        if self.positions_from_padding:
+            return self.max_positions - self.pad_token_id - 1
+        return self.max_positions - self.position_offset
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """Fields every Hugging Face ``PretrainedConfig`` has, and the ``config.json`` round trip."""
+
+    model_type: ClassVar[str] = ""
+
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    cross_attention_hidden_size: int | None = None
+    # Keys of config.json this class does not model, kept verbatim for the way back.
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        # A list of eos ids is stored as a tuple so that configs stay hashable (they are static jit arguments).
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HFConfig":
+        """Builds the config class named by ``data["model_type"]`` (or ``cls`` if it is concrete)."""
+        target = cls
+        if not cls.model_type:
+            model_type = data.get("model_type")
+            if model_type not in ARCHITECTURES:
+                raise ConfigError(f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+            target = ARCHITECTURES[model_type]
+        elif data.get("model_type", cls.model_type) != cls.model_type:
+            raise ConfigError(f"expected model_type {cls.model_type!r}, got {data['model_type']!r}")
+        names = {f.name for f in dataclasses.fields(target)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
+        return target(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **values, "model_type": self.model_type}
+
+    @classmethod
+    def from_json_file(cls, path) -> "HFConfig":
+        return cls.from_dict(read_json(path))
+
+    def replace(self, **changes) -> "HFConfig":
+        return dataclasses.replace(self, **changes)
+
+    def spec(self, role: Role) -> TransformerSpec:
+        raise NotImplementedError
+
+    @property
+    def hidden(self) -> int:
+        """Model width, whatever the architecture calls it."""
+        raise NotImplementedError
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class BertConfig(HFConfig):
+    """Hugging Face ``BertConfig``."""
+
+    model_type: ClassVar[str] = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    position_embedding_type: str = "absolute"
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def spec(self, role: Role) -> TransformerSpec:
+        _check(self.position_embedding_type == "absolute",
+               f"position_embedding_type {self.position_embedding_type!r} is not supported (only 'absolute')")
+        decoder = role == "decoder"
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
+            positions_from_padding=self.model_type == "roberta", type_vocab_size=self.type_vocab_size,
+            pooler=not decoder, is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
+            lm_head_transform=True, lm_head_bias=True, tie_word_embeddings=self.tie_word_embeddings,
+            hidden_dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob,
+            embedding_dropout=self.hidden_dropout_prob, initializer_range=self.initializer_range,
+        )
+
+
+@dataclass(frozen=True)
+class RobertaConfig(BertConfig):
+    """Hugging Face ``RobertaConfig``: BERT with positions counted from ``pad_token_id + 1``."""
+
+    model_type: ClassVar[str] = "roberta"
+    vocab_size: int = 50265
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+
+
+@dataclass(frozen=True)
+class GPT2Config(HFConfig):
+    """Hugging Face ``GPT2Config``."""
+
+    model_type: ClassVar[str] = "gpt2"
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+
+    @property
+    def hidden(self) -> int:
+        return self.n_embd
+
+    def spec(self, role: Role) -> TransformerSpec:
+        _check(self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx,
+               "GPT-2 attention scaling variants (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) "
+               "are not supported")
+        _check(role == "decoder", "GPT-2 is supported as a decoder only")
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.n_embd, num_layers=self.n_layer, num_heads=self.n_head,
+            intermediate_size=self.n_inner or 4 * self.n_embd, activation=self.activation_function,
+            layer_norm_eps=self.layer_norm_epsilon, max_positions=self.n_positions, pad_token_id=self.pad_token_id,
+            embedding_norm=False, pre_norm=True, is_decoder=True, add_cross_attention=self.add_cross_attention,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.resid_pdrop,
+            attention_dropout=self.attn_pdrop, embedding_dropout=self.embd_pdrop,
+            initializer_range=self.initializer_range,
+        )
+
+
+@dataclass(frozen=True)
+class BartConfig(HFConfig):
+    """Hugging Face ``BartConfig``; its encoder half serves as an encoder, its decoder half as a decoder."""
+
+    model_type: ClassVar[str] = "bart"
+    vocab_size: int = 50265
+    max_position_embeddings: int = 1024
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int | None = 2
+
+    @property
+    def hidden(self) -> int:
+        return self.d_model
+
+    def spec(self, role: Role) -> TransformerSpec:
+        decoder = role == "decoder"
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.d_model,
+            num_layers=self.decoder_layers if decoder else self.encoder_layers,
+            num_heads=self.decoder_attention_heads if decoder else self.encoder_attention_heads,
+            intermediate_size=self.decoder_ffn_dim if decoder else self.encoder_ffn_dim,
+            activation=self.activation_function, layer_norm_eps=1e-5,
+            max_positions=self.max_position_embeddings + 2, position_offset=2, pad_token_id=self.pad_token_id,
+            embed_scale=math.sqrt(self.d_model) if self.scale_embedding else 1.0,
+            # BartForCausalLM always carries cross-attention blocks.
+            is_decoder=decoder, add_cross_attention=decoder,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.dropout,
+            attention_dropout=self.attention_dropout, activation_dropout=self.activation_dropout,
+            embedding_dropout=self.dropout, initializer_range=self.init_std,
+        )
+
+
+ARCHITECTURES: dict[str, type[HFConfig]] = {
+    c.model_type: c for c in (BertConfig, RobertaConfig, GPT2Config, BartConfig)
+}
+
+
+@dataclass(frozen=True)
+class EncoderDecoderConfig:
+    """Hugging Face ``EncoderDecoderConfig``: an encoder config, a decoder config and the shared token ids."""
+
+    model_type: ClassVar[str] = "encoder-decoder"
+    encoder: HFConfig
+    decoder: HFConfig
+    decoder_start_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_encoder_decoder: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        _check(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),
+               "the decoder config must have is_decoder=True and add_cross_attention=True "
+               "(EncoderDecoderConfig.from_encoder_decoder_configs sets both)")
+        _check(not self.tie_encoder_decoder, "tie_encoder_decoder=True is not supported")
+        cross = self.decoder.cross_attention_hidden_size
+        _check(cross is None or cross == self.encoder.hidden,
+               f"decoder cross_attention_hidden_size {cross} must equal the encoder's hidden size {self.encoder.hidden}")
+        self.encoder.spec("encoder")
+        self.decoder.spec("decoder")
+
+    @classmethod
+    def from_encoder_decoder_configs(cls, encoder: HFConfig, decoder: HFConfig, **kwargs) -> "EncoderDecoderConfig":
+        """Combines two standalone configs; the decoder gets ``is_decoder`` and ``add_cross_attention`` set."""
+        encoder = encoder.replace(is_decoder=False, add_cross_attention=False)
+        decoder = decoder.replace(is_decoder=True, add_cross_attention=True)
+        return cls(encoder=encoder, decoder=decoder, **kwargs)
+
+    @property
+    def encoder_spec(self) -> TransformerSpec:
+        return self.encoder.spec("encoder")
+
+    @property
+    def decoder_spec(self) -> TransformerSpec:
+        return self.decoder.spec("decoder")
+
+    @property
+    def needs_projection(self) -> bool:
+        """Whether encoder states pass through ``enc_to_dec_proj`` (hidden sizes differ, as in transformers)."""
+        return self.encoder.hidden != self.decoder.hidden and self.decoder.cross_attention_hidden_size is None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "EncoderDecoderConfig":
+        if data.get("model_type") != cls.model_type:
+            raise ConfigError(f"expected model_type 'encoder-decoder', got {data.get('model_type')!r}")
+        for part in ("encoder", "decoder"):
+            if not isinstance(data.get(part), Mapping):
+                raise ConfigError(f"an encoder_decoder config needs an {part!r} object")
+        names = {"decoder_start_token_id", "pad_token_id", "eos_token_id", "tie_encoder_decoder"}
+        return cls(
+            encoder=HFConfig.from_dict(data["encoder"]), decoder=HFConfig.from_dict(data["decoder"]),
+            **{k: v for k, v in data.items() if k in names},
+            extra={k: v for k, v in data.items() if k not in names | {"encoder", "decoder", "model_type"}},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.extra, "encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict(),
+            "decoder_start_token_id": self.decoder_start_token_id, "pad_token_id": self.pad_token_id,
+            "eos_token_id": _jsonable(self.eos_token_id), "tie_encoder_decoder": self.tie_encoder_decoder,
+            "is_encoder_decoder": True, "model_type": self.model_type,
+        }
+
+    @classmethod
+    def from_json_file(cls, path) -> "EncoderDecoderConfig":
+        return cls.from_dict(read_json(path))
+
+    def replace(self, **changes) -> "EncoderDecoderConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Generation: configuration, logits processors, search loops and the jitted entry point."""

@@ -1,0 +1,1 @@
+"""Architectures as compositions of the shared ``nn`` blocks, chosen by ``TransformerSpec`` fields."""

@@ -1,0 +1,214 @@
+"""One transformer stack, configured by a ``TransformerSpec`` into a BERT/RoBERTa/BART encoder or a
+BERT/RoBERTa/GPT-2/BART decoder with cross-attention and an LM head.
+
+Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden)::
+
+    embeddings/word/embedding            [vocab, D]
+    embeddings/position/embedding        [max_positions, D]      (learned positions)
+    embeddings/token_type/embedding      [type_vocab, D]         (BERT, RoBERTa)
+    embeddings/norm/{scale,bias}         [D]                     (BERT, RoBERTa, BART)
+    layers_{i}/self_attention/{query,key,value}/{kernel [D, h, d], bias [h, d]}
+    layers_{i}/self_attention/out/{kernel [h, d, D], bias [D]}
+    layers_{i}/self_attention_norm/{scale,bias}
+    layers_{i}/cross_attention/...       as self_attention        (decoders)
+    layers_{i}/cross_attention_norm/...
+    layers_{i}/mlp/wi/{kernel [D, I], bias [I]}, layers_{i}/mlp/wo/{kernel [I, D], bias [D]}
+    layers_{i}/mlp_norm/{scale,bias}
+    final_norm/{scale,bias}                                       (pre-norm stacks: GPT-2)
+    pooler/{kernel [D, D], bias [D]}                              (BERT/RoBERTa encoders)
+    lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa decoders)
+    lm_head/output/kernel [D, vocab]                              (untied decoders)
+    lm_head/bias [vocab]                                          (BERT/RoBERTa decoders)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxencdec.config import TransformerSpec
+from jaxencdec.nn.attention import Attention, KeyValue, write_cache
+from jaxencdec.nn.layers import ACTIVATION_FNS, MLP, Dtype, Embeddings, dense, layer_norm, zeros_init
+
+
+def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
+    """Position-table rows for ``input_ids [batch, length]`` whose first token sits at ``offset``."""
+    length = input_ids.shape[1]
+    if spec.positions_from_padding:
+        # RoBERTa: non-pad tokens count up from pad_token_id + 1; pads sit on pad_token_id.
+        not_pad = (input_ids != spec.pad_token_id).astype(jnp.int32)
+        return (jnp.cumsum(not_pad, axis=1) + offset) * not_pad + spec.pad_token_id
+    positions = offset + jnp.arange(length, dtype=jnp.int32)[None, :]
+    return jnp.broadcast_to(positions + spec.position_offset, input_ids.shape)
+
+
+def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> tuple[KeyValue, ...]:
+    """An empty self-attention cache: per layer, keys/values ``[batch, max_length, heads, head_dim]``."""
+    shape = (batch, max_length, spec.num_heads, spec.head_dim)
+    return tuple(KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention, optional cross-attention, MLP; pre- or post-norm residuals as the spec says."""
+
+    spec: TransformerSpec
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        s = self.spec
+        attention = lambda: Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout,
+                                      self.dtype, self.param_dtype)
+        norm = lambda: layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
+        self.self_attention = attention()
+        self.self_attention_norm = norm()
+        if s.add_cross_attention:
+            self.cross_attention = attention()
+            self.cross_attention_norm = norm()
+        self.mlp = MLP(s.hidden_size, s.intermediate_size, s.activation, s.initializer_range,
+                       s.activation_dropout, self.dtype, self.param_dtype)
+        self.mlp_norm = norm()
+        self.drop = nn.Dropout(s.hidden_dropout)
+
+    def _residual(self, x, norm, sublayer, deterministic):
+        if self.spec.pre_norm:
+            return x + self.drop(sublayer(norm(x)), deterministic=deterministic)
+        return norm(x + self.drop(sublayer(x), deterministic=deterministic))
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
+        cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool,
+    ) -> tuple[jax.Array, KeyValue | None]:
+        """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None)."""
+
+        def self_attend(h):
+            nonlocal cache
+            kv = self.self_attention.project_kv(h)
+            if cache is not None:
+                cache = write_cache(cache, kv, cache_index)
+                kv = cache
+            return self.self_attention(h, kv, mask, deterministic)
+
+        x = self._residual(x, self.self_attention_norm, self_attend, deterministic)
+        if cross_kv is not None:
+            x = self._residual(
+                x, self.cross_attention_norm,
+                lambda h: self.cross_attention(h, cross_kv, cross_mask, deterministic), deterministic,
+            )
+        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, deterministic), deterministic)
+        return x, cache
+
+
+class LMHead(nn.Module):
+    """Hidden states ``[batch, length, D]`` -> vocabulary logits ``[batch, length, vocab]`` (float32)."""
+
+    spec: TransformerSpec
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, embeddings: Embeddings) -> jax.Array:
+        s = self.spec
+        if s.lm_head_transform:
+            hidden = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype, self.param_dtype,
+                           name="transform")(hidden)
+            hidden = ACTIVATION_FNS[s.activation](hidden)
+            hidden = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype, name="transform_norm")(hidden)
+        if s.tie_word_embeddings:
+            logits = embeddings.attend(hidden)
+        else:
+            logits = dense(s.vocab_size, ("embed", "vocab"), s.initializer_range, self.dtype, self.param_dtype,
+                           use_bias=False, name="output")(hidden)
+        logits = logits.astype(jnp.float32)
+        if s.lm_head_bias:
+            logits = logits + self.param("bias", zeros_init(("vocab",)), (s.vocab_size,), self.param_dtype)
+        return logits
+
+
+class TransformerStack(nn.Module):
+    """Embeddings, ``num_layers`` layers, final norm, and a pooler (encoders) or an LM head (decoders)."""
+
+    spec: TransformerSpec
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        s = self.spec
+        self.embeddings = Embeddings(
+            s.vocab_size, s.hidden_size, s.max_positions, s.type_vocab_size, s.embed_scale,
+            s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
+            self.dtype, self.param_dtype,
+        )
+        self.layers = [TransformerLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
+                       for i in range(s.num_layers)]
+        if s.pre_norm:
+            self.final_norm = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
+        if s.pooler:
+            self.pooler = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
+                                self.param_dtype)
+        if s.is_decoder:
+            self.lm_head = LMHead(s, self.dtype, self.param_dtype)
+
+    def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic):
+        x = self.embeddings(input_ids, positions, deterministic)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(
+                x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                None if cache is None else cache[i], cache_index, deterministic,
+            )
+            new_cache.append(layer_cache)
+        if self.spec.pre_norm:
+            x = self.final_norm(x)
+        return x, None if cache is None else tuple(new_cache)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True):
+        """Bidirectional encoding.
+
+        Args:
+          input_ids: int ``[batch, length]``; attention_mask: ``[batch, length]``, nonzero = real token.
+        Returns:
+          ``(hidden [batch, length, D], pooled [batch, D] or None)`` in the compute dtype.
+        """
+        chex.assert_equal_shape([input_ids, attention_mask])
+        mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, keys]
+        hidden, _ = self._stack(input_ids, mask, positions_for(self.spec, input_ids, 0), None, None, None, 0,
+                                deterministic)
+        pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.spec.pooler else None
+        return hidden, pooled
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[KeyValue, ...]:
+        """Projects encoder states ``[batch, src_len, D]`` into every layer's cross-attention keys/values once."""
+        return tuple(layer.cross_attention.project_kv(encoder_hidden) for layer in self.layers)
+
+    def decode(
+        self, input_ids: jax.Array, cross_kv: Sequence[KeyValue], encoder_attention_mask: jax.Array,
+        attention_mask: jax.Array | None = None, cache: Sequence[KeyValue] | None = None,
+        cache_index: jax.Array | int = 0, deterministic: bool = True,
+    ):
+        """Causal decoding of ``input_ids [batch, q_len]`` placed at positions ``cache_index ...``.
+
+        Args:
+          cross_kv: from ``cross_kv``, batch ``kv_batch``; ``batch`` may be ``kv_batch * beams``.
+          encoder_attention_mask: ``[kv_batch, src_len]``, nonzero = real source token.
+          attention_mask: decoder padding ``[batch, keys]`` (keys = ``q_len`` without cache, else cache length).
+          cache: per-layer ``KeyValue [batch, max_length, heads, head_dim]`` or None (no cache: keys are the
+            ``q_len`` inputs themselves). ``cache_index``: int32 scalar, traced.
+        Returns:
+          ``(logits [batch, q_len, vocab] float32, updated cache or None)``.
+        """
+        q_len = input_ids.shape[1]
+        num_keys = q_len if cache is None else cache[0].key.shape[1]
+        query_pos = cache_index + jnp.arange(q_len)
+        mask = (jnp.arange(num_keys)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, q_len, keys]
+        if attention_mask is not None:
+            chex.assert_shape(attention_mask, (input_ids.shape[0], num_keys))
+            mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        cross_mask = encoder_attention_mask.astype(bool)[:, None, None, :]  # [kv_batch, 1, 1, src_len]
+        hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index), cross_kv,
+                                    cross_mask, cache, cache_index, deterministic)
+        return self.lm_head(hidden, self.embeddings), cache

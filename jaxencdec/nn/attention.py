@@ -1,0 +1,98 @@
+"""One multi-head attention for self, causal and cross attention, with a static-shape KV cache."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from jaxencdec.nn.layers import Dtype, normal_init, zeros_init
+
+
+@struct.dataclass
+class KeyValue:
+    """Projected keys and values of one attention layer."""
+
+    key: jax.Array  # [batch, kv_length, heads, head_dim]
+    value: jax.Array  # [batch, kv_length, heads, head_dim]
+
+
+def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
+    """Writes ``new`` (``[batch, q_len, heads, head_dim]``) into ``cache`` at position ``index`` (int32 scalar)."""
+    start = (0, index, 0, 0)
+    return KeyValue(
+        key=jax.lax.dynamic_update_slice(cache.key, new.key.astype(cache.key.dtype), start),
+        value=jax.lax.dynamic_update_slice(cache.value, new.value.astype(cache.value.dtype), start),
+    )
+
+
+def dot_product_attention(
+    query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: nn.Dropout, deterministic: bool
+) -> jax.Array:
+    """Softmax attention; softmax in float32 whatever the compute dtype.
+
+    Args:
+      query: ``[batch, q_len, heads, head_dim]``, already scaled by ``head_dim ** -0.5``.
+      kv: keys/values ``[kv_batch, kv_len, heads, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
+        (beam search: each input's keys serve all its beams, which are folded into the query length).
+      mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]`` (``[kv_batch, 1, 1, kv_len]`` when grouped).
+    Returns:
+      ``[batch, q_len, heads, head_dim]``.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_batch = kv.key.shape[0]
+    chex.assert_is_divisible(batch, kv_batch)
+    groups = batch // kv_batch
+    if groups > 1:
+        chex.assert_equal(mask.shape[2], 1)
+        query = query.reshape(kv_batch, groups * q_len, heads, head_dim)  # [kv_batch, beams * q_len, h, d]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, kv.key, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, kv.value)
+    return out.reshape(batch, q_len, heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head attention ``[batch, q_len, D] -> [batch, q_len, D]``.
+
+    Parameters: ``query``/``key``/``value`` kernels ``[D_in, heads, head_dim]`` with biases ``[heads, head_dim]``
+    and ``out`` kernel ``[heads, head_dim, D]`` with bias ``[D]``. Masks are built by the caller; this module
+    only projects, attends and mixes heads.
+    """
+
+    num_heads: int
+    head_dim: int
+    std: float
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        project = partial(
+            nn.DenseGeneral, features=(self.num_heads, self.head_dim), dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=normal_init(self.std, ("embed", "heads", "kv")),
+            bias_init=zeros_init(("heads", "kv")),
+        )
+        self.query = project()
+        self.key = project()
+        self.value = project()
+        self.out = nn.DenseGeneral(
+            features=self.num_heads * self.head_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=normal_init(self.std, ("heads", "kv", "embed")), bias_init=zeros_init(("embed",)),
+        )
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def project_kv(self, inputs: jax.Array) -> KeyValue:
+        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_len, heads, head_dim]``."""
+        return KeyValue(key=self.key(inputs), value=self.value(inputs))
+
+    def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool) -> jax.Array:
+        """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``)."""
+        query = self.query(inputs) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        return self.out(dot_product_attention(query, kv, mask, self.dropout, deterministic))

@@ -1,0 +1,126 @@
+"""MLP, embeddings, layer norm and initializers, shared by every architecture.
+
+Every parameter is created with logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``,
+``positions``, ``norm``, ``hidden``) so that sharding rules can place it without knowing the architecture.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+
+ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def normal_init(std: float, axes: tuple[str | None, ...]):
+    """A normal(0, std) initializer that tags the parameter with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """A layer norm over the last axis with ``scale``/``bias`` of shape ``[D]`` (statistics in float32)."""
+    return nn.LayerNorm(
+        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+        scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)), name=name,
+    )
+
+
+def dense(
+    features: int, axes: tuple[str | None, str | None], std: float, dtype: Dtype, param_dtype: Dtype,
+    use_bias: bool = True, name: str | None = None,
+) -> nn.Dense:
+    """``y = x @ kernel + bias`` with ``kernel [in, out]`` tagged with the logical ``axes``."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=normal_init(std, axes), bias_init=zeros_init(axes[1:]), name=name,
+    )
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward block: ``wo(dropout(act(wi(x))))``; ``[..., D] -> [..., D]``."""
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    std: float
+    activation_dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        make = partial(dense, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = make(self.intermediate_size, ("embed", "mlp"), name="wi")(x)
+        h = ACTIVATION_FNS[self.activation](h)
+        h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
+        return make(self.hidden_size, ("mlp", "embed"), name="wo")(h)
+
+
+class Embeddings(nn.Module):
+    """Word (+ position) (+ token type 0) embeddings, scaled, optionally normalized, with dropout.
+
+    ``input_ids [batch, length] int`` and ``positions [batch, length] int`` (already offset) give
+    ``[batch, length, D]`` in ``dtype``.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    max_positions: int
+    type_vocab_size: int
+    embed_scale: float
+    layer_norm_eps: float | None
+    dropout: float
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        embed = partial(nn.Embed, features=self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word = embed(self.vocab_size, embedding_init=normal_init(self.std, ("vocab", "embed")))
+        if self.max_positions:
+            self.position = embed(self.max_positions, embedding_init=normal_init(self.std, ("positions", "embed")))
+        if self.type_vocab_size:
+            self.token_type = embed(self.type_vocab_size, embedding_init=normal_init(self.std, (None, "embed")))
+        if self.layer_norm_eps is not None:
+            self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
+        self.drop = nn.Dropout(self.dropout)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        x = self.word(input_ids)
+        if self.embed_scale != 1.0:
+            x = x * jnp.asarray(self.embed_scale, x.dtype)
+        if self.max_positions:
+            x = x + self.position(positions)
+        if self.type_vocab_size:
+            x = x + self.token_type(jnp.zeros_like(input_ids))
+        if self.layer_norm_eps is not None:
+            x = self.norm(x)
+        return self.drop(x, deterministic=deterministic)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Logits against the word table (tied output embeddings): ``[..., D] -> [..., vocab]``."""
+        return self.word.attend(hidden)

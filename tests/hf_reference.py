@@ -1,0 +1,71 @@
+"""Hugging Face PyTorch reference models for equivalence tests: small random configs, saved to folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 120
+PAD, START, EOS = 0, 3, 2
+
+SMALL = dict(
+    bert=lambda hidden=32, layers=2: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD),
+    roberta=lambda hidden=32, layers=2: transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=EOS,
+        type_vocab_size=1, layer_norm_eps=1e-5),
+    gpt2=lambda hidden=32, layers=2: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=START,
+        eos_token_id=EOS, pad_token_id=PAD),
+    bart=lambda hidden=32, layers=2: transformers.BartConfig(
+        vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS, scale_embedding=True),
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
+    """Re-draws every parameter (norms and biases too), large enough that logits are far from uniform."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            is_norm_scale = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if is_norm_scale else std * noise)
+    return model.eval()
+
+
+def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,
+                       decoder_hidden: int = 32) -> transformers.EncoderDecoderModel:
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+        SMALL[encoder](encoder_hidden), SMALL[decoder](decoder_hidden))
+    config.decoder_start_token_id = START
+    config.pad_token_id = PAD
+    config.eos_token_id = EOS
+    torch.manual_seed(seed)
+    model = transformers.EncoderDecoderModel(config=config)
+    return randomize_(model, seed)
+
+
+def batch(seed: int = 0, batch_size: int = 3, src_len: int = 9, tgt_len: int = 7):
+    """A padded batch: sources of different lengths, labels with -100 at the end of some rows."""
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(4, VOCAB, (batch_size, src_len))
+    attention_mask = np.ones_like(input_ids)
+    for row, length in enumerate(np.linspace(src_len, src_len // 2, batch_size).astype(int)):
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = PAD
+    labels = rng.integers(4, VOCAB, (batch_size, tgt_len))
+    for row, length in enumerate(np.linspace(tgt_len, tgt_len // 2, batch_size).astype(int)):
+        labels[row, length:] = -100
+    return input_ids, attention_mask, labels
+
+
+def torch_forward(model, input_ids, attention_mask, labels):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
+                    labels=torch.tensor(labels))
+    return out.logits.numpy(), float(out.loss)
