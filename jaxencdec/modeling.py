@@ -239,6 +239,15 @@ class EncoderDecoderModel:
         return _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
                         decoder_input_ids, decoder_attention_mask, labels, dropout_rng, not train)
 
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 prng_key: jax.Array | None = None, *, params: Params | None = None, **kwargs):
+        """Generates with transformers' ``generate`` semantics; see ``jaxencdec.generation.api.generate``."""
+        from jaxencdec.generation.api import generate
+
+        return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
+
 
 @partial(jax.jit, static_argnums=(0, 8))
 def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
