@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from functools import partial
@@ -115,9 +116,13 @@ class EncoderDecoderModel:
         for role, source in (("encoder", encoder_pretrained_model_name_or_path),
                              ("decoder", decoder_pretrained_model_name_or_path)):
             folder = io.resolve_model_folder(source, HUB_PATTERNS)
-            overrides = {k[len(role) + 1:]: kwargs.pop(k) for k in list(kwargs) if k.startswith(role + "_")}
-            config = HFConfig.from_json_file(folder / CONFIG_NAME)
-            parts[role] = (folder, config.replace(**overrides) if overrides else config)
+            overrides = {k[len(role) + 1:]: kwargs.pop(k) for k in list(kwargs)
+                         if k.startswith(role + "_") and k not in TOP_LEVEL_FIELDS}
+            parts[role] = (folder, _with_overrides(HFConfig.from_json_file(folder / CONFIG_NAME), overrides))
+        unknown = set(kwargs) - TOP_LEVEL_FIELDS
+        if unknown:
+            raise ConfigError(f"unknown option(s) {sorted(unknown)}: use encoder_<field> / decoder_<field> for the "
+                              f"parts' config fields, or one of {sorted(TOP_LEVEL_FIELDS)}")
         config = EncoderDecoderConfig.from_encoder_decoder_configs(parts["encoder"][1], parts["decoder"][1], **kwargs)
         model = cls(config, seed=seed, dtype=dtype, param_dtype=param_dtype)
         flat = traverse_util.flatten_dict(model.params, sep="/")
@@ -258,6 +263,16 @@ def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decod
     if labels is not None:
         out = out.replace(loss=cross_entropy_loss(out.logits, labels))
     return out
+
+
+TOP_LEVEL_FIELDS = {f.name for f in dataclasses.fields(EncoderDecoderConfig)} - {"encoder", "decoder", "extra"}
+
+
+def _with_overrides(config: HFConfig, overrides: Mapping[str, Any]) -> HFConfig:
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+    if unknown:
+        raise ConfigError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
+    return config.replace(**overrides) if overrides else config
 
 
 def _is_own_tree(tree: Mapping) -> bool:

@@ -66,6 +66,7 @@ def batch(seed: int = 0, batch_size: int = 3, src_len: int = 9, tgt_len: int = 7
 
 def torch_forward(model, input_ids, attention_mask, labels):
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
-                    labels=torch.tensor(labels))
+        out = model(input_ids=torch.tensor(np.asarray(input_ids, np.int64)),
+                    attention_mask=torch.tensor(np.asarray(attention_mask, np.int64)),
+                    labels=torch.tensor(np.asarray(labels, np.int64)))
     return out.logits.numpy(), float(out.loss)
