@@ -1,0 +1,105 @@
+"""Configs round-trip Hugging Face config.json and validate with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from hf_reference import SMALL
+from jaxencdec import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config, GenerationConfig,
+                       RobertaConfig)
+from jaxencdec.config import HFConfig
+
+OURS = {"bert": BertConfig, "roberta": RobertaConfig, "gpt2": GPT2Config, "bart": BartConfig}
+HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig, "gpt2": transformers.GPT2Config,
+      "bart": transformers.BartConfig}
+
+
+@pytest.mark.parametrize("arch", list(OURS))
+def test_defaults_equal_transformers(arch):
+    ours = OURS[arch]().to_dict()
+    theirs = HF[arch]().to_dict()
+    for key, value in ours.items():
+        if key in theirs and theirs[key] is not None:
+            assert value == theirs[key], (arch, key)
+
+
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_config_json_round_trip_keeps_every_key(arch, tmp_path):
+    hf = SMALL[arch]()
+    hf.save_pretrained(tmp_path)
+    original = json.loads((tmp_path / "config.json").read_text())
+    original["some_future_key"] = {"nested": [1, 2]}
+    ours = HFConfig.from_dict(original)
+    assert type(ours) is OURS[arch]
+    written = ours.to_dict()
+    assert {k: written[k] for k in original} == original
+    assert HFConfig.from_dict(json.loads(json.dumps(written))) == ours
+
+
+def test_encoder_decoder_config_round_trip_through_transformers(tmp_path):
+    hf = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(SMALL["bert"](), SMALL["gpt2"]())
+    hf.decoder_start_token_id, hf.pad_token_id = 3, 0
+    hf.save_pretrained(tmp_path)
+    original = json.loads((tmp_path / "config.json").read_text())
+    ours = EncoderDecoderConfig.from_dict(original)
+    assert ours.decoder.is_decoder and ours.decoder.add_cross_attention and not ours.encoder.is_decoder
+    written = ours.to_dict()
+    for key in original:
+        if key not in ("encoder", "decoder"):
+            assert written[key] == original[key], key
+    for part in ("encoder", "decoder"):
+        assert {k: written[part][k] for k in original[part]} == original[part]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    again = transformers.EncoderDecoderConfig.from_pretrained(tmp_path)
+    assert again.decoder.add_cross_attention and again.decoder_start_token_id == 3
+
+
+def test_from_encoder_decoder_configs_sets_decoder_flags():
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(is_decoder=True), GPT2Config())
+    assert config.decoder.is_decoder and config.decoder.add_cross_attention
+    assert not config.encoder.is_decoder and not config.encoder.add_cross_attention
+    assert not config.needs_projection
+
+
+def test_decoder_without_cross_attention_is_rejected():
+    with pytest.raises(ConfigError, match="add_cross_attention"):
+        EncoderDecoderConfig(encoder=BertConfig(), decoder=GPT2Config())
+
+
+@pytest.mark.parametrize("config, message", [
+    (BertConfig(hidden_size=30, num_attention_heads=4), "hidden size 30 is not divisible by the number of "
+                                                        "attention heads 4"),
+    (BertConfig(hidden_act="mish"), "activation 'mish' is not supported"),
+    (BertConfig(position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
+    (GPT2Config(scale_attn_by_inverse_layer_idx=True), "scaling variants"),
+])
+def test_invalid_configs_are_rejected_clearly(config, message):
+    with pytest.raises(ConfigError, match=message):
+        EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), config) if isinstance(config, GPT2Config) \
+            else config.spec("encoder")
+
+
+def test_gpt2_cannot_be_an_encoder():
+    with pytest.raises(ConfigError, match="decoder only"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(GPT2Config(), BertConfig())
+
+
+def test_configs_are_hashable_with_eos_lists():
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), BartConfig(eos_token_id=[2, 3]))
+    assert hash(config) == hash(EncoderDecoderConfig.from_dict(config.to_dict()))
+    assert config.to_dict()["decoder"]["eos_token_id"] == [2, 3]
+
+
+def test_generation_config_round_trip_and_merge(tmp_path):
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), BertConfig(), decoder_start_token_id=101,
+                                                               pad_token_id=0, eos_token_id=102)
+    generation = GenerationConfig.from_model_config(config)
+    assert (generation.decoder_start_token_id, generation.pad_token_id, generation.eos_token_id) == (101, 0, 102)
+    generation = generation.replace(num_beams=4, eos_token_id=[102, 7], bad_words_ids=[[5], [6, 7]])
+    generation.save(tmp_path / "generation_config.json")
+    assert GenerationConfig.from_json_file(tmp_path / "generation_config.json") == generation
+    hf = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert hf.num_beams == 4 and hf.eos_token_id == [102, 7]
