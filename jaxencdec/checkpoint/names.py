@@ -169,21 +169,25 @@ def _bart_head(spec: TransformerSpec) -> list[Rule]:
 class Architecture:
     """How one Hugging Face architecture names its tensors.
 
-    ``encoder_prefixes``: where the base model may sit in a standalone checkpoint used as an encoder (first is
-    what HF's ``EncoderDecoderModel`` uses). ``decoder_prefix``: where the base model sits in the ``*ForCausalLM``.
+    ``encoder_prefixes`` / ``decoder_prefixes``: where the base model may sit in a standalone checkpoint used as
+    an encoder / a decoder; the first is what transformers' ``EncoderDecoderModel`` uses (``AutoModel`` for the
+    encoder, ``*ForCausalLM`` for the decoder). ``word_embedding_aliases``: names of a shared word table that
+    stands in for the stack's own (BART's ``shared``).
     """
 
     base: Callable[[TransformerSpec], list[Rule]]
     head: Callable[[TransformerSpec], list[Rule]]
     encoder_prefixes: tuple[str, ...]
-    decoder_prefix: str
+    decoder_prefixes: tuple[str, ...]
+    word_embedding_aliases: tuple[str, ...] = ()
 
 
 ARCHITECTURES: Mapping[str, Architecture] = {
-    "bert": Architecture(_bert_base, _bert_head, ("", "bert."), "bert."),
-    "roberta": Architecture(_bert_base, _roberta_head, ("", "roberta."), "roberta."),
-    "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), "transformer."),
-    "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), "model.decoder."),
+    "bert": Architecture(_bert_base, _bert_head, ("", "bert."), ("bert.", "")),
+    "roberta": Architecture(_bert_base, _roberta_head, ("", "roberta."), ("roberta.", "")),
+    "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
+    "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
+                         ("shared.weight", "model.shared.weight")),
 }
 
 # Non-persistent buffers and derived tensors some checkpoints carry; never weights, never reported.
@@ -198,10 +202,9 @@ def _prefixed(rules: list[Rule], hf_prefix: str, our_prefix: str) -> list[Rule]:
 def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: str, our_prefix: str) -> list[Rule]:
     """Rules for one stack: an encoder as HF's ``AutoModel`` names it, or a decoder as ``*ForCausalLM`` does."""
     arch = ARCHITECTURES[model_type]
-    if role == "encoder":
-        return _prefixed(arch.base(spec), hf_prefix + arch.encoder_prefixes[0], our_prefix)
-    return _prefixed(arch.base(spec), hf_prefix + arch.decoder_prefix, our_prefix) + \
-        _prefixed(arch.head(spec), hf_prefix, our_prefix)
+    prefixes = arch.encoder_prefixes if role == "encoder" else arch.decoder_prefixes
+    rules = _prefixed(arch.base(spec), hf_prefix + prefixes[0], our_prefix)
+    return rules if role == "encoder" else rules + _prefixed(arch.head(spec), hf_prefix, our_prefix)
 
 
 def encoder_decoder_rules(config) -> list[Rule]:
@@ -214,11 +217,18 @@ def encoder_decoder_rules(config) -> list[Rule]:
 
 
 def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
-    """Other names a standalone checkpoint may use for ``hf_name`` (with or without the base-model prefix)."""
+    """Other names a standalone checkpoint may use for ``hf_name``: the base model under another prefix (or
+    none), or a shared word table."""
     arch = ARCHITECTURES[model_type]
-    if role == "encoder":
-        head = arch.encoder_prefixes[0]
-        rest = hf_name[len(head):] if hf_name.startswith(head) else hf_name
-        return [p + rest for p in arch.encoder_prefixes if p + rest != hf_name]
-    prefix = arch.decoder_prefix
-    return [hf_name[len(prefix):]] if hf_name.startswith(prefix) else []
+    prefixes = arch.encoder_prefixes if role == "encoder" else arch.decoder_prefixes
+    if not hf_name.startswith(prefixes[0]):
+        return []  # an LM-head tensor: it has one name
+    rest = hf_name[len(prefixes[0]):]
+    aliases = [p + rest for p in prefixes[1:]]
+    if rest == _WORD_EMBEDDING[model_type]:
+        aliases += list(arch.word_embedding_aliases)
+    return aliases
+
+
+_WORD_EMBEDDING = {"bert": "embeddings.word_embeddings.weight", "roberta": "embeddings.word_embeddings.weight",
+                   "gpt2": "wte.weight", "bart": "embed_tokens.weight"}

@@ -1,0 +1,89 @@
+"""Warm starts from standalone Hugging Face checkpoints of each architecture (as saved by transformers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_reference import SMALL, batch, randomize_
+from jaxencdec import EncoderDecoderModel
+
+# (architecture, transformers class saved as the standalone checkpoint)
+ENCODERS = {
+    "bert": transformers.BertModel,
+    "roberta-mlm": transformers.RobertaForMaskedLM,  # base model under "roberta.", an LM head to ignore
+    "bart": transformers.BartModel,  # the encoder half of a full BART
+}
+DECODERS = {
+    "bert-base": transformers.BertModel,  # a base checkpoint: the LM head is new
+    "gpt2": transformers.GPT2LMHeadModel,
+    "bart-causal": transformers.BartForCausalLM,
+    "bart-seq2seq": transformers.BartForConditionalGeneration,  # decoder half of a full BART, shared embeddings
+}
+
+
+def _save(tmp_path_factory, name, cls):
+    arch = name.split("-")[0]
+    model = randomize_(cls(SMALL[arch]()), seed=len(name))
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def bert_checkpoint(tmp_path_factory):
+    return _save(tmp_path_factory, "bert", transformers.BertModel)[1]
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    return _save(tmp_path_factory, "gpt2", transformers.GPT2LMHeadModel)[1]
+
+
+def _reference_encoder(name, model):
+    if name == "bart":
+        return model.get_encoder()
+    return model.roberta if name == "roberta-mlm" else model
+
+
+@pytest.mark.parametrize("enc_name", list(ENCODERS))
+def test_encoder_states_match_the_standalone_encoder(enc_name, gpt2_checkpoint, tmp_path_factory):
+    enc_model, enc_folder = _save(tmp_path_factory, enc_name, ENCODERS[enc_name])
+    ours = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_folder, gpt2_checkpoint, decoder_start_token_id=3,
+                                                                pad_token_id=1)
+    assert not [k for k in ours.load_report.missing if k.startswith("encoder/") and "pooler" not in k]
+    ids, mask, _ = batch()
+    ids = np.where(mask == 1, ids, 1)
+    with torch.no_grad():
+        expected = _reference_encoder(enc_name, enc_model)(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    got = ours.module.apply({"params": ours.params}, ids, mask, method="encode")
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dec_name", list(DECODERS))
+def test_decoder_tensors_come_from_the_checkpoint(dec_name, bert_checkpoint, tmp_path_factory):
+    dec_model, dec_folder = _save(tmp_path_factory, dec_name, DECODERS[dec_name])
+    ours = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, dec_folder, decoder_start_token_id=3,
+                                                                pad_token_id=1)
+    new = set(ours.load_report.missing)
+    assert any("cross_attention" in k for k in new) or dec_name.startswith("bart")
+    if dec_name.startswith("bart"):
+        assert not [k for k in new if k.startswith("decoder/")]  # BART decoders carry cross-attention already
+    if dec_name == "bert-base":
+        assert {"decoder/lm_head/bias", "decoder/lm_head/transform/kernel"} <= new
+    # Every decoder tensor that is not new equals the checkpoint's, through our export's names.
+    reference = {k: v.numpy() for k, v in dec_model.state_dict().items()}
+    exported = ours.pytorch_state_dict()
+    compared = 0
+    for name, tensor in exported.items():
+        if not name.startswith("decoder.") or "cross" in name or "cls.predictions" in name:
+            continue
+        local = name[len("decoder."):]
+        if dec_name == "bert-base":
+            local = local[len("bert."):]
+        np.testing.assert_array_equal(tensor, reference[local], err_msg=name)
+        compared += 1
+    assert compared >= 10
