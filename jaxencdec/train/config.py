@@ -1,0 +1,301 @@
+"""Run configuration: frozen dataclasses read from a small JSON file, with ``--set key=value`` overrides.
+
+A run config has one object per section (all optional except ``model`` and ``data``)::
+
+    {"output_dir": "runs/x",
+     "model": {...ModelSection}, "data": {...DataConfig}, "optim": {...OptimConfig},
+     "train": {...TrainSection}, "mesh": {...MeshConfig}, "eval": {...EvalSection},
+     "checkpoint": {...CheckpointSection}, "distributed": {...DistributedConfig}}
+
+Unknown keys, wrong types and impossible values raise ``RunConfigError`` naming the key, before anything is
+compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
+from jaxencdec.train.data import DataConfig, DataError
+
+
+class RunConfigError(ValueError):
+    """A run config key is unknown, has the wrong type, or an impossible value."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which model to train.
+
+    Exactly one source: ``pretrained`` (an encoder-decoder folder or hub id), ``encoder`` + ``decoder`` (two
+    standalone checkpoints to warm-start from), or ``encoder_config`` + ``decoder_config`` (Hugging Face
+    config dicts: a randomly initialized model, for tests and from-scratch runs).
+    ``tokenizer`` defaults to the encoder's folder; ``decoder_tokenizer`` to ``tokenizer``.
+    ``compute_dtype``: ``float32`` or ``bfloat16`` (params and optimizer state stay float32).
+    """
+
+    pretrained: str | None = None
+    encoder: str | None = None
+    decoder: str | None = None
+    encoder_config: Mapping[str, Any] | None = None
+    decoder_config: Mapping[str, Any] | None = None
+    tokenizer: str | None = None
+    decoder_tokenizer: str | None = None
+    decoder_start_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    compute_dtype: str = "float32"
+    init_seed: int = 0
+
+    def __post_init__(self):
+        sources = [self.pretrained is not None, self.encoder is not None or self.decoder is not None,
+                   self.encoder_config is not None or self.decoder_config is not None]
+        if sum(sources) != 1:
+            raise RunConfigError("model: set exactly one of 'pretrained', 'encoder'+'decoder', or "
+                                 "'encoder_config'+'decoder_config'")
+        if sources[1] and (self.encoder is None or self.decoder is None):
+            raise RunConfigError("model: warm-starting needs both 'encoder' and 'decoder'")
+        if sources[2] and (self.encoder_config is None or self.decoder_config is None):
+            raise RunConfigError("model: a random init needs both 'encoder_config' and 'decoder_config'")
+        if sources[2] and self.tokenizer is None:
+            raise RunConfigError("model: a randomly initialized model needs 'tokenizer'")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise RunConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then ``linear`` / ``cosine`` / ``constant`` decay to
+    ``learning_rate * end_lr_ratio`` at ``train.num_steps``; no weight decay on biases, norms and (unless
+    ``decay_embeddings``) embedding tables; global-norm clipping (``max_grad_norm`` 0 = off)."""
+
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    decay_embeddings: bool = True
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise RunConfigError(f"optim.schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.label_smoothing < 1:
+            raise RunConfigError("optim: learning_rate > 0, warmup_steps >= 0 and 0 <= label_smoothing < 1")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """``batch_size`` is the global batch (all processes, all micro-batches); ``micro_batches`` splits it for
+    gradient accumulation. ``dropout``: False turns every dropout off (deterministic forward)."""
+
+    batch_size: int = 8
+    micro_batches: int = 1
+    num_steps: int = 1000
+    seed: int = 0
+    dropout: bool = True
+    log_every: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.micro_batches < 1 or self.num_steps < 1 or self.log_every < 1:
+            raise RunConfigError("train: batch_size, micro_batches, num_steps and log_every must be >= 1")
+        if self.batch_size % self.micro_batches:
+            raise RunConfigError(f"train.batch_size {self.batch_size} is not divisible by "
+                                 f"train.micro_batches {self.micro_batches}")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Every ``every`` steps (0: only at the end; -1: never): loss on ``data.eval_file``, and when ``generate``
+    is on, ``metric`` (``rouge``: ROUGE-1/2/L F1 via rouge-score; ``bleu``: sacreBLEU) of beam-search outputs.
+    ``best_metric`` (e.g. ``eval_loss`` or ``rougeL``) picks the exported best model; ``best_mode`` min or max."""
+
+    every: int = 0
+    batch_size: int = 8
+    max_batches: int | None = None
+    generate: bool = False
+    metric: str = "rouge"
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    best_metric: str = "eval_loss"
+    best_mode: str = "min"
+
+    def __post_init__(self):
+        if self.metric not in ("rouge", "bleu"):
+            raise RunConfigError(f"eval.metric must be 'rouge' or 'bleu', got {self.metric!r}")
+        if self.best_mode not in ("min", "max"):
+            raise RunConfigError(f"eval.best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.batch_size < 1:
+            raise RunConfigError("eval.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints under ``{output_dir}/checkpoints`` every ``every`` steps (0: only at the end), the
+    last ``keep`` kept; ``async_save`` writes in the background. The final model (and the best one, when eval
+    runs) is also exported with ``save_pretrained`` to ``{output_dir}/final_model`` / ``best_model``."""
+
+    every: int = 500
+    keep: int = 2
+    async_save: bool = True
+    export_final: bool = True
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise RunConfigError("checkpoint: every >= 0 and keep >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection
+    data: DataConfig
+    output_dir: str = "runs/default"
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    mesh: MeshConfig = MeshConfig()
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(dataclasses.asdict(self))
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, overrides: Sequence[str] = ()) -> "RunConfig":
+        """Reads ``path`` and applies ``key.sub=value`` overrides (values parsed as JSON, else kept as strings).
+
+        Relative file paths in ``data`` stay relative to the working directory (as on the command line).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise RunConfigError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise RunConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise RunConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(apply_overrides(data, overrides))
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.learning_rate=1e-4", "data.train_file=x.jsonl"]`` applied to a nested dict (a copy)."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RunConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str):
+    if not isinstance(data, Mapping):
+        raise RunConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RunConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                             f"known in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RunConfigError(f"config is missing {', '.join(prefix + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except (MeshError, DataError) as e:
+        raise RunConfigError(f"{prefix.rstrip('.')}: {e}") from None
+    except TypeError as e:
+        raise RunConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _check_type(value, hint, key):
+    """A light check of JSON values against annotations (int, float, bool, str, None, tuples, mappings)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, key)
+            except RunConfigError as e:
+                errors.append(e)
+        raise errors[-1]
+    if hint is type(None):
+        if value is not None:
+            raise RunConfigError(f"{key} must be null")
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RunConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin in (tuple, list, Sequence, typing.Sequence) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise RunConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(value)
+    if origin in (Mapping, dict, typing.Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            raise RunConfigError(f"{key} must be an object, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _to_jsonable(x):
+    if isinstance(x, Mapping):
+        return {k: _to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_jsonable(v) for v in x]
+    return x

@@ -1,0 +1,216 @@
+"""Loss, optimizer, train state, and the jitted (sharded, donated) train and eval steps.
+
+Traced vs static: ``train_step(state, batch)`` and ``eval_step(params, batch)`` trace every array argument;
+the module, optimizer, mesh, micro-batch count, label smoothing and dropout switch are closed over (static).
+Shapes are static per bucket: a new source length compiles once, the same length never retraces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxencdec.parallel.mesh import BATCH_AXES
+from jaxencdec.parallel.shard import batch_sharding, constrain, named, replicated
+from jaxencdec.train.config import OptimConfig
+
+PyTree = Any
+MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: PyTree  # float32 param tree
+    opt_state: PyTree  # optax state (float32 moments, same layout as params)
+    rng: jax.Array  # uint32 [2]: base dropout key; step s uses fold_in(rng, s)
+
+
+# ---------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config: OptimConfig, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over ``warmup_steps``, then linear / cosine / constant to ``lr * end_lr_ratio``."""
+    peak, end = config.learning_rate, config.learning_rate * config.end_lr_ratio
+    decay_steps = max(num_steps - config.warmup_steps, 1)
+    if config.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_lr_ratio)
+    else:
+        decay = optax.constant_schedule(peak)
+    if not config.warmup_steps:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, config.warmup_steps), decay],
+                                [config.warmup_steps])
+
+
+def weight_decay_mask(params: PyTree, decay_embeddings: bool = True) -> PyTree:
+    """True where AdamW decays: kernels (and embedding tables unless switched off); never biases or norms."""
+    flat = traverse_util.flatten_dict(params)
+    mask = {path: path[-1] == "kernel" or (decay_embeddings and path[-1] == "embedding") for path in flat}
+    return traverse_util.unflatten_dict(mask)
+
+
+def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with ``learning_rate_schedule`` and masked weight decay."""
+    parts = []
+    if config.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+    parts.append(optax.adamw(learning_rate_schedule(config, num_steps), b1=config.b1, b2=config.b2, eps=config.eps,
+                             weight_decay=config.weight_decay,
+                             mask=weight_decay_mask(params, config.decay_embeddings)))
+    return optax.chain(*parts)
+
+
+def state_specs(param_specs: PyTree, state_shapes: TrainState) -> TrainState:
+    """``PartitionSpec``s for a whole ``TrainState``: optimizer moments follow their params, scalars replicate."""
+    flat = traverse_util.flatten_dict(param_specs)
+
+    def spec_for(path, leaf):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        spec = flat.get(names)
+        return spec if spec is not None and len(spec) == leaf.ndim else P()
+
+    opt_specs = jax.tree_util.tree_map_with_path(spec_for, state_shapes.opt_state)
+    return TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
+
+
+# ---------------------------------------------------------------------- loss
+
+
+def token_loss_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy and the number of counted tokens (labels != -100).
+
+    ``logits [batch, tgt_len, vocab]`` (any float dtype; computed in float32), ``labels [batch, tgt_len]`` int.
+    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / vocab`` (optax.smooth_labels), computed without
+    materializing the one-hot.
+    """
+    valid = labels != -100
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    losses = -picked
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * jnp.mean(log_probs, axis=-1)
+    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def _micro_split(batch: dict[str, jax.Array], micro_batches: int, mesh: Mesh | None) -> dict[str, jax.Array]:
+    """``[B, ...] -> [M, B/M, ...]`` taking every M-th row, so each micro-batch stays spread over all data
+    shards (a contiguous split would put micro-batch 0 on the first shards only)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, mesh, P(None, BATCH_AXES))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministic: bool):
+    """``(params, batch, rng) -> (loss_sum, n_tokens)`` for one (micro-)batch."""
+
+    def loss_fn(params, batch, rng):
+        batch = {k: constrain(batch[k], mesh, P(BATCH_AXES)) for k in MODEL_KEYS}
+        out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                           batch["decoder_input_ids"], batch["decoder_attention_mask"], deterministic=deterministic,
+                           rngs=None if deterministic else {"dropout": rng})
+        # [batch, tgt_len, vocab]: vocab follows the LM head's split on `model`, rows the data split.
+        logits = constrain(out.logits, mesh, P(BATCH_AXES, None, "model"))
+        return token_loss_sum(logits, batch["labels"], label_smoothing)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------- steps
+
+
+def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    micro_batches: int = 1, label_smoothing: float = 0.0, dropout: bool = True,
+                    mesh: Mesh | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure train step ``(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
+
+    ``batch``: int32 ``[B, src_len]`` / ``[B, tgt_len]`` arrays named as in ``MODEL_KEYS``. The loss is the mean
+    over all counted tokens of the whole batch, also with ``micro_batches > 1`` (sums are accumulated and
+    divided once), so accumulation over M micro-batches equals one step on the full batch.
+    Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens, finite (1.0 when loss and gradients
+    are finite).
+    """
+    loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        batch = {k: batch[k] for k in MODEL_KEYS}
+        if micro_batches == 1:
+            (loss_sum, count), grads = grad_fn(state.params, batch, step_rng)
+        else:
+            def body(carry, xs):
+                grads_acc, loss_acc, count_acc = carry
+                index, micro = xs
+                (loss_sum, count), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                body, (zeros, jnp.float32(0), jnp.float32(0)),
+                (jnp.arange(micro_batches), _micro_split(batch, micro_batches, mesh)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                   "tokens": count, "source_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+                   "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh, specs: TrainState, batch_keys=MODEL_KEYS):
+    """``jax.jit`` with in/out shardings (state as ``specs``, batch split on data+fsdp, metrics replicated) and
+    the state donated: its buffers are reused for the new state."""
+    state_shardings = named(mesh, specs)
+    batch_shardings = {k: batch_sharding(mesh) for k in batch_keys}
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(module, mesh: Mesh | None = None):
+    """``(params, batch) -> {"loss_sum", "tokens"}``: deterministic forward, no smoothing."""
+    loss_fn = make_loss_fn(module, 0.0, mesh, deterministic=True)
+
+    def eval_step(params, batch):
+        loss_sum, count = loss_fn(params, batch, None)
+        return {"loss_sum": loss_sum, "tokens": count}
+
+    return eval_step
+
+
+def jit_eval_step(eval_step, mesh: Mesh, param_specs: PyTree, batch_keys=MODEL_KEYS):
+    return jax.jit(eval_step, in_shardings=(named(mesh, param_specs), {k: batch_sharding(mesh) for k in batch_keys}),
+                   out_shardings=replicated(mesh))
+
+
+def init_state(params: PyTree, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh,
+               specs: TrainState) -> TrainState:
+    """A ``TrainState`` whose optimizer state is born with the params' shardings."""
+    def make(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.PRNGKey(seed))
+
+    return jax.jit(make, in_shardings=(named(mesh, specs.params),), out_shardings=named(mesh, specs),
+                   donate_argnums=(0,))(params)
+
+
+def state_shapes(params_shapes: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+    return jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                               opt_state=optimizer.init(p), rng=jax.random.PRNGKey(0)),
+                          params_shapes)

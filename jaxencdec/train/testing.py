@@ -1,0 +1,87 @@
+"""Tiny fixtures for tests, smoke runs and examples: a WordPiece vocabulary built from text, tiny BERT / GPT-2
+configs, and a run config that trains them on a few aclsum-like pairs in seconds on CPU."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from typing import Any
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
+
+WORDS = ("we propose a new method for neural machine translation and summarization of scientific papers "
+         "the model learns to generate short titles from long abstracts using attention over encoder states "
+         "results show large gains on benchmark data sets with less training time than previous work").split()
+
+
+def write_vocab(folder: str, texts: list[str] | None = None, size: int = 200) -> str:
+    """Writes ``vocab.txt`` (+ ``tokenizer_config.json``): specials then the ``size`` commonest lowercase words
+    of ``texts`` (default: a fixed word list) and single characters, so every text tokenizes without [UNK] storms."""
+    os.makedirs(folder, exist_ok=True)
+    counts = collections.Counter(w for t in (texts or [" ".join(WORDS)]) for w in re.findall(r"[a-z]+", t.lower()))
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,;:-()'\"%")
+    words = [w for w, _ in counts.most_common(size) if w not in chars]
+    vocab = SPECIALS + chars + ["##" + c for c in chars[:26]] + words
+    # a multiple of 16 rows, so that the vocabulary splits evenly over any test mesh
+    vocab += [f"[unused{i}]" for i in range(-len(vocab) % 16)]
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"do_lower_case": True, "tokenizer_class": "BertTokenizer"}, f)
+    return folder
+
+
+def vocab_size(folder: str) -> int:
+    with open(os.path.join(folder, "vocab.txt"), encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def tiny_bert(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4, dropout: float = 0.1) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict of a tiny BERT."""
+    return {"model_type": "bert", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": 2 * hidden, "max_position_embeddings": 128,
+            "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout, "pad_token_id": 0}
+
+
+def tiny_gpt2(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4) -> dict[str, Any]:
+    return {"model_type": "gpt2", "vocab_size": vocab, "n_embd": hidden, "n_layer": layers, "n_head": heads,
+            "n_positions": 128, "bos_token_id": 3, "eos_token_id": 3}
+
+
+def write_pairs(path: str, n: int = 24, seed: int = 0) -> str:
+    """A JSONL of ``n`` pairs ``{"src", "tgt"}`` whose target is a deterministic function of the source."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            src = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20)))
+            tgt = " ".join(src.split()[:4])
+            f.write(json.dumps({"src": src, "tgt": tgt}) + "\n")
+    return path
+
+
+def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
+    """A run config dict (tiny random bert2bert, jsonl pairs under ``folder``) with sections updated."""
+    tok = write_vocab(os.path.join(folder, "tokenizer"))
+    train = write_pairs(os.path.join(folder, "train.jsonl"), 24, 0)
+    val = write_pairs(os.path.join(folder, "val.jsonl"), 6, 1)
+    vocab = vocab_size(tok)
+    config = {
+        "output_dir": os.path.join(folder, "run"),
+        "model": {"encoder_config": tiny_bert(vocab), "decoder_config": tiny_bert(vocab), "tokenizer": tok,
+                  "decoder_start_token_id": 2, "pad_token_id": 0, "eos_token_id": 3},
+        "data": {"format": "jsonl", "train_file": train, "eval_file": val, "source_field": "src",
+                 "target_field": "tgt", "max_source_length": 24, "max_target_length": 8},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
+        "train": {"batch_size": 8, "num_steps": 6, "log_every": 1, "progress_bar": False, "tensorboard": False,
+                  "plot": False},
+        "mesh": {"data": -1},
+        "eval": {"every": -1},
+        "checkpoint": {"every": 2, "keep": 2},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
