@@ -23,7 +23,6 @@ import json
 import math
 import os
 import pickle
-import struct
 import tempfile
 import types
 from collections.abc import Iterator, Mapping
@@ -264,176 +263,38 @@ def find_weights(folder: PathLike) -> tuple[str, list[Path]]:
 # safetensors
 # --------------------------------------------------------------------------------------
 
-_ST_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "F32": np.dtype(np.float32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F64": np.dtype(np.float64),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _le_contiguous(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    # (np.ascontiguousarray would turn 0-d arrays into 1-d ones)
-    return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
-def _check_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    out: dict[str, np.ndarray] = {}
-    for name, value in state_dict.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"state_dict keys must be non-empty str, got {name!r}")
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is reserved in safetensors and cannot be a tensor name")
-        arr = _le_contiguous(np.asarray(value))
-        if arr.dtype not in _NP_TO_ST:
-            raise TypeError(f"{name}: dtype {arr.dtype} cannot be stored in safetensors")
-        out[name] = arr
-    return out
-
-
 def write_safetensors(
     state_dict: Mapping[str, Any],
     path: PathLike,
     metadata: Mapping[str, str] | None = _DEFAULT_METADATA,
 ) -> None:
-    """Atomically write a flat state dict as a safetensors file.
+    """Atomically write a flat ``name -> array`` state dict as a safetensors file.
 
-    Args:
-        state_dict: ``name -> array`` (numpy arrays, or anything ``np.asarray``
-            accepts, e.g. jax arrays).  Supported dtypes: bool, (u)int8/16/32/64,
-            float16/32/64, ``ml_dtypes.bfloat16``, float8 e4m3fn / e5m2.  Shapes
-            are kept as is (0-d included).
-        path: destination file; its folder is created if needed.
-        metadata: ``str -> str`` stored under ``__metadata__`` (default
-            ``{"format": "pt"}``, which transformers expects); ``None`` for none.
-
-    The file follows the safetensors spec (8-byte little-endian header length,
-    JSON header padded to 8 bytes, tensors back to back) and is written
-    tensor by tensor, so no second copy of the whole checkpoint is held in memory.
-
-    Raises:
-        TypeError / ValueError: invalid names, dtypes or metadata (caller bugs).
+    Arrays may be numpy or anything ``np.asarray`` accepts (jax arrays); bf16 as ``ml_dtypes.bfloat16``.
+    ``metadata`` defaults to ``{"format": "pt"}``, which transformers expects.
     """
-    arrays = _check_state_dict(state_dict)
-    header: dict[str, Any] = {}
-    if metadata:
-        meta = dict(metadata)
-        for k, v in meta.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise TypeError(f"safetensors metadata must map str to str, got {k!r}: {v!r}")
-        header["__metadata__"] = meta
-    # Same order as the reference implementation: larger alignment first, then by name.
-    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
-    offset = 0
-    for name in order:
-        arr = arrays[name]
-        header[name] = {
-            "dtype": _NP_TO_ST[arr.dtype],
-            "shape": [int(d) for d in arr.shape],
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
-    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with _atomic_open(path) as f:
-        _write_bytes(f, struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for name in order:
-            arr = arrays[name]
-            if arr.nbytes:
-                _write_bytes(f, memoryview(arr.reshape(-1).view(np.uint8)))
+    from safetensors.numpy import save
 
-
-def _read_safetensors_manual(path: Path) -> dict[str, np.ndarray]:
-    """Strict pure-numpy safetensors reader (bf16/float8 via ml_dtypes).
-
-    Used when the ``safetensors`` package cannot give numpy arrays for a file
-    (older versions refuse bf16).  Raises ValueError on any inconsistency.
-    """
-    with open(path, "rb") as f:
-        buf = bytearray(f.read())
-    if len(buf) < 8:
-        raise ValueError("file shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n > len(buf) - 8:
-        raise ValueError(f"header length {n} exceeds file size {len(buf)}")
-    header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
-    data = memoryview(buf)[8 + n :]
-    spans = []
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise ValueError(f"tensor {name!r}: header entry is not an object")
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"tensor {name!r}: unsupported dtype {info.get('dtype')!r}")
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and d >= 0 for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-        ):
-            raise ValueError(f"tensor {name!r}: invalid shape or data_offsets")
-        begin, end = offsets
-        if not 0 <= begin <= end <= len(data):
-            raise ValueError(f"tensor {name!r}: data_offsets {offsets} outside the data")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: data_offsets do not match shape/dtype")
-        spans.append((begin, end))
-        out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
-    pos = 0
-    for begin, end in sorted(spans):
-        if begin != pos:
-            raise ValueError("tensor data is not contiguous")
-        pos = end
-    if pos != len(data):
-        raise ValueError(f"{len(data) - pos} trailing bytes after the tensor data")
-    return out
+    arrays = {name: np.asarray(value, order="C") for name, value in state_dict.items()}
+    _atomic_write_bytes(path, save(arrays, metadata=dict(metadata) if metadata else None))
 
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Read one safetensors file into ``name -> np.ndarray``.
-
-    dtypes and shapes are kept exactly (bf16 as ``ml_dtypes.bfloat16``,
-    bit-identical).
+    """Read one safetensors file into ``name -> np.ndarray``, dtypes and shapes exact (bf16 as ml_dtypes).
 
     Raises:
         CheckpointError: missing file, or truncated / corrupt file.
     """
+    from safetensors.numpy import load_file
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: safetensors file not found")
     try:
-        from safetensors.numpy import load_file
-
         return dict(load_file(str(path)))
-    except Exception as first:
-        try:
-            return _read_safetensors_manual(path)
-        except Exception:
-            msg = " ".join(str(first).split()) or type(first).__name__
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg})") from first
+    except Exception as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg})") from e
 
 
 # --------------------------------------------------------------------------------------
