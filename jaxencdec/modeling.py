@@ -257,6 +257,8 @@ class EncoderDecoderModel:
 @partial(jax.jit, static_argnums=(0, 8))
 def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
              dropout_rng, deterministic):
+    """Jitted forward (+ loss). Static: ``module`` and ``deterministic`` (a change recompiles); traced: params,
+    ids, masks, labels, rng. Recompiles per distinct input shape (and per None/array for optional inputs)."""
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
     out = module.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                        deterministic=deterministic, rngs=rngs)

