@@ -7,7 +7,8 @@ A run config has one object per section (all optional except ``model`` and ``dat
      "train": {...TrainSection}, "mesh": {...MeshConfig}, "eval": {...EvalSection},
      "checkpoint": {...CheckpointSection}, "distributed": {...DistributedConfig}}
 
-Unknown keys, wrong types and impossible values raise ``RunConfigError`` naming the key, before anything is
+Keys starting with ``_`` are comments. Paths may start with ``package:NAME/`` for a folder inside an installed
+Python package (``package:aclsum/dataset/train.jsonl``). Unknown keys, wrong types and impossible values raise ``RunConfigError`` naming the key, before anything is
 compiled.
 """
 
@@ -23,6 +24,9 @@ from typing import Any, Mapping, Sequence
 
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
 from jaxencdec.train.data import DataConfig, DataError
+
+
+PATH_KEYS = ("pretrained", "encoder", "decoder", "tokenizer", "decoder_tokenizer", "train_file", "eval_file")
 
 
 class RunConfigError(ValueError):
@@ -228,6 +232,7 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         raise RunConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document a config
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise RunConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
@@ -239,6 +244,8 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, hint, prefix + name)
+            if name in PATH_KEYS:
+                kwargs[name] = resolve_path(kwargs[name])
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -291,6 +298,19 @@ def _check_type(value, hint, key):
             raise RunConfigError(f"{key} must be an object, got {value!r}")
         return dict(value)
     return value
+
+
+def resolve_path(path: str | None) -> str | None:
+    """``package:NAME/rest`` -> the ``rest`` inside installed package ``NAME``; other paths unchanged."""
+    if path is None or not path.startswith("package:"):
+        return path
+    name, _, rest = path[len("package:"):].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RunConfigError(f"{path}: the Python package {name!r} is not installed")
+    return os.path.join(os.path.dirname(spec.origin), rest)
 
 
 def _to_jsonable(x):

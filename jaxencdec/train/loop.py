@@ -149,7 +149,7 @@ class Trainer:
     sharded ``TrainState``), ``train_step`` (jitted; replaceable in tests), ``manager`` (orbax).
     """
 
-    def __init__(self, config: RunConfig, *, log: Callable[[str], None] | None = None):
+    def __init__(self, config: RunConfig, *, log: Callable[[str], None] | None = None, restore: bool = True):
         self.config = config
         initialize_distributed(config.distributed)
         self.is_main = jax.process_index() == 0
@@ -220,7 +220,7 @@ class Trainer:
             item_names=("state", "data", "meta"))
         self.best: dict[str, Any] = {"value": None, "step": None}
         self.metrics = MetricsWriter(self.out_dir, enabled=self.is_main, tensorboard=config.train.tensorboard)
-        self.resumed_from = self._restore()
+        self.resumed_from = self._restore() if restore else None
 
     # ------------------------------------------------------------------ helpers
 

@@ -62,8 +62,10 @@ class MetricsWriter:
         series = self.read()
         if not series:
             return None
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:  # optional: the JSONL and TensorBoard files hold the same numbers
+            return None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
