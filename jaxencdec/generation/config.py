@@ -8,6 +8,9 @@ from typing import Any, Mapping
 
 from jaxencdec.checkpoint.io import read_json, write_json
 
+# transformers 5: with neither max_length nor max_new_tokens set anywhere, generate 20 new tokens.
+DEFAULT_MAX_NEW_TOKENS = 20
+
 
 class GenerationConfigError(ValueError):
     """A generation setting is out of range or inconsistent."""
@@ -26,15 +29,25 @@ def _list(value):
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to generate; every field means what it means in transformers' ``GenerationConfig``.
 
-    ``max_new_tokens`` wins over ``max_length`` (which counts the decoder start token) when both are set.
+    Lengths count the decoder start token, as transformers does for encoder-decoders: ``max_length`` is the total
+    length of the returned sequences. ``max_new_tokens`` wins over ``max_length`` when both are set; with neither,
+    20 new tokens are generated (transformers 5). ``min_new_tokens`` likewise wins over ``min_length``.
     ``eos_token_id`` may be an int or a tuple of ints; ``bad_words_ids`` a tuple of token-id tuples.
+    ``early_stopping`` is True, False or ``"never"``.
+
+    The config is frozen and hashable: it is a static argument of the jitted generate function, so every field
+    (lengths, beams, penalties, token ids) is compiled in. ``resolve()`` gives the normalised form the search uses.
     """
 
-    max_length: int = 20
+    max_length: int | None = None
     max_new_tokens: int | None = None
     min_length: int = 0
     min_new_tokens: int | None = None
@@ -50,7 +63,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
     decoder_start_token_id: int | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -61,7 +74,7 @@ class GenerationConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        for name in ("eos_token_id", "bad_words_ids"):
+        for name in ("eos_token_id", "bad_words_ids", "forced_eos_token_id"):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         self.validate()
 
@@ -71,26 +84,58 @@ class GenerationConfig:
             if not ok:
                 raise GenerationConfigError(message)
 
-        check(self.max_new_tokens is None or self.max_new_tokens > 0,
-              f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        check(self.max_length > 0, f"max_length must be > 0, got {self.max_length}")
-        check(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
-        check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        check(self.num_return_sequences <= self.num_beams or (self.do_sample and self.num_beams == 1),
-              f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
-        check(self.early_stopping in (True, False, "never"),
+        check(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens > 0),
+              f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        check(self.max_length is None or (_is_int(self.max_length) and self.max_length > 1),
+              f"max_length counts the decoder start token and must be an integer > 1, got {self.max_length!r}")
+        check(_is_int(self.min_length) and self.min_length >= 0,
+              f"min_length must be an integer >= 0, got {self.min_length!r}")
+        check(self.min_new_tokens is None or (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0),
+              f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        check(_is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
+        check(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
+              f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+        if self.num_beams > 1:
+            check(self.num_return_sequences <= self.num_beams,
+                  f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
+        else:
+            check(self.num_return_sequences == 1 or self.do_sample,
+                  f"greedy search returns one sequence per input; num_return_sequences={self.num_return_sequences} "
+                  "needs num_beams >= num_return_sequences or do_sample=True")
+        check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
               f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        check(self.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+              f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+              f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        check(isinstance(self.length_penalty, (int, float)), f"length_penalty must be a number, got "
+              f"{self.length_penalty!r}")
         if self.do_sample:
-            check(self.temperature > 0, f"temperature must be > 0 when sampling, got {self.temperature}")
-            check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-            check(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+            check(isinstance(self.temperature, (int, float)) and self.temperature > 0,
+                  f"temperature must be > 0 when sampling (for greedy decoding set do_sample=False), "
+                  f"got {self.temperature!r}")
+            check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+                  f"top_p must be in (0, 1], got {self.top_p!r}")
+            check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.bad_words_ids is not None:
+            check(isinstance(self.bad_words_ids, tuple) and len(self.bad_words_ids) > 0
+                  and all(isinstance(w, tuple) and len(w) > 0 and all(_is_int(t) and t >= 0 for t in w)
+                          for w in self.bad_words_ids),
+                  f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {self.bad_words_ids!r}")
+        for name in ("eos_token_id", "forced_eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else () if value is None else (value,)
+            check(all(_is_int(t) and t >= 0 for t in ids), f"{name} must be token id(s) >= 0, got {value!r}")
+        for name in ("decoder_start_token_id", "bos_token_id", "pad_token_id", "forced_bos_token_id"):
+            value = getattr(self, name)
+            check(value is None or (_is_int(value) and value >= 0), f"{name} must be a token id >= 0, got {value!r}")
 
     def replace(self, **changes) -> "GenerationConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise GenerationConfigError(f"unknown generation option(s): {sorted(unknown)}")
+            raise GenerationConfigError(
+                f"unknown generation option(s): {sorted(unknown)}; known options: "
+                f"{sorted(f.name for f in dataclasses.fields(self) if f.name != 'extra')}")
         return dataclasses.replace(self, **changes)
 
     @property
@@ -99,14 +144,54 @@ class GenerationConfig:
             return ()
         return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
+    def fill_unset_from(self, defaults: "GenerationConfig") -> "GenerationConfig":
+        """Fields left ``None`` here take ``defaults``' value (transformers merges a user's config with the model's
+        ``generation_config`` this way: token ids and lengths the user did not set come from the model)."""
+        changes = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)
+                   if f.name != "extra" and getattr(self, f.name) is None and getattr(defaults, f.name) is not None}
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def resolve(self) -> "GenerationConfig":
+        """The normalised config the search runs on, with transformers' derivations done once:
+
+        * ``max_length``: total length (start token included): ``1 + max_new_tokens``, else ``max_length``, else
+          ``1 + 20``; ``max_new_tokens = max_length - 1``.
+        * ``min_length``: ``1 + min_new_tokens`` when that is set (``min_new_tokens`` then cleared).
+        * ``decoder_start_token_id``: falls back to ``bos_token_id``; missing both is an error.
+        * ``pad_token_id``: falls back to the first eos id. ``eos_token_id``: a tuple (possibly empty).
+
+        Idempotent: ``c.resolve().resolve() == c.resolve()``.
+        """
+        if self.max_new_tokens is not None:
+            max_length = 1 + self.max_new_tokens
+        elif self.max_length is not None:
+            max_length = self.max_length
+        else:
+            max_length = 1 + DEFAULT_MAX_NEW_TOKENS
+        min_length = 1 + self.min_new_tokens if self.min_new_tokens is not None else self.min_length
+        start = self.decoder_start_token_id if self.decoder_start_token_id is not None else self.bos_token_id
+        if start is None:
+            raise GenerationConfigError(
+                "decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation: pass "
+                "decoder_start_token_id=... or set it in the model config / generation config")
+        eos = self.eos_token_ids
+        pad = self.pad_token_id if self.pad_token_id is not None else (eos[0] if eos else None)
+        return dataclasses.replace(
+            self, max_length=max_length, max_new_tokens=max_length - 1, min_length=min_length, min_new_tokens=None,
+            decoder_start_token_id=start, pad_token_id=pad, eos_token_id=eos)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in names},
-                   extra={k: v for k, v in data.items() if k not in names})
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        # transformers 5 writes unset fields as null; ours with a non-None default keep that default.
+        known = {k: v for k, v in data.items()
+                 if k in fields and not (v is None and fields[k].default is not None)}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in fields})
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: _list(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        """Set fields only (``None`` means unset, as in transformers 5), plus the keys kept in ``extra``."""
+        values = {f.name: _list(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "extra" and getattr(self, f.name) is not None}
         return {**self.extra, **values}
 
     @classmethod

@@ -1,0 +1,205 @@
+"""The jitted generate: ``make_generate_fn`` (pure, for serving loops and TPUs) and ``generate`` (the
+transformers-style method behind ``EncoderDecoderModel.generate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxencdec.config import EncoderDecoderConfig
+from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
+from jaxencdec.generation.processors import build_logits_processor
+from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
+from jaxencdec.models.encoder_decoder import EncoderDecoderModule
+from jaxencdec.models.transformer import init_cache
+
+# Source lengths are padded up to a multiple of this, so that inputs of similar length share one compilation.
+SOURCE_BUCKET = 32
+
+_traces = 0
+
+
+def trace_count() -> int:
+    """How many times a generate function has been traced (compiled) in this process; tests use it."""
+    return _traces
+
+
+@struct.dataclass
+class GenerateOutput:
+    sequences: jax.Array  # [batch * num_return_sequences, length] int32
+    sequences_scores: jax.Array | None = None  # [batch * num_return_sequences] float32 (beam search only)
+
+
+def beam_fill_id(config: GenerationConfig) -> int:
+    """The token transformers writes after the end of a beam hypothesis: ``pad_token_id or eos_token_id[0]`` when
+    there is an EOS id, else -1. (A pad id of 0 is falsy there, so BERT-style models get the EOS id.)"""
+    eos = config.eos_token_ids
+    if not eos:
+        return -1
+    return config.pad_token_id if config.pad_token_id else eos[0]
+
+
+def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dtype, param_dtype):
+    """``(params, input_ids, attention_mask, prng_key) -> SearchOutput``, not yet jitted. ``config`` resolved."""
+    module = EncoderDecoderModule(model_config, dtype=dtype, param_dtype=param_dtype)
+    process = build_logits_processor(config)
+    rows_per_input = max(config.num_beams, config.num_return_sequences)
+    cache_length = config.max_length - 1  # the last token is never fed back
+
+    def run(params, input_ids, attention_mask, prng_key) -> SearchOutput:
+        global _traces
+        _traces += 1  # Python side effect: runs once per trace, never per call
+        variables = {"params": params}
+        encoded = module.apply(variables, input_ids, attention_mask, method="encode")  # [batch, src, D_enc]
+        cross_kv = module.apply(variables, encoded, method="cross_kv")  # per layer [batch, src, h, d], once
+        rows = input_ids.shape[0] * rows_per_input  # row = b * rows_per_input + k
+
+        def decode(ids, cache, index):
+            # cross_kv and the source mask keep batch `batch`: attention folds the rows of one input together.
+            logits, cache = module.apply(variables, ids, cross_kv, attention_mask, None, cache, index,
+                                         method="decode")
+            return logits[:, -1], cache
+
+        cache = init_cache(model_config.decoder_spec, rows, cache_length, dtype)
+        start_ids = jnp.full((rows,), config.decoder_start_token_id, jnp.int32)
+        if config.num_beams == 1:
+            return sample_search(decode, cache, start_ids, max_length=config.max_length, process=process,
+                                 eos_ids=config.eos_token_ids, pad_id=config.pad_token_id,
+                                 do_sample=config.do_sample, rng=prng_key if config.do_sample else None)
+        return beam_search(decode, cache, start_ids, num_beams=config.num_beams, max_length=config.max_length,
+                           process=process, eos_ids=config.eos_token_ids, fill_id=beam_fill_id(config),
+                           length_penalty=float(config.length_penalty), early_stopping=config.early_stopping,
+                           num_return_sequences=config.num_return_sequences, do_sample=config.do_sample,
+                           rng=prng_key if config.do_sample else None)
+
+    return run
+
+
+def _search_key(config: GenerationConfig) -> GenerationConfig:
+    """The fields that change the computation; output options do not (one compilation serves both)."""
+    return dataclasses.replace(config, output_scores=False, return_dict_in_generate=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_search(model_config, config, dtype, param_dtype):
+    return jax.jit(_search_fn(model_config, config, dtype, param_dtype))
+
+
+def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: GenerationConfig, *,
+                     dtype=jnp.float32, param_dtype=jnp.float32):
+    """A jitted, pure ``fn(params, input_ids, attention_mask, prng_key)`` for ``generation_config``'s mode.
+
+    Args of ``fn``:
+      params: the parameter tree (``model.params``), possibly sharded.
+      input_ids: int32 ``[batch, src_len]``; attention_mask: ``[batch, src_len]``, nonzero = real token.
+        Token ids must already be valid (``EncoderDecoderModel.generate`` checks them; here an out-of-range
+        id would be clamped silently).
+      prng_key: a PRNG key for sampling modes; ignored (may be None) otherwise.
+    Returns:
+      ``sequences`` int32 ``[batch * num_return_sequences, max_length]`` (``max_length`` counts the start token),
+      padded after the end as transformers pads (greedy/sampling: ``pad_token_id``; beams: ``beam_fill_id``).
+      With ``return_dict_in_generate``: a ``GenerateOutput`` whose ``sequences_scores [batch * n]`` are the
+      beam scores when ``output_scores`` and ``num_beams > 1``.
+
+    Traced (new values reuse the compiled code): ``params``, ``input_ids``, ``attention_mask``, ``prng_key``.
+    Static (a new value compiles again): ``model_config``, every field of ``generation_config`` (lengths, beams,
+    penalties, temperature, top-k/p, token ids), ``dtype``/``param_dtype``, and the shapes ``batch`` and
+    ``src_len``; pad ``src_len`` to a few buckets to bound compilations (``generate`` uses multiples of 32).
+    Called on sharded params and inputs under a ``Mesh``, ``jit`` propagates their shardings.
+    """
+    config = generation_config.resolve()
+    search = _search_fn(model_config, _search_key(config), dtype, param_dtype)
+    beams = config.num_beams > 1
+
+    def generate_fn(params, input_ids, attention_mask, prng_key=None):
+        out = search(params, input_ids, attention_mask, prng_key if config.do_sample else None)
+        if not config.return_dict_in_generate:
+            return out.sequences
+        return GenerateOutput(out.sequences, out.scores if beams and config.output_scores else None)
+
+    generate_fn.__doc__ = make_generate_fn.__doc__
+    return jax.jit(generate_fn)
+
+
+def _check_token(value, vocab_size: int, name: str) -> None:
+    ids = value if isinstance(value, tuple) else (value,)
+    for token in ids:
+        if token is not None and not 0 <= token < vocab_size:
+            raise GenerationConfigError(f"{name}={value!r} is outside the decoder vocabulary [0, {vocab_size})")
+
+
+def check_against_model(config: GenerationConfig, model_config: EncoderDecoderConfig) -> None:
+    """Raises GenerationConfigError if a resolved config does not fit the model (token ids, length)."""
+    spec = model_config.decoder_spec
+    vocab = spec.vocab_size
+    _check_token(config.decoder_start_token_id, vocab, "decoder_start_token_id")
+    _check_token(config.eos_token_ids, vocab, "eos_token_id")
+    _check_token(config.forced_bos_token_id, vocab, "forced_bos_token_id")
+    _check_token(config.forced_eos_token_id, vocab, "forced_eos_token_id")
+    if config.eos_token_ids:  # finished rows feed the pad token back into the decoder
+        _check_token(config.pad_token_id, vocab, "pad_token_id")
+    for word in config.bad_words_ids or ():
+        _check_token(word, vocab, "a bad_words_ids entry")
+    if config.max_length - 1 > spec.max_length:
+        raise GenerationConfigError(
+            f"max_length {config.max_length} (start token included) needs {config.max_length - 1} decoder "
+            f"positions, but the decoder embeds at most {spec.max_length}")
+
+
+def merge_config(model_default: GenerationConfig, generation_config: GenerationConfig | None,
+                 kwargs: dict[str, Any]) -> GenerationConfig:
+    """transformers' precedence: keyword arguments > ``generation_config`` > the model's ``generation_config``."""
+    config = model_default if generation_config is None else generation_config.fill_unset_from(model_default)
+    return config.replace(**kwargs) if kwargs else config
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """``length`` rounded up to a multiple of ``SOURCE_BUCKET``, at most ``limit`` (but never below ``length``)."""
+    return max(length, min(-(-length // SOURCE_BUCKET) * SOURCE_BUCKET, limit))
+
+
+def generate(model, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
+             prng_key: jax.Array | None = None, *, params=None, **kwargs):
+    """Generates as transformers' ``EncoderDecoderModel.generate`` does, on one compiled function per mode/bucket.
+
+    Args:
+      model: an ``EncoderDecoderModel``.
+      input_ids: ``[batch, src_len]`` token ids (numpy, jax or nested lists); attention_mask: same shape or None.
+      generation_config: overrides ``model.generation_config`` (its unset fields are taken from the model's).
+      prng_key: PRNG key for sampling (default ``jax.random.key(0)``); unused otherwise.
+      params: parameters to use instead of ``model.params``.
+      **kwargs: any ``GenerationConfig`` field (``max_new_tokens=...``, ``num_beams=...``); others are an error.
+    Returns:
+      int32 ``[batch * num_return_sequences, length]`` sequences starting with the decoder start token, in
+      transformers' layout (padded after each end, columns past the longest returned sequence dropped). With
+      ``return_dict_in_generate``: a ``GenerateOutput`` (``sequences_scores`` for beams with ``output_scores``).
+    """
+    from jaxencdec.modeling import _mask_or_ones, validate_token_ids  # modeling imports us lazily too
+
+    config = merge_config(model.generation_config, generation_config, kwargs).resolve()
+    check_against_model(config, model.config)
+    spec = model.config.encoder_spec
+    ids = validate_token_ids(input_ids, spec.vocab_size, spec.max_length, "input_ids")
+    mask = _mask_or_ones(attention_mask, ids, "attention_mask")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one token per row, got shape {ids.shape}")
+    batch, length = ids.shape
+    bucket = bucket_length(length, spec.max_length)
+    if bucket > length:  # padded positions are masked out: the results do not change
+        pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+        ids = np.pad(ids, ((0, 0), (0, bucket - length)), constant_values=pad)
+        mask = np.pad(mask, ((0, 0), (0, bucket - length)))
+    if config.do_sample and prng_key is None:
+        prng_key = jax.random.key(0)
+    search = _jitted_search(model.config, _search_key(config), model.module.dtype, model.module.param_dtype)
+    out = search(model.params if params is None else params, ids, mask, prng_key if config.do_sample else None)
+    sequences = out.sequences[:, :int(out.length)]
+    if not config.return_dict_in_generate:
+        return sequences
+    return GenerateOutput(sequences, out.scores if config.num_beams > 1 and config.output_scores else None)

@@ -1,0 +1,233 @@
+"""The decoding loops: greedy / sampling, and beam search / beam sampling; one ``lax.while_loop`` each.
+
+The loops know nothing about the model. They call a ``DecodeFn``::
+
+    decode(ids [rows, 1] int32, cache, index int32 scalar) -> (logits [rows, vocab] float32, cache)
+
+that runs one decoder step at position ``index`` and returns the updated self-attention cache (a pytree whose
+leaves have ``rows`` as their leading axis). Cross-attention keys/values live inside the closure, projected once
+per input; beam search reorders only the self-attention cache.
+
+Sequences include the decoder start token at position 0, so ``cur_len`` (the tokens so far) starts at 1 and
+``max_length`` counts the start token, as in transformers. Both loops stop as soon as every row is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxencdec.generation.processors import LogitsProcessor
+
+DecodeFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+
+# transformers' beam search marks impossible candidates by adding this (not -inf), and so do we: the float32
+# rounding of "score + -1e9" is part of which candidate wins.
+BIG_NEGATIVE = -1.0e9
+
+
+@struct.dataclass
+class SearchOutput:
+    sequences: jax.Array  # [rows_out, max_length] int32, filler after the end
+    length: jax.Array  # [] int32: columns transformers would return (the rest is filler in every row)
+    scores: jax.Array | None = None  # [rows_out] float32: beam search's length-penalised sequence scores
+
+
+# ----------------------------------------------------------------------------------------------- greedy / sampling
+
+
+@struct.dataclass
+class SampleState:
+    cur_len: jax.Array  # [] int32, tokens so far (start token included)
+    sequences: jax.Array  # [rows, max_length] int32
+    finished: jax.Array  # [rows] bool: the row has produced an EOS
+    cache: Any  # self-attention cache, leaves [rows, ...]
+    rng: jax.Array | None  # PRNG key (sampling only)
+
+
+def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_length: int,
+                  process: LogitsProcessor, eos_ids: tuple[int, ...], pad_id: int | None, do_sample: bool,
+                  rng: jax.Array | None = None) -> SearchOutput:
+    """Greedy decoding (argmax) or multinomial sampling, as transformers' ``_sample``.
+
+    Args:
+      start_ids: int32 ``[rows]``, the decoder start token of each row.
+      process: the logits processors (with the sampling warpers when ``do_sample``), applied to the raw logits.
+      eos_ids: a row that emits one of these is finished; finished rows are padded with ``pad_id``.
+      rng: PRNG key, split once per step (sampling only).
+    """
+    rows = start_ids.shape[0]
+    fill = pad_id if pad_id is not None else 0
+    sequences = jnp.full((rows, max_length), fill, jnp.int32).at[:, 0].set(start_ids)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+
+    def cond(s: SampleState):
+        return (s.cur_len < max_length) & ~jnp.all(s.finished)
+
+    def body(s: SampleState) -> SampleState:
+        ids = jax.lax.dynamic_slice_in_dim(s.sequences, s.cur_len - 1, 1, axis=1)  # [rows, 1]
+        logits, cache = decode(ids, s.cache, s.cur_len - 1)
+        scores = process(s.sequences, s.cur_len, logits)
+        rng = s.rng
+        if do_sample:
+            rng, key = jax.random.split(rng)
+            tokens = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+        else:
+            tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        finished = s.finished
+        if eos_ids:
+            tokens = jnp.where(finished, jnp.int32(pad_id), tokens)
+            finished = finished | jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+        sequences = jax.lax.dynamic_update_slice(s.sequences, tokens[:, None], (0, s.cur_len))
+        return SampleState(s.cur_len + 1, sequences, finished, cache, rng)
+
+    state = SampleState(jnp.int32(1), sequences, jnp.zeros((rows,), bool), cache, rng)
+    state = jax.lax.while_loop(cond, body, state)
+    return SearchOutput(sequences=state.sequences, length=state.cur_len)
+
+
+# --------------------------------------------------------------------------------------------------- beam search
+
+
+@struct.dataclass
+class BeamState:
+    cur_len: jax.Array  # [] int32, tokens so far (start token included)
+    running_sequences: jax.Array  # [batch, beams, max_length] int32, the live hypotheses
+    running_scores: jax.Array  # [batch, beams] float32, their summed log-probabilities
+    sequences: jax.Array  # [batch, beams, max_length] int32, the best finished hypotheses
+    scores: jax.Array  # [batch, beams] float32, their length-penalised scores (-1e9: empty slot)
+    lengths: jax.Array  # [batch, beams] int32, their generated tokens (0: empty slot)
+    is_finished: jax.Array  # [batch, beams] bool, the slot holds a finished hypothesis
+    improvable: jax.Array  # [batch, 1] bool, a live beam may still beat the worst finished one
+    done: jax.Array  # [] bool
+    cache: Any  # self-attention cache, leaves [batch * beams, ...], row = b * beams + k
+    rng: jax.Array | None  # PRNG key (beam sampling only)
+
+
+def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """``x [batch, n, ...]``, ``indices [batch, m]`` -> ``[batch, m, ...]``."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _length_table(max_length: int, length_penalty: float) -> jax.Array:
+    """``table[n] = n ** length_penalty`` computed in float64 then rounded to float32, as transformers divides a
+    float32 tensor by a Python float."""
+    return jnp.asarray(np.array([float(n) ** length_penalty if n else 1.0 for n in range(max_length + 1)],
+                                np.float64).astype(np.float32))
+
+
+def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams: int, max_length: int,
+                process: LogitsProcessor, eos_ids: tuple[int, ...], fill_id: int, length_penalty: float,
+                early_stopping: bool | str, num_return_sequences: int, do_sample: bool = False,
+                rng: jax.Array | None = None) -> SearchOutput:
+    """Beam search (or beam sampling), step for step transformers 5's vectorised ``_beam_search``.
+
+    Each step keeps the top ``2 * beams`` candidates (more with several EOS ids) over all beams: the best
+    ``beams`` that did not end continue; those among the first ``beams`` that ended (EOS or max length) compete
+    for the ``beams`` finished slots with score ``sum_logprobs / generated_len ** length_penalty``.
+    ``early_stopping``: True stops once every input has ``beams`` finished hypotheses; False stops when the best
+    live beam, at its current length, cannot beat the worst finished one; "never" uses the most favourable length.
+
+    Args:
+      start_ids: int32 ``[batch * beams]`` (beams of one input contiguous), the decoder start tokens.
+      process: applied to the log-softmax of the logits (with the warpers when sampling).
+      fill_id: the token after the end of a hypothesis (transformers: ``pad_token_id or eos_token_id[0]``).
+      rng: PRNG key, split once per step (beam sampling only).
+    Returns:
+      ``SearchOutput`` with ``[batch * num_return_sequences, max_length]`` sequences, best first per input.
+    """
+    rows = start_ids.shape[0]
+    batch, beams = rows // num_beams, num_beams
+    keep = max(2, 1 + len(eos_ids)) * beams
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    table = _length_table(max_length, length_penalty)
+    early_true = early_stopping is True
+    best_len_is_max = early_stopping == "never" and length_penalty > 0.0
+
+    running = jnp.full((batch, beams, max_length), fill_id, jnp.int32)
+    running = running.at[:, :, 0].set(start_ids.reshape(batch, beams))
+    # Only beam 0 starts live, so the first step does not pick the same token in every beam.
+    running_scores = jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(BIG_NEGATIVE)
+
+    def cond(s: BeamState):
+        return ~s.done & (s.cur_len < max_length)
+
+    def body(s: BeamState) -> BeamState:
+        cur_len = s.cur_len
+        flat_running = s.running_sequences.reshape(rows, max_length)
+        ids = jax.lax.dynamic_slice_in_dim(flat_running, cur_len - 1, 1, axis=1)  # [rows, 1]
+        logits, cache = decode(ids, s.cache, cur_len - 1)
+        log_probs = process(flat_running, cur_len, jax.nn.log_softmax(logits, axis=-1))  # [rows, vocab]
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]
+        log_probs = log_probs.reshape(batch, beams * vocab)
+
+        rng = s.rng
+        if do_sample:
+            # Sampling `keep` candidates without replacement from softmax(log_probs) = Gumbel top-k.
+            rng, key = jax.random.split(rng)
+            _, top_indices = jax.lax.top_k(log_probs + jax.random.gumbel(key, log_probs.shape), keep)
+            top_scores = jnp.take_along_axis(log_probs, top_indices, axis=-1)
+            order = jnp.argsort(-top_scores, axis=-1)
+            top_scores = jnp.take_along_axis(top_scores, order, axis=-1)
+            top_indices = jnp.take_along_axis(top_indices, order, axis=-1)
+        else:
+            top_scores, top_indices = jax.lax.top_k(log_probs, keep)  # [batch, keep]
+        source_beam = top_indices // vocab
+        tokens = (top_indices % vocab).astype(jnp.int32)
+        candidates = _gather_beams(s.running_sequences, source_beam)  # [batch, keep, max_length]
+        candidates = jax.lax.dynamic_update_slice(candidates, tokens[:, :, None], (0, 0, cur_len))
+        hits = jnp.any(tokens[:, :, None] == eos, axis=-1) | (cur_len + 1 >= max_length)  # [batch, keep]
+
+        # The live beams: the best candidates that did not just end.
+        live_scores = top_scores + hits.astype(jnp.float32) * BIG_NEGATIVE
+        _, next_live = jax.lax.top_k(live_scores, beams)  # [batch, beams]
+        running_sequences = _gather_beams(candidates, next_live)
+        running_scores = _gather_beams(live_scores, next_live)
+        parent = _gather_beams(source_beam, next_live)  # [batch, beams]
+
+        # The finished hypotheses: merge the ones that just ended (among the first `beams` candidates).
+        just_finished = hits & (jnp.arange(keep) < beams)[None, :]
+        finished_scores = top_scores / table[cur_len]  # generated length = cur_len + 1 - 1
+        if early_true:
+            full = jnp.all(s.is_finished, axis=-1, keepdims=True)
+            finished_scores = finished_scores + full.astype(jnp.float32) * BIG_NEGATIVE
+        finished_scores = finished_scores + (~s.improvable).astype(jnp.float32) * BIG_NEGATIVE
+        finished_scores = finished_scores + (~just_finished).astype(jnp.float32) * BIG_NEGATIVE
+        merged_scores = jnp.concatenate([s.scores, finished_scores], axis=1)  # [batch, beams + keep]
+        _, best = jax.lax.top_k(merged_scores, beams)
+        sequences = _gather_beams(jnp.concatenate([s.sequences, candidates], axis=1), best)
+        scores = _gather_beams(merged_scores, best)
+        lengths = _gather_beams(jnp.concatenate([s.lengths, jnp.broadcast_to(cur_len, hits.shape)], axis=1), best)
+        is_finished = _gather_beams(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
+
+        # Follow the live beams' parents in the self-attention cache.
+        flat_parent = (parent + jnp.arange(batch)[:, None] * beams).reshape(rows)
+        cache = jax.tree.map(lambda x: x[flat_parent], cache)
+
+        cur_len = cur_len + 1
+        best_len = (max_length - 1) if best_len_is_max else cur_len - 1
+        best_possible = running_scores[:, :1] / table[best_len]
+        worst_finished = jnp.where(is_finished, jnp.min(scores, axis=1, keepdims=True), BIG_NEGATIVE)
+        improvable = s.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
+        keep_going = jnp.any(improvable) & ~(jnp.all(is_finished) & early_true) & ~jnp.all(hits)
+        return BeamState(cur_len, running_sequences, running_scores, sequences, scores, lengths, is_finished,
+                         improvable, ~keep_going, cache, rng)
+
+    state = BeamState(
+        cur_len=jnp.int32(1), running_sequences=running, running_scores=running_scores,
+        sequences=running, scores=jnp.full((batch, beams), BIG_NEGATIVE, jnp.float32),
+        lengths=jnp.zeros((batch, beams), jnp.int32), is_finished=jnp.zeros((batch, beams), bool),
+        improvable=jnp.ones((batch, 1), bool), done=jnp.bool_(False), cache=cache, rng=rng,
+    )
+    state = jax.lax.while_loop(cond, body, state)
+    n = num_return_sequences
+    return SearchOutput(
+        sequences=state.sequences[:, :n].reshape(batch * n, max_length),
+        length=1 + jnp.max(state.lengths[:, :n]),
+        scores=state.scores[:, :n].reshape(batch * n),
+    )
