@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxencdec.generation.processors import LogitsProcessor
+from jaxencdec.generation.processors import LogitsProcessor, exact_divide
 
 DecodeFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -192,7 +192,7 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
 
         # The finished hypotheses: merge the ones that just ended (among the first `beams` candidates).
         just_finished = hits & (jnp.arange(keep) < beams)[None, :]
-        finished_scores = top_scores / table[cur_len]  # generated length = cur_len + 1 - 1
+        finished_scores = exact_divide(top_scores, table[cur_len])  # generated length = cur_len + 1 - 1
         if early_true:
             full = jnp.all(s.is_finished, axis=-1, keepdims=True)
             finished_scores = finished_scores + full.astype(jnp.float32) * BIG_NEGATIVE
@@ -211,7 +211,7 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
 
         cur_len = cur_len + 1
         best_len = (max_length - 1) if best_len_is_max else cur_len - 1
-        best_possible = running_scores[:, :1] / table[best_len]
+        best_possible = exact_divide(running_scores[:, :1], table[best_len])
         worst_finished = jnp.where(is_finished, jnp.min(scores, axis=1, keepdims=True), BIG_NEGATIVE)
         improvable = s.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
         keep_going = jnp.any(improvable) & ~(jnp.all(is_finished) & early_true) & ~jnp.all(hits)

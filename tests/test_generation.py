@@ -1,0 +1,310 @@
+"""Generation: processors against transformers' own, sampling statistics on hand-built logits, the jitted API
+(no retrace, buckets, fixed-length output), config merging, and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers.generation.logits_process as hf_lp
+
+from jaxencdec import (BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GenerationConfig,
+                       GenerationConfigError, GPT2Config)
+from jaxencdec.generation import api
+from jaxencdec.generation.processors import build_logits_processor, processor_names
+from jaxencdec.generation.search import sample_search
+
+VOCAB, START, PAD, EOS = 120, 3, 0, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small random bert2gpt2 of ours; a large init range keeps its logits away from ties."""
+    encoder = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=37, max_position_embeddings=80, initializer_range=0.4)
+    decoder = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64, initializer_range=0.4,
+                         bos_token_id=START, eos_token_id=EOS)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder, decoder_start_token_id=START,
+                                                               pad_token_id=PAD, eos_token_id=EOS)
+    return EncoderDecoderModel(config, seed=1)
+
+
+def source(batch=3, length=11, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, VOCAB, (batch, length))
+    mask = np.ones_like(ids)
+    for row, n in enumerate(np.linspace(length, max(length // 2, 1), batch).astype(int)):
+        ids[row, n:], mask[row, n:] = PAD, 0
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ processors
+
+
+def _hf_processor(name: str, config: GenerationConfig):
+    """transformers' processor of that name, built as ``_get_logits_processor`` builds it."""
+    c = config.resolve()
+    eos = list(c.eos_token_ids)
+    return {
+        "repetition_penalty": lambda: hf_lp.RepetitionPenaltyLogitsProcessor(c.repetition_penalty),
+        "no_repeat_ngram": lambda: hf_lp.NoRepeatNGramLogitsProcessor(c.no_repeat_ngram_size),
+        "bad_words": lambda: hf_lp.NoBadWordsLogitsProcessor([list(w) for w in c.bad_words_ids], eos),
+        "min_length": lambda: hf_lp.MinLengthLogitsProcessor(c.min_length, eos),
+        "forced_bos": lambda: hf_lp.ForcedBOSTokenLogitsProcessor(c.forced_bos_token_id),
+        "forced_eos": lambda: hf_lp.ForcedEOSTokenLogitsProcessor(c.max_length, c.forced_eos_token_id),
+        "temperature": lambda: hf_lp.TemperatureLogitsWarper(float(c.temperature)),
+        "top_k": lambda: hf_lp.TopKLogitsWarper(c.top_k),
+        "top_p": lambda: hf_lp.TopPLogitsWarper(c.top_p),
+    }[name]()
+
+
+@pytest.mark.parametrize("cur_len", [1, 3, 7])
+@pytest.mark.parametrize("options", [
+    dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=3),
+    dict(bad_words_ids=[[5], [7, 8], [EOS], [9, 7, 8]]), dict(min_new_tokens=4), dict(forced_bos_token_id=11),
+    dict(forced_eos_token_id=13), dict(do_sample=True, temperature=0.7, top_k=0),
+    dict(do_sample=True, top_k=5), dict(do_sample=True, top_k=0, top_p=0.8),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items() if k != "do_sample"))
+def test_each_processor_matches_transformers(options, cur_len):
+    config = GenerationConfig(max_length=8, eos_token_id=EOS, decoder_start_token_id=START, **options)
+    process = build_logits_processor(config)
+    assert len(process.names) == 1
+    rng = np.random.default_rng(cur_len)
+    # Small vocabulary and ids so that repeats, n-grams and bad-word prefixes really occur.
+    buffer = rng.integers(5, 10, (6, config.resolve().max_length)).astype(np.int32)
+    scores = rng.normal(size=(6, 16)).astype(np.float32)
+    ours = process(jnp.asarray(buffer), jnp.int32(cur_len), jnp.asarray(scores))
+    reference = _hf_processor(process.names[0], config)
+    want = reference(torch.tensor(buffer[:, :cur_len], dtype=torch.long), torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.asarray(ours), want)
+
+
+def test_processor_order_is_transformers_order():
+    config = GenerationConfig(
+        eos_token_id=EOS, decoder_start_token_id=START, repetition_penalty=1.2, no_repeat_ngram_size=2,
+        bad_words_ids=[[5]], min_new_tokens=2, forced_bos_token_id=4, forced_eos_token_id=EOS, do_sample=True,
+        temperature=0.5, top_k=10, top_p=0.9)
+    assert processor_names(config) == ("repetition_penalty", "no_repeat_ngram", "bad_words", "min_length",
+                                       "forced_bos", "forced_eos", "temperature", "top_k", "top_p")
+    # Warpers only when sampling; min length only with an EOS id; defaults add nothing.
+    assert processor_names(config.replace(do_sample=False))[-1] == "forced_eos"
+    assert "min_length" not in processor_names(config.replace(eos_token_id=None))
+    assert processor_names(GenerationConfig(decoder_start_token_id=START, do_sample=True)) == ("top_k",)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+LOGITS = np.array([2.0, 1.6, 1.1, 0.7, 0.2, -0.3, -0.9, -1.5, -2.2, -3.0], np.float32)
+
+
+def _expected(temperature=1.0, top_k=0, top_p=1.0):
+    """The exact distribution transformers samples from, computed independently in float64."""
+    scores = LOGITS.astype(np.float64) / temperature
+    keep = np.ones_like(scores, bool)
+    if top_k:
+        keep &= scores >= np.sort(scores)[-top_k]
+    probs = np.where(keep, np.exp(scores - scores.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(probs)  # ascending; drop the low tail holding at most 1 - top_p of the mass
+        drop = np.cumsum(probs[order]) <= 1 - top_p
+        drop[-1] = False
+        probs[order[drop]] = 0.0
+        probs /= probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=0.7, top_k=0), dict(temperature=1.5, top_k=0), dict(top_k=4), dict(top_k=0, top_p=0.75),
+    dict(temperature=0.8, top_k=6, top_p=0.9),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sampling_frequencies_match_the_exact_distribution(options):
+    draws = 20000
+    config = GenerationConfig(do_sample=True, max_new_tokens=1, decoder_start_token_id=0, **options)
+    process = build_logits_processor(config)
+
+    def decode(ids, cache, index):  # hand-built logits, the same at every step and for every row
+        return jnp.broadcast_to(jnp.asarray(LOGITS), (ids.shape[0], LOGITS.size)), cache
+
+    run = jax.jit(lambda key: sample_search(decode, None, jnp.zeros((draws,), jnp.int32), max_length=2,
+                                            process=process, eos_ids=(), pad_id=None, do_sample=True, rng=key))
+    tokens = np.asarray(run(jax.random.key(42)).sequences[:, 1])
+    counts = np.bincount(tokens, minlength=LOGITS.size)
+    probs = _expected(**options)
+    assert counts[probs == 0].sum() == 0, "a filtered token was sampled"
+    kept = probs > 0
+    result = scipy.stats.chisquare(counts[kept], probs[kept] * draws)
+    assert result.pvalue > 1e-3, (counts, probs * draws)
+
+
+def test_top_k_1_sampling_is_greedy(model):
+    ids, mask = source()
+    greedy = np.asarray(model.generate(ids, mask, max_new_tokens=10))
+    sampled = model.generate(ids, mask, max_new_tokens=10, do_sample=True, top_k=1, num_return_sequences=2,
+                             prng_key=jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(sampled), np.repeat(greedy, 2, axis=0))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_sampling_is_reproducible_with_a_fixed_key(model, num_beams):
+    ids, mask = source()
+    options = dict(max_new_tokens=10, do_sample=True, num_beams=num_beams, top_k=0)
+    first = model.generate(ids, mask, prng_key=jax.random.key(7), **options)
+    again = model.generate(ids, mask, prng_key=jax.random.key(7), **options)
+    other = model.generate(ids, mask, prng_key=jax.random.key(8), **options)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+
+
+# ------------------------------------------------------------------------------------------------ the API
+
+
+def test_second_call_in_the_same_bucket_does_not_retrace(model):
+    ids, mask = source(length=11, seed=1)
+    model.generate(ids, mask, max_new_tokens=6, num_beams=2)
+    traces = api.trace_count()
+    other_ids, other_mask = source(length=25, seed=2)  # other text, other length, same 32-token bucket
+    model.generate(other_ids, other_mask, max_new_tokens=6, num_beams=2)
+    model.generate(jnp.asarray(ids), mask.tolist(), max_new_tokens=6, num_beams=2)  # jax / list inputs
+    assert api.trace_count() == traces
+    model.generate(*source(length=40, seed=3), max_new_tokens=6, num_beams=2)  # next bucket: one compilation
+    assert api.trace_count() == traces + 1
+
+
+def test_make_generate_fn_is_pure_fixed_length_and_does_not_retrace(model):
+    config = model.generation_config.replace(max_new_tokens=9, num_beams=3, num_return_sequences=2)
+    fn = api.make_generate_fn(model.config, config)
+    ids, mask = source(length=16, seed=4)
+    out = fn(model.params, ids, mask, None)
+    assert out.shape == (ids.shape[0] * 2, 10) and out.dtype == jnp.int32
+    traces = api.trace_count()
+    fn(model.params, source(length=16, seed=5)[0], mask, None)
+    assert api.trace_count() == traces
+    # generate() returns the same, with the all-filler columns trimmed.
+    trimmed = np.asarray(model.generate(ids, mask, generation_config=config))
+    np.testing.assert_array_equal(np.asarray(out)[:, :trimmed.shape[1]], trimmed)
+    assert (np.asarray(out)[:, trimmed.shape[1]:] == api.beam_fill_id(config.resolve())).all()
+    assert "Static" in fn.__doc__ and "Traced" in fn.__doc__
+
+
+def test_greedy_pads_after_eos_and_trims_like_transformers(model):
+    ids, mask = source(batch=4, seed=6)
+    free = np.asarray(model.generate(ids, mask, max_new_tokens=8, eos_token_id=None))
+    assert free.shape == (4, 9)
+    eos = int(free[0, 2])  # a token row 0 emits: it now ends row 0 (and maybe others) early
+    out = np.asarray(model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos))
+    ends = [int(np.nonzero(row[1:] == eos)[0][0]) + 1 if (row[1:] == eos).any() else None for row in free]
+    assert out.shape[1] == max(9 if end is None else end + 1 for end in ends)  # the longest row, no more
+    for row, end in zip(range(4), ends):
+        stop = out.shape[1] if end is None else end + 1
+        np.testing.assert_array_equal(out[row, :stop], free[row, :stop])  # the same tokens up to the EOS
+        assert (out[row, stop:] == PAD).all()  # then padding
+    fixed = np.asarray(api.make_generate_fn(model.config, model.generation_config.replace(
+        max_new_tokens=8, eos_token_id=eos))(model.params, ids, mask, None))
+    assert fixed.shape == (4, 9)
+    np.testing.assert_array_equal(fixed[:, :out.shape[1]], out)
+    assert (fixed[:, out.shape[1]:] == PAD).all()
+
+
+def test_source_bucket_padding_does_not_change_results(model):
+    ids, mask = source(length=11, seed=7)
+    padded_ids = np.pad(ids, ((0, 0), (0, 30)), constant_values=PAD)
+    padded_mask = np.pad(mask, ((0, 0), (0, 30)))  # 41 tokens: the 64 bucket instead of 32
+    for options in (dict(), dict(num_beams=3)):
+        np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=8, **options)),
+                                      np.asarray(model.generate(padded_ids, padded_mask, max_new_tokens=8, **options)))
+
+
+def test_return_dict_gives_beam_scores_only_for_beams(model):
+    ids, mask = source()
+    out = model.generate(ids, mask, max_new_tokens=5, num_beams=3, num_return_sequences=3,
+                         return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape[0] == 9 and out.sequences_scores.shape == (9,)
+    scores = np.asarray(out.sequences_scores).reshape(3, 3)
+    assert (np.diff(scores, axis=1) <= 0).all(), "hypotheses are returned best first"
+    assert model.generate(ids, mask, max_new_tokens=5, return_dict_in_generate=True,
+                          output_scores=True).sequences_scores is None
+    assert model.generate(ids, mask, max_new_tokens=5, num_beams=3, return_dict_in_generate=True
+                          ).sequences_scores is None
+
+
+# ------------------------------------------------------------------------------------------------ the config
+
+
+def test_resolve_follows_transformers_length_and_token_rules():
+    c = GenerationConfig(decoder_start_token_id=START).resolve()
+    assert c.max_length == 21 and c.max_new_tokens == 20  # transformers 5's default: 20 new tokens
+    c = GenerationConfig(decoder_start_token_id=START, max_length=12, max_new_tokens=5).resolve()
+    assert c.max_length == 6  # max_new_tokens wins, and the start token counts
+    assert GenerationConfig(bos_token_id=7, max_length=12).resolve().decoder_start_token_id == 7
+    c = GenerationConfig(decoder_start_token_id=START, eos_token_id=[5, 6], min_new_tokens=3, min_length=9).resolve()
+    assert (c.pad_token_id, c.eos_token_id, c.min_length) == (5, (5, 6), 4)
+    assert c.resolve() == c
+
+
+def test_generate_merges_kwargs_over_config_over_model_defaults(model):
+    merged = api.merge_config(model.generation_config, GenerationConfig(num_beams=3), {"max_new_tokens": 4})
+    assert (merged.num_beams, merged.max_new_tokens, merged.decoder_start_token_id) == (3, 4, START)
+    assert merged.eos_token_id == EOS and merged.pad_token_id == PAD
+
+
+def test_generation_config_reads_transformers_json_with_nulls(tmp_path):
+    (tmp_path / "g.json").write_text('{"max_length": null, "num_beams": null, "eos_token_id": [2, 5], '
+                                     '"decoder_start_token_id": 3, "transformers_version": "5.24.0"}')
+    config = GenerationConfig.from_json_file(tmp_path / "g.json")
+    assert (config.max_length, config.num_beams, config.eos_token_id) == (None, 1, (2, 5))
+    config.save(tmp_path / "out.json")
+    assert GenerationConfig.from_json_file(tmp_path / "out.json") == config
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_return_sequences=2), "num_return_sequences"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_length=1), "max_length"),
+    (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(eos_token_id=VOCAB), "eos_token_id"),
+    (dict(bad_words_ids=[[5, VOCAB + 3]]), "bad_words_ids"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(forced_eos_token_id=-1), "forced_eos_token_id"),
+    (dict(max_new_tokens=200), "positions"),
+    (dict(num_beam=4), "unknown generation option"),
+])
+def test_bad_generation_options_raise_clear_errors(model, options, message):
+    ids, mask = source()
+    with pytest.raises(GenerationConfigError, match=message):
+        model.generate(ids, mask, **options)
+
+
+def test_missing_decoder_start_token_is_a_clear_error(model):
+    bare = EncoderDecoderModel(model.config.replace(decoder_start_token_id=None), params=model.params,
+                               generation_config=GenerationConfig(eos_token_id=EOS, pad_token_id=PAD))
+    with pytest.raises(GenerationConfigError, match="decoder_start_token_id"):
+        bare.generate(*source(), max_new_tokens=3)
+    assert bare.generate(*source(), max_new_tokens=3, decoder_start_token_id=START).shape[0] == 3
+
+
+@pytest.mark.parametrize("ids, mask, message", [
+    (np.array([[5, 6, VOCAB]]), None, "outside the vocabulary"),
+    (np.array([[5, -1, 6]]), None, "outside the vocabulary"),
+    (np.array([5, 6, 7]), None, r"\[batch, length\]"),
+    (np.array([[5.0, 6.0]]), None, "integer"),
+    (np.array([[5, 6, 7]]), np.array([[1, 1]]), "attention_mask"),
+    (np.zeros((1, 0), np.int32), None, "at least one token"),
+    (np.full((1, 90), 5), None, "longer than"),
+])
+def test_bad_input_ids_raise_clear_errors(model, ids, mask, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, mask, max_new_tokens=3)
