@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxencdec.parallel.mesh import BATCH_AXES
-from jaxencdec.parallel.shard import batch_sharding, constrain, named, replicated
+from jaxencdec.parallel.shard import activation_sharding, batch_sharding, constrain, named, replicated
 from jaxencdec.train.config import OptimConfig
 
 PyTree = Any
@@ -117,9 +117,10 @@ def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministi
 
     def loss_fn(params, batch, rng):
         batch = {k: constrain(batch[k], mesh, P(BATCH_AXES)) for k in MODEL_KEYS}
-        out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           batch["decoder_input_ids"], batch["decoder_attention_mask"], deterministic=deterministic,
-                           rngs=None if deterministic else {"dropout": rng})
+        with activation_sharding(mesh):
+            out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                               batch["decoder_input_ids"], batch["decoder_attention_mask"],
+                               deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
         # [batch, tgt_len, vocab]: vocab follows the LM head's split on `model`, rows the data split.
         logits = constrain(out.logits, mesh, P(BATCH_AXES, None, "model"))
         return token_loss_sum(logits, batch["labels"], label_smoothing)

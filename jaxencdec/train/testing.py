@@ -85,3 +85,40 @@ def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     return config
+
+
+# ---------------------------------------------------------------------- subprocesses with N host devices
+
+# Faster XLA:CPU compiles for tests (the tiny models spend far more time compiling than running).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax).
+
+    ``cache_dir``: a persistent compilation cache shared by children that compile the same programs.
+    """
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    flags.append(FAST_COMPILE_FLAGS)
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_COORDINATOR_ADDRESS", None)
+    env.pop("JAX_NUM_PROCESSES", None)
+    env.pop("JAX_PROCESS_ID", None)
+    if cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
