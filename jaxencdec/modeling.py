@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import os
 from functools import partial
 from pathlib import Path
@@ -141,7 +142,7 @@ class EncoderDecoderModel:
             report.missing += [k for k in flat if k.startswith("enc_to_dec_proj/")]
         if report.missing:
             logger.warning("Newly initialized parameters (not in the checkpoints; train them): %s",
-                           ", ".join(report.missing))
+                           summarize_paths(report.missing))
         if report.unexpected:
             logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(report.unexpected))
         model.params = traverse_util.unflatten_dict(flat, sep="/")
@@ -265,6 +266,16 @@ def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decod
     if labels is not None:
         out = out.replace(loss=cross_entropy_loss(out.logits, labels))
     return out
+
+
+def summarize_paths(paths: list[str]) -> str:
+    """``a/layers_0/x/kernel, a/layers_1/x/kernel`` -> ``a/layers_{0,1}/x/kernel``: one entry per layer pattern."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        layer = re.search(r"layers_(\d+)", path)
+        key = re.sub(r"layers_\d+", "layers_{}", path, count=1)
+        groups.setdefault(key, []).append(layer.group(1) if layer else "")
+    return ", ".join(k.replace("{}", "{" + ",".join(v) + "}") if "{}" in k else k for k, v in groups.items())
 
 
 TOP_LEVEL_FIELDS = {f.name for f in dataclasses.fields(EncoderDecoderConfig)} - {"encoder", "decoder", "extra"}

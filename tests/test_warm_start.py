@@ -87,3 +87,14 @@ def test_decoder_tensors_come_from_the_checkpoint(dec_name, bert_checkpoint, tmp
         np.testing.assert_array_equal(tensor, reference[local], err_msg=name)
         compared += 1
     assert compared >= 10
+
+
+def test_new_and_unused_parameters_are_listed_in_one_message_each(bert_checkpoint, caplog):
+    with caplog.at_level("WARNING", logger="jaxencdec"):
+        EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, bert_checkpoint,
+                                                            decoder_start_token_id=3, pad_token_id=0)
+    new, unused = [r.getMessage() for r in caplog.records]
+    assert new.startswith("Newly initialized parameters")
+    assert "decoder/layers_{0,1}/cross_attention/query/kernel" in new and "decoder/lm_head/bias" in new
+    assert unused == "Checkpoint tensors not used by the model: decoder: pooler.dense.bias, " \
+                     "decoder: pooler.dense.weight"
