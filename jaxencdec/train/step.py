@@ -164,7 +164,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),

@@ -1,0 +1,118 @@
+"""Data: readers, tokenization to static shapes, a deterministic order independent of the process count."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxencdec.tokenizer import Tokenizer
+from jaxencdec.train import testing
+from jaxencdec.train.data import DataConfig, DataError, PairEncoder, PairLoader, aclsum_dir, read_pairs
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.from_pretrained(testing.write_vocab(str(tmp_path_factory.mktemp("tok"))))
+
+
+@pytest.fixture()
+def encoder(tok):
+    return PairEncoder(tok, None, 16, 6, decoder_start_token_id=2, pad_token_id=0, end_token_id=3)
+
+
+def _pairs(n):
+    return [(f"we propose method {' '.join(['model'] * (i % 7))}", f"title number {i}") for i in range(n)]
+
+
+def test_labels_and_decoder_inputs(encoder, tok):
+    out = encoder(["we propose a new method", "model"], ["short titles", "a b c d e f g h"])
+    assert {k: v.shape for k, v in out.items()} == {
+        "input_ids": (2, 16), "attention_mask": (2, 16), "decoder_input_ids": (2, 6),
+        "decoder_attention_mask": (2, 6), "labels": (2, 6)}
+    assert all(v.dtype == np.int32 for v in out.values())
+    target = tok(["short titles"], padding=False)["input_ids"][0]  # [CLS] ... [SEP]
+    assert target[0] == 2 and target[-1] == 3
+    n = len(target) - 1  # the leading start token is dropped from the labels
+    assert out["labels"][0, :n].tolist() == target[1:]
+    assert (out["labels"][0, n:] == -100).all()
+    assert out["decoder_input_ids"][0, 0] == 2 and out["decoder_input_ids"][0, 1:n].tolist() == target[1:-1]
+    assert out["decoder_attention_mask"][0].tolist() == [1] * n + [0] * (6 - n)
+    # a long target is cut but still ends with the end token
+    assert out["labels"][1, -1] == 3 and (out["labels"][1] != -100).all()
+    assert out["attention_mask"][1].sum() == 3 and out["input_ids"][1, 3:].tolist() == [0] * 13
+
+
+def test_order_is_deterministic_and_process_count_independent(encoder):
+    pairs = _pairs(20)
+    one = PairLoader(pairs, encoder, 4, seed=3)
+    halves = [PairLoader(pairs, encoder, 4, p, 2, seed=3) for p in range(2)]
+    for _ in range(12):  # crosses epoch boundaries (5 batches per epoch)
+        full = next(one)
+        parts = [next(h) for h in halves]
+        for key in full:
+            np.testing.assert_array_equal(full[key], np.concatenate([p[key] for p in parts]))
+    assert one.get_state()["epoch"] == 2
+    again = PairLoader(pairs, encoder, 4, seed=3)
+    first_epoch = [next(again)["example_index"].tolist() for _ in range(5)]
+    assert sorted(sum(first_epoch, [])) == list(range(20))
+    other_seed = PairLoader(pairs, encoder, 4, seed=4)
+    assert [next(other_seed)["example_index"].tolist() for _ in range(5)] != first_epoch
+
+
+def test_resume_from_state(encoder):
+    pairs = _pairs(10)
+    a = PairLoader(pairs, encoder, 4, seed=0)
+    for _ in range(3):
+        next(a)
+    b = PairLoader(pairs, encoder, 4, seed=0)
+    b.set_state(json.loads(json.dumps(a.get_state())))
+    for _ in range(4):
+        np.testing.assert_array_equal(next(a)["input_ids"], next(b)["input_ids"])
+    with pytest.raises(DataError, match="examples"):
+        PairLoader(_pairs(11), encoder, 4).set_state(a.get_state())
+
+
+def test_eval_loader_counts_each_example_once(encoder):
+    loader = PairLoader(_pairs(10), encoder, 4, train=False)
+    batches = list(loader)
+    assert len(batches) == 3
+    idx = np.concatenate([b["example_index"] for b in batches])
+    w = np.concatenate([b["weights"] for b in batches])
+    assert sorted(idx[w > 0].tolist()) == list(range(10))
+    assert (batches[-1]["labels"][2:] == -100).all()  # filler rows carry no loss
+
+
+def test_buckets(encoder):
+    pairs = [("model", "t")] * 4 + [(" ".join(["model"] * 12), "t")] * 4
+    loader = PairLoader(pairs, encoder, 4, shuffle=False, buckets=(4, 8, 16))
+    assert next(loader)["input_ids"].shape == (4, 4)
+    assert next(loader)["input_ids"].shape == (4, 16)
+
+
+def test_readers(tmp_path):
+    (tmp_path / "a.tsv").write_text("src\ttgt\nhello there\thi\n")
+    (tmp_path / "a.csv").write_text('src,tgt\n"hello, there",hi\n')
+    (tmp_path / "a.jsonl").write_text(json.dumps({"x": {"s": ["one", "two"]}, "t": "hi"}) + "\n")
+    assert read_pairs(DataConfig("tsv", str(tmp_path / "a.tsv"), None, "src", "tgt"), "train") == [("hello there", "hi")]
+    assert read_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "src", "tgt"), "train") == [("hello, there", "hi")]
+    assert read_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.s", "t"), "train") == [("one two", "hi")]
+    with pytest.raises(DataError, match="a.jsonl:1: no field 'x.q'"):
+        read_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.q", "t"), "train")
+    with pytest.raises(DataError, match="no column"):
+        read_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "source", "tgt"), "train")
+    with pytest.raises(DataError, match="does not exist"):
+        DataConfig("jsonl", str(tmp_path / "missing.jsonl"), None, "a", "b").check(need_eval=False)
+
+
+def test_aclsum_package():
+    if importlib.util.find_spec("aclsum") is None:  # its __init__ needs sienna, so find it, don't import it
+        pytest.skip("pip install --no-deps aclsum")
+    config = DataConfig(format="aclsum", target_field="summary.challenge")
+    pairs = read_pairs(config, "train")
+    assert len(pairs) == 100 and len(read_pairs(config, "eval")) == 50
+    assert all(src and tgt for src, tgt in pairs)
+    assert os.path.isfile(os.path.join(aclsum_dir(), "test.jsonl"))
+    title = read_pairs(DataConfig(format="aclsum"), "train")[0]
+    assert title[1] == "Exploring Correlation of Dependency Relation Paths for Answer Extraction"

@@ -1,0 +1,126 @@
+"""The loop end to end on a tiny model (in this process, one device): eval with beam search and ROUGE,
+metrics files, exports; NaN stops the run with the last good checkpoint intact; bad configs fail before
+any compile."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.train import testing
+from jaxencdec.train.config import RunConfig, RunConfigError
+from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    pytest.importorskip("rouge_score")
+    folder = tmp_path_factory.mktemp("e2e")
+    config = RunConfig.from_dict(testing.tiny_run_config(
+        str(folder), train={"num_steps": 4, "tensorboard": True, "plot": True},
+        eval={"every": 2, "batch_size": 4, "generate": True, "num_beams": 2, "max_new_tokens": 4,
+              "best_metric": "eval_loss", "best_mode": "min"},
+        checkpoint={"every": 2, "keep": 1}))
+    lines = []
+    trainer = Trainer(config, log=lines.append)
+    result = trainer.run()
+    return trainer, result, lines
+
+
+def test_run_writes_metrics_plots_and_models(finished):
+    trainer, result, lines = finished
+    out = trainer.out_dir
+    assert result["step"] == 4 and result["resumed_from"] is None
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(r["train/tokens_per_s"] > 0 and r["train/step_time"] > 0 for r in train_rows)
+    assert [r["step"] for r in eval_rows] == [2, 4]
+    assert all({"rouge1", "rouge2", "rougeL"} <= set(r) for r in eval_rows)
+    assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000
+    assert any(n.startswith("events") for n in os.listdir(os.path.join(out, "tensorboard")))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]  # keep=1
+    assert result["best"]["step"] in (2, 4)
+    assert any("eval_loss" in l for l in lines)
+
+
+def test_exported_model_loads_and_matches(finished):
+    trainer, result, _ = finished
+    model = EncoderDecoderModel.from_pretrained(result["final_model"])
+    live = traverse_util.flatten_dict(jax.tree.map(np.asarray, trainer.state.params), sep="/")
+    loaded = traverse_util.flatten_dict(jax.tree.map(np.asarray, model.params), sep="/")
+    assert all(np.array_equal(live[k], loaded[k]) for k in live)
+    assert model.generation_config.num_beams == 2
+    assert os.path.isfile(os.path.join(result["final_model"], "vocab.txt"))
+    assert os.path.isfile(os.path.join(trainer.out_dir, "best_model", "flax_model.msgpack"))
+
+
+def test_nan_stops_with_last_good_checkpoint(tmp_path):
+    config = RunConfig.from_dict(testing.tiny_run_config(
+        str(tmp_path), train={"num_steps": 6}, checkpoint={"every": 2, "keep": 3, "export_final": True}))
+    trainer = Trainer(config, log=lambda s: None)
+    real_step = trainer.train_step
+    calls = []
+
+    def poisoned(state, batch):  # step 5 starts from NaN params, so its loss really is NaN
+        calls.append(1)
+        if len(calls) == 5:
+            state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+        return real_step(state, batch)
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan .* at step 5.*last good checkpoint is step 4"):
+        trainer.run()
+    trainer.manager.close()
+    ckpt = os.path.join(trainer.out_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["2", "4"]
+    assert not os.path.exists(os.path.join(trainer.out_dir, "final_model"))
+    again = Trainer(config, log=lambda s: None)
+    assert again.resumed_from == 4
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(again.state.params))
+    again.manager.close()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": {"bogus": 1}}, "unknown config key.*train.bogus"),
+    ({"mesh": {"data": 3}}, "mesh.*needs 3 devices, but there are 1"),
+    ({"mesh": {"data": -1, "model": -1}}, "at most one mesh axis may be -1"),
+    ({"train": {"batch_size": 8, "micro_batches": 3}}, "not divisible by train.micro_batches"),
+    ({"data": {"train_file": "/nonexistent/train.jsonl"}}, "data.train_file /nonexistent/train.jsonl does not exist"),
+    ({"optim": {"learning_rate": "fast"}}, "optim.learning_rate must be a number"),
+    ({"data": {"format": "parquet"}}, "data.format must be one of"),
+])
+def test_bad_config_fails_before_any_compile(tmp_path, monkeypatch, change, message):
+    raw = testing.tiny_run_config(str(tmp_path), **change)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the config was checked")
+
+    monkeypatch.setattr(jax, "jit", no_compile)
+    with pytest.raises(RunConfigError, match=message):
+        Trainer(RunConfig.from_dict(raw))
+
+
+def test_batch_must_split_over_data_shards(tmp_path):
+    raw = testing.tiny_run_config(str(tmp_path), mesh={"data": 4, "fsdp": 2}, train={"batch_size": 12})
+    with pytest.raises(RunConfigError, match=r"batch_size 12 is not divisible .* = 8"):
+        validate(RunConfig.from_dict(raw), num_devices=8, num_processes=1)
+    raw = testing.tiny_run_config(str(tmp_path), mesh={"data": 2, "fsdp": 2, "model": 2}, train={"batch_size": 8})
+    assert validate(RunConfig.from_dict(raw), num_devices=8, num_processes=2) == (2, 2, 2)
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(testing.tiny_run_config(str(tmp_path))))
+    config = RunConfig.from_json_file(path, ["optim.learning_rate=3e-4", "train.dropout=false",
+                                             "data.source_buckets=[8,16]", "output_dir=elsewhere"])
+    assert config.optim.learning_rate == 3e-4 and config.train.dropout is False
+    assert config.data.source_buckets == (8, 16) and config.output_dir == "elsewhere"
+    with pytest.raises(RunConfigError, match="key=value"):
+        RunConfig.from_json_file(path, ["optim.learning_rate"])

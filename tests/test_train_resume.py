@@ -1,0 +1,127 @@
+"""Kill -9 at random moments (one of them in the middle of an orbax save), rerun the same command: the run
+resumes from the last complete checkpoint and ends with exactly the params of an uninterrupted run."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from flax import traverse_util
+
+from jaxencdec.checkpoint import io
+from jaxencdec.train import testing
+
+STEPS = 10
+
+
+def _command(config_path):
+    return [sys.executable, "-m", "jaxencdec.cli", "train", str(config_path)]
+
+
+def _write_config(folder, name):
+    config = testing.tiny_run_config(str(folder / "shared"), train={"num_steps": STEPS, "dropout": True},
+                                     checkpoint={"every": 2, "keep": 2, "async_save": True})
+    config["output_dir"] = str(folder / name)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _final_params(run_dir):
+    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def _run(config_path, env):
+    proc = subprocess.run(_command(config_path), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _kill_when(config_path, env, condition, deadline_s=240):
+    """Starts the command, SIGKILLs it as soon as ``condition()`` holds; returns (killed, stdout)."""
+    proc = subprocess.Popen(_command(config_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    start = time.monotonic()
+    killed = False
+    while proc.poll() is None and time.monotonic() - start < deadline_s:
+        if condition(time.monotonic() - start):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.0005)
+    out, err = proc.communicate(timeout=60)
+    assert killed or proc.returncode == 0, err[-3000:]
+    return killed, out
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"))
+    reference = _write_config(tmp_path, "reference")
+    _run(reference, env)
+    expected = _final_params(str(tmp_path / "reference"))
+
+    victim = _write_config(tmp_path, "victim")
+    ckpt = tmp_path / "victim" / "checkpoints"
+
+    # 1. kill in the middle of a checkpoint save: once a complete checkpoint exists, as soon as orbax's
+    #    temporary folder for the next one shows up
+    def saving(_):
+        names = os.listdir(ckpt) if ckpt.is_dir() else []
+        return any(n.isdigit() for n in names) and any("tmp" in n for n in names)
+
+    killed, _ = _kill_when(victim, env, saving)
+    assert killed, "the run finished before a save was caught in progress"
+    leftovers = sorted(os.listdir(ckpt))
+    half_written = [n for n in leftovers if "tmp" in n]
+    complete = [int(n) for n in leftovers if n.isdigit()]
+    assert half_written and complete, leftovers
+
+    # 2. rerun, and kill it at a random moment of its training: after a random step, plus a random delay
+    seed = random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    after_step, delay = rnd.randint(max(complete) + 1, STEPS - 1), rnd.uniform(0.0, 0.05)
+    metrics = tmp_path / "victim" / "metrics.jsonl"
+    reached = {}
+
+    def past_random_moment(elapsed):
+        if "t" not in reached:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if any(json.loads(l).get("step", 0) >= after_step for l in lines if l.endswith("}")):
+                reached["t"] = elapsed
+            return False
+        return elapsed >= reached["t"] + delay
+
+    killed, out = _kill_when(victim, env, past_random_moment)
+    resumed = re.findall(r"resumed from checkpoint step (\d+)", out)
+    # it restarted from the last complete checkpoint, never from the half-written one
+    assert resumed and int(resumed[0]) == max(complete), (out, leftovers)
+
+    # 3. finish
+    proc = _run(victim, env)
+    assert all("tmp" not in name for name in os.listdir(ckpt))  # leftovers were cleaned up
+    got = _final_params(str(tmp_path / "victim"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), f"{key} differs (random kill seed {seed})"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
+
+
+def test_rerun_after_completion_does_nothing_more(tmp_path):
+    # a finished run restarted resumes at the last step and trains no further
+    env = testing.subprocess_env(None)
+    config = _write_config(tmp_path, "done")
+    cfg = json.loads(config.read_text())
+    cfg["train"]["num_steps"] = 2
+    config.write_text(json.dumps(cfg))
+    _run(config, env)
+    first = _final_params(str(tmp_path / "done"))
+    proc = _run(config, env)
+    assert "resumed from checkpoint step 2" in proc.stdout
+    second = _final_params(str(tmp_path / "done"))
+    assert all(np.array_equal(first[k], second[k]) for k in first)

@@ -1,0 +1,119 @@
+"""The train step on one device: accumulation, loss, optimizer pieces."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from jaxencdec.config import EncoderDecoderConfig, HFConfig
+from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.models.encoder_decoder import cross_entropy_loss
+from jaxencdec.parallel import shard
+from jaxencdec.parallel.mesh import MeshConfig, make_mesh
+from jaxencdec.train import step as st
+from jaxencdec.train import testing
+from jaxencdec.train.config import OptimConfig
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(
+        HFConfig.from_dict(testing.tiny_bert(VOCAB, hidden=16, layers=1, heads=2)),
+        HFConfig.from_dict(testing.tiny_bert(VOCAB, hidden=16, layers=1, heads=2)),
+        decoder_start_token_id=2, pad_token_id=0)
+    model = EncoderDecoderModel(config, seed=0)
+    mesh = make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(5, VOCAB, (8, 10)), "attention_mask": np.ones((8, 10)),
+             "decoder_input_ids": rng.integers(5, VOCAB, (8, 5)), "decoder_attention_mask": np.ones((8, 5)),
+             "labels": rng.integers(5, VOCAB, (8, 5))}
+    batch = {k: v.astype(np.int32) for k, v in batch.items()}
+    batch["attention_mask"][:, 7:] = 0
+    # uneven target lengths: micro-batches hold different token counts, so a mean of means would be wrong
+    batch["labels"][0, 1:] = -100
+    batch["labels"][5, 3:] = -100
+    return model, mesh, batch
+
+
+def _run_step(model, mesh, batch, micro_batches, optim=OptimConfig(learning_rate=1e-3, warmup_steps=0)):
+    params = jax.tree.map(jnp.asarray, model.params)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    specs = shard.param_specs(model.logical_axes(), shapes, mesh)
+    tx = st.make_optimizer(optim, 10, params)
+    sspecs = st.state_specs(specs, st.state_shapes(params, tx))
+    state = st.init_state(shard.put_sharded(model.params, mesh, specs), tx, 0, mesh, sspecs)
+    fn = st.jit_train_step(st.make_train_step(model.module, tx, st.learning_rate_schedule(optim, 10),
+                                              micro_batches=micro_batches, dropout=False, mesh=mesh), mesh, sspecs)
+    state, metrics = fn(state, shard.global_batch(batch, mesh))
+    return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
+
+
+def test_accumulating_4x2_equals_one_batch_of_8(setup):
+    model, mesh, batch = setup
+    p1, m1 = _run_step(model, mesh, batch, 1)
+    p4, m4 = _run_step(model, mesh, batch, 4)
+    assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-5
+    assert float(m1["tokens"]) == float(m4["tokens"]) == float((batch["labels"] != -100).sum())
+    assert abs(float(m1["grad_norm"]) - float(m4["grad_norm"])) <= 1e-5
+    flat1, flat4 = traverse_util.flatten_dict(p1), traverse_util.flatten_dict(p4)
+    assert max(float(np.max(np.abs(flat1[k] - flat4[k]))) for k in flat1) <= 1e-5
+    # and the step is the model's own loss: mean token cross-entropy of the teacher-forced forward
+    out = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                batch["decoder_attention_mask"])
+    assert abs(float(cross_entropy_loss(out.logits, batch["labels"])) - float(m1["loss"])) <= 1e-5
+
+
+def test_label_smoothing_matches_optax():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 11)), jnp.float32)
+    labels = jnp.asarray([[1, 4, -100], [0, 10, 3]])
+    total, count = st.token_loss_sum(logits, labels, 0.1)
+    assert float(count) == 5
+    assert abs(float(total / count) - float(cross_entropy_loss(logits, labels, 0.1))) <= 1e-5
+    plain, _ = st.token_loss_sum(logits, labels, 0.0)
+    assert abs(float(plain / count) - float(cross_entropy_loss(logits, labels))) <= 1e-6
+
+
+def test_no_weight_decay_on_biases_and_norms(setup):
+    model, _, _ = setup
+    mask = traverse_util.flatten_dict(st.weight_decay_mask(model.params), sep="/")
+    assert mask["encoder/layers_0/mlp/wi/kernel"] and mask["decoder/embeddings/word/embedding"]
+    assert not mask["encoder/layers_0/mlp/wi/bias"]
+    assert not mask["encoder/layers_0/mlp_norm/scale"] and not mask["decoder/embeddings/norm/bias"]
+    assert not mask["decoder/lm_head/bias"]
+    no_emb = traverse_util.flatten_dict(st.weight_decay_mask(model.params, decay_embeddings=False), sep="/")
+    assert not no_emb["decoder/embeddings/word/embedding"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_warms_up_then_decays(kind):
+    sched = st.learning_rate_schedule(OptimConfig(learning_rate=1.0, warmup_steps=4, schedule=kind,
+                                                  end_lr_ratio=0.1), 14)
+    values = [float(sched(i)) for i in range(15)]
+    assert values[0] == 0 and abs(values[2] - 0.5) < 1e-6 and abs(values[4] - 1.0) < 1e-6
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert abs(values[14] - 0.1) < 1e-6
+
+
+def test_gradients_are_clipped_by_global_norm():
+    tx = st.make_optimizer(OptimConfig(learning_rate=1.0, max_grad_norm=1.0, weight_decay=0.0, b1=0.0, b2=0.0,
+                                       eps=0.0), 10, {"w": {"kernel": jnp.zeros(2)}})
+    # with b1 = b2 = 0 Adam's step is g / |g|, so look at the clipped gradient through the chain's first part
+    clip = optax.clip_by_global_norm(1.0)
+    g = {"w": {"kernel": jnp.asarray([30.0, 40.0])}}
+    clipped, _ = clip.update(g, clip.init(g))
+    assert np.allclose(np.asarray(clipped["w"]["kernel"]), [0.6, 0.8])
+    assert len(tx.init({"w": {"kernel": jnp.zeros(2)}})) == 2  # clip + adamw
+
+
+def test_nonfinite_loss_is_flagged(setup):
+    model, mesh, batch = setup
+    broken = jax.tree.map(lambda x: x, model.params)
+    broken["decoder"]["lm_head"]["bias"] = jnp.full_like(broken["decoder"]["lm_head"]["bias"], jnp.nan)
+    nan_model = EncoderDecoderModel(model.config, params=broken)
+    _, metrics = _run_step(nan_model, mesh, batch, 1)
+    assert float(metrics["finite"]) == 0.0
