@@ -17,6 +17,13 @@ from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    with pytest.MonkeyPatch.context() as mp:
+        testing.fast_jit(mp)
+        yield
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     pytest.importorskip("rouge_score")

@@ -19,6 +19,13 @@ from jaxencdec.train.config import OptimConfig
 VOCAB = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    with pytest.MonkeyPatch.context() as mp:
+        testing.fast_jit(mp)
+        yield
+
+
 @pytest.fixture(scope="module")
 def setup():
     config = EncoderDecoderConfig.from_encoder_decoder_configs(

@@ -71,7 +71,8 @@ def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
     vocab = vocab_size(tok)
     config = {
         "output_dir": os.path.join(folder, "run"),
-        "model": {"encoder_config": tiny_bert(vocab), "decoder_config": tiny_bert(vocab), "tokenizer": tok,
+        "model": {"encoder_config": tiny_bert(vocab, layers=1), "decoder_config": tiny_bert(vocab, layers=1),
+                  "tokenizer": tok,
                   "decoder_start_token_id": 2, "pad_token_id": 0, "eos_token_id": 3},
         "data": {"format": "jsonl", "train_file": train, "eval_file": val, "source_field": "src",
                  "target_field": "tgt", "max_source_length": 24, "max_target_length": 8},
@@ -122,3 +123,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def fast_jit(monkeypatch) -> None:
+    """Makes ``jax.jit`` (looked up at call time) compile with ``FAST_COMPILE_OPTIONS``: in-process tests of
+    tiny models spend most of their time in XLA:CPU's optimizer otherwise. Results stay float32-exact enough
+    for the tests; do not use for benchmarks."""
+    import functools
+
+    import jax
+
+    real = jax.jit
+
+    def jit(fun=None, **kwargs):
+        kwargs.setdefault("compiler_options", FAST_COMPILE_OPTIONS)
+        if fun is None:
+            return functools.partial(real, **kwargs)
+        return real(fun, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", jit)

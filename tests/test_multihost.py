@@ -1,0 +1,64 @@
+"""Two processes on 127.0.0.1 (jax.distributed, CPU collectives, 4 devices each) train 5 steps on a
+data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8 devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from flax import traverse_util
+
+from jaxencdec.checkpoint import io
+from jaxencdec.train import testing
+
+
+def _config(tmp_path, name):
+    config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": 5, "dropout": True},
+                                     mesh={"data": 2, "fsdp": 2, "model": 2},
+                                     checkpoint={"every": 0, "keep": 1})
+    config["output_dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _params(run_dir):
+    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_two_processes_equal_one_process_with_8_devices(tmp_path):
+    single = _config(tmp_path, "single")
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(single)],
+                          env=testing.subprocess_env(8), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = _config(tmp_path, "multi")
+    port = testing.free_port()
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(multi),
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                         env=testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outputs = []
+    try:
+        for w in workers:
+            outputs.append(w.communicate(timeout=400))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    # process 0 alone prints the result line; both took part in training and in the checkpoint save
+    results = [[l for l in out.splitlines() if l.startswith("{")] for out, _ in outputs]
+    assert json.loads(results[0][-1])["step"] == 5
+    assert not results[1]  # (gloo's own connection lines aside)
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["5"]
+
+    want, got = _params(str(tmp_path / "single")), _params(str(tmp_path / "multi"))
+    assert want.keys() == got.keys()
+    diff = max(float(np.max(np.abs(want[k] - got[k]))) for k in want)
+    assert diff <= 1e-5, diff
