@@ -124,3 +124,13 @@ def test_nonfinite_loss_is_flagged(setup):
     nan_model = EncoderDecoderModel(model.config, params=broken)
     _, metrics = _run_step(nan_model, mesh, batch, 1)
     assert float(metrics["finite"]) == 0.0
+
+
+def test_bfloat16_compute_keeps_float32_params(setup):
+    model, mesh, batch = setup
+    bf16 = EncoderDecoderModel(model.config, params=model.params, dtype=jnp.bfloat16)
+    p32, m32 = _run_step(model, mesh, batch, 1)
+    p16, m16 = _run_step(bf16, mesh, batch, 2)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(p16))
+    assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05  # bf16 activations, same model
+    assert float(m16["finite"]) == 1.0
