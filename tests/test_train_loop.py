@@ -55,6 +55,8 @@ def test_run_writes_metrics_plots_and_models(finished):
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]  # keep=1
     assert result["best"]["step"] in (2, 4)
     assert any("eval_loss" in l for l in lines)
+    # one shape bucket: four train steps and two evals each compiled exactly once
+    assert trainer.train_step._cache_size() == 1 and trainer.eval_step._cache_size() == 1
 
 
 def test_exported_model_loads_and_matches(finished):

@@ -19,7 +19,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError

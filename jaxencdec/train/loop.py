@@ -11,9 +11,7 @@ it when done, so a save cut short is never picked) and continues bit-for-bit as 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -31,7 +29,7 @@ from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.models.encoder_decoder import EncoderDecoderModule
 from jaxencdec.parallel.mesh import MeshError, initialize_distributed, make_mesh
-from jaxencdec.parallel.shard import (check_sharding, data_shards, global_batch, init_sharded, named, put_sharded,
+from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
 from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import step as steps
@@ -182,7 +180,6 @@ class Trainer:
         self.logical = logical
         if self.model.params:
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), self.model.params)
-            from jaxencdec.parallel.shard import param_specs
             pspecs = param_specs(logical, shapes, self.mesh, self.rules)
             params = put_sharded(jax.tree.map(lambda x: np.asarray(x, np.float32), self.model.params), self.mesh,
                                  pspecs)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxencdec.parallel.mesh import BATCH_AXES
 from jaxencdec.parallel.shard import activation_sharding, batch_sharding, constrain, named, replicated
