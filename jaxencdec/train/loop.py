@@ -191,7 +191,8 @@ class Trainer:
         self.sharding_report = check_sharding(params, pspecs, self.mesh, logical, self.rules)
         if not self.sharding_report.ok:
             raise RuntimeError(self.sharding_report.summary())
-        if self.sharding_report.replicated or self.sharding_report.unfitted:
+        param_split = self.mesh.shape["fsdp"] * self.mesh.shape["model"] > 1  # else replicas are the plan
+        if self.sharding_report.unfitted or (param_split and self.sharding_report.replicated):
             self.info(self.sharding_report.summary())
 
         self.schedule = steps.learning_rate_schedule(config.optim, config.train.num_steps)
