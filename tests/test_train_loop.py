@@ -2,6 +2,7 @@
 metrics files, exports; NaN stops the run with the last good checkpoint intact; bad configs fail before
 any compile."""
 
+import importlib.util
 import json
 import os
 
@@ -50,8 +51,10 @@ def test_run_writes_metrics_plots_and_models(finished):
     assert all(r["train/tokens_per_s"] > 0 and r["train/step_time"] > 0 for r in train_rows)
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert all({"rouge1", "rouge2", "rougeL"} <= set(r) for r in eval_rows)
-    assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000
-    assert any(n.startswith("events") for n in os.listdir(os.path.join(out, "tensorboard")))
+    if importlib.util.find_spec("matplotlib"):  # optional extras: the JSONL always holds the numbers
+        assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000
+    if importlib.util.find_spec("tensorboardX"):
+        assert any(n.startswith("events") for n in os.listdir(os.path.join(out, "tensorboard")))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]  # keep=1
     assert result["best"]["step"] in (2, 4)
     assert any("eval_loss" in l for l in lines)
