@@ -18,6 +18,9 @@ from jaxencdec.generation.processors import build_logits_processor, processor_na
 from jaxencdec.generation.search import sample_search
 
 VOCAB, START, PAD, EOS = 120, 3, 0, 2
+# Tests share these settings (and a batch of 3 sources) so that they share compilations.
+GREEDY = dict(max_new_tokens=8)
+BEAMS = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +146,8 @@ def test_sampling_frequencies_match_the_exact_distribution(options):
 
 def test_top_k_1_sampling_is_greedy(model):
     ids, mask = source()
-    greedy = np.asarray(model.generate(ids, mask, max_new_tokens=10))
-    sampled = model.generate(ids, mask, max_new_tokens=10, do_sample=True, top_k=1, num_return_sequences=2,
+    greedy = np.asarray(model.generate(ids, mask, **GREEDY))
+    sampled = model.generate(ids, mask, **GREEDY, do_sample=True, top_k=1, num_return_sequences=2,
                              prng_key=jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(sampled), np.repeat(greedy, 2, axis=0))
 
@@ -165,22 +168,23 @@ def test_sampling_is_reproducible_with_a_fixed_key(model, num_beams):
 
 def test_second_call_in_the_same_bucket_does_not_retrace(model):
     ids, mask = source(length=11, seed=1)
-    model.generate(ids, mask, max_new_tokens=6, num_beams=2)
+    model.generate(ids, mask, **BEAMS)
     traces = api.trace_count()
     other_ids, other_mask = source(length=25, seed=2)  # other text, other length, same 32-token bucket
-    model.generate(other_ids, other_mask, max_new_tokens=6, num_beams=2)
-    model.generate(jnp.asarray(ids), mask.tolist(), max_new_tokens=6, num_beams=2)  # jax / list inputs
+    model.generate(other_ids, other_mask, **BEAMS)
+    model.generate(jnp.asarray(ids), mask.tolist(), **BEAMS)  # jax / list inputs
+    model.generate(ids, mask, **BEAMS, return_dict_in_generate=True, output_scores=True)  # output options
     assert api.trace_count() == traces
-    model.generate(*source(length=40, seed=3), max_new_tokens=6, num_beams=2)  # next bucket: one compilation
+    model.generate(*source(length=40, seed=3), **BEAMS)  # the next bucket: one compilation more
     assert api.trace_count() == traces + 1
 
 
 def test_make_generate_fn_is_pure_fixed_length_and_does_not_retrace(model):
-    config = model.generation_config.replace(max_new_tokens=9, num_beams=3, num_return_sequences=2)
+    config = model.generation_config.replace(**BEAMS)
     fn = api.make_generate_fn(model.config, config)
     ids, mask = source(length=16, seed=4)
     out = fn(model.params, ids, mask, None)
-    assert out.shape == (ids.shape[0] * 2, 10) and out.dtype == jnp.int32
+    assert out.shape == (ids.shape[0] * 3, 7) and out.dtype == jnp.int32
     traces = api.trace_count()
     fn(model.params, source(length=16, seed=5)[0], mask, None)
     assert api.trace_count() == traces
@@ -214,22 +218,21 @@ def test_source_bucket_padding_does_not_change_results(model):
     ids, mask = source(length=11, seed=7)
     padded_ids = np.pad(ids, ((0, 0), (0, 30)), constant_values=PAD)
     padded_mask = np.pad(mask, ((0, 0), (0, 30)))  # 41 tokens: the 64 bucket instead of 32
-    for options in (dict(), dict(num_beams=3)):
-        np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=8, **options)),
-                                      np.asarray(model.generate(padded_ids, padded_mask, max_new_tokens=8, **options)))
+    for options in (GREEDY, BEAMS):
+        np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, **options)),
+                                      np.asarray(model.generate(padded_ids, padded_mask, **options)))
 
 
 def test_return_dict_gives_beam_scores_only_for_beams(model):
     ids, mask = source()
-    out = model.generate(ids, mask, max_new_tokens=5, num_beams=3, num_return_sequences=3,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(ids, mask, **BEAMS, return_dict_in_generate=True, output_scores=True)
     assert out.sequences.shape[0] == 9 and out.sequences_scores.shape == (9,)
     scores = np.asarray(out.sequences_scores).reshape(3, 3)
     assert (np.diff(scores, axis=1) <= 0).all(), "hypotheses are returned best first"
-    assert model.generate(ids, mask, max_new_tokens=5, return_dict_in_generate=True,
+    np.testing.assert_array_equal(np.asarray(out.sequences), np.asarray(model.generate(ids, mask, **BEAMS)))
+    assert model.generate(ids, mask, **GREEDY, return_dict_in_generate=True,
                           output_scores=True).sequences_scores is None
-    assert model.generate(ids, mask, max_new_tokens=5, num_beams=3, return_dict_in_generate=True
-                          ).sequences_scores is None
+    assert model.generate(ids, mask, **BEAMS, return_dict_in_generate=True).sequences_scores is None
 
 
 # ------------------------------------------------------------------------------------------------ the config
@@ -308,3 +311,41 @@ def test_missing_decoder_start_token_is_a_clear_error(model):
 def test_bad_input_ids_raise_clear_errors(model, ids, mask, message):
     with pytest.raises(ValueError, match=message):
         model.generate(ids, mask, max_new_tokens=3)
+
+
+SHARDED_SCRIPT = r"""
+import numpy as np, jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxencdec import BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GPT2Config
+from jaxencdec.generation.api import make_generate_fn
+assert len(jax.devices()) == 4
+encoder = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, initializer_range=0.4)
+decoder = GPT2Config(vocab_size=120, n_embd=32, n_layer=1, n_head=4, n_positions=64, initializer_range=0.4)
+config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder, decoder_start_token_id=3,
+                                                           pad_token_id=0, eos_token_id=2)
+model = EncoderDecoderModel(config, seed=1)
+ids = np.random.default_rng(0).integers(4, 120, (8, 16)).astype(np.int32)
+mask = np.ones_like(ids)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+for options in (dict(num_beams=3, num_return_sequences=2),):  # beams: the cache gather crosses shards
+    fn = make_generate_fn(config, model.generation_config.replace(max_new_tokens=6, **options))
+    expected = np.asarray(fn(model.params, ids, mask, None))
+    with mesh:
+        params = jax.device_put(model.params, NamedSharding(mesh, P()))
+        batch = jax.device_put((ids, mask), NamedSharding(mesh, P("data")))
+        got = fn(params, *batch, None)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+print("ok")
+"""
+
+
+def test_make_generate_fn_runs_on_sharded_params_and_inputs_under_a_mesh():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
