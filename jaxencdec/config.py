@@ -9,7 +9,6 @@ built from. Architectures differ only in the spec they produce, never in module 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping

@@ -18,7 +18,6 @@ from flax import traverse_util
 
 from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
-from jaxencdec.checkpoint.errors import CheckpointError
 from jaxencdec.config import ConfigError, EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.models.encoder_decoder import (EncoderDecoderModule, Seq2SeqOutput, cross_entropy_loss,

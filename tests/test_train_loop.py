@@ -2,7 +2,6 @@
 metrics files, exports; NaN stops the run with the last good checkpoint intact; bad configs fail before
 any compile."""
 
-import importlib.util
 import json
 import os
 

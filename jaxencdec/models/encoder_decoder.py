@@ -6,7 +6,6 @@ Parameter tree: ``encoder/...`` and ``decoder/...`` (see ``models.transformer``)
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import chex
 import jax
