@@ -134,3 +134,30 @@ def test_bfloat16_compute_keeps_float32_params(setup):
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(p16))
     assert abs(float(m16["loss"]) - float(m32["loss"])) < 0.05  # bf16 activations, same model
     assert float(m16["finite"]) == 1.0
+
+
+def test_lr_multipliers_scale_each_group_step():
+    params = {"encoder": {"kernel": jnp.ones(2)}, "decoder": {"cross_attention": {"kernel": jnp.ones(2)},
+                                                              "frozen": {"kernel": jnp.ones(2)}}}
+    grads = jax.tree.map(lambda p: jnp.asarray([0.5, -2.0]), params)
+
+    def first_step(multipliers):
+        tx = st.make_optimizer(OptimConfig(learning_rate=0.1, weight_decay=0.0, max_grad_norm=0.0,
+                                           lr_multipliers=multipliers), 10, params)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return traverse_util.flatten_dict(updates, sep="/")
+
+    plain = first_step({})
+    scaled = first_step({"cross_attention": 10.0, "frozen$|frozen/": 0.0})
+    np.testing.assert_allclose(scaled["decoder/cross_attention/kernel"], 10 * plain["decoder/cross_attention/kernel"])
+    np.testing.assert_allclose(scaled["encoder/kernel"], plain["encoder/kernel"])
+    assert not np.any(scaled["decoder/frozen/kernel"]) and np.all(plain["decoder/frozen/kernel"])
+
+
+def test_lr_multiplier_config_is_validated():
+    from jaxencdec.train.config import RunConfigError
+
+    with pytest.raises(RunConfigError, match="not a valid regex"):
+        OptimConfig(lr_multipliers={"(": 2.0})
+    with pytest.raises(RunConfigError, match="must be >= 0"):
+        OptimConfig(lr_multipliers={"x": -1.0})

@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
@@ -90,8 +91,18 @@ class OptimConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
+    # Per parameter group learning rates: {regex on the "/"-joined param path: multiplier}; first match wins.
+    # E.g. {"cross_attention|lm_head": 10.0} trains the newly initialized parts of a warm start faster.
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        for pattern, factor in self.lr_multipliers.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise RunConfigError(f"optim.lr_multipliers: {pattern!r} is not a valid regex ({e})") from None
+            if not factor >= 0:
+                raise RunConfigError(f"optim.lr_multipliers[{pattern!r}] must be >= 0, got {factor}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise RunConfigError(f"optim.schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.learning_rate <= 0 or self.warmup_steps < 0 or not 0 <= self.label_smoothing < 1:

@@ -7,7 +7,9 @@ Shapes are static per bucket: a new source length compiles once, the same length
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -58,14 +60,29 @@ def weight_decay_mask(params: PyTree, decay_embeddings: bool = True) -> PyTree:
     return traverse_util.unflatten_dict(mask)
 
 
+def lr_multipliers(params: PyTree, patterns: Mapping[str, float]) -> PyTree:
+    """Per-parameter learning-rate factors: the first regex of ``patterns`` that matches the ``/``-joined path
+    (``re.search``) gives the factor, 1.0 otherwise."""
+    def factor(path):
+        name = "/".join(path)
+        return next((f for p, f in patterns.items() if re.search(p, name)), 1.0)
+
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: factor(path) for path in flat})
+
+
 def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with ``learning_rate_schedule`` and masked weight decay."""
+    """Global-norm clipping, then AdamW with ``learning_rate_schedule`` and masked weight decay, its step scaled
+    per parameter group by ``config.lr_multipliers``."""
     parts = []
     if config.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config, num_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay,
                              mask=weight_decay_mask(params, config.decay_embeddings)))
+    if config.lr_multipliers:
+        factors = lr_multipliers(params, config.lr_multipliers)
+        parts.append(optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))
     return optax.chain(*parts)
 
 
