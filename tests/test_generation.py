@@ -291,6 +291,14 @@ def test_bad_generation_options_raise_clear_errors(model, options, message):
         model.generate(ids, mask, **options)
 
 
+def test_make_generate_fn_checks_its_config_and_key(model):
+    with pytest.raises(GenerationConfigError, match="positions"):
+        api.make_generate_fn(model.config, model.generation_config.replace(max_new_tokens=500))
+    fn = api.make_generate_fn(model.config, model.generation_config.replace(max_new_tokens=2, do_sample=True))
+    with pytest.raises(ValueError, match="prng_key"):
+        fn(model.params, *source(), None)
+
+
 def test_missing_decoder_start_token_is_a_clear_error(model):
     bare = EncoderDecoderModel(model.config.replace(decoder_start_token_id=None), params=model.params,
                                generation_config=GenerationConfig(eos_token_id=EOS, pad_token_id=PAD))

@@ -114,10 +114,13 @@ def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: Gene
     Called on sharded params and inputs under a ``Mesh``, ``jit`` propagates their shardings.
     """
     config = generation_config.resolve()
+    check_against_model(config, model_config)
     search = _search_fn(model_config, _search_key(config), dtype, param_dtype)
     beams = config.num_beams > 1
 
     def generate_fn(params, input_ids, attention_mask, prng_key=None):
+        if config.do_sample and prng_key is None:
+            raise ValueError("sampling (do_sample=True) needs a prng_key, e.g. jax.random.key(0)")
         out = search(params, input_ids, attention_mask, prng_key if config.do_sample else None)
         if not config.return_dict_in_generate:
             return out.sequences
