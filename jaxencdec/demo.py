@@ -1,16 +1,16 @@
 """The main job on an embedded default: warm-start bert2bert from a real pretrained BERT, fine-tune it on ACLSum
 (abstract -> title) with the training stack, save, reload, and generate titles for held-out abstracts.
 
-Data, all from the ``aclsum`` package: the 150 train+val papers' abstract -> title pairs (repeated, they are the
-task), plus section text -> section heading pairs from the same papers' full-text parses (headings used by more
-than two papers, like "Introduction", are dropped): a few thousand short, specific, title-like targets that
-teach the fresh cross-attention to pick words from the source. The 100 test papers are never trained on.
+Two runs of the training stack, all data from the ``aclsum`` package's 150 train+val papers (the 100 test
+papers are never trained on):
+
+1. a copy warm-up on the papers' own text: a window of four sentences (abstract, introduction, conclusion)
+   -> its first sentence. It teaches the fresh cross-attention to read the source before it has to summarize;
+2. abstract -> title on the same papers, starting from the warm-up's export.
 """
 
 from __future__ import annotations
 
-import collections
-import glob
 import json
 import os
 import time
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxencdec import assets
 
-TITLE_REPEATS = 5
+WARMUP_SHARE = 0.4  # of the steps
 MAX_SOURCE_LENGTH = 64
 MAX_TARGET_LENGTH = 24
 
@@ -33,55 +33,59 @@ class Paper:
     title: str
 
 
-def read_papers(split: str) -> list[Paper]:
-    """ACLSum's ``train`` (100), ``val`` (50) or ``test`` (100) papers."""
+def read_rows(split: str) -> list[dict]:
+    """ACLSum's ``train`` (100), ``val`` (50) or ``test`` (100) records."""
     with open(os.path.join(assets.aclsum_path(), f"{split}.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [Paper(r["id"], " ".join(r["sentences"]["abstract"]), r["title"]) for r in rows]
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def heading_pairs(paper_ids: set[str]) -> list[tuple[str, str]]:
-    """(section text, heading) pairs from the full-text parses of ``paper_ids``, generic headings dropped."""
-    sections = []
-    uses = collections.Counter()
-    for path in sorted(glob.glob(os.path.join(assets.aclsum_path(), "paper_jsons", "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        if doc["paper_id"] not in paper_ids:
-            continue
-        texts: dict[str, list[str]] = {}
-        for paragraph in doc["pdf_parse"]["body_text"]:
-            texts.setdefault(paragraph["section"], []).append(paragraph["text"])
-        for heading, paragraphs in texts.items():
-            uses[heading.lower()] += 1
-            sections.append((" ".join(paragraphs), heading))
-    return [(text, heading) for text, heading in sections
-            if heading and uses[heading.lower()] <= 2 and 2 <= len(heading.split()) <= 14]
+def paper_of(row: dict) -> Paper:
+    return Paper(row["id"], " ".join(row["sentences"]["abstract"]), row["title"])
 
 
-def write_training_data(folder: str) -> str:
-    """Writes ``train.jsonl`` (``{"source", "target"}`` per line) and returns its path."""
-    papers = read_papers("train") + read_papers("val")
-    pairs = [(p.abstract, p.title) for p in papers] * TITLE_REPEATS
-    pairs += heading_pairs({p.id for p in papers})
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "train.jsonl")
+def read_papers(split: str) -> list[Paper]:
+    return [paper_of(r) for r in read_rows(split)]
+
+
+def copy_pairs(papers: list[Paper], sentences: dict[str, dict[str, list[str]]]) -> list[tuple[str, str]]:
+    """(four consecutive sentences, the first of them) from each paper's abstract, introduction, conclusion."""
+    pairs = []
+    for paper in papers:
+        for section in ("abstract", "introduction", "conclusion"):
+            lines = sentences[paper.id][section]
+            pairs += [(" ".join(lines[k:k + 4]), lines[k]) for k in range(0, max(1, len(lines) - 2), 2)
+                      if len(lines[k].split()) >= 5]
+    return pairs
+
+
+def write_jsonl(path: str, pairs: list[tuple[str, str]]) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for source, target in pairs:
             f.write(json.dumps({"source": source, "target": target}) + "\n")
     return path
 
 
-def run_config(pretrained: str, output_dir: str, train_file: str, steps: int) -> dict:
-    """The run config the demo trains with (the same format as ``configs/*.json``)."""
+def write_training_data(folder: str) -> tuple[str, str]:
+    """Writes ``warmup.jsonl`` and ``titles.jsonl`` (``{"source", "target"}`` per line) and returns their paths."""
+    rows = read_rows("train") + read_rows("val")
+    papers = [paper_of(r) for r in rows]
+    warmup = copy_pairs(papers, {r["id"]: r["sentences"] for r in rows})
+    return (write_jsonl(os.path.join(folder, "warmup.jsonl"), warmup),
+            write_jsonl(os.path.join(folder, "titles.jsonl"), [(p.abstract, p.title) for p in papers]))
+
+
+def run_config(model: dict, output_dir: str, train_file: str, steps: int) -> dict:
+    """A run config of the demo (the same format as ``configs/*.json``)."""
     return {
-        "output_dir": os.path.join(output_dir, "run"),
-        "model": {"encoder": pretrained, "decoder": pretrained},
+        "output_dir": output_dir,
+        "model": model,
         "data": {"format": "jsonl", "train_file": train_file, "source_field": "source", "target_field": "target",
                  "max_source_length": MAX_SOURCE_LENGTH, "max_target_length": MAX_TARGET_LENGTH},
-        # The cross-attention and the LM head start from scratch: they learn 7x faster than the pretrained rest.
-        "optim": {"learning_rate": 3e-4, "warmup_steps": 20, "schedule": "linear", "end_lr_ratio": 0.05,
-                  "weight_decay": 0.01, "label_smoothing": 0.1, "lr_multipliers": {"cross_attention|lm_head": 7.0}},
+        # The cross-attention and the LM head start from scratch: they learn 10x faster than the pretrained rest.
+        "optim": {"learning_rate": 2e-4, "warmup_steps": min(20, steps // 5), "schedule": "linear",
+                  "end_lr_ratio": 0.05, "weight_decay": 0.01, "label_smoothing": 0.1,
+                  "lr_multipliers": {"cross_attention|lm_head": 10.0}},
         "train": {"batch_size": 8, "num_steps": steps, "log_every": 10},
         "mesh": {"data": -1},
         "eval": {"every": -1},
@@ -108,9 +112,16 @@ def run(steps: int = 300, output_dir: str = "runs/demo", pretrained: str | None 
 
     started = time.perf_counter()
     pretrained = pretrained or assets.minilm_path()
-    train_file = write_training_data(os.path.join(output_dir, "data"))
-    log(f"warm-starting bert2bert from {pretrained}; training data: {train_file}")
-    trainer = Trainer(RunConfig.from_dict(run_config(pretrained, output_dir, train_file, steps)), log=log)
+    warmup_file, titles_file = write_training_data(os.path.join(output_dir, "data"))
+    warmup_steps = max(1, round(steps * WARMUP_SHARE))
+    log(f"1/2 copy warm-up ({warmup_steps} steps): bert2bert warm-started from {pretrained}, data {warmup_file}")
+    warmup = Trainer(RunConfig.from_dict(run_config({"encoder": pretrained, "decoder": pretrained},
+                                                    os.path.join(output_dir, "warmup"), warmup_file,
+                                                    warmup_steps)), log=log)
+    warmed = warmup.run()["final_model"] or os.path.join(warmup.out_dir, "final_model")
+    log(f"2/2 abstract -> title ({steps - warmup_steps} steps) from {warmed}, data {titles_file}")
+    trainer = Trainer(RunConfig.from_dict(run_config({"pretrained": warmed}, os.path.join(output_dir, "titles"),
+                                                     titles_file, max(1, steps - warmup_steps))), log=log)
     result = trainer.run()
     final_model = result["final_model"] or os.path.join(trainer.out_dir, "final_model")
 
