@@ -106,6 +106,7 @@ def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **e
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"  # what a child printed reaches us even when it is killed with SIGKILL
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     env.pop("JAX_NUM_PROCESSES", None)
     env.pop("JAX_PROCESS_ID", None)
