@@ -25,3 +25,13 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def aclsum_path() -> str:
     return assets.aclsum_path()
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """XLA:CPU compiles with fewer optimization passes for the tiny in-process training tests."""
+    from jaxencdec.train import testing
+
+    with pytest.MonkeyPatch.context() as mp:
+        testing.fast_jit(mp)
+        yield

@@ -17,11 +17,7 @@ from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with pytest.MonkeyPatch.context() as mp:
-        testing.fast_jit(mp)
-        yield
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

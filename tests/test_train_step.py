@@ -19,11 +19,7 @@ from jaxencdec.train.config import OptimConfig
 VOCAB = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with pytest.MonkeyPatch.context() as mp:
-        testing.fast_jit(mp)
-        yield
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
