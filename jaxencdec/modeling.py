@@ -19,7 +19,9 @@ from flax import traverse_util
 from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
 from jaxencdec.config import ConfigError, EncoderDecoderConfig, HFConfig
+from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GenerationConfig
+from jaxencdec.inputs import mask_or_ones, validate_token_ids
 from jaxencdec.models.encoder_decoder import (EncoderDecoderModule, Seq2SeqOutput, cross_entropy_loss,
                                               shift_tokens_right)
 
@@ -31,32 +33,6 @@ WEIGHTS_NAME = "flax_model.msgpack"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.bin", "*.txt", "*.model"]
 
 Params = dict[str, Any]
-
-
-def validate_token_ids(ids: Any, vocab_size: int, max_length: int, name: str) -> np.ndarray:
-    """Host-side check of ``ids [batch, length]``: JAX would silently clamp an out-of-range gather."""
-    ids = np.asarray(ids)
-    if ids.ndim != 2:
-        raise ValueError(f"{name} must have shape [batch, length], got {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    bad = ids[(ids < 0) | (ids >= vocab_size)]
-    if bad.size:
-        raise ValueError(f"{name} holds token id {int(bad[0])} outside the vocabulary [0, {vocab_size}) "
-                         f"({bad.size} such id(s))")
-    if ids.shape[1] > max_length:
-        raise ValueError(f"{name} has length {ids.shape[1]}, longer than the {max_length} positions the model can "
-                         "embed; truncate the inputs")
-    return ids.astype(np.int32)
-
-
-def _mask_or_ones(mask: Any, ids: np.ndarray, name: str) -> np.ndarray:
-    if mask is None:
-        return np.ones_like(ids)
-    mask = np.asarray(mask).astype(np.int32)
-    if mask.shape != ids.shape:
-        raise ValueError(f"{name} has shape {mask.shape}, but its ids have shape {ids.shape}")
-    return mask
 
 
 class EncoderDecoderModel:
@@ -222,7 +198,7 @@ class EncoderDecoderModel:
         """
         enc, dec = self.config.encoder_spec, self.config.decoder_spec
         input_ids = validate_token_ids(input_ids, enc.vocab_size, enc.max_length, "input_ids")
-        attention_mask = _mask_or_ones(attention_mask, input_ids, "attention_mask")
+        attention_mask = mask_or_ones(attention_mask, input_ids, "attention_mask")
         if labels is not None:
             labels = np.asarray(labels).astype(np.int32)
             if decoder_input_ids is None:
@@ -238,7 +214,7 @@ class EncoderDecoderModel:
             raise ValueError("pass decoder_input_ids or labels")
         decoder_input_ids = validate_token_ids(decoder_input_ids, dec.vocab_size, dec.max_length, "decoder_input_ids")
         if decoder_attention_mask is not None:
-            decoder_attention_mask = _mask_or_ones(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask")
+            decoder_attention_mask = mask_or_ones(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask")
         if train and dropout_rng is None:
             raise ValueError("train=True needs a dropout_rng")
         return _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
@@ -249,8 +225,6 @@ class EncoderDecoderModel:
     def generate(self, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
                  prng_key: jax.Array | None = None, *, params: Params | None = None, **kwargs):
         """Generates with transformers' ``generate`` semantics; see ``jaxencdec.generation.api.generate``."""
-        from jaxencdec.generation.api import generate
-
         return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
 
 

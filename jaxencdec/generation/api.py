@@ -16,6 +16,7 @@ from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.generation.processors import build_logits_processor
 from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
+from jaxencdec.inputs import mask_or_ones, validate_token_ids
 from jaxencdec.models.encoder_decoder import EncoderDecoderModule
 from jaxencdec.models.transformer import init_cache
 
@@ -183,13 +184,11 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
       transformers' layout (padded after each end, columns past the longest returned sequence dropped). With
       ``return_dict_in_generate``: a ``GenerateOutput`` (``sequences_scores`` for beams with ``output_scores``).
     """
-    from jaxencdec.modeling import _mask_or_ones, validate_token_ids  # modeling imports us lazily too
-
     config = merge_config(model.generation_config, generation_config, kwargs).resolve()
     check_against_model(config, model.config)
     spec = model.config.encoder_spec
     ids = validate_token_ids(input_ids, spec.vocab_size, spec.max_length, "input_ids")
-    mask = _mask_or_ones(attention_mask, ids, "attention_mask")
+    mask = mask_or_ones(attention_mask, ids, "attention_mask")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one token per row, got shape {ids.shape}")
     batch, length = ids.shape
