@@ -46,7 +46,7 @@ class EncoderDecoderModule(nn.Module):
         return self.encoder.encode(input_ids, attention_mask, deterministic)[0]
 
     def cross_kv(self, encoder_hidden: jax.Array) -> tuple[KeyValue, ...]:
-        """Encoder states -> per decoder layer cross-attention keys/values ``[batch, src_len, heads, head_dim]``."""
+        """Encoder states -> per decoder layer cross-attention keys/values ``[batch, heads, src_len, head_dim]``."""
         if self.config.needs_projection:
             encoder_hidden = self.enc_to_dec_proj(encoder_hidden)
         return self.decoder.cross_kv(encoder_hidden)

@@ -47,8 +47,8 @@ def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array
 
 
 def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> tuple[KeyValue, ...]:
-    """An empty self-attention cache: per layer, keys/values ``[batch, max_length, heads, head_dim]``."""
-    shape = (batch, max_length, spec.num_heads, spec.head_dim)
+    """An empty self-attention cache: per layer, keys/values ``[batch, heads, max_length, head_dim]``."""
+    shape = (batch, spec.num_heads, max_length, spec.head_dim)
     return tuple(KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
 
 
@@ -196,13 +196,13 @@ class TransformerStack(nn.Module):
           cross_kv: from ``cross_kv``, batch ``kv_batch``; ``batch`` may be ``kv_batch * beams``.
           encoder_attention_mask: ``[kv_batch, src_len]``, nonzero = real source token.
           attention_mask: decoder padding ``[batch, keys]`` (keys = ``q_len`` without cache, else cache length).
-          cache: per-layer ``KeyValue [batch, max_length, heads, head_dim]`` or None (no cache: keys are the
+          cache: per-layer ``KeyValue [batch, heads, max_length, head_dim]`` or None (no cache: keys are the
             ``q_len`` inputs themselves). ``cache_index``: int32 scalar, traced.
         Returns:
           ``(logits [batch, q_len, vocab] float32, updated cache or None)``.
         """
         q_len = input_ids.shape[1]
-        num_keys = q_len if cache is None else cache[0].key.shape[1]
+        num_keys = q_len if cache is None else cache[0].key.shape[2]
         query_pos = cache_index + jnp.arange(q_len)
         mask = (jnp.arange(num_keys)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, q_len, keys]
         if attention_mask is not None:

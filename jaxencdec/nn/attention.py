@@ -17,13 +17,14 @@ from jaxencdec.nn.layers import Dtype, normal_init, zeros_init
 class KeyValue:
     """Projected keys and values of one attention layer."""
 
-    key: jax.Array  # [batch, kv_length, heads, head_dim]
-    value: jax.Array  # [batch, kv_length, heads, head_dim]
+    # Heads-major, so a decoding step reads each head's keys contiguously (no re-layout per step).
+    key: jax.Array  # [batch, heads, kv_length, head_dim]
+    value: jax.Array  # [batch, heads, kv_length, head_dim]
 
 
 def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
-    """Writes ``new`` (``[batch, q_len, heads, head_dim]``) into ``cache`` at position ``index`` (int32 scalar)."""
-    start = (0, index, 0, 0)
+    """Writes ``new`` (``[batch, heads, q_len, head_dim]``) into ``cache`` at position ``index`` (int32 scalar)."""
+    start = (0, 0, index, 0)
     return KeyValue(
         key=jax.lax.dynamic_update_slice(cache.key, new.key.astype(cache.key.dtype), start),
         value=jax.lax.dynamic_update_slice(cache.value, new.value.astype(cache.value.dtype), start),
@@ -37,7 +38,7 @@ def dot_product_attention(
 
     Args:
       query: ``[batch, q_len, heads, head_dim]``, already scaled by ``head_dim ** -0.5``.
-      kv: keys/values ``[kv_batch, kv_len, heads, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
+      kv: keys/values ``[kv_batch, heads, kv_len, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
         (beam search: each input's keys serve all its beams, which are folded into the query length).
       mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]`` (``[kv_batch, 1, 1, kv_len]`` when grouped).
     Returns:
@@ -50,11 +51,11 @@ def dot_product_attention(
     if groups > 1:
         chex.assert_equal(mask.shape[2], 1)
         query = query.reshape(kv_batch, groups * q_len, heads, head_dim)  # [kv_batch, beams * q_len, h, d]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, kv.key, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqhd,bhkd->bhqk", query, kv.key, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, kv.value)
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs, kv.value)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
@@ -89,8 +90,8 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def project_kv(self, inputs: jax.Array) -> KeyValue:
-        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_len, heads, head_dim]``."""
-        return KeyValue(key=self.key(inputs), value=self.value(inputs))
+        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, heads, kv_len, head_dim]``."""
+        return KeyValue(key=self.key(inputs).transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
 
     def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool) -> jax.Array:
         """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``)."""
