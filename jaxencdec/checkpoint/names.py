@@ -196,7 +196,9 @@ IGNORED_SUFFIXES = ("position_ids", "token_type_ids", "attn.bias", "attn.masked_
 
 
 def _prefixed(rules: list[Rule], hf_prefix: str, our_prefix: str) -> list[Rule]:
-    return [Rule(hf_prefix + r.hf, tuple(f"{our_prefix}/{o}" for o in r.ours), r.layout, r.n_in) for r in rules]
+    """``rules`` with ``hf_prefix`` before the HF names and ``our_prefix/`` before ours (none when empty)."""
+    ours = (lambda o: f"{our_prefix}/{o}") if our_prefix else (lambda o: o)
+    return [Rule(hf_prefix + r.hf, tuple(map(ours, r.ours)), r.layout, r.n_in) for r in rules]
 
 
 def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: str, our_prefix: str) -> list[Rule]:
@@ -212,8 +214,8 @@ def encoder_decoder_rules(config) -> list[Rule]:
     rules = stack_rules(config.encoder.model_type, config.encoder_spec, "encoder", "encoder.", "encoder")
     rules += stack_rules(config.decoder.model_type, config.decoder_spec, "decoder", "decoder.", "decoder")
     if config.needs_projection:
-        rules += _prefixed(_linear("enc_to_dec_proj", "enc_to_dec_proj"), "", "")
-    return [Rule(r.hf, tuple(o.lstrip("/") for o in r.ours), r.layout, r.n_in) for r in rules]
+        rules += _linear("enc_to_dec_proj", "enc_to_dec_proj")
+    return rules
 
 
 def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
