@@ -47,12 +47,12 @@ def read_papers(split: str) -> list[Paper]:
     return [paper_of(r) for r in read_rows(split)]
 
 
-def copy_pairs(papers: list[Paper], sentences: dict[str, dict[str, list[str]]]) -> list[tuple[str, str]]:
+def copy_pairs(rows: list[dict]) -> list[tuple[str, str]]:
     """(four consecutive sentences, the first of them) from each paper's abstract, introduction, conclusion."""
     pairs = []
-    for paper in papers:
+    for row in rows:
         for section in ("abstract", "introduction", "conclusion"):
-            lines = sentences[paper.id][section]
+            lines = row["sentences"][section]
             pairs += [(" ".join(lines[k:k + 4]), lines[k]) for k in range(0, max(1, len(lines) - 2), 2)
                       if len(lines[k].split()) >= 5]
     return pairs
@@ -70,7 +70,7 @@ def write_training_data(folder: str) -> tuple[str, str]:
     """Writes ``warmup.jsonl`` and ``titles.jsonl`` (``{"source", "target"}`` per line) and returns their paths."""
     rows = read_rows("train") + read_rows("val")
     papers = [paper_of(r) for r in rows]
-    warmup = copy_pairs(papers, {r["id"]: r["sentences"] for r in rows})
+    warmup = copy_pairs(rows)
     return (write_jsonl(os.path.join(folder, "warmup.jsonl"), warmup),
             write_jsonl(os.path.join(folder, "titles.jsonl"), [(p.abstract, p.title) for p in papers]))
 
