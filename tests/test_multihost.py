@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from flax import traverse_util
 
-from jaxencdec.checkpoint import io
 from jaxencdec.train import testing
 
 
@@ -21,11 +19,6 @@ def _config(tmp_path, name):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
-
-
-def _params(run_dir):
-    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
-    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def test_two_processes_equal_one_process_with_8_devices(tmp_path):
@@ -58,7 +51,7 @@ def test_two_processes_equal_one_process_with_8_devices(tmp_path):
     assert not results[1]  # (gloo's own connection lines aside)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["5"]
 
-    want, got = _params(str(tmp_path / "single")), _params(str(tmp_path / "multi"))
+    want, got = testing.final_params(str(tmp_path / "single")), testing.final_params(str(tmp_path / "multi"))
     assert want.keys() == got.keys()
     diff = max(float(np.max(np.abs(want[k] - got[k]))) for k in want)
     assert diff <= 1e-5, diff

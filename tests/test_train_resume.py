@@ -11,9 +11,7 @@ import sys
 import time
 
 import numpy as np
-from flax import traverse_util
 
-from jaxencdec.checkpoint import io
 from jaxencdec.train import testing
 
 STEPS = 10
@@ -30,11 +28,6 @@ def _write_config(folder, name):
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
-
-
-def _final_params(run_dir):
-    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
-    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _run(config_path, env):
@@ -64,7 +57,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"))
     reference = _write_config(tmp_path, "reference")
     _run(reference, env)
-    expected = _final_params(str(tmp_path / "reference"))
+    expected = testing.final_params(str(tmp_path / "reference"))
 
     victim = _write_config(tmp_path, "victim")
     ckpt = tmp_path / "victim" / "checkpoints"
@@ -105,7 +98,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     # 3. finish
     proc = _run(victim, env)
     assert all("tmp" not in name for name in os.listdir(ckpt))  # leftovers were cleaned up
-    got = _final_params(str(tmp_path / "victim"))
+    got = testing.final_params(str(tmp_path / "victim"))
     assert got.keys() == expected.keys()
     for key in expected:
         assert np.array_equal(got[key], expected[key]), f"{key} differs (random kill seed {seed})"
@@ -120,8 +113,8 @@ def test_rerun_after_completion_does_nothing_more(tmp_path):
     cfg["train"]["num_steps"] = 2
     config.write_text(json.dumps(cfg))
     _run(config, env)
-    first = _final_params(str(tmp_path / "done"))
+    first = testing.final_params(str(tmp_path / "done"))
     proc = _run(config, env)
     assert "resumed from checkpoint step 2" in proc.stdout
-    second = _final_params(str(tmp_path / "done"))
+    second = testing.final_params(str(tmp_path / "done"))
     assert all(np.array_equal(first[k], second[k]) for k in first)

@@ -146,3 +146,13 @@ def fast_jit(monkeypatch) -> None:
         return real(fun, **kwargs)
 
     monkeypatch.setattr(jax, "jit", jit)
+
+
+def final_params(run_dir: str) -> dict:
+    """The exported ``final_model`` params of a finished run, flat (``/``-joined paths) numpy arrays."""
+    from flax import traverse_util
+
+    from jaxencdec.checkpoint import io
+
+    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
+    return traverse_util.flatten_dict(tree, sep="/")
