@@ -130,7 +130,7 @@ def test_sampling_frequencies_match_the_exact_distribution(options):
     config = GenerationConfig(do_sample=True, max_new_tokens=1, decoder_start_token_id=0, **options)
     process = build_logits_processor(config)
 
-    def decode(ids, cache, index):  # hand-built logits, the same at every step and for every row
+    def decode(ids, cache, index, slots):  # hand-built logits, the same at every step and for every row
         return jnp.broadcast_to(jnp.asarray(LOGITS), (ids.shape[0], LOGITS.size)), cache
 
     run = jax.jit(lambda key: sample_search(decode, None, jnp.zeros((draws,), jnp.int32), max_length=2,

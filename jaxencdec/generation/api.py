@@ -61,13 +61,18 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
         cross_kv = module.apply(variables, encoded, method="cross_kv")  # per layer [batch, src, h, d], once
         rows = input_ids.shape[0] * rows_per_input  # row = b * rows_per_input + k
 
-        def decode(ids, cache, index):
+        def decode(ids, cache, index, slots):
             # cross_kv and the source mask keep batch `batch`: attention folds the rows of one input together.
-            logits, cache = module.apply(variables, ids, cross_kv, attention_mask, None, cache, index,
+            cache_slots = None if slots is None else slots[:, :cache_length]
+            logits, cache = module.apply(variables, ids, cross_kv, attention_mask, None, cache, index, cache_slots,
                                          method="decode")
             return logits[:, -1], cache
 
-        cache = init_cache(model_config.decoder_spec, rows, cache_length, dtype)
+        if config.num_beams > 1:  # the beams of an input share one cache, a slot each
+            cache = init_cache(model_config.decoder_spec, input_ids.shape[0], cache_length, dtype,
+                               slots=config.num_beams)
+        else:
+            cache = init_cache(model_config.decoder_spec, rows, cache_length, dtype)
         start_ids = jnp.full((rows,), config.decoder_start_token_id, jnp.int32)
         if config.num_beams == 1:
             return sample_search(decode, cache, start_ids, max_length=config.max_length, process=process,

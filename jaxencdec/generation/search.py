@@ -2,11 +2,13 @@
 
 The loops know nothing about the model. They call a ``DecodeFn``::
 
-    decode(ids [rows, 1] int32, cache, index int32 scalar) -> (logits [rows, vocab] float32, cache)
+    decode(ids [rows, 1] int32, cache, index int32 scalar, slots) -> (logits [rows, vocab] float32, cache)
 
-that runs one decoder step at position ``index`` and returns the updated self-attention cache (a pytree whose
-leaves have ``rows`` as their leading axis). Cross-attention keys/values live inside the closure, projected once
-per input; beam search reorders only the self-attention cache.
+that runs one decoder step at position ``index`` and returns the updated self-attention cache. ``slots`` is None
+for greedy / sampling (one cache row per row). Beam search shares one cache among the beams of an input, one
+slot per beam, and never reorders it: ``slots`` (int32 ``[rows, max_length]``) says, for each beam and position,
+which slot holds that position's key (the slot of the ancestor that wrote it); each beam writes its new key into
+its own slot. Cross-attention keys/values live inside the closure, projected once per input.
 
 Sequences include the decoder start token at position 0, so ``cur_len`` (the tokens so far) starts at 1 and
 ``max_length`` counts the start token, as in transformers. Both loops stop as soon as every row is done.
@@ -23,7 +25,7 @@ from flax import struct
 
 from jaxencdec.generation.processors import LogitsProcessor, exact_divide, fast_top_k
 
-DecodeFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+DecodeFn = Callable[[jax.Array, Any, jax.Array, jax.Array | None], tuple[jax.Array, Any]]
 
 # transformers' beam search marks impossible candidates by adding this (not -inf), and so do we: the float32
 # rounding of "score + -1e9" is part of which candidate wins.
@@ -53,7 +55,7 @@ class SampleState:
     cur_len: jax.Array  # [] int32, tokens so far (start token included)
     sequences: jax.Array  # [rows, max_length] int32
     finished: jax.Array  # [rows] bool: the row has produced an EOS
-    cache: Any  # self-attention cache, leaves [rows, ...]
+    cache: Any  # self-attention cache, one row per row
     rng: jax.Array | None  # PRNG key (sampling only)
 
 
@@ -78,7 +80,7 @@ def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_len
 
     def body(s: SampleState) -> SampleState:
         ids = jax.lax.dynamic_slice_in_dim(s.sequences, s.cur_len - 1, 1, axis=1)  # [rows, 1]
-        logits, cache = decode(ids, s.cache, s.cur_len - 1)
+        logits, cache = decode(ids, s.cache, s.cur_len - 1, None)
         scores = process(s.sequences, s.cur_len, logits)
         rng = s.rng
         if do_sample:  # Gumbel-max: a draw from softmax(scores)
@@ -111,7 +113,8 @@ class BeamState:
     is_finished: jax.Array  # [batch, beams] bool, the slot holds a finished hypothesis
     improvable: jax.Array  # [batch, 1] bool, a live beam may still beat the worst finished one
     done: jax.Array  # [] bool
-    cache: Any  # self-attention cache, leaves [batch * beams, ...], row = b * beams + k
+    slots: jax.Array  # [batch, beams, max_length] int32: the cache slot holding each live beam's key per position
+    cache: Any  # self-attention cache shared by the beams of an input, one slot per beam (never reordered)
     rng: jax.Array | None  # PRNG key (beam sampling only)
 
 
@@ -159,6 +162,7 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
     running = running.at[:, :, 0].set(start_ids.reshape(batch, beams))
     # Only beam 0 starts live, so the first step does not pick the same token in every beam.
     running_scores = jnp.zeros((batch, beams), jnp.float32).at[:, 1:].set(BIG_NEGATIVE)
+    own_slot = jnp.broadcast_to(jnp.arange(beams, dtype=jnp.int32)[None, :, None], (batch, beams, max_length))
 
     def cond(s: BeamState):
         return ~s.done & (s.cur_len < max_length)
@@ -167,7 +171,7 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
         cur_len = s.cur_len
         flat_running = s.running_sequences.reshape(rows, max_length)
         ids = jax.lax.dynamic_slice_in_dim(flat_running, cur_len - 1, 1, axis=1)  # [rows, 1]
-        logits, cache = decode(ids, s.cache, cur_len - 1)
+        logits, cache = decode(ids, s.cache, cur_len - 1, s.slots.reshape(rows, max_length))
         log_probs = process(flat_running, cur_len, jax.nn.log_softmax(logits, axis=-1))  # [rows, vocab]
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]
@@ -212,9 +216,8 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
         lengths = _gather_beams(jnp.concatenate([s.lengths, jnp.broadcast_to(cur_len, hits.shape)], axis=1), best)
         is_finished = _gather_beams(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
 
-        # Follow the live beams' parents in the self-attention cache.
-        flat_parent = (parent + jnp.arange(batch)[:, None] * beams).reshape(rows)
-        cache = jax.tree.map(lambda x: x[flat_parent], cache)
+        # A live beam sees its parent's keys; from the next position on, it writes into its own slot.
+        slots = jnp.where(jnp.arange(max_length) >= cur_len, own_slot, _gather_beams(s.slots, parent))
 
         cur_len = cur_len + 1
         best_len = (max_length - 1) if best_len_is_max else cur_len - 1
@@ -223,13 +226,13 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
         improvable = s.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
         keep_going = jnp.any(improvable) & ~(jnp.all(is_finished) & early_true) & ~jnp.all(hits)
         return BeamState(cur_len, running_sequences, running_scores, sequences, scores, lengths, is_finished,
-                         improvable, ~keep_going, cache, rng)
+                         improvable, ~keep_going, slots, cache, rng)
 
     state = BeamState(
         cur_len=jnp.int32(1), running_sequences=running, running_scores=running_scores,
         sequences=running, scores=jnp.full((batch, beams), BIG_NEGATIVE, jnp.float32),
         lengths=jnp.zeros((batch, beams), jnp.int32), is_finished=jnp.zeros((batch, beams), bool),
-        improvable=jnp.ones((batch, 1), bool), done=jnp.bool_(False), cache=cache, rng=rng,
+        improvable=jnp.ones((batch, 1), bool), done=jnp.bool_(False), slots=own_slot, cache=cache, rng=rng,
     )
     state = jax.lax.while_loop(cond, body, state)
     n = num_return_sequences

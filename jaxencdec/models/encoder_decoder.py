@@ -52,10 +52,10 @@ class EncoderDecoderModule(nn.Module):
         return self.decoder.cross_kv(encoder_hidden)
 
     def decode(self, decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask=None, cache=None,
-               cache_index=0, deterministic: bool = True):
+               cache_index=0, cache_slots=None, deterministic: bool = True):
         """See ``TransformerStack.decode``: returns ``(logits [batch, q_len, vocab] float32, cache)``."""
         return self.decoder.decode(decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask,
-                                   cache, cache_index, deterministic)
+                                   cache, cache_index, cache_slots, deterministic)
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
                  deterministic: bool = True) -> Seq2SeqOutput:

@@ -46,10 +46,39 @@ def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array
     return jnp.broadcast_to(positions + spec.position_offset, input_ids.shape)
 
 
-def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> tuple[KeyValue, ...]:
-    """An empty self-attention cache: per layer, keys/values ``[batch, heads, max_length, head_dim]``."""
-    shape = (batch, spec.num_heads, max_length, spec.head_dim)
+def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype = jnp.float32,
+               slots: int = 1) -> tuple[KeyValue, ...]:
+    """An empty self-attention cache: per layer, keys/values ``[batch, heads, slots * max_length, head_dim]``.
+
+    ``slots`` rows share each input's cache (beam search: one slot per beam, see ``TransformerStack.decode``).
+    """
+    shape = (batch, spec.num_heads, slots * max_length, spec.head_dim)
     return tuple(KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
+
+
+def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
+    """Bool causal mask of decoder queries over ``num_keys`` keys (the inputs, or a cache).
+
+    Args:
+      query_pos: int32 ``[q_len]``, the positions of the queries.
+      cache_slots: None (key ``j`` is position ``j``), or int32 ``[rows, max_length]`` for a cache shared by
+        ``slots = num_keys // max_length`` rows per input: for each row and position, the slot that holds the
+        row's key at that position. Beam search follows each hypothesis's ancestors this way instead of
+        reordering the cache.
+    Returns:
+      ``[1, 1, q_len, num_keys]`` without slots, else ``[rows // slots, 1, slots * q_len, num_keys]`` (the
+      grouped layout of ``dot_product_attention``).
+    """
+    if cache_slots is None:
+        return (jnp.arange(num_keys)[None, :] <= query_pos[:, None])[None, None]
+    rows, max_length = cache_slots.shape
+    chex.assert_is_divisible(num_keys, max_length)
+    slots = num_keys // max_length
+    key_slot, key_pos = jnp.divmod(jnp.arange(num_keys), max_length)  # key s * max_length + j is (s, j)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [q_len, num_keys]
+    own = jnp.tile(cache_slots, (1, slots)) == key_slot[None, :]  # [rows, num_keys]
+    mask = causal[None, :, :] & own[:, None, :]  # [rows, q_len, num_keys]
+    return mask.reshape(rows // slots, 1, slots * query_pos.shape[0], num_keys)
 
 
 class TransformerLayer(nn.Module):
@@ -188,7 +217,7 @@ class TransformerStack(nn.Module):
     def decode(
         self, input_ids: jax.Array, cross_kv: Sequence[KeyValue], encoder_attention_mask: jax.Array,
         attention_mask: jax.Array | None = None, cache: Sequence[KeyValue] | None = None,
-        cache_index: jax.Array | int = 0, deterministic: bool = True,
+        cache_index: jax.Array | int = 0, cache_slots: jax.Array | None = None, deterministic: bool = True,
     ):
         """Causal decoding of ``input_ids [batch, q_len]`` placed at positions ``cache_index ...``.
 
@@ -197,15 +226,19 @@ class TransformerStack(nn.Module):
           encoder_attention_mask: ``[kv_batch, src_len]``, nonzero = real source token.
           attention_mask: decoder padding ``[batch, keys]`` (keys = ``q_len`` without cache, else cache length).
           cache: per-layer ``KeyValue [batch, heads, max_length, head_dim]`` or None (no cache: keys are the
-            ``q_len`` inputs themselves). ``cache_index``: int32 scalar, traced.
+            ``q_len`` inputs themselves); or, shared by ``slots`` rows per input (``init_cache(slots=...)``),
+            ``[batch // slots, heads, slots * max_length, head_dim]``. ``cache_index``: int32 scalar, traced.
+          cache_slots: with a shared cache, int32 ``[batch, max_length]``: which slot holds each row's key at each
+            position (see ``self_attention_mask``); the row writes its new keys into its own slot.
         Returns:
           ``(logits [batch, q_len, vocab] float32, updated cache or None)``.
         """
         q_len = input_ids.shape[1]
         num_keys = q_len if cache is None else cache[0].key.shape[2]
-        query_pos = cache_index + jnp.arange(q_len)
-        mask = (jnp.arange(num_keys)[None, :] <= query_pos[:, None])[None, None]  # [1, 1, q_len, keys]
+        mask = self_attention_mask(cache_index + jnp.arange(q_len), num_keys, cache_slots)
         if attention_mask is not None:
+            if cache_slots is not None:
+                raise ValueError("a decoder attention_mask is not supported with a shared (slotted) cache")
             chex.assert_shape(attention_mask, (input_ids.shape[0], num_keys))
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cross_mask = encoder_attention_mask.astype(bool)[:, None, None, :]  # [kv_batch, 1, 1, src_len]

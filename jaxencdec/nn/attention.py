@@ -23,12 +23,24 @@ class KeyValue:
 
 
 def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
-    """Writes ``new`` (``[batch, heads, q_len, head_dim]``) into ``cache`` at position ``index`` (int32 scalar)."""
-    start = (0, 0, index, 0)
-    return KeyValue(
-        key=jax.lax.dynamic_update_slice(cache.key, new.key.astype(cache.key.dtype), start),
-        value=jax.lax.dynamic_update_slice(cache.value, new.value.astype(cache.value.dtype), start),
-    )
+    """Writes ``new`` (``[rows, heads, q_len, head_dim]``) into ``cache`` at position ``index`` (int32 scalar).
+
+    ``cache`` is ``[batch, heads, slots * max_length, head_dim]`` with ``rows = batch * slots``: the rows of one
+    input (its beams) share one cache, row ``b * slots + s`` writing the positions of slot ``s``. With one slot
+    per input this is a plain per-row cache.
+    """
+    batch, heads, total, head_dim = cache.key.shape
+    chex.assert_is_divisible(new.key.shape[0], batch)
+    slots = new.key.shape[0] // batch
+    q_len = new.key.shape[2]
+
+    def write(stored, fresh):
+        fresh = fresh.reshape(batch, slots, heads, q_len, head_dim).transpose(0, 2, 1, 3, 4)
+        stored = stored.reshape(batch, heads, slots, total // slots, head_dim)
+        stored = jax.lax.dynamic_update_slice(stored, fresh.astype(stored.dtype), (0, 0, 0, index, 0))
+        return stored.reshape(batch, heads, total, head_dim)
+
+    return KeyValue(key=write(cache.key, new.key), value=write(cache.value, new.value))
 
 
 def dot_product_attention(
@@ -40,7 +52,8 @@ def dot_product_attention(
       query: ``[batch, q_len, heads, head_dim]``, already scaled by ``head_dim ** -0.5``.
       kv: keys/values ``[kv_batch, heads, kv_len, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
         (beam search: each input's keys serve all its beams, which are folded into the query length).
-      mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]`` (``[kv_batch, 1, 1, kv_len]`` when grouped).
+      mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]``; when grouped, to
+        ``[kv_batch, 1, groups * q_len, kv_len]`` (query row ``b * groups + g``, position ``t`` at ``g * q_len + t``).
     Returns:
       ``[batch, q_len, heads, head_dim]``.
     """
@@ -48,15 +61,14 @@ def dot_product_attention(
     kv_batch = kv.key.shape[0]
     chex.assert_is_divisible(batch, kv_batch)
     groups = batch // kv_batch
-    if groups > 1:
-        chex.assert_equal(mask.shape[2], 1)
-        query = query.reshape(kv_batch, groups * q_len, heads, head_dim)  # [kv_batch, beams * q_len, h, d]
-    scores = jnp.einsum("bqhd,bhkd->bhqk", query, kv.key, preferred_element_type=jnp.float32)
+    # Heads-major queries: XLA:CPU runs the two batched matmuls 2-4x faster than with "bqhd" operands.
+    query = query.reshape(kv_batch, groups * q_len, heads, head_dim).transpose(0, 2, 1, 3)  # [kv_b, h, g*q, d]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, kv.key, preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs, kv.value)
-    return out.reshape(batch, q_len, heads, head_dim)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, kv.value)
+    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim)
 
 
 class Attention(nn.Module):
