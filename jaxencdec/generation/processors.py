@@ -39,13 +39,33 @@ def exact_divide(x: jax.Array, divisor) -> jax.Array:
     return x / jax.lax.optimization_barrier(divisor)
 
 
-def fast_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k`` over the last axis, kept as XLA's TopK op.
+TOP_K_BLOCK = 256
 
-    When only the values are used, XLA:CPU rewrites TopK into a full sort of the row (100x slower on a 30k
-    vocabulary); an optimization barrier on both outputs keeps the TopK. Ties: the lower index first.
-    """
+
+def _plain_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    # When only the values are used, XLA:CPU rewrites TopK into a full sort of the row (100x slower on a 30k
+    # vocabulary); an optimization barrier on both outputs keeps the TopK.
     return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
+def fast_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exactly ``lax.top_k`` over the last axis (ties: the lower index first), 3x faster on long rows on CPU.
+
+    Long rows are cut into blocks of ``TOP_K_BLOCK``; the ``k`` best elements lie in the ``k`` blocks with the
+    best maxima (ties between blocks go to the lower block, whose indices are lower), so one vectorised max per
+    block and two small TopKs replace a TopK over the whole row.
+    """
+    n = x.shape[-1]
+    if 8 * k * TOP_K_BLOCK > n:  # the k candidate blocks would be over an eighth of the row
+        return _plain_top_k(x, k)
+    num_blocks = -(-n // TOP_K_BLOCK)
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, num_blocks * TOP_K_BLOCK - n)], constant_values=-jnp.inf)
+    blocks = padded.reshape(x.shape[:-1] + (num_blocks, TOP_K_BLOCK))
+    best_blocks = jnp.sort(_plain_top_k(blocks.max(axis=-1), k)[1], axis=-1)  # [..., k], ascending
+    candidates = jnp.take_along_axis(blocks, best_blocks[..., None], axis=-2)  # [..., k, block]
+    values, within = _plain_top_k(candidates.reshape(x.shape[:-1] + (k * TOP_K_BLOCK,)), k)
+    block = jnp.take_along_axis(best_blocks, within // TOP_K_BLOCK, axis=-1)
+    return values, block * TOP_K_BLOCK + within % TOP_K_BLOCK
 
 
 def _scatter_rows(rows: int, vocab_size: int, token_ids: jax.Array, keep: jax.Array) -> jax.Array:
