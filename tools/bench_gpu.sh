@@ -12,7 +12,7 @@ python3 -c "import jax, flax, torch, transformers; print(jax.devices(), 'jax', j
 flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/machine.txt"
 timeout 330 python3 tools/bench_generate.py --device cuda --batch 64 --repeats 3 --threads 4 \
     --json "$out/generate.json" 2>&1 | grep -v "Loading weights" | tee "$out/generate.txt"
-timeout 120 python3 tools/bench_train.py --device cuda --threads 4 --steps 10 --warmup 3 --markdown 2>&1 \
+timeout 120 python3 tools/bench_train.py --device cuda --steps 10 --warmup 3 --markdown 2>&1 \
     | grep -v "Loading weights" | tee "$out/train.txt"
-timeout 60 python3 tools/bench_train.py --device cuda --threads 4 --steps 10 --warmup 3 --dtype bfloat16 \
+timeout 60 python3 tools/bench_train.py --device cuda --steps 10 --warmup 3 --dtype bfloat16 \
     --skip-torch --markdown 2>&1 | grep -v "Loading weights" | tee -a "$out/train.txt"
