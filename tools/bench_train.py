@@ -92,6 +92,7 @@ def bench_torch(enc_dir, dec_dir, batch, args):
     model.config.decoder_start_token_id = 101
     model.config.pad_token_id = 0
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as XLA does for float32 on a GPU; no effect on the CPU
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     tensors = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
