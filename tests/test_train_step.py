@@ -157,3 +157,20 @@ def test_lr_multiplier_config_is_validated():
         OptimConfig(lr_multipliers={"(": 2.0})
     with pytest.raises(RunConfigError, match="must be >= 0"):
         OptimConfig(lr_multipliers={"x": -1.0})
+
+
+def test_counter_based_dropout_keeps_one_minus_rate_independently():
+    from jaxencdec.nn.layers import Dropout
+
+    x = jnp.ones((64, 128, 96), jnp.float32)
+    drop = Dropout(0.1)
+    first = drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    second = drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)})
+    keep, keep2 = np.asarray(first != 0), np.asarray(second != 0)
+    assert abs(keep.mean() - 0.9) < 0.003  # 786k draws: ~9 standard deviations
+    np.testing.assert_allclose(np.asarray(first)[keep], 1 / 0.9, rtol=1e-6)  # inverted dropout scaling
+    assert abs((keep == keep2).mean() - (0.9 ** 2 + 0.1 ** 2)) < 0.003  # another key: an independent mask
+    assert abs((keep[:, :, 1:] == keep[:, :, :-1]).mean() - 0.82) < 0.003  # neighbours independent
+    per_column = keep.mean(axis=(0, 1))
+    assert per_column.min() > 0.86 and per_column.max() < 0.94  # no position favoured (8192 draws each)
+    np.testing.assert_array_equal(drop.apply({}, x, True), x)

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from jaxencdec.config import TransformerSpec
 from jaxencdec.nn.attention import Attention, KeyValue, write_cache
-from jaxencdec.nn.layers import ACTIVATION_FNS, MLP, Dtype, Embeddings, dense, layer_norm, zeros_init
+from jaxencdec.nn.layers import ACTIVATION_FNS, MLP, Dropout, Dtype, Embeddings, dense, layer_norm, zeros_init
 
 
 def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
@@ -101,7 +101,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(s.hidden_size, s.intermediate_size, s.activation, s.initializer_range,
                        s.activation_dropout, self.dtype, self.param_dtype)
         self.mlp_norm = norm()
-        self.drop = nn.Dropout(s.hidden_dropout)
+        self.drop = Dropout(s.hidden_dropout)
 
     def _residual(self, x, norm, sublayer, deterministic):
         if self.spec.pre_norm:

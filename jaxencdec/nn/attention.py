@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxencdec.nn.layers import Dtype, normal_init, zeros_init
+from jaxencdec.nn.layers import Dropout, Dtype, normal_init, zeros_init
 
 
 @struct.dataclass
@@ -44,7 +44,7 @@ def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
 
 
 def dot_product_attention(
-    query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: nn.Dropout, deterministic: bool
+    query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: Dropout, deterministic: bool
 ) -> jax.Array:
     """Softmax attention; softmax in float32 whatever the compute dtype.
 
@@ -99,7 +99,7 @@ class Attention(nn.Module):
             features=self.num_heads * self.head_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=normal_init(self.std, ("heads", "kv", "embed")), bias_init=zeros_init(("embed",)),
         )
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def project_kv(self, inputs: jax.Array) -> KeyValue:
         """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, heads, kv_len, head_dim]``."""

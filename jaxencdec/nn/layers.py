@@ -15,8 +15,14 @@ from flax import linen as nn
 
 Dtype = jnp.dtype
 
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch computes it, ``x * (1 + erf(x / sqrt 2)) / 2``. (``jax.nn.gelu`` uses ``erfc``,
+    which XLA:CPU evaluates with two branches: ~3x the cost in a train step's MLPs.)"""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu,
     "gelu_new": partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
     "gelu_fast": partial(jax.nn.gelu, approximate=True),
@@ -26,6 +32,43 @@ ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout (``flax.linen.Dropout``'s interface) with counter-based masks.
+
+    Each call draws one 64-bit seed from the ``"dropout"`` stream; element ``i`` of the input is kept when
+    ``mix(mix(i ^ seed0) + seed1) >= rate * 2**32``, a murmur3-finalizer hash that XLA fuses into the layer. On
+    CPU this costs a few integer operations per element, where threefry or RngBitGenerator masks took ~13% of a
+    train step. The mask depends only on the element's index, so a sharded run draws the same masks.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
+        index = jnp.zeros(x.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(x.ndim)):  # the row-major element index, as uint32 (wraps past 2**32)
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[axis]
+        threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
+        keep = _mix32(_mix32(index ^ seed[0]) + seed[1]) >= threshold
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
 
 
 def normal_init(std: float, axes: tuple[str | None, ...]):
@@ -76,7 +119,7 @@ class MLP(nn.Module):
         make = partial(dense, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
         h = make(self.intermediate_size, ("embed", "mlp"), name="wi")(x)
         h = ACTIVATION_FNS[self.activation](h)
-        h = nn.Dropout(self.activation_dropout)(h, deterministic=deterministic)
+        h = Dropout(self.activation_dropout)(h, deterministic=deterministic)
         return make(self.hidden_size, ("mlp", "embed"), name="wo")(h)
 
 
@@ -107,7 +150,7 @@ class Embeddings(nn.Module):
             self.token_type = embed(self.type_vocab_size, embedding_init=normal_init(self.std, (None, "embed")))
         if self.layer_norm_eps is not None:
             self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
         x = self.word(input_ids)
