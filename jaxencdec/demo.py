@@ -102,7 +102,7 @@ def rouge(references: list[str], predictions: list[str]) -> dict[str, float]:
     return {k: float(np.mean([s[k].fmeasure for s in scores])) for k in ("rouge1", "rouge2", "rougeL")}
 
 
-def run(steps: int = 300, output_dir: str = "runs/demo", pretrained: str | None = None, examples: int = 5,
+def run(steps: int = 500, output_dir: str = "runs/demo", pretrained: str | None = None, examples: int = 5,
         num_beams: int = 4, log: Callable[[str], None] = print) -> dict:
     """Trains, saves, reloads and evaluates; returns the scores and where everything was written."""
     from jaxencdec.modeling import EncoderDecoderModel
