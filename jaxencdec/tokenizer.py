@@ -32,6 +32,8 @@ OVERRIDABLE = {f"{name}_token" for name in SPECIAL_TOKEN_NAMES} | {
     "clean_up_tokenization_spaces",
     "add_prefix_space",
     "tokenizer_class",
+    "model_max_length",
+    "additional_special_tokens",
 }
 # Conventional special-token spellings, tried in order; the first one in the vocabulary is used when no
 # config file names the token.
@@ -46,6 +48,7 @@ BYTE_LEVEL_DEFAULTS = {
     "mask": ["<mask>"],
 }
 ROBERTA_CLASSES = ("RobertaTokenizer", "BartTokenizer")
+NO_LIMIT = 10**20  # a model_max_length at or above this means "no limit" (transformers writes int(1e30))
 
 
 class Tokenizer:
@@ -55,8 +58,10 @@ class Tokenizer:
         backend: the `tokenizers.Tokenizer` pipeline; its own padding and truncation are switched off,
             because both are decided per call.
         special_tokens: maps "pad", "bos", "eos", "unk", "cls", "sep", "mask" to a token string or None.
-            Tokens not yet in the backend's added vocabulary are added as special tokens.
+            These and `additional_special_tokens`, where not yet in the backend's added vocabulary, are added as
+            special tokens (never split, dropped by ``decode(skip_special_tokens=True)``).
         clean_up_tokenization_spaces: default for `decode` (transformers skips it for BPE models).
+        model_max_length: the default `max_length` for truncation and ``padding="max_length"`` (None: none).
     """
 
     def __init__(
@@ -64,20 +69,25 @@ class Tokenizer:
         backend: Backend,
         special_tokens: dict[str, str | None],
         clean_up_tokenization_spaces: bool = False,
+        model_max_length: int | None = None,
+        additional_special_tokens: Sequence[str] = (),
     ):
         backend.no_padding()
         backend.no_truncation()
         added = {token.content for token in backend.get_added_tokens_decoder().values()}
+        named = [special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES]
         backend.add_special_tokens(
             [
                 AddedToken(token, special=True, normalized=False)
-                for token in (special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES)
+                for token in dict.fromkeys([*named, *additional_special_tokens])
                 if token is not None and token not in added
             ]
         )
         self._backend = backend
         self._special_tokens = {name: special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES}
+        self.additional_special_tokens = list(additional_special_tokens)
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.model_max_length = model_max_length
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **overrides) -> Tokenizer:
@@ -85,7 +95,8 @@ class Tokenizer:
 
         `overrides` replace `tokenizer_config.json` entries: ``pad_token`` (and the other ``*_token``
         names), ``do_lower_case``, ``strip_accents``, ``tokenize_chinese_chars``,
-        ``clean_up_tokenization_spaces``, ``add_prefix_space``, ``tokenizer_class``.
+        ``clean_up_tokenization_spaces``, ``add_prefix_space``, ``tokenizer_class``, ``model_max_length``,
+        ``additional_special_tokens``.
         """
         unknown = set(overrides) - OVERRIDABLE
         if unknown:
@@ -108,7 +119,12 @@ class Tokenizer:
                 special_tokens[name] = present[0] if present else None
         if (config.get("tokenizer_class") or "").removesuffix("Fast") in ROBERTA_CLASSES:
             backend.post_processor = _roberta_processing(backend, special_tokens, config)
-        return cls(backend, special_tokens, bool(config.get("clean_up_tokenization_spaces", False)))
+        # transformers writes a huge model_max_length (int(1e30)) for "no limit".
+        max_length = config.get("model_max_length")
+        max_length = int(max_length) if max_length is not None and max_length < NO_LIMIT else None
+        additional = [_token_content(token) for token in config.get("additional_special_tokens") or ()]
+        return cls(backend, special_tokens, bool(config.get("clean_up_tokenization_spaces", False)), max_length,
+                   additional)
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -149,7 +165,8 @@ class Tokenizer:
 
         Args:
             texts: a string (treated as a batch of one) or a sequence of strings.
-            max_length: the length for ``padding="max_length"`` and ``truncation=True``.
+            max_length: the length for ``padding="max_length"`` and ``truncation=True`` (default: the
+                tokenizer's ``model_max_length``).
             truncation: cut each sequence to `max_length` tokens, special tokens included (these are kept).
             padding: "longest" (or True) pads to the longest sequence in the batch, "max_length" pads to
                 `max_length`, False / "do_not_pad" does not pad. Padding is on the right with `pad_token_id`.
@@ -160,8 +177,11 @@ class Tokenizer:
             (attention_mask is 1 on tokens, 0 on padding); without padding, lists of ``batch`` int lists.
         """
         batch = [texts] if isinstance(texts, str) else list(texts)
+        if max_length is None:
+            max_length = self.model_max_length
         if (truncation or padding == "max_length") and max_length is None:
-            raise ValueError("max_length is required for truncation=True and padding='max_length'")
+            raise ValueError("max_length is required for truncation=True and padding='max_length' "
+                             "(this tokenizer has no model_max_length)")
         if truncation:
             self._backend.enable_truncation(max_length)
         else:

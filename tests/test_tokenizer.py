@@ -263,9 +263,38 @@ def test_padding_without_pad_token_is_a_clear_error(gpt2_dir):
 
 def test_bad_padding_arguments_are_clear_errors(wordpiece_dir):
     ours = Tokenizer.from_pretrained(wordpiece_dir)
-    with pytest.raises(ValueError, match="max_length is required"):
-        ours("Hello", padding="max_length")
     with pytest.raises(ValueError, match="truncation=True"):
         ours("Hello world again", padding="max_length", max_length=3)
     with pytest.raises(ValueError, match="padding must be"):
         ours("Hello", padding="left")
+
+
+def test_model_max_length_and_additional_special_tokens_match_transformers(minilm_dir, tmp_path):
+    config = json.load(open(os.path.join(minilm_dir, "tokenizer_config.json"), encoding="utf-8"))
+    config.update(model_max_length=12, additional_special_tokens=["<title>", "<abstract>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(minilm_dir, "vocab.txt"), tmp_path / "vocab.txt")
+    ours = Tokenizer.from_pretrained(tmp_path)
+    ref = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    texts = ["<title> Hello world <abstract> a longer text that is cut off somewhere after twelve tokens", "x"]
+    for padding in ("longest", "max_length"):  # no max_length: both fall back to model_max_length
+        got = ours(texts, truncation=True, padding=padding)
+        want = ref(texts, truncation=True, padding=padding, return_tensors="np")
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["attention_mask"], want["attention_mask"])
+    assert got["input_ids"].shape == (2, 12)
+    assert ours.token_to_id("<title>") == ref.convert_tokens_to_ids("<title>")
+    assert ours.batch_decode(got["input_ids"]) == ref.batch_decode(got["input_ids"], skip_special_tokens=True)
+
+
+def test_no_model_max_length_means_max_length_is_required(wordpiece_dir, tmp_path):
+    config = json.load(open(os.path.join(wordpiece_dir, "tokenizer_config.json"), encoding="utf-8"))
+    config["model_max_length"] = int(1e30)  # transformers' "no limit"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(wordpiece_dir, "vocab.txt"), tmp_path / "vocab.txt")
+    ours = Tokenizer.from_pretrained(tmp_path)
+    assert ours.model_max_length is None
+    with pytest.raises(ValueError, match="max_length is required"):
+        ours(["hello"], truncation=True)
+    with pytest.raises(ValueError, match="max_length is required"):
+        ours(["hello"], padding="max_length")
