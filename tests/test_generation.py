@@ -371,3 +371,32 @@ def test_fast_top_k_equals_lax_top_k_with_ties_and_infinities(k):
     expected_values, expected_indices = jax.lax.top_k(scores, k)
     np.testing.assert_array_equal(values, expected_values)
     np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_shared_beam_cache_equals_reordering_per_row_caches(model):
+    """Beam search's cache (one slot per beam, followed through an ancestry table) gives the same logits as
+    per-row caches that are reordered after every step, for random parent choices."""
+    from jaxencdec.models.transformer import init_cache
+
+    batch, beams, length = 2, 3, 7
+    rows = batch * beams
+    ids, mask = source(batch=batch)
+    module, variables = model.module, {"params": model.params}
+    cross_kv = module.apply(variables, module.apply(variables, ids, mask, method="encode"), method="cross_kv")
+    decode = jax.jit(lambda tokens, cache, index, slots: module.apply(
+        variables, tokens, cross_kv, mask, None, cache, index, slots, method="decode"))
+    rng = np.random.default_rng(0)
+    per_row = init_cache(model.config.decoder_spec, rows, length)
+    shared = init_cache(model.config.decoder_spec, batch, length, slots=beams)
+    own = np.broadcast_to(np.arange(beams)[None, :, None], (batch, beams, length))
+    slots = own.copy()
+    tokens = jnp.full((rows, 1), START, jnp.int32)
+    for index in range(length):
+        expected, per_row = decode(tokens, per_row, index, None)
+        got, shared = decode(tokens, shared, index, jnp.asarray(slots.reshape(rows, length), jnp.int32))
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+        parent = rng.integers(0, beams, (batch, beams))  # each new beam continues a random beam of its input
+        flat_parent = (parent + np.arange(batch)[:, None] * beams).reshape(rows)
+        per_row = jax.tree.map(lambda x: x[flat_parent], per_row)
+        slots = np.where(np.arange(length) >= index + 1, own, np.take_along_axis(slots, parent[:, :, None], 1))
+        tokens = jnp.asarray(rng.integers(4, VOCAB, (rows, 1)), jnp.int32)
