@@ -32,7 +32,8 @@ from flax import linen as nn
 
 from jaxencdec.config import TransformerSpec
 from jaxencdec.nn.attention import Attention, KeyValue, write_cache
-from jaxencdec.nn.layers import ACTIVATION_FNS, MLP, Dropout, Dtype, Embeddings, dense, layer_norm, zeros_init
+from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
+                                 layer_norm, zeros_init)
 
 
 def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
@@ -104,9 +105,17 @@ class TransformerLayer(nn.Module):
         self.drop = Dropout(s.hidden_dropout)
 
     def _residual(self, x, norm, sublayer, deterministic):
+        # Every norm and sublayer output is pinned to the batch split (see nn.layers.constrain): without the pins,
+        # a data x fsdp x model mesh gave wrong decoder gradients on XLA:CPU (tests/test_sharding.py).
+        def normed(h):
+            return constrain(norm(h), HIDDEN_AXES)
+
+        def transformed(h):
+            return constrain(sublayer(h), HIDDEN_AXES)
+
         if self.spec.pre_norm:
-            return x + self.drop(sublayer(norm(x)), deterministic=deterministic)
-        return norm(x + self.drop(sublayer(x), deterministic=deterministic))
+            return x + self.drop(transformed(normed(x)), deterministic=deterministic)
+        return normed(x + self.drop(transformed(x), deterministic=deterministic))
 
     def __call__(
         self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
@@ -147,6 +156,7 @@ class LMHead(nn.Module):
                            name="transform")(hidden)
             hidden = ACTIVATION_FNS[s.activation](hidden)
             hidden = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype, name="transform_norm")(hidden)
+            hidden = constrain(hidden, HIDDEN_AXES)
         if s.tie_word_embeddings:
             logits = embeddings.attend(hidden)
         else:
@@ -192,7 +202,7 @@ class TransformerStack(nn.Module):
             )
             new_cache.append(layer_cache)
         if self.spec.pre_norm:
-            x = self.final_norm(x)
+            x = constrain(self.final_norm(x), HIDDEN_AXES)
         return x, None if cache is None else tuple(new_cache)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True):

@@ -6,14 +6,39 @@ Every parameter is created with logical axis names (``vocab``, ``embed``, ``head
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 Dtype = jnp.dtype
+
+# Activation sharding: modules name the axes of the activations that matter; whoever runs them under a mesh
+# (the train step) decides what those names mean by installing a constraint function.
+HIDDEN_AXES = ("batch", "length", None)  # hidden states [batch, length, D]: split by batch only
+Constraint = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+_constraint: contextvars.ContextVar[Constraint | None] = contextvars.ContextVar("jaxencdec_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraints(constrain_fn: Constraint | None) -> Iterator[None]:
+    """While active (at trace time), ``constrain(x, axes)`` calls ``constrain_fn(x, axes)``."""
+    token = _constraint.set(constrain_fn)
+    try:
+        yield
+    finally:
+        _constraint.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins ``x``'s sharding by logical axis names (one per dimension); a no-op unless a caller installed
+    ``activation_constraints``."""
+    constrain_fn = _constraint.get()
+    return x if constrain_fn is None else constrain_fn(x, logical_axes)
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch computes it, ``x * (1 + erf(x / sqrt 2)) / 2``. (``jax.nn.gelu`` uses ``erfc``,
@@ -123,6 +148,14 @@ class MLP(nn.Module):
         return make(self.hidden_size, ("mlp", "embed"), name="wo")(h)
 
 
+def _lookup(embed: nn.Embed, ids: jax.Array, rows: str | None) -> jax.Array:
+    """``embed(ids)`` from a table whose ``embed`` side is gathered first (a table split on ``embed`` across the
+    batch's own data-parallel axis leaves the SPMD partitioner to reconcile the two, badly), then pinned to the
+    batch split."""
+    table = constrain(embed.embedding, (rows, None))
+    return constrain(jnp.take(table.astype(embed.dtype or table.dtype), ids, axis=0), HIDDEN_AXES)
+
+
 class Embeddings(nn.Module):
     """Word (+ position) (+ token type 0) embeddings, scaled, optionally normalized, with dropout.
 
@@ -153,15 +186,15 @@ class Embeddings(nn.Module):
         self.drop = Dropout(self.dropout)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
-        x = self.word(input_ids)
+        x = _lookup(self.word, input_ids, "vocab")
         if self.embed_scale != 1.0:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
         if self.max_positions:
-            x = x + self.position(positions)
+            x = x + _lookup(self.position, positions, "positions")
         if self.type_vocab_size:
-            x = x + self.token_type(jnp.zeros_like(input_ids))
+            x = x + _lookup(self.token_type, jnp.zeros_like(input_ids), None)
         if self.layer_norm_eps is not None:
-            x = self.norm(x)
+            x = constrain(self.norm(x), HIDDEN_AXES)
         return self.drop(x, deterministic=deterministic)
 
     def attend(self, hidden: jax.Array) -> jax.Array:

@@ -192,43 +192,18 @@ def constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
 
 
-def activation_sharding(mesh: Mesh | None):
-    """A context (around ``module.apply``) that pins activations to the batch split, from outside the model.
+def activation_constraint(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+    """What the model's ``nn.layers.constrain(x, logical_axes)`` does under ``nn.layers.activation_constraints``:
+    the logical names through ``rules``, fitted to ``x``'s shape, as a ``with_sharding_constraint`` on ``mesh``.
+    None (no constraints) without a mesh or on one device.
 
-    Hidden states ``[batch, length, D]`` leaving every layer norm, attention block and MLP are constrained to
-    ``P(("data", "fsdp"), None, None)``, and embedding lookups gather from a table all-gathered over ``fsdp``
-    (still split over ``model``). Without these pins the SPMD partitioner must reconcile ``fsdp`` on the batch
-    with ``fsdp`` on ``embed`` by itself; on a data x fsdp x model mesh it falls back to "involuntary full
-    rematerialization" around the lookups, and (XLA:CPU, jax 0.10) the gradients of the decoder came out wrong
-    while the loss was right. ``tests/test_sharding.py`` guards both.
+    The model pins hidden states ``[batch, length, D]`` leaving every norm, attention block and MLP to the
+    batch split, and gathers embedding tables over their ``embed`` side before a lookup. Without these pins the
+    SPMD partitioner must reconcile ``fsdp`` on the batch with ``fsdp`` on ``embed`` by itself; on a
+    data x fsdp x model mesh it falls back to "involuntary full rematerialization" around the lookups, and
+    (XLA:CPU, jax 0.10) the gradients of the decoder came out wrong while the loss was right.
+    ``tests/test_sharding.py`` guards both.
     """
-    import contextlib
-
-    from flax import linen as nn
-
-    from jaxencdec.nn.attention import Attention
-    from jaxencdec.nn.layers import MLP
-
     if mesh is None or mesh.size == 1:
-        return contextlib.nullcontext()
-    hidden = P(BATCH_AXES, None, None)
-
-    def pin(x):
-        if isinstance(x, jax.Array) and x.ndim == 3 and jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
-            return constrain(x, mesh, hidden)
-        return x
-
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if isinstance(module, nn.Embed):
-            table = constrain(module.embedding, mesh, P("model", None))
-            ids = args[0] if args else kwargs["inputs"]
-            return pin(jax.numpy.take(table.astype(module.dtype or table.dtype), ids, axis=0))
-        out = next_fun(*args, **kwargs)
-        if isinstance(module, (nn.LayerNorm, Attention, MLP)):
-            out = pin(out)
-        return out
-
-    return nn.intercept_methods(interceptor)
+        return None
+    return lambda x, logical_axes: constrain(x, mesh, logical_to_mesh(P(*logical_axes), rules))

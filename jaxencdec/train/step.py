@@ -18,8 +18,9 @@ from flax import struct
 from flax import traverse_util
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxencdec.parallel.mesh import BATCH_AXES
-from jaxencdec.parallel.shard import activation_sharding, batch_sharding, constrain, named, replicated
+from jaxencdec.nn.layers import activation_constraints
+from jaxencdec.parallel.mesh import BATCH_AXES, DEFAULT_RULES, Rules
+from jaxencdec.parallel.shard import activation_constraint, batch_sharding, constrain, named, replicated
 from jaxencdec.train.config import OptimConfig
 
 PyTree = Any
@@ -129,12 +130,14 @@ def _micro_split(batch: dict[str, jax.Array], micro_batches: int, mesh: Mesh | N
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministic: bool):
-    """``(params, batch, rng) -> (loss_sum, n_tokens)`` for one (micro-)batch."""
+def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministic: bool,
+                 rules: Rules = DEFAULT_RULES):
+    """``(params, batch, rng) -> (loss_sum, n_tokens)`` for one (micro-)batch; activations pinned by ``rules``."""
+    pin = activation_constraint(mesh, rules)
 
     def loss_fn(params, batch, rng):
         batch = {k: constrain(batch[k], mesh, P(BATCH_AXES)) for k in MODEL_KEYS}
-        with activation_sharding(mesh):
+        with activation_constraints(pin):
             out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                                batch["decoder_input_ids"], batch["decoder_attention_mask"],
                                deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
@@ -150,7 +153,8 @@ def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministi
 
 def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     micro_batches: int = 1, label_smoothing: float = 0.0, dropout: bool = True,
-                    mesh: Mesh | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure train step ``(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
 
     ``batch``: int32 ``[B, src_len]`` / ``[B, tgt_len]`` arrays named as in ``MODEL_KEYS``. The loss is the mean
@@ -159,7 +163,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens, finite (1.0 when loss and gradients
     are finite).
     """
-    loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout)
+    loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout, rules=rules)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -201,9 +205,9 @@ def jit_train_step(train_step, mesh: Mesh, specs: TrainState, batch_keys=MODEL_K
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(module, mesh: Mesh | None = None):
+def make_eval_step(module, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES):
     """``(params, batch) -> {"loss_sum", "tokens"}``: deterministic forward, no smoothing."""
-    loss_fn = make_loss_fn(module, 0.0, mesh, deterministic=True)
+    loss_fn = make_loss_fn(module, 0.0, mesh, deterministic=True, rules=rules)
 
     def eval_step(params, batch):
         loss_sum, count = loss_fn(params, batch, None)
