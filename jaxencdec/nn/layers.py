@@ -1,7 +1,8 @@
-"""MLP, embeddings, layer norm and initializers, shared by every architecture.
+"""MLP, embeddings, layer norm, dropout and initializers, shared by every architecture.
 
 Every parameter is created with logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``,
-``positions``, ``norm``, ``hidden``) so that sharding rules can place it without knowing the architecture.
+``positions``, ``norm``, ``hidden``) so that sharding rules can place it without knowing the architecture;
+activations that need pinning go through ``constrain`` with names of their own (``batch``, ``length``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     ``activation_constraints``."""
     constrain_fn = _constraint.get()
     return x if constrain_fn is None else constrain_fn(x, logical_axes)
+
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU as PyTorch computes it, ``x * (1 + erf(x / sqrt 2)) / 2``. (``jax.nn.gelu`` uses ``erfc``,
