@@ -53,6 +53,14 @@ def _kill_when(config_path, env, condition, deadline_s=240):
     return killed, out
 
 
+def _step_of(line: str) -> int:
+    """The step of a metrics line; 0 for a line a kill cut short."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return 0
+
+
 def test_kill_and_resume_is_exact(tmp_path):
     env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"))
     reference = _write_config(tmp_path, "reference")
@@ -80,12 +88,14 @@ def test_kill_and_resume_is_exact(tmp_path):
     rnd = random.Random(seed)
     after_step, delay = rnd.randint(max(complete) + 1, STEPS - 1), rnd.uniform(0.0, 0.05)
     metrics = tmp_path / "victim" / "metrics.jsonl"
+    # The killed run's lines stay (the file is appended to): only this run's lines count.
+    logged_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     reached = {}
 
     def past_random_moment(elapsed):
         if "t" not in reached:
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            if any(json.loads(l).get("step", 0) >= after_step for l in lines if l.endswith("}")):
+            lines = metrics.read_text().splitlines()[logged_before:] if metrics.exists() else []
+            if any(_step_of(line) >= after_step for line in lines):
                 reached["t"] = elapsed
             return False
         return elapsed >= reached["t"] + delay
