@@ -68,11 +68,9 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
                                          method="decode")
             return logits[:, -1], cache
 
-        if config.num_beams > 1:  # the beams of an input share one cache, a slot each
-            cache = init_cache(model_config.decoder_spec, input_ids.shape[0], cache_length, dtype,
-                               slots=config.num_beams)
-        else:
-            cache = init_cache(model_config.decoder_spec, rows, cache_length, dtype)
+        # The beams of an input share one cache, a slot each (one slot per row without beams).
+        cache = init_cache(model_config.decoder_spec, rows // config.num_beams, cache_length, dtype,
+                           slots=config.num_beams)
         start_ids = jnp.full((rows,), config.decoder_start_token_id, jnp.int32)
         if config.num_beams == 1:
             return sample_search(decode, cache, start_ids, max_length=config.max_length, process=process,
