@@ -110,6 +110,11 @@ def bench_torch(enc_dir, dec_dir, batch, args):
 
 
 def bench_jax(enc_dir, dec_dir, batch, args):
+    return time_steps(jax_step(enc_dir, dec_dir, batch, args.dtype), args.warmup, args.steps)
+
+
+def jax_step(enc_dir, dec_dir, batch, dtype_name: str = "float32"):
+    """One jaxencdec AdamW train step on ``batch`` as a no-argument callable (it waits for the result)."""
     import jax
     import jax.numpy as jnp
 
@@ -122,7 +127,7 @@ def bench_jax(enc_dir, dec_dir, batch, args):
 
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_dir, dec_dir, decoder_start_token_id=101,
                                                                 pad_token_id=0)
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     module = EncoderDecoderModule(model.config, dtype=dtype, param_dtype=jnp.float32)
     mesh = make_mesh(MeshConfig(data=-1))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params)
@@ -141,7 +146,7 @@ def bench_jax(enc_dir, dec_dir, batch, args):
         box["state"], metrics = fn(box["state"], device_batch)
         jax.block_until_ready(metrics["loss"])
 
-    return time_steps(step, args.warmup, args.steps)
+    return step
 
 
 def main(argv=None):

@@ -56,11 +56,7 @@ def train_call(args, tmp):
 
     encoder, _ = minilm_folder(tmp)
     decoder, vocab = (encoder, 30522) if args.model == "bert2bert" else (bench_train.small_gpt2_folder(tmp), 50257)
-    batch = bench_train.make_batch(args.batch, 128, 64, 30522, vocab)
-    steps = {}
-    bench_train.time_steps = lambda step, warmup, n: steps.setdefault("step", step) and 1.0
-    bench_train.bench_jax(encoder, decoder, batch, bench_train.parse_args(["--warmup", "0", "--steps", "0"]))
-    return steps["step"]
+    return bench_train.jax_step(encoder, decoder, bench_train.make_batch(args.batch, 128, 64, 30522, vocab))
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
