@@ -88,11 +88,7 @@ class Dropout(nn.Module):
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-        index = jnp.zeros(x.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(x.ndim)):  # the row-major element index, as uint32 (wraps past 2**32)
-            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
-            stride *= x.shape[axis]
+        index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)  # the row-major element index
         threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
         keep = _mix32(_mix32(index ^ seed[0]) + seed[1]) >= threshold
         return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
