@@ -113,3 +113,24 @@ def test_aclsum_package():
     assert os.path.isfile(os.path.join(aclsum_dir(), "test.jsonl"))
     title = read_pairs(DataConfig(format="aclsum"), "train")[0]
     assert title[1] == "Exploring Correlation of Dependency Relation Paths for Answer Extraction"
+
+
+def test_demo_training_data_keeps_test_papers_out(tmp_path):
+    from jaxencdec import demo
+
+    warmup_file, titles_file = demo.write_training_data(str(tmp_path))
+    def read(path):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    warmup, titles = read(warmup_file), read(titles_file)
+    train_papers = demo.read_papers("train") + demo.read_papers("val")
+    test_text = {p.abstract for p in demo.read_papers("test")} | {p.title for p in demo.read_papers("test")}
+    # phase 2: every train/val title pair, then as many distinct copy pairs from the warm-up set
+    assert titles[:len(train_papers)] == [{"source": p.abstract, "target": p.title} for p in train_papers]
+    copies = titles[len(train_papers):]
+    assert len(copies) == len(train_papers) and all(c in warmup for c in copies)
+    assert len({json.dumps(c) for c in copies}) == len(copies)
+    # the warm-up copies the first sentence of its window; nothing comes from the test split
+    assert all(row["source"].startswith(row["target"]) for row in warmup)
+    assert not any(row["source"] in test_text or row["target"] in test_text for row in warmup + titles)

@@ -150,6 +150,36 @@ def test_lr_multipliers_scale_each_group_step():
     assert not np.any(scaled["decoder/frozen/kernel"]) and np.all(plain["decoder/frozen/kernel"])
 
 
+def test_freeze_keeps_matching_params_and_skips_their_backward(setup):
+    model, mesh, batch = setup
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, max_grad_norm=0.0)  # no clipping: groups independent
+    frozen_optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, max_grad_norm=0.0, freeze=("^encoder/",))
+    p_all, m_all = _run_step(model, mesh, batch, 1, optim)
+    p_dec, m_dec = _run_step(model, mesh, batch, 1, frozen_optim)
+    init = traverse_util.flatten_dict(model.params, sep="/")
+    p_all, p_dec = traverse_util.flatten_dict(p_all, sep="/"), traverse_util.flatten_dict(p_dec, sep="/")
+    assert float(m_all["loss"]) == pytest.approx(float(m_dec["loss"]), abs=1e-6)  # same forward
+    for name, value in p_dec.items():
+        if name.startswith("encoder/"):
+            np.testing.assert_array_equal(value, init[name])
+        else:  # AdamW without clipping updates each leaf from its own gradient alone
+            np.testing.assert_allclose(value, p_all[name], atol=1e-6)
+    assert any(not np.array_equal(p_all[n], init[n]) for n in init if n.startswith("encoder/"))
+
+    # the encoder's backward is not computed at all: the compiled step does fewer flops
+    params = jax.tree.map(jnp.asarray, model.params)
+
+    def step_flops(freeze):
+        frozen = st.frozen_mask(params, freeze) if freeze else None
+        loss = st.make_loss_fn(model.module, 0.0, None, deterministic=True, frozen=frozen)
+        grad = jax.jit(jax.grad(lambda p, b: loss(p, b, None)[0]))
+        return grad.lower(params, {k: jnp.asarray(v) for k, v in batch.items()}).compile().cost_analysis()["flops"]
+
+    assert step_flops(("^encoder/",)) < 0.8 * step_flops(())
+    with pytest.raises(ValueError, match="match no parameter"):
+        st.frozen_mask(params, ("^encodr/",))
+
+
 def test_lr_multiplier_config_is_validated():
     from jaxencdec.train.config import RunConfigError
 
@@ -157,6 +187,8 @@ def test_lr_multiplier_config_is_validated():
         OptimConfig(lr_multipliers={"(": 2.0})
     with pytest.raises(RunConfigError, match="must be >= 0"):
         OptimConfig(lr_multipliers={"x": -1.0})
+    with pytest.raises(RunConfigError, match="optim.freeze: '\\[' is not a valid regex"):
+        OptimConfig(freeze=("[",))
 
 
 def test_counter_based_dropout_keeps_one_minus_rate_independently():

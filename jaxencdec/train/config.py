@@ -94,13 +94,17 @@ class OptimConfig:
     # Per parameter group learning rates: {regex on the "/"-joined param path: multiplier}; first match wins.
     # E.g. {"cross_attention|lm_head": 10.0} trains the newly initialized parts of a warm start faster.
     lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    # Parameters kept fixed: regexes on the "/"-joined param path (any match). No gradient is computed for them
+    # (their backward pass is skipped) and no update is applied. E.g. ["^encoder/"] trains the decoder only.
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for pattern, factor in self.lr_multipliers.items():
+        for where, pattern in [("lr_multipliers", p) for p in self.lr_multipliers] + [("freeze", p) for p in self.freeze]:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise RunConfigError(f"optim.lr_multipliers: {pattern!r} is not a valid regex ({e})") from None
+                raise RunConfigError(f"optim.{where}: {pattern!r} is not a valid regex ({e})") from None
+        for pattern, factor in self.lr_multipliers.items():
             if not factor >= 0:
                 raise RunConfigError(f"optim.lr_multipliers[{pattern!r}] must be >= 0, got {factor}")
         if self.schedule not in ("linear", "cosine", "constant"):

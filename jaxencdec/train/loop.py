@@ -203,7 +203,8 @@ class Trainer:
             steps.make_train_step(self.module, self.optimizer, self.schedule,
                                   micro_batches=config.train.micro_batches,
                                   label_smoothing=config.optim.label_smoothing, dropout=config.train.dropout,
-                                  mesh=self.mesh, rules=self.rules),
+                                  mesh=self.mesh, rules=self.rules,
+                                  frozen=steps.frozen_mask(params, config.optim.freeze) if config.optim.freeze else None),
             self.mesh, self.specs)
         eval_module = EncoderDecoderModule(self.model.config, dtype=dtype, param_dtype=jnp.float32)
         self.eval_step = steps.jit_eval_step(steps.make_eval_step(eval_module, self.mesh, self.rules), self.mesh,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +72,39 @@ def lr_multipliers(params: PyTree, patterns: Mapping[str, float]) -> PyTree:
     return traverse_util.unflatten_dict({path: factor(path) for path in flat})
 
 
+def frozen_mask(params: PyTree, patterns: Sequence[str]) -> PyTree:
+    """True for the parameters whose ``/``-joined path matches one of ``patterns`` (``re.search``); a pattern
+    that matches nothing is a ``ValueError`` (a typo would otherwise train everything)."""
+    names = {path: "/".join(path) for path in traverse_util.flatten_dict(params)}
+    unmatched = [p for p in patterns if not any(re.search(p, name) for name in names.values())]
+    if unmatched:
+        raise ValueError(f"optim.freeze: {unmatched} match no parameter (paths look like "
+                         f"{next(iter(names.values()))!r})")
+    return traverse_util.unflatten_dict({path: any(re.search(p, name) for p in patterns)
+                                         for path, name in names.items()})
+
+
+def stop_frozen_gradients(params: PyTree, frozen: PyTree | None) -> PyTree:
+    """``params`` with ``lax.stop_gradient`` on the frozen leaves, so autodiff skips their backward pass."""
+    if frozen is None:
+        return params
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
 def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with ``learning_rate_schedule`` and masked weight decay, its step scaled
-    per parameter group by ``config.lr_multipliers``."""
+    per parameter group by ``config.lr_multipliers`` and zero for ``config.freeze``."""
     parts = []
     if config.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
     parts.append(optax.adamw(learning_rate_schedule(config, num_steps), b1=config.b1, b2=config.b2, eps=config.eps,
                              weight_decay=config.weight_decay,
                              mask=weight_decay_mask(params, config.decay_embeddings)))
-    if config.lr_multipliers:
+    if config.lr_multipliers or config.freeze:
         factors = lr_multipliers(params, config.lr_multipliers)
+        if config.freeze:
+            factors = jax.tree.map(lambda f, frozen: 0.0 if frozen else f, factors,
+                                   frozen_mask(params, config.freeze))
         parts.append(optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))
     return optax.chain(*parts)
 
@@ -131,11 +153,13 @@ def _micro_split(batch: dict[str, jax.Array], micro_batches: int, mesh: Mesh | N
 
 
 def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministic: bool,
-                 rules: Rules = DEFAULT_RULES):
-    """``(params, batch, rng) -> (loss_sum, n_tokens)`` for one (micro-)batch; activations pinned by ``rules``."""
+                 rules: Rules = DEFAULT_RULES, frozen: PyTree | None = None):
+    """``(params, batch, rng) -> (loss_sum, n_tokens)`` for one (micro-)batch; activations pinned by ``rules``;
+    no gradient flows into the leaves where ``frozen`` (a bool tree like ``params``) is True."""
     pin = activation_constraint(mesh, rules)
 
     def loss_fn(params, batch, rng):
+        params = stop_frozen_gradients(params, frozen)
         batch = {k: constrain(batch[k], mesh, P(BATCH_AXES)) for k in MODEL_KEYS}
         with activation_constraints(pin):
             out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -153,7 +177,7 @@ def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministi
 
 def make_train_step(module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     micro_batches: int = 1, label_smoothing: float = 0.0, dropout: bool = True,
-                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                    mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, frozen: PyTree | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure train step ``(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
 
@@ -161,9 +185,10 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     over all counted tokens of the whole batch, also with ``micro_batches > 1`` (sums are accumulated and
     divided once), so accumulation over M micro-batches equals one step on the full batch.
     Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens, finite (1.0 when loss and gradients
-    are finite).
+    are finite). ``frozen``: a bool tree like the params (``frozen_mask``); those leaves get no gradient (pair it
+    with an optimizer built from the same ``OptimConfig.freeze``, which leaves them unchanged).
     """
-    loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout, rules=rules)
+    loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout, rules=rules, frozen=frozen)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
