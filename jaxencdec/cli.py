@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the sharded training stack and orbax checkpoints, saves and reloads it, generates titles for "
                     "the 100 held-out test abstracts with beam search, and prints examples and ROUGE beside a "
                     "lead baseline. Rerunning with the same --output resumes from its checkpoints.")
-    demo.add_argument("--steps", type=int, default=850, help="training steps (default 850, ~8 min on 2 cores)")
+    demo.add_argument("--steps", type=int, default=850, help="training steps (default 850, ~7 min on 2 cores)")
     demo.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--pretrained", help="a BERT folder or hub id to warm-start from (default: the packaged "
                                            "all-MiniLM-L6-v2)")
