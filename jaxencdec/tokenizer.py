@@ -96,7 +96,8 @@ class Tokenizer:
         `overrides` replace `tokenizer_config.json` entries: ``pad_token`` (and the other ``*_token``
         names), ``do_lower_case``, ``strip_accents``, ``tokenize_chinese_chars``,
         ``clean_up_tokenization_spaces``, ``add_prefix_space``, ``tokenizer_class``, ``model_max_length``,
-        ``additional_special_tokens``.
+        ``additional_special_tokens``. ``added_tokens_decoder`` entries missing from ``vocab.txt`` /
+        ``vocab.json`` are added at their listed ids, as transformers does.
         """
         unknown = set(overrides) - OVERRIDABLE
         if unknown:
@@ -108,6 +109,7 @@ class Tokenizer:
             **overrides,
         }
         backend = _build_backend(folder, config)
+        _add_listed_tokens(backend, config.get("added_tokens_decoder") or {})
         defaults = WORDPIECE_DEFAULTS if isinstance(backend.model, models.WordPiece) else BYTE_LEVEL_DEFAULTS
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
@@ -281,6 +283,23 @@ def _read_json(path: str, missing_ok: bool = False) -> dict:
 def _token_content(token) -> str | None:
     """Special tokens are stored as plain strings or as AddedToken dicts {"content": ...}."""
     return token["content"] if isinstance(token, dict) else token
+
+
+def _add_listed_tokens(backend: Backend, listed: dict) -> None:
+    """Adds ``tokenizer_config.json``'s ``added_tokens_decoder`` entries (``{"id": {"content", "special", ...}}``)
+    that the vocabulary files lack, in id order as transformers does; each must land on its listed id."""
+    for token_id, token in sorted(((int(i), t) for i, t in listed.items()), key=lambda item: item[0]):
+        content = _token_content(token)
+        if backend.token_to_id(content) is None:
+            special = bool(token.get("special", False))
+            added = AddedToken(content, special=special, normalized=bool(token.get("normalized", not special)),
+                               lstrip=bool(token.get("lstrip", False)), rstrip=bool(token.get("rstrip", False)),
+                               single_word=bool(token.get("single_word", False)))
+            (backend.add_special_tokens if special else backend.add_tokens)([added])
+        if backend.token_to_id(content) != token_id:
+            raise ValueError(f"tokenizer_config.json lists added token {content!r} with id {token_id}, but the "
+                             f"vocabulary gives it id {backend.token_to_id(content)} (ids must follow the vocabulary "
+                             f"without gaps)")
 
 
 def _build_backend(folder: str, config: dict) -> Backend:

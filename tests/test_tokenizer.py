@@ -287,6 +287,32 @@ def test_model_max_length_and_additional_special_tokens_match_transformers(minil
     assert ours.batch_decode(got["input_ids"]) == ref.batch_decode(got["input_ids"], skip_special_tokens=True)
 
 
+def test_added_tokens_decoder_entries_match_transformers(minilm_dir, tmp_path):
+    config = json.load(open(os.path.join(minilm_dir, "tokenizer_config.json"), encoding="utf-8"))
+    vocab = sum(1 for _ in open(os.path.join(minilm_dir, "vocab.txt"), encoding="utf-8"))
+    entry = dict(lstrip=False, rstrip=False, single_word=False)
+    config["added_tokens_decoder"] = {**config.get("added_tokens_decoder", {}),
+                                      str(vocab): {"content": "<ent>", "special": False, "normalized": True, **entry},
+                                      str(vocab + 1): {"content": "<rel>", "special": True, "normalized": False,
+                                                       **entry}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(os.path.join(minilm_dir, "vocab.txt"), tmp_path / "vocab.txt")
+    ours = Tokenizer.from_pretrained(tmp_path)
+    ref = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    text = ["<ent> Hello <rel> world <ent>", "plain words"]
+    got, want = ours(text), ref(text, padding=True, return_tensors="np")
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    assert ours.token_to_id("<rel>") == vocab + 1 and ours.vocab_size == vocab + 2 == len(ref)
+    for skip in (True, False):
+        assert ours.batch_decode(got["input_ids"], skip_special_tokens=skip) == ref.batch_decode(
+            got["input_ids"], skip_special_tokens=skip)
+
+    config["added_tokens_decoder"][str(vocab + 5)] = {"content": "<gap>", "special": False, **entry}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'<gap>' with id 30527, but the vocabulary gives it id 30524"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_no_model_max_length_means_max_length_is_required(wordpiece_dir, tmp_path):
     config = json.load(open(os.path.join(wordpiece_dir, "tokenizer_config.json"), encoding="utf-8"))
     config["model_max_length"] = int(1e30)  # transformers' "no limit"
