@@ -7,7 +7,7 @@ so a step costs ~40% less and more steps fit the budget):
 
 1. a copy warm-up on the papers' own text: a window of four sentences (abstract, introduction, conclusion)
    -> its first sentence. The fresh cross-attention and LM head learn to read the source and copy from it;
-2. abstract -> title from the warm-up's export, each title pair beside a copy pair, so the decoder keeps
+2. abstract -> title from the warm-up's export, two title pairs to one copy pair, so the decoder keeps
    copying from its input instead of reciting the 150 training titles.
 """
 
@@ -26,6 +26,8 @@ from jaxencdec import assets
 WARMUP_SHARE = 0.76  # of the steps: copying is slow to appear (the copy loss drops after ~350 steps)
 WARMUP_LEARNING_RATE = 1e-3
 TITLES_LEARNING_RATE = 3e-4
+TITLE_REPEATS = 2  # phase 2 sees two title pairs per copy pair: enough copying to stay conditioned, few copied
+# sentences as titles (1:1 gave ROUGE-L 0.152 with beams, 2:1 0.170)
 MAX_SOURCE_LENGTH = 64
 MAX_TARGET_LENGTH = 24
 
@@ -71,14 +73,15 @@ def write_jsonl(path: str, pairs: list[tuple[str, str]]) -> str:
 
 
 def write_training_data(folder: str, seed: int = 0) -> tuple[str, str]:
-    """Writes ``warmup.jsonl`` (copy pairs) and ``titles.jsonl`` (every title pair and as many copy pairs drawn
-    at random), ``{"source", "target"}`` per line, and returns their paths."""
+    """Writes ``warmup.jsonl`` (copy pairs) and ``titles.jsonl`` (every title pair ``TITLE_REPEATS`` times, then
+    one copy pair per title drawn at random), ``{"source", "target"}`` per line, and returns their paths."""
     rows = read_rows("train") + read_rows("val")
     titles = [(p.abstract, p.title) for p in map(paper_of, rows)]
     warmup = copy_pairs(rows)
     kept = np.random.default_rng(seed).choice(len(warmup), size=min(len(titles), len(warmup)), replace=False)
     return (write_jsonl(os.path.join(folder, "warmup.jsonl"), warmup),
-            write_jsonl(os.path.join(folder, "titles.jsonl"), titles + [warmup[i] for i in sorted(kept)]))
+            write_jsonl(os.path.join(folder, "titles.jsonl"),
+                        titles * TITLE_REPEATS + [warmup[i] for i in sorted(kept)]))
 
 
 def run_config(model: dict, output_dir: str, train_file: str, steps: int, learning_rate: float) -> dict:

@@ -126,9 +126,10 @@ def test_demo_training_data_keeps_test_papers_out(tmp_path):
     warmup, titles = read(warmup_file), read(titles_file)
     train_papers = demo.read_papers("train") + demo.read_papers("val")
     test_text = {p.abstract for p in demo.read_papers("test")} | {p.title for p in demo.read_papers("test")}
-    # phase 2: every train/val title pair, then as many distinct copy pairs from the warm-up set
-    assert titles[:len(train_papers)] == [{"source": p.abstract, "target": p.title} for p in train_papers]
-    copies = titles[len(train_papers):]
+    # phase 2: every train/val title pair TITLE_REPEATS times, then one distinct copy pair per paper
+    n_titles = demo.TITLE_REPEATS * len(train_papers)
+    assert titles[:n_titles] == [{"source": p.abstract, "target": p.title} for p in train_papers] * demo.TITLE_REPEATS
+    copies = titles[n_titles:]
     assert len(copies) == len(train_papers) and all(c in warmup for c in copies)
     assert len({json.dumps(c) for c in copies}) == len(copies)
     # the warm-up copies the first sentence of its window; nothing comes from the test split
