@@ -65,6 +65,20 @@ def test_exported_model_loads_and_matches(finished):
     assert os.path.isfile(os.path.join(trainer.out_dir, "best_model", "flax_model.msgpack"))
 
 
+def test_freeze_trains_only_the_rest(tmp_path):
+    config = RunConfig.from_dict(testing.tiny_run_config(
+        str(tmp_path), optim={"learning_rate": 1e-2, "freeze": ["^encoder/", "decoder/embeddings/"]},
+        train={"num_steps": 2}, checkpoint={"every": 2, "keep": 1, "export_final": False}))
+    trainer = Trainer(config)
+    trainer.run()
+    start = traverse_util.flatten_dict(EncoderDecoderModel(trainer.model.config, seed=0).params, sep="/")
+    end = traverse_util.flatten_dict(jax.device_get(trainer.state.params), sep="/")
+    trainer.manager.close()
+    frozen = [n for n in start if n.startswith(("encoder/", "decoder/embeddings/"))]
+    assert frozen and all(np.array_equal(end[n], start[n]) for n in frozen)
+    assert all(not np.array_equal(end[n], start[n]) for n in start if n.endswith("kernel") and n not in frozen)
+
+
 def test_nan_stops_with_last_good_checkpoint(tmp_path):
     config = RunConfig.from_dict(testing.tiny_run_config(
         str(tmp_path), train={"num_steps": 6}, checkpoint={"every": 2, "keep": 3, "export_final": True}))
@@ -99,6 +113,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
     ({"data": {"train_file": "/nonexistent/train.jsonl"}}, "data.train_file /nonexistent/train.jsonl does not exist"),
     ({"optim": {"learning_rate": "fast"}}, "optim.learning_rate must be a number"),
     ({"data": {"format": "parquet"}}, "data.format must be one of"),
+    ({"optim": {"freeze": ["^encodr/"]}}, r"optim.freeze: \['\^encodr/'\] match no parameter"),
 ])
 def test_bad_config_fails_before_any_compile(tmp_path, monkeypatch, change, message):
     raw = testing.tiny_run_config(str(tmp_path), **change)

@@ -99,7 +99,8 @@ class OptimConfig:
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for where, pattern in [("lr_multipliers", p) for p in self.lr_multipliers] + [("freeze", p) for p in self.freeze]:
+        named = [("lr_multipliers", p) for p in self.lr_multipliers] + [("freeze", p) for p in self.freeze]
+        for where, pattern in named:
             try:
                 re.compile(pattern)
             except re.error as e:

@@ -178,6 +178,8 @@ class Trainer:
         # Params: born sharded for a random init, else placed shard by shard from the host copy.
         logical = self.model.logical_axes()
         self.logical = logical
+        if config.optim.freeze:
+            steps.frozen_mask(logical, config.optim.freeze)  # a pattern matching no parameter fails here
         if self.model.params:
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), self.model.params)
             pspecs = param_specs(logical, shapes, self.mesh, self.rules)
@@ -199,12 +201,12 @@ class Trainer:
         self.optimizer = steps.make_optimizer(config.optim, config.train.num_steps, params)
         self.specs = steps.state_specs(pspecs, steps.state_shapes(params, self.optimizer))
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
+        frozen = steps.frozen_mask(params, config.optim.freeze) if config.optim.freeze else None
         self.train_step = steps.jit_train_step(
             steps.make_train_step(self.module, self.optimizer, self.schedule,
                                   micro_batches=config.train.micro_batches,
                                   label_smoothing=config.optim.label_smoothing, dropout=config.train.dropout,
-                                  mesh=self.mesh, rules=self.rules,
-                                  frozen=steps.frozen_mask(params, config.optim.freeze) if config.optim.freeze else None),
+                                  mesh=self.mesh, rules=self.rules, frozen=frozen),
             self.mesh, self.specs)
         eval_module = EncoderDecoderModule(self.model.config, dtype=dtype, param_dtype=jnp.float32)
         self.eval_step = steps.jit_eval_step(steps.make_eval_step(eval_module, self.mesh, self.rules), self.mesh,

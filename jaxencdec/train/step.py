@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxencdec.nn.layers import activation_constraints
 from jaxencdec.parallel.mesh import BATCH_AXES, DEFAULT_RULES, Rules
 from jaxencdec.parallel.shard import activation_constraint, batch_sharding, constrain, named, replicated
-from jaxencdec.train.config import OptimConfig
+from jaxencdec.train.config import OptimConfig, RunConfigError
 
 PyTree = Any
 MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -74,11 +74,11 @@ def lr_multipliers(params: PyTree, patterns: Mapping[str, float]) -> PyTree:
 
 def frozen_mask(params: PyTree, patterns: Sequence[str]) -> PyTree:
     """True for the parameters whose ``/``-joined path matches one of ``patterns`` (``re.search``); a pattern
-    that matches nothing is a ``ValueError`` (a typo would otherwise train everything)."""
+    that matches nothing is a ``RunConfigError`` (a typo would otherwise train everything)."""
     names = {path: "/".join(path) for path in traverse_util.flatten_dict(params)}
     unmatched = [p for p in patterns if not any(re.search(p, name) for name in names.values())]
     if unmatched:
-        raise ValueError(f"optim.freeze: {unmatched} match no parameter (paths look like "
+        raise RunConfigError(f"optim.freeze: {unmatched} match no parameter (paths look like "
                          f"{next(iter(names.values()))!r})")
     return traverse_util.unflatten_dict({path: any(re.search(p, name) for p in patterns)
                                          for path, name in names.items()})
