@@ -178,8 +178,8 @@ class Trainer:
         # Params: born sharded for a random init, else placed shard by shard from the host copy.
         logical = self.model.logical_axes()
         self.logical = logical
-        if config.optim.freeze:
-            steps.frozen_mask(logical, config.optim.freeze)  # a pattern matching no parameter fails here
+        # Checked here, before any compile: a pattern matching no parameter is a RunConfigError.
+        frozen = steps.frozen_mask(logical, config.optim.freeze) if config.optim.freeze else None
         if self.model.params:
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), self.model.params)
             pspecs = param_specs(logical, shapes, self.mesh, self.rules)
@@ -201,7 +201,6 @@ class Trainer:
         self.optimizer = steps.make_optimizer(config.optim, config.train.num_steps, params)
         self.specs = steps.state_specs(pspecs, steps.state_shapes(params, self.optimizer))
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
-        frozen = steps.frozen_mask(params, config.optim.freeze) if config.optim.freeze else None
         self.train_step = steps.jit_train_step(
             steps.make_train_step(self.module, self.optimizer, self.schedule,
                                   micro_batches=config.train.micro_batches,

@@ -79,7 +79,7 @@ def frozen_mask(params: PyTree, patterns: Sequence[str]) -> PyTree:
     unmatched = [p for p in patterns if not any(re.search(p, name) for name in names.values())]
     if unmatched:
         raise RunConfigError(f"optim.freeze: {unmatched} match no parameter (paths look like "
-                         f"{next(iter(names.values()))!r})")
+                             f"{next(iter(names.values()))!r})")
     return traverse_util.unflatten_dict({path: any(re.search(p, name) for p in patterns)
                                          for path, name in names.items()})
 
