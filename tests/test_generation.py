@@ -85,12 +85,35 @@ def test_each_processor_matches_transformers(options, cur_len):
     np.testing.assert_array_equal(np.asarray(ours), want)
 
 
+@pytest.mark.parametrize("penalty", [0.6, 1.5, 3.0])
+def test_encoder_repetition_penalty_matches_transformers(penalty):
+    """Each row (3 per input, as with beams) favours its input's tokens; bucket padding past the caller's input
+    (``source_valid`` False) does not count."""
+    config = GenerationConfig(max_length=8, decoder_start_token_id=START, encoder_repetition_penalty=penalty)
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 16, (2, 5)).astype(np.int32)
+    scores = rng.normal(size=(6, 16)).astype(np.float32)  # both signs: they are scaled differently
+    buffer = rng.integers(5, 10, (6, 8)).astype(np.int32)
+    valid = np.broadcast_to(np.arange(7) < 5, (6, 7))
+    bucketed = np.pad(np.repeat(source, 3, axis=0), ((0, 0), (0, 2)), constant_values=15)
+    process = build_logits_processor(config, jnp.asarray(bucketed), jnp.asarray(valid))
+    assert process.names == ("encoder_repetition_penalty",)
+    ours = process(jnp.asarray(buffer), jnp.int32(3), jnp.asarray(scores))
+    reference = hf_lp.EncoderRepetitionPenaltyLogitsProcessor(float(penalty), torch.tensor(source, dtype=torch.long))
+    want = reference(torch.tensor(buffer[:, :3], dtype=torch.long), torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.asarray(ours), want)
+    assert (want != scores).any()
+    with pytest.raises(ValueError, match="encoder input ids"):
+        build_logits_processor(config)
+
+
 def test_processor_order_is_transformers_order():
     config = GenerationConfig(
-        eos_token_id=EOS, decoder_start_token_id=START, repetition_penalty=1.2, no_repeat_ngram_size=2,
+        eos_token_id=EOS, decoder_start_token_id=START, encoder_repetition_penalty=1.5, repetition_penalty=1.2,
+        no_repeat_ngram_size=2,
         bad_words_ids=[[5]], min_new_tokens=2, forced_bos_token_id=4, forced_eos_token_id=EOS, do_sample=True,
         temperature=0.5, top_k=10, top_p=0.9)
-    assert processor_names(config) == ("repetition_penalty", "no_repeat_ngram", "bad_words", "min_length",
+    assert processor_names(config) == ("encoder_repetition_penalty", "repetition_penalty", "no_repeat_ngram", "bad_words", "min_length",
                                        "forced_bos", "forced_eos", "temperature", "top_k", "top_p")
     # Warpers only when sampling; min length only with an EOS id; defaults add nothing.
     assert processor_names(config.replace(do_sample=False))[-1] == "forced_eos"
@@ -278,6 +301,8 @@ def test_generation_config_reads_transformers_json_with_nulls(tmp_path):
     (dict(do_sample=True, temperature=0.0), "temperature"),
     (dict(do_sample=True, temperature=-1.0), "temperature"),
     (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(encoder_repetition_penalty=-2.0), "encoder_repetition_penalty"),
     (dict(eos_token_id=VOCAB), "eos_token_id"),
     (dict(bad_words_ids=[[5, VOCAB + 3]]), "bad_words_ids"),
     (dict(bad_words_ids=[[]]), "bad_words_ids"),

@@ -28,6 +28,8 @@ CASES = [
     ("no-repeat-ngram-3", dict(no_repeat_ngram_size=3)),
     ("min-new-tokens-beam", dict(num_beams=4, min_new_tokens=5)),
     ("repetition-penalty-1.3", dict(repetition_penalty=1.3)),
+    ("encoder-repetition-penalty-2", dict(encoder_repetition_penalty=2.0)),
+    ("encoder-repetition-penalty-beam4", dict(num_beams=4, encoder_repetition_penalty=4.0, no_repeat_ngram_size=2)),
     ("bad-words", dict(bad_words_ids="probe")),
     ("forced-eos", dict(forced_eos_token_id="probe")),
     ("eos-list", dict(eos_token_id="probe-list")),
@@ -118,3 +120,7 @@ def test_generate_matches_transformers(setup, case):
         # Rows that end before the last possible position (MAX_NEW): at least two, or the case proves little.
         ended_early = np.isin(want[:, 1:MAX_NEW], kwargs["eos_token_id"]).any(axis=1)
         assert ended_early.sum() >= 2, "the EOS ids do not end sequences early"
+    if "encoder_repetition_penalty" in case:
+        # The penalty must change what is generated, or the case proves nothing.
+        plain = setup.ours.generate(setup.ids, setup.mask, **{**kwargs, "encoder_repetition_penalty": 1.0})
+        assert np.asarray(plain).shape != want.shape or (np.asarray(plain) != want).any()

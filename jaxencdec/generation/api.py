@@ -47,19 +47,24 @@ def beam_fill_id(config: GenerationConfig) -> int:
 
 
 def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dtype, param_dtype):
-    """``(params, input_ids, attention_mask, prng_key) -> SearchOutput``, not yet jitted. ``config`` resolved."""
+    """``(params, input_ids, attention_mask, prng_key, source_length=None) -> SearchOutput``, not yet jitted.
+    ``config`` resolved. ``source_length`` (int32 scalar, traced): the columns of ``input_ids`` that are the
+    caller's input, the rest being bucket padding (None: all of them)."""
     module = EncoderDecoderModule(model_config, dtype=dtype, param_dtype=param_dtype)
-    process = build_logits_processor(config)
     rows_per_input = max(config.num_beams, config.num_return_sequences)
     cache_length = config.max_length - 1  # the last token is never fed back
 
-    def run(params, input_ids, attention_mask, prng_key) -> SearchOutput:
+    def run(params, input_ids, attention_mask, prng_key, source_length=None) -> SearchOutput:
         global _traces
         _traces += 1  # Python side effect: runs once per trace, never per call
         variables = {"params": params}
         encoded = module.apply(variables, input_ids, attention_mask, method="encode")  # [batch, src, D_enc]
         cross_kv = module.apply(variables, encoded, method="cross_kv")  # per layer [batch, src, h, d], once
         rows = input_ids.shape[0] * rows_per_input  # row = b * rows_per_input + k
+        source_ids = jnp.repeat(input_ids, rows_per_input, axis=0)  # [rows, src]
+        source_valid = None if source_length is None else jnp.broadcast_to(
+            jnp.arange(input_ids.shape[1])[None, :] < source_length, source_ids.shape)
+        process = build_logits_processor(config, source_ids, source_valid)
 
         def decode(ids, cache, index, slots):
             # cross_kv and the source mask keep batch `batch`: attention folds the rows of one input together.
@@ -203,7 +208,8 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
     if config.do_sample and prng_key is None:
         prng_key = jax.random.key(0)
     search = _jitted_search(model.config, _search_key(config), model.module.dtype, model.module.param_dtype)
-    out = search(model.params if params is None else params, ids, mask, prng_key if config.do_sample else None)
+    out = search(model.params if params is None else params, ids, mask, prng_key if config.do_sample else None,
+                 np.int32(length))
     sequences = out.sequences[:, :int(out.length)]
     if not config.return_dict_in_generate:
         return sequences

@@ -61,6 +61,7 @@ class GenerationConfig:
     early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    encoder_repetition_penalty: float = 1.0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | tuple[int, ...] | None = None
@@ -104,8 +105,10 @@ class GenerationConfig:
                   "needs num_beams >= num_return_sequences or do_sample=True")
         check(isinstance(self.early_stopping, bool) or self.early_stopping == "never",
               f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        check(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
-              f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                  f"{name} must be > 0, got {value!r}")
         check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
               f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         check(isinstance(self.length_penalty, (int, float)), f"length_penalty must be a number, got "

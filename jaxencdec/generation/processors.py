@@ -78,6 +78,23 @@ def _scatter_rows(rows: int, vocab_size: int, token_ids: jax.Array, keep: jax.Ar
     return hit[:, :vocab_size]
 
 
+def encoder_repetition_penalty(sequences, cur_len, scores, *, penalty: float, source_ids: jax.Array,
+                               source_valid: jax.Array | None):
+    """Every token of the encoder input: score * (1 / penalty) if < 0, else score / (1 / penalty), so a penalty
+    above 1 favours copying from the source (transformers' ``EncoderRepetitionPenaltyLogitsProcessor``).
+
+    ``source_ids``: int32 ``[rows, src_len]``, each row's encoder input (padding included, as transformers takes
+    the whole ``input_ids``); ``source_valid``: bool ``[rows, src_len]``, False for bucket padding added after the
+    caller's input (None: every column counts).
+    """
+    rows, src_len = source_ids.shape
+    valid = jnp.ones((rows, src_len), bool) if source_valid is None else source_valid
+    seen = _scatter_rows(rows, scores.shape[-1], source_ids, valid)
+    inverse = 1 / penalty
+    favoured = jnp.where(scores < 0, scores * inverse, exact_divide(scores, inverse))
+    return jnp.where(seen, favoured, scores)
+
+
 def repetition_penalty(sequences, cur_len, scores, *, penalty: float):
     """Every token already in the sequence (start token included): score / penalty if > 0, else * penalty."""
     rows, length = sequences.shape
@@ -180,15 +197,24 @@ class LogitsProcessor:
         return scores
 
 
-def build_logits_processor(config: GenerationConfig) -> LogitsProcessor:
+def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | None = None,
+                           source_valid: jax.Array | None = None) -> LogitsProcessor:
     """The processors transformers' ``_get_logits_processor`` would build for ``config``, in its order:
 
-    repetition penalty, no-repeat n-gram, bad words, min length (``min_new_tokens`` folded in by ``resolve``),
-    forced BOS, forced EOS, then with sampling the warpers temperature, top-k, top-p.
+    encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``:
+    see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, bad words, min length
+    (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced EOS, then with sampling the warpers
+    temperature, top-k, top-p.
     """
     c = config.resolve()
     eos = c.eos_token_ids
     steps: list[tuple[str, Processor]] = []
+    if c.encoder_repetition_penalty != 1.0:
+        if source_ids is None:
+            raise ValueError("encoder_repetition_penalty needs the encoder input ids (source_ids)")
+        steps.append(("encoder_repetition_penalty",
+                      partial(encoder_repetition_penalty, penalty=float(c.encoder_repetition_penalty),
+                              source_ids=source_ids, source_valid=source_valid)))
     if c.repetition_penalty != 1.0:
         steps.append(("repetition_penalty", partial(repetition_penalty, penalty=float(c.repetition_penalty))))
     if c.no_repeat_ngram_size > 0:
@@ -220,4 +246,4 @@ def build_logits_processor(config: GenerationConfig) -> LogitsProcessor:
 
 def processor_names(config: GenerationConfig) -> Sequence[str]:
     """The names of the processors ``config`` enables, in application order."""
-    return build_logits_processor(config).names
+    return build_logits_processor(config, source_ids=jnp.zeros((1, 1), jnp.int32)).names
