@@ -118,7 +118,7 @@ def test_aclsum_package():
 def test_demo_training_data_keeps_test_papers_out(tmp_path):
     from jaxencdec import demo
 
-    warmup_file, titles_file = demo.write_training_data(str(tmp_path))
+    warmup_file, titles_file = demo.write_training_data(str(tmp_path), "[MASK]")
     def read(path):
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
@@ -126,12 +126,16 @@ def test_demo_training_data_keeps_test_papers_out(tmp_path):
     warmup, titles = read(warmup_file), read(titles_file)
     train_papers = demo.read_papers("train") + demo.read_papers("val")
     test_text = {p.abstract for p in demo.read_papers("test")} | {p.title for p in demo.read_papers("test")}
-    # phase 2: every train/val title pair TITLE_REPEATS times, then one distinct copy pair per paper
+    # phase 2: every train/val title pair (target marked by the task token) TITLE_REPEATS times, then one distinct
+    # copy pair per paper (unmarked)
     n_titles = demo.TITLE_REPEATS * len(train_papers)
-    assert titles[:n_titles] == [{"source": p.abstract, "target": p.title} for p in train_papers] * demo.TITLE_REPEATS
+    assert titles[:n_titles] == [{"source": p.abstract, "target": f"[MASK] {p.title}"}
+                                 for p in train_papers] * demo.TITLE_REPEATS
     copies = titles[n_titles:]
     assert len(copies) == len(train_papers) and all(c in warmup for c in copies)
+    assert not any("[MASK]" in row["target"] for row in warmup + copies)
     assert len({json.dumps(c) for c in copies}) == len(copies)
     # the warm-up copies the first sentence of its window; nothing comes from the test split
     assert all(row["source"].startswith(row["target"]) for row in warmup)
-    assert not any(row["source"] in test_text or row["target"] in test_text for row in warmup + titles)
+    assert not any(row["source"] in test_text or row["target"].removeprefix("[MASK] ") in test_text
+                   for row in warmup + titles)
