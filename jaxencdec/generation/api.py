@@ -108,7 +108,8 @@ def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: Gene
       params: the parameter tree (``model.params``), possibly sharded.
       input_ids: int32 ``[batch, src_len]``; attention_mask: ``[batch, src_len]``, nonzero = real token.
         Token ids must already be valid (``EncoderDecoderModel.generate`` checks them; here an out-of-range
-        id would be clamped silently).
+        id would be clamped silently). ``encoder_repetition_penalty`` favours every id of ``input_ids``,
+        padding included, as transformers does.
       prng_key: a PRNG key for sampling modes; ignored (may be None) otherwise.
     Returns:
       ``sequences`` int32 ``[batch * num_return_sequences, max_length]`` (``max_length`` counts the start token),
