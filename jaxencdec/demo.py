@@ -34,7 +34,7 @@ WARMUP_LEARNING_RATE = 1e-3
 TITLES_LEARNING_RATE = 3e-4
 TITLE_REPEATS = 1  # title pairs per copy pair in phase 2
 # Beam search settings of the demo's titles. Picked on ACLSum's validation split (a model trained on the train
-# split only; ROUGE-L 0.278 there against 0.221 for the lead baseline), never on the test split.
+# split only; ROUGE-L 0.278 there against 0.221 for the lead baseline).
 DECODING = dict(num_beams=4, encoder_repetition_penalty=5.0, repetition_penalty=1.3, no_repeat_ngram_size=2,
                 min_new_tokens=3)
 MAX_SOURCE_LENGTH = 64
