@@ -107,13 +107,47 @@ def test_encoder_repetition_penalty_matches_transformers(penalty):
         build_logits_processor(config)
 
 
+@pytest.mark.parametrize("ngram_size", [1, 2, 3])
+@pytest.mark.parametrize("cur_len", [1, 2, 4])
+def test_encoder_no_repeat_ngram_matches_transformers(ngram_size, cur_len):
+    """Bans completions of the input's n-grams (3 rows per input, as with beams); n-grams reaching into bucket
+    padding past the caller's input do not count."""
+    config = GenerationConfig(max_length=8, decoder_start_token_id=START, encoder_no_repeat_ngram_size=ngram_size)
+    rng = np.random.default_rng(cur_len)
+    source = rng.integers(5, 9, (2, 6)).astype(np.int32)  # few distinct ids: n-grams repeat in the sequences
+    buffer = rng.integers(5, 9, (6, 8)).astype(np.int32)
+    scores = rng.normal(size=(6, 16)).astype(np.float32)
+    valid = np.broadcast_to(np.arange(8) < 6, (6, 8))
+    bucketed = np.pad(np.repeat(source, 3, axis=0), ((0, 0), (0, 2)), constant_values=5)
+    process = build_logits_processor(config, jnp.asarray(bucketed), jnp.asarray(valid))
+    assert process.names == ("encoder_no_repeat_ngram",)
+    ours = process(jnp.asarray(buffer), jnp.int32(cur_len), jnp.asarray(scores))
+    reference = hf_lp.EncoderNoRepeatNGramLogitsProcessor(ngram_size, torch.tensor(source, dtype=torch.long))
+    want = reference(torch.tensor(buffer[:, :cur_len], dtype=torch.long), torch.tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.asarray(ours), want)
+    if cur_len >= ngram_size - 1 and ngram_size < 3:
+        assert np.isinf(want).any()  # the case bans something
+
+
+def test_unimplemented_transformers_options_are_errors_unless_neutral(tmp_path):
+    path = tmp_path / "generation_config.json"
+    path.write_text('{"decoder_start_token_id": 3, "typical_p": 0.9, "epsilon_cutoff": 0.0, "transformers_version": "5"}')
+    config = GenerationConfig.from_json_file(path)
+    with pytest.raises(GenerationConfigError, match="typical_p=0.9"):
+        config.resolve()
+    assert GenerationConfig.from_dict({**config.to_dict(), "typical_p": 1.0}).resolve().num_beams == 1
+    with pytest.raises(GenerationConfigError, match="min_p=0.1"):
+        config.replace(typical_p=None, min_p=0.1).resolve()
+
+
 def test_processor_order_is_transformers_order():
     config = GenerationConfig(
         eos_token_id=EOS, decoder_start_token_id=START, encoder_repetition_penalty=1.5, repetition_penalty=1.2,
-        no_repeat_ngram_size=2,
+        no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=3,
         bad_words_ids=[[5]], min_new_tokens=2, forced_bos_token_id=4, forced_eos_token_id=EOS, do_sample=True,
         temperature=0.5, top_k=10, top_p=0.9)
-    assert processor_names(config) == ("encoder_repetition_penalty", "repetition_penalty", "no_repeat_ngram", "bad_words", "min_length",
+    assert processor_names(config) == ("encoder_repetition_penalty", "repetition_penalty", "no_repeat_ngram",
+                                       "encoder_no_repeat_ngram", "bad_words", "min_length",
                                        "forced_bos", "forced_eos", "temperature", "top_k", "top_p")
     # Warpers only when sampling; min length only with an EOS id; defaults add nothing.
     assert processor_names(config.replace(do_sample=False))[-1] == "forced_eos"
@@ -303,6 +337,8 @@ def test_generation_config_reads_transformers_json_with_nulls(tmp_path):
     (dict(early_stopping="sometimes"), "early_stopping"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(encoder_repetition_penalty=-2.0), "encoder_repetition_penalty"),
+    (dict(encoder_no_repeat_ngram_size=-1), "encoder_no_repeat_ngram_size"),
+    (dict(do_sample=True, min_p=0.05), "does not implement"),
     (dict(eos_token_id=VOCAB), "eos_token_id"),
     (dict(bad_words_ids=[[5, VOCAB + 3]]), "bad_words_ids"),
     (dict(bad_words_ids=[[]]), "bad_words_ids"),

@@ -30,6 +30,8 @@ CASES = [
     ("repetition-penalty-1.3", dict(repetition_penalty=1.3)),
     ("encoder-repetition-penalty-2", dict(encoder_repetition_penalty=2.0)),
     ("encoder-repetition-penalty-beam4", dict(num_beams=4, encoder_repetition_penalty=4.0, no_repeat_ngram_size=2)),
+    ("encoder-no-repeat-ngram-2", dict(encoder_no_repeat_ngram_size=2)),
+    ("encoder-no-repeat-ngram-1-beam4", dict(num_beams=4, encoder_no_repeat_ngram_size=1)),
     ("bad-words", dict(bad_words_ids="probe")),
     ("forced-eos", dict(forced_eos_token_id="probe")),
     ("eos-list", dict(eos_token_id="probe-list")),
@@ -50,6 +52,10 @@ class Setup:
     def __init__(self, hf, ours, ids, mask, start, pad):
         self.hf, self.ours, self.ids, self.mask = hf, ours, ids, mask
         probe = _probe_tokens(hf, ids, mask, start, pad)
+        # Sources that echo what the model says first (tokens 1-3 of its greedy output), so that the encoder
+        # n-gram bans really bite.
+        self.echo_ids = ids.copy()
+        self.echo_ids[:, 1:4] = probe[:, 1:4]
         # EOS: what input 0 emits at step 3, so that it ends early; a second id for the list case from input 2.
         self.eos = int(probe[0, 3])
         second = int(probe[2, 2])
@@ -105,10 +111,11 @@ def setup(request, minilm_path, tmp_path_factory):
 @pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_generate_matches_transformers(setup, case):
     kwargs = setup.resolve_case(case)
+    ids = setup.echo_ids if "encoder_no_repeat_ngram_size" in case else setup.ids
     with torch.no_grad():
-        expected = setup.hf.generate(input_ids=torch.tensor(setup.ids), attention_mask=torch.tensor(setup.mask),
+        expected = setup.hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(setup.mask),
                                      return_dict_in_generate=True, output_scores=True, **kwargs)
-    got = setup.ours.generate(setup.ids, setup.mask, return_dict_in_generate=True, output_scores=True, **kwargs)
+    got = setup.ours.generate(ids, setup.mask, return_dict_in_generate=True, output_scores=True, **kwargs)
     want = expected.sequences.numpy()
     np.testing.assert_array_equal(np.asarray(got.sequences), want)
     if kwargs.get("num_beams", 1) > 1:
@@ -120,7 +127,8 @@ def test_generate_matches_transformers(setup, case):
         # Rows that end before the last possible position (MAX_NEW): at least two, or the case proves little.
         ended_early = np.isin(want[:, 1:MAX_NEW], kwargs["eos_token_id"]).any(axis=1)
         assert ended_early.sum() >= 2, "the EOS ids do not end sequences early"
-    if "encoder_repetition_penalty" in case:
-        # The penalty must change what is generated, or the case proves nothing.
-        plain = setup.ours.generate(setup.ids, setup.mask, **{**kwargs, "encoder_repetition_penalty": 1.0})
+    source_options = {"encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
+    if set(case) & set(source_options):
+        # The option must change what is generated, or the case proves nothing.
+        plain = setup.ours.generate(ids, setup.mask, **{**kwargs, **source_options})
         assert np.asarray(plain).shape != want.shape or (np.asarray(plain) != want).any()

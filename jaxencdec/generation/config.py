@@ -11,6 +11,18 @@ from jaxencdec.checkpoint.io import read_json, write_json
 # transformers 5: with neither max_length nor max_new_tokens set anywhere, generate 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
 
+# transformers generation options that change what is generated and that jaxencdec does not implement, each with
+# the values at which transformers leaves generation unchanged. Set to anything else (in generation_config.json
+# or as a keyword), they are an error at generate time rather than silently ignored.
+NOT_IMPLEMENTED = {
+    "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "min_p": (None,),
+    "top_h": (None,), "diversity_penalty": (None, 0.0), "num_beam_groups": (None, 1), "penalty_alpha": (None,),
+    "dola_layers": (None,), "guidance_scale": (None, 1.0), "sequence_bias": (None, {}),
+    "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False), "constraints": (None, []), "force_words_ids": (None, []),
+    "watermarking_config": (None,), "stop_strings": (None, []), "max_time": (None,), "token_healing": (None, False),
+}
+
 
 class GenerationConfigError(ValueError):
     """A generation setting is out of range or inconsistent."""
@@ -60,6 +72,7 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     no_repeat_ngram_size: int = 0
+    encoder_no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
     encoder_repetition_penalty: float = 1.0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
@@ -109,8 +122,9 @@ class GenerationConfig:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
                   f"{name} must be > 0, got {value!r}")
-        check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
-              f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         check(isinstance(self.length_penalty, (int, float)), f"length_penalty must be a number, got "
               f"{self.length_penalty!r}")
         if self.do_sample:
@@ -134,12 +148,18 @@ class GenerationConfig:
             check(value is None or (_is_int(value) and value >= 0), f"{name} must be a token id >= 0, got {value!r}")
 
     def replace(self, **changes) -> "GenerationConfig":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - known - set(NOT_IMPLEMENTED)
         if unknown:
             raise GenerationConfigError(
                 f"unknown generation option(s): {sorted(unknown)}; known options: "
                 f"{sorted(f.name for f in dataclasses.fields(self) if f.name != 'extra')}")
-        return dataclasses.replace(self, **changes)
+        # transformers options we do not implement are kept aside; resolve() rejects them unless neutral
+        kept_aside = {k: v for k, v in changes.items() if k not in known}
+        fields = {k: v for k, v in changes.items() if k in known}
+        if kept_aside:
+            fields["extra"] = {**self.extra, **kept_aside}
+        return dataclasses.replace(self, **fields)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -163,8 +183,15 @@ class GenerationConfig:
         * ``decoder_start_token_id``: falls back to ``bos_token_id``; missing both is an error.
         * ``pad_token_id``: falls back to the first eos id. ``eos_token_id``: a tuple (possibly empty).
 
-        Idempotent: ``c.resolve().resolve() == c.resolve()``.
+        Idempotent: ``c.resolve().resolve() == c.resolve()``. Raises ``GenerationConfigError`` for a transformers
+        option this library does not implement that is set to a value that would change the result.
         """
+        active = {k: v for k, v in self.extra.items() if k in NOT_IMPLEMENTED and v not in NOT_IMPLEMENTED[k]}
+        if active:
+            raise GenerationConfigError(
+                "jaxencdec does not implement these generation options, which transformers would apply: "
+                + ", ".join(f"{k}={v!r}" for k, v in sorted(active.items()))
+                + " (remove them from generation_config.json or pass their neutral values)")
         if self.max_new_tokens is not None:
             max_length = 1 + self.max_new_tokens
         elif self.max_length is not None:

@@ -103,20 +103,44 @@ def repetition_penalty(sequences, cur_len, scores, *, penalty: float):
     return jnp.where(seen, penalised, scores)
 
 
+def _ngram_windows(ids: jax.Array, n: int) -> jax.Array:
+    """Every n-gram of each row: int32 ``[rows, length - n + 1, n]``."""
+    return jnp.stack([ids[:, j:j + ids.shape[1] - n + 1] for j in range(n)], axis=-1)
+
+
+def _ban_completions(sequences, cur_len, scores, windows, counted, n: int):
+    """-inf at the last token of every counted window (``[rows, windows, n]``, ``counted [rows, windows]``) whose
+    first n-1 tokens equal the sequence's last n-1 tokens."""
+    prefix = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(cur_len - (n - 1), 0), n - 1, axis=1)
+    matches = jnp.all(windows[..., :-1] == prefix[:, None, :], axis=-1) & counted
+    banned = _scatter_rows(scores.shape[0], scores.shape[-1], windows[..., -1], matches)
+    return jnp.where(banned, NEG_INF, scores)
+
+
 def no_repeat_ngram(sequences, cur_len, scores, *, ngram_size: int):
     """Bans every token that would complete an n-gram already present in the sequence."""
-    rows, length = sequences.shape
     n = ngram_size
-    num_windows = length - n + 1
+    num_windows = sequences.shape[1] - n + 1
     if num_windows <= 0:  # no n-gram fits in max_length: nothing can ever be banned
         return scores
-    windows = jnp.stack([sequences[:, j:j + num_windows] for j in range(n)], axis=-1)  # [rows, windows, n]
-    # The last n-1 tokens; a window whose first n-1 tokens equal them bans its last token.
-    prefix = jax.lax.dynamic_slice_in_dim(sequences, jnp.maximum(cur_len - (n - 1), 0), n - 1, axis=1)
     complete = jnp.arange(num_windows) + n <= cur_len  # [windows]: the window lies inside the sequence
-    matches = jnp.all(windows[..., :-1] == prefix[:, None, :], axis=-1) & complete[None, :] & (cur_len >= n)
-    banned = _scatter_rows(rows, scores.shape[-1], windows[..., -1], matches)
-    return jnp.where(banned, NEG_INF, scores)
+    counted = jnp.broadcast_to(complete[None, :] & (cur_len >= n), (sequences.shape[0], num_windows))
+    return _ban_completions(sequences, cur_len, scores, _ngram_windows(sequences, n), counted, n)
+
+
+def encoder_no_repeat_ngram(sequences, cur_len, scores, *, ngram_size: int, source_ids: jax.Array,
+                            source_valid: jax.Array | None):
+    """Bans every token that would complete an n-gram of the row's encoder input (transformers'
+    ``EncoderNoRepeatNGramLogitsProcessor``), once the sequence holds n-1 tokens (start token included).
+    ``source_ids`` / ``source_valid`` as in ``encoder_repetition_penalty``: an n-gram counts only if all its
+    columns are valid."""
+    n = ngram_size
+    rows, src_len = source_ids.shape
+    if src_len < n:
+        return scores
+    valid = jnp.ones((rows, src_len), bool) if source_valid is None else source_valid
+    counted = jnp.all(_ngram_windows(valid, n), axis=-1) & (cur_len >= n - 1)
+    return _ban_completions(sequences, cur_len, scores, _ngram_windows(source_ids, n), counted, n)
 
 
 def bad_words(sequences, cur_len, scores, *, single: tuple[int, ...], multi: tuple[tuple[int, ...], ...]):
@@ -202,9 +226,9 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
     """The processors transformers' ``_get_logits_processor`` would build for ``config``, in its order:
 
     encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``:
-    see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, bad words, min length
-    (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced EOS, then with sampling the warpers
-    temperature, top-k, top-p.
+    see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat n-gram (same
+    inputs), bad words, min length (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced EOS, then
+    with sampling the warpers temperature, top-k, top-p.
     """
     c = config.resolve()
     eos = c.eos_token_ids
@@ -219,6 +243,12 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
         steps.append(("repetition_penalty", partial(repetition_penalty, penalty=float(c.repetition_penalty))))
     if c.no_repeat_ngram_size > 0:
         steps.append(("no_repeat_ngram", partial(no_repeat_ngram, ngram_size=c.no_repeat_ngram_size)))
+    if c.encoder_no_repeat_ngram_size > 0:
+        if source_ids is None:
+            raise ValueError("encoder_no_repeat_ngram_size needs the encoder input ids (source_ids)")
+        steps.append(("encoder_no_repeat_ngram",
+                      partial(encoder_no_repeat_ngram, ngram_size=c.encoder_no_repeat_ngram_size,
+                              source_ids=source_ids, source_valid=source_valid)))
     if c.bad_words_ids is not None:
         # transformers drops a bad word that is exactly one EOS id.
         words = [w for w in c.bad_words_ids if not (len(w) == 1 and w[0] in eos)]
