@@ -79,17 +79,15 @@ def _scatter_rows(rows: int, vocab_size: int, token_ids: jax.Array, keep: jax.Ar
 
 
 def encoder_repetition_penalty(sequences, cur_len, scores, *, penalty: float, source_ids: jax.Array,
-                               source_valid: jax.Array | None):
+                               source_valid: jax.Array):
     """Every token of the encoder input: score * (1 / penalty) if < 0, else score / (1 / penalty), so a penalty
     above 1 favours copying from the source (transformers' ``EncoderRepetitionPenaltyLogitsProcessor``).
 
     ``source_ids``: int32 ``[rows, src_len]``, each row's encoder input (padding included, as transformers takes
     the whole ``input_ids``); ``source_valid``: bool ``[rows, src_len]``, False for bucket padding added after the
-    caller's input (None: every column counts).
+    caller's input.
     """
-    rows, src_len = source_ids.shape
-    valid = jnp.ones((rows, src_len), bool) if source_valid is None else source_valid
-    seen = _scatter_rows(rows, scores.shape[-1], source_ids, valid)
+    seen = _scatter_rows(scores.shape[0], scores.shape[-1], source_ids, source_valid)
     inverse = 1 / penalty
     favoured = jnp.where(scores < 0, scores * inverse, exact_divide(scores, inverse))
     return jnp.where(seen, favoured, scores)
@@ -129,17 +127,15 @@ def no_repeat_ngram(sequences, cur_len, scores, *, ngram_size: int):
 
 
 def encoder_no_repeat_ngram(sequences, cur_len, scores, *, ngram_size: int, source_ids: jax.Array,
-                            source_valid: jax.Array | None):
+                            source_valid: jax.Array):
     """Bans every token that would complete an n-gram of the row's encoder input (transformers'
     ``EncoderNoRepeatNGramLogitsProcessor``), once the sequence holds n-1 tokens (start token included).
     ``source_ids`` / ``source_valid`` as in ``encoder_repetition_penalty``: an n-gram counts only if all its
     columns are valid."""
     n = ngram_size
-    rows, src_len = source_ids.shape
-    if src_len < n:
+    if source_ids.shape[1] < n:
         return scores
-    valid = jnp.ones((rows, src_len), bool) if source_valid is None else source_valid
-    counted = jnp.all(_ngram_windows(valid, n), axis=-1) & (cur_len >= n - 1)
+    counted = jnp.all(_ngram_windows(source_valid, n), axis=-1) & (cur_len >= n - 1)
     return _ban_completions(sequences, cur_len, scores, _ngram_windows(source_ids, n), counted, n)
 
 
@@ -225,17 +221,21 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
                            source_valid: jax.Array | None = None) -> LogitsProcessor:
     """The processors transformers' ``_get_logits_processor`` would build for ``config``, in its order:
 
-    encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``:
-    see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat n-gram (same
+    encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``,
+    default all True: see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat n-gram (same
     inputs), bad words, min length (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced EOS, then
     with sampling the warpers temperature, top-k, top-p.
     """
     c = config.resolve()
     eos = c.eos_token_ids
     steps: list[tuple[str, Processor]] = []
-    if c.encoder_repetition_penalty != 1.0:
+    if c.encoder_repetition_penalty != 1.0 or c.encoder_no_repeat_ngram_size > 0:
         if source_ids is None:
-            raise ValueError("encoder_repetition_penalty needs the encoder input ids (source_ids)")
+            raise ValueError("encoder_repetition_penalty and encoder_no_repeat_ngram_size need the encoder input "
+                             "ids (source_ids)")
+        if source_valid is None:
+            source_valid = jnp.ones(source_ids.shape, bool)
+    if c.encoder_repetition_penalty != 1.0:
         steps.append(("encoder_repetition_penalty",
                       partial(encoder_repetition_penalty, penalty=float(c.encoder_repetition_penalty),
                               source_ids=source_ids, source_valid=source_valid)))
@@ -244,8 +244,6 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
     if c.no_repeat_ngram_size > 0:
         steps.append(("no_repeat_ngram", partial(no_repeat_ngram, ngram_size=c.no_repeat_ngram_size)))
     if c.encoder_no_repeat_ngram_size > 0:
-        if source_ids is None:
-            raise ValueError("encoder_no_repeat_ngram_size needs the encoder input ids (source_ids)")
         steps.append(("encoder_no_repeat_ngram",
                       partial(encoder_no_repeat_ngram, ngram_size=c.encoder_no_repeat_ngram_size,
                               source_ids=source_ids, source_valid=source_valid)))

@@ -198,7 +198,7 @@ class Trainer:
             self.info(self.sharding_report.summary())
 
         self.schedule = steps.learning_rate_schedule(config.optim, config.train.num_steps)
-        self.optimizer = steps.make_optimizer(config.optim, config.train.num_steps, params)
+        self.optimizer = steps.make_optimizer(config.optim, config.train.num_steps, params, frozen)
         self.specs = steps.state_specs(pspecs, steps.state_shapes(params, self.optimizer))
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
         self.train_step = steps.jit_train_step(

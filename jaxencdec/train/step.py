@@ -91,9 +91,11 @@ def stop_frozen_gradients(params: PyTree, frozen: PyTree | None) -> PyTree:
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
 
-def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree) -> optax.GradientTransformation:
+def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree,
+                   frozen: PyTree | None = None) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with ``learning_rate_schedule`` and masked weight decay, its step scaled
-    per parameter group by ``config.lr_multipliers`` and zero for ``config.freeze``."""
+    per parameter group by ``config.lr_multipliers`` and zero for ``config.freeze`` (``frozen``: its
+    ``frozen_mask`` when the caller already built it, else built here)."""
     parts = []
     if config.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(config.max_grad_norm))
@@ -103,8 +105,8 @@ def make_optimizer(config: OptimConfig, num_steps: int, params: PyTree) -> optax
     if config.lr_multipliers or config.freeze:
         factors = lr_multipliers(params, config.lr_multipliers)
         if config.freeze:
-            factors = jax.tree.map(lambda f, frozen: 0.0 if frozen else f, factors,
-                                   frozen_mask(params, config.freeze))
+            mask = frozen if frozen is not None else frozen_mask(params, config.freeze)
+            factors = jax.tree.map(lambda f, fixed: 0.0 if fixed else f, factors, mask)
         parts.append(optax.stateless(lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))
     return optax.chain(*parts)
 
