@@ -26,3 +26,40 @@ def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
     folder = os.path.join(tmp, "minilm-shaped-random")
     transformers.BertModel(transformers.BertConfig(**MINILM_SHAPE)).save_pretrained(folder)
     return folder, "random weights of MiniLM's shape"
+
+
+MODELS = ("bert2bert-minilm", "bert2gpt2-small")
+
+
+def save_reference_model(model: str, folder: str, random_weights: bool = False) -> dict:
+    """Saves one of ``MODELS`` as a transformers ``EncoderDecoderModel`` folder (the weights both sides load);
+    returns its token ids, parameter count, encoder and decoder vocabulary sizes and a note on the weights.
+
+    bert2bert-minilm: all-MiniLM-L6-v2 warm-started on both sides (49M); bert2gpt2-small: random BERT and GPT-2,
+    hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder.
+    """
+    import torch
+    import transformers
+
+    note = ""
+    if model == "bert2bert-minilm":
+        path, note = minilm_folder(folder + "-parts", random_weights)
+        torch.manual_seed(0)
+        hf = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+        tokens = {"decoder_start_token_id": 101, "pad_token_id": 0}
+    elif model == "bert2gpt2-small":
+        encoder = transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                          intermediate_size=1024)
+        decoder = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4)
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        torch.manual_seed(0)
+        hf = transformers.EncoderDecoderModel(config)
+        tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": 0}
+    else:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    hf.config.decoder_start_token_id = tokens["decoder_start_token_id"]
+    hf.config.pad_token_id = tokens["pad_token_id"]
+    hf.save_pretrained(folder)
+    return {"tokens": tokens, "params": sum(p.numel() for p in hf.parameters()),
+            "vocab": hf.config.encoder.vocab_size,
+            "decoder_vocab": hf.config.decoder.vocab_size, "note": note}

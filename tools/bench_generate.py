@@ -24,12 +24,13 @@ import sys
 import tempfile
 import time
 
+from bench_common import MODELS
+
 MODES = {
     "greedy": {},
     "beam-4": {"num_beams": 4},
     "sampling": {"do_sample": True},  # transformers' defaults: top_k=50, temperature 1
 }
-MODELS = ("bert2bert-minilm", "bert2gpt2-small")
 
 
 def _pin(threads: int) -> None:
@@ -39,36 +40,6 @@ def _pin(threads: int) -> None:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
     # XLA's CPU thread pool sizes itself from the affinity mask.
-
-
-def prepare(model: str, folder: str, random_weights: bool) -> dict:
-    """Saves the reference model (transformers layout) to ``folder``; returns its token ids."""
-    import torch
-    import transformers
-
-    from bench_common import minilm_folder
-
-    note = ""
-    if model == "bert2bert-minilm":
-        path, note = minilm_folder(folder + "-parts", random_weights)
-        torch.manual_seed(0)
-        hf = transformers.EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
-        tokens = {"decoder_start_token_id": 101, "pad_token_id": 0}
-    elif model == "bert2gpt2-small":
-        encoder = transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                          intermediate_size=1024)
-        decoder = transformers.GPT2Config(n_embd=256, n_layer=4, n_head=4)
-        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-        torch.manual_seed(0)
-        hf = transformers.EncoderDecoderModel(config)
-        tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": 0}
-    else:
-        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
-    hf.config.decoder_start_token_id = tokens["decoder_start_token_id"]
-    hf.config.pad_token_id = tokens["pad_token_id"]
-    hf.save_pretrained(folder)
-    return {"tokens": tokens, "params": sum(p.numel() for p in hf.parameters()),
-            "vocab": hf.config.encoder.vocab_size, "note": note}
 
 
 def _peak_rss_mib() -> float:
@@ -264,8 +235,8 @@ def main(argv=None) -> int:
 
 def _prepare_in_subprocess(model: str, folder: str, random_weights: bool) -> dict:
     """The reference model is built (and its weights saved) in a child, so that this process stays small."""
-    code = ("import json, sys; sys.path.insert(0, {!r}); import bench_generate as b; "
-            "print(json.dumps(b.prepare({!r}, {!r}, {!r})))").format(
+    code = ("import json, sys; sys.path.insert(0, {!r}); import bench_common as b; "
+            "print(json.dumps(b.save_reference_model({!r}, {!r}, {!r})))").format(
                 os.path.dirname(os.path.abspath(__file__)), model, folder, random_weights)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode:

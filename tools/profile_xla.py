@@ -2,7 +2,7 @@
 the model code that emitted them (layer indices folded together), heaviest first.
 
     python tools/profile_xla.py generate --num-beams 4      # the bench_generate workload, MiniLM bert2bert
-    python tools/profile_xla.py train --model bert2gpt2     # the bench_train workload
+    python tools/profile_xla.py train --model bert2gpt2-small   # the bench_train workload
     python tools/profile_xla.py train --top 60 --keep /tmp/trace    # more rows; keep the trace (TensorBoard)
 
 Times are summed over the profiled run and include the profiler's overhead (~25%); compare rows, not totals.
@@ -20,13 +20,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import MODELS, save_reference_model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=["generate", "train"])
-    p.add_argument("--model", default="bert2bert", choices=["bert2bert", "bert2gpt2"],
-                   help="train only: bench_train's two models")
+    p.add_argument("--model", default=MODELS[0], choices=MODELS, help="the benchmarks' two models")
     p.add_argument("--num-beams", type=int, default=1, help="generate only")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--top", type=int, default=30, help="rows to print")
@@ -38,25 +38,24 @@ def generate_call(args, tmp):
     import jax
     import numpy as np
 
-    from bench_common import minilm_folder
     from jaxencdec import EncoderDecoderModel
 
-    folder, _ = minilm_folder(tmp)
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(folder, folder)
-    ids = np.random.default_rng(0).integers(1000, 30000, (args.batch, 128))
-    ids[:, 0] = 101
-    options = dict(max_new_tokens=64, eos_token_id=None, decoder_start_token_id=101, pad_token_id=0,
-                   num_beams=args.num_beams)
+    folder = os.path.join(tmp, args.model)
+    info = save_reference_model(args.model, folder)
+    model = EncoderDecoderModel.from_pretrained(folder)
+    ids = np.random.default_rng(0).integers(1000, info["vocab"], (args.batch, 128))
+    options = {"max_new_tokens": 64, "eos_token_id": None, "num_beams": args.num_beams, **info["tokens"]}
     return lambda: jax.block_until_ready(model.generate(ids, np.ones_like(ids), **options))
 
 
 def train_call(args, tmp):
     import bench_train
-    from bench_common import minilm_folder
 
-    encoder, _ = minilm_folder(tmp)
-    decoder, vocab = (encoder, 30522) if args.model == "bert2bert" else (bench_train.small_gpt2_folder(tmp), 50257)
-    return bench_train.jax_step(encoder, decoder, bench_train.make_batch(args.batch, 128, 64, 30522, vocab))
+    folder = os.path.join(tmp, args.model)
+    info = save_reference_model(args.model, folder)
+    batch = bench_train.make_batch(args.batch, 128, 64, info["vocab"], info["decoder_vocab"],
+                                   start_id=info["tokens"]["decoder_start_token_id"])
+    return bench_train.jax_step(folder, batch)
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -77,7 +76,7 @@ def summarize(trace_dir: str, hlo_dir: str, top: int) -> None:
         with open(path, encoding="utf-8") as f:
             names.update(op_names(f.read()))
     totals, kinds = collections.Counter(), collections.Counter()
-    profile = ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    profile = ProfileData.from_file(max(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)))
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
