@@ -1,9 +1,13 @@
-"""What both benchmarks share: the MiniLM folder, or a random model of its shape where the asset is missing."""
+"""What the benchmarks share: their two models (saved as transformers folders both sides load), the MiniLM
+folder or a random model of its shape where the asset is missing, and the load-average line they print."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+
+# The benchmarks' two models (see save_reference_model).
+MODELS = ("bert2bert-minilm", "bert2gpt2-small")
 
 # all-MiniLM-L6-v2's architecture (its config.json), for machines without the asset (a lent GPU has no pip).
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -26,9 +30,6 @@ def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
     folder = os.path.join(tmp, "minilm-shaped-random")
     transformers.BertModel(transformers.BertConfig(**MINILM_SHAPE)).save_pretrained(folder)
     return folder, "random weights of MiniLM's shape"
-
-
-MODELS = ("bert2bert-minilm", "bert2gpt2-small")
 
 
 def save_reference_model(model: str, folder: str, random_weights: bool = False) -> dict:
@@ -63,3 +64,10 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
     return {"tokens": tokens, "params": sum(p.numel() for p in hf.parameters()),
             "vocab": hf.config.encoder.vocab_size,
             "decoder_vocab": hf.config.decoder.vocab_size, "note": note}
+
+
+def load_line(load_before: float) -> str:
+    """The 1-minute load average before and after a run, as the tools print it: other processes on the cores
+    slow PyTorch's OpenMP far more than XLA, so read the ratios with the load."""
+    return (f"# 1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            "(this run itself adds about 1)")

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import MODELS
+from bench_common import MODELS, load_line
 
 MODES = {
     "greedy": {},
@@ -216,9 +216,7 @@ def main(argv=None) -> int:
           f"{args.threads} CPU threads, device {args.device}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
           f"python {platform.python_version()}; {_versions()}")
-    # Other processes on the cores slow PyTorch's OpenMP far more than XLA: read the ratios with the load.
-    print(f"# 1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-          f"(this run itself adds about 1)")
+    print(load_line(load_before))
     print(f"| model | mode | PyTorch tok/s | ours tok/s | ours / PyTorch | ours compile s | "
           f"PyTorch {memory_kind} MiB | ours {memory_kind} MiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

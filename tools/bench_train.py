@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import time
 
-from bench_common import MODELS, save_reference_model
+from bench_common import MODELS, load_line, save_reference_model
 
 
 def parse_args(argv=None):
@@ -175,8 +175,7 @@ def main(argv=None):
                    "speedup": None if theirs is None else round(theirs / ours, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"# 1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-          "(this run itself adds about 1)")
+    print(load_line(load_before))
     if args.markdown:
         print("\n| model | batch x (src + tgt) | jaxencdec tok/s | PyTorch tok/s | speedup |")
         print("| --- | --- | --- | --- | --- |")
