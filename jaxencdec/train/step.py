@@ -8,7 +8,7 @@ Shapes are static per bucket: a new source length compiles once, the same length
 from __future__ import annotations
 
 import re
-
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -135,13 +135,43 @@ def token_loss_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float 
     materializing the one-hot.
     """
     valid = labels != -100
-    logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    losses = -picked
+    total = _masked_cross_entropy(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid, label_smoothing)
+    return total, jnp.sum(valid).astype(jnp.float32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _masked_cross_entropy(logits, labels, valid, label_smoothing):
+    """``sum over valid tokens of CE(logits, labels)``: float32 scalar from float32 ``[..., vocab]`` logits.
+
+    Its own backward pass: ``softmax - target`` in one pass over the logits, from the exponentials the forward
+    pass kept. Autodiff of log_softmax + gather took several passes, exponentials twice, a scatter into a zero
+    array, and the gradient built twice (once transposed for the LM head's weight gradient): 20% of a
+    bert2gpt2-small train step (50257-word vocabulary) on CPU.
+    """
+    return _masked_cross_entropy_fwd(logits, labels, valid, label_smoothing)[0]
+
+
+def _masked_cross_entropy_fwd(logits, labels, valid, label_smoothing):
+    shift = jnp.max(logits, axis=-1, keepdims=True)  # [..., 1]
+    exps = jnp.exp(logits - shift)  # [..., vocab], kept for the backward pass
+    sums = jnp.sum(exps, axis=-1)  # [...]
+    log_normalizer = jnp.log(sums) + shift[..., 0]
+    losses = log_normalizer - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * jnp.mean(log_probs, axis=-1)
-    return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normalizer - jnp.mean(logits, axis=-1))
+    return jnp.sum(jnp.where(valid, losses, 0.0)), (exps, sums, labels, valid)
+
+
+def _masked_cross_entropy_bwd(label_smoothing, residuals, cotangent):
+    exps, sums, labels, valid = residuals
+    vocab = exps.shape[-1]
+    is_label = jnp.arange(vocab, dtype=labels.dtype) == labels[..., None]
+    target = jnp.where(is_label, 1.0 - label_smoothing + label_smoothing / vocab, label_smoothing / vocab)
+    scale = jnp.where(valid, cotangent, 0.0)[..., None]
+    return (exps / sums[..., None] - target) * scale, None, None
+
+
+_masked_cross_entropy.defvjp(_masked_cross_entropy_fwd, _masked_cross_entropy_bwd)
 
 
 def _micro_split(batch: dict[str, jax.Array], micro_batches: int, mesh: Mesh | None) -> dict[str, jax.Array]:
