@@ -214,39 +214,44 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     """The pure train step ``(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
 
     ``batch``: int32 ``[B, src_len]`` / ``[B, tgt_len]`` arrays named as in ``MODEL_KEYS``. The loss is the mean
-    over all counted tokens of the whole batch, also with ``micro_batches > 1`` (sums are accumulated and
-    divided once), so accumulation over M micro-batches equals one step on the full batch.
+    over all counted tokens of the whole batch, also with ``micro_batches > 1`` (each micro-batch's summed loss
+    is divided by the whole batch's token count), so accumulation over M micro-batches equals one step on the
+    full batch.
     Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens, finite (1.0 when loss and gradients
     are finite). ``frozen``: a bool tree like the params (``frozen_mask``); those leaves get no gradient (pair it
     with an optimizer built from the same ``OptimConfig.freeze``, which leaves them unchanged).
     """
     loss_fn = make_loss_fn(module, label_smoothing, mesh, deterministic=not dropout, rules=rules, frozen=frozen)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def share_of_mean(params, batch, rng, denom):
+        # Dividing inside the differentiated function scales the loss's cotangent, not every gradient leaf.
+        return loss_fn(params, batch, rng)[0] / denom
+
+    grad_fn = jax.value_and_grad(share_of_mean)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)
         batch = {k: batch[k] for k in MODEL_KEYS}
+        count = jnp.sum(batch["labels"] != -100).astype(jnp.float32)
+        denom = jnp.maximum(count, 1.0)
         if micro_batches == 1:
-            (loss_sum, count), grads = grad_fn(state.params, batch, step_rng)
+            loss, grads = grad_fn(state.params, batch, step_rng, denom)
         else:
             def body(carry, xs):
-                grads_acc, loss_acc, count_acc = carry
+                grads_acc, loss_acc = carry
                 index, micro = xs
-                (loss_sum, count), grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index))
-                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
+                loss, grads = grad_fn(state.params, micro, jax.random.fold_in(step_rng, index), denom)
+                return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                body, (zeros, jnp.float32(0), jnp.float32(0)),
-                (jnp.arange(micro_batches), _micro_split(batch, micro_batches, mesh)))
-        denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss = loss_sum / denom
+            (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.float32(0)),
+                                            (jnp.arange(micro_batches), _micro_split(batch, micro_batches, mesh)))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
-                   "tokens": count, "source_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count,
+                   "source_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
                    "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
