@@ -222,9 +222,9 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
     """The processors transformers' ``_get_logits_processor`` would build for ``config``, in its order:
 
     encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``,
-    default all True: see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat n-gram (same
-    inputs), bad words, min length (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced EOS, then
-    with sampling the warpers temperature, top-k, top-p.
+    default all True: see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat
+    n-gram (same inputs), bad words, min length (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced
+    EOS, then with sampling the warpers temperature, top-k, top-p.
     """
     c = config.resolve()
     eos = c.eos_token_ids

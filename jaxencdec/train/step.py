@@ -136,7 +136,12 @@ def token_loss_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float 
     """
     valid = labels != -100
     total = _masked_cross_entropy(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid, label_smoothing)
-    return total, jnp.sum(valid).astype(jnp.float32)
+    return total, counted_tokens(labels)
+
+
+def counted_tokens(labels: jax.Array) -> jax.Array:
+    """float32 scalar: the label positions the loss counts (labels != -100)."""
+    return jnp.sum(labels != -100).astype(jnp.float32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -232,7 +237,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)
         batch = {k: batch[k] for k in MODEL_KEYS}
-        count = jnp.sum(batch["labels"] != -100).astype(jnp.float32)
+        count = counted_tokens(batch["labels"])
         denom = jnp.maximum(count, 1.0)
         if micro_batches == 1:
             loss, grads = grad_fn(state.params, batch, step_rng, denom)
