@@ -43,12 +43,18 @@ class EncoderDecoderModel:
       module: the ``EncoderDecoderModule`` (pure ``init``/``apply``).
       params: the parameter tree (see ``models.transformer`` for its layout).
       generation_config: defaults for ``generate``.
+
+    ``param_dtype`` is the dtype the parameters are stored in, ``dtype`` the compute dtype (activations and the
+    generation KV cache; default: ``param_dtype``). Mixed precision as TPU training runs it: ``dtype=bfloat16``
+    with float32 params (softmax, norm statistics, logits and the loss stay float32). bfloat16 inference:
+    ``param_dtype=bfloat16`` (half the memory; compute and cache follow).
     """
 
     def __init__(self, config: EncoderDecoderConfig, params: Params | None = None, *, seed: int = 0,
-                 dtype=jnp.float32, param_dtype=jnp.float32, generation_config: GenerationConfig | None = None):
+                 dtype=None, param_dtype=jnp.float32, generation_config: GenerationConfig | None = None):
         self.config = config
-        self.module = EncoderDecoderModule(config, dtype=dtype, param_dtype=param_dtype)
+        self.module = EncoderDecoderModule(config, dtype=param_dtype if dtype is None else dtype,
+                                           param_dtype=param_dtype)
         self.params = params if params is not None else self.init_params(seed)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.load_report: LoadReport | None = None
@@ -80,7 +86,7 @@ class EncoderDecoderModel:
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder_pretrained_model_name_or_path: str,
                                         decoder_pretrained_model_name_or_path: str, *, seed: int = 0,
-                                        dtype=jnp.float32, param_dtype=jnp.float32, **kwargs):
+                                        dtype=None, param_dtype=jnp.float32, **kwargs):
         """Warm-starts from two standalone Hugging Face checkpoints (local folders or hub ids).
 
         ``encoder_*`` / ``decoder_*`` keyword arguments override the encoder's / decoder's config fields, the
@@ -125,7 +131,7 @@ class EncoderDecoderModel:
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype=None, param_dtype=jnp.float32,
                         **config_overrides):
         """Loads an encoder-decoder folder (or hub id): ours (``flax_model.msgpack``) or Hugging Face's
         (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``, transformers 4.x ``flax_model.msgpack``).

@@ -33,7 +33,7 @@ from flax import linen as nn
 from jaxencdec.config import TransformerSpec
 from jaxencdec.nn.attention import Attention, KeyValue, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
-                                 layer_norm, zeros_init)
+                                 layer_norm, logits_dot_general, zeros_init)
 
 
 def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
@@ -159,10 +159,9 @@ class LMHead(nn.Module):
             hidden = constrain(hidden, HIDDEN_AXES)
         if s.tie_word_embeddings:
             logits = embeddings.attend(hidden)
-        else:
+        else:  # float32 logits, as attend gives
             logits = dense(s.vocab_size, ("embed", "vocab"), s.initializer_range, self.dtype, self.param_dtype,
-                           use_bias=False, name="output")(hidden)
-        logits = logits.astype(jnp.float32)
+                           use_bias=False, name="output", dot_general=logits_dot_general)(hidden)
         if s.lm_head_bias:
             logits = logits + self.param("bias", zeros_init(("vocab",)), (s.vocab_size,), self.param_dtype)
         return logits

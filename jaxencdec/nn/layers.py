@@ -117,13 +117,45 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | Non
 
 def dense(
     features: int, axes: tuple[str | None, str | None], std: float, dtype: Dtype, param_dtype: Dtype,
-    use_bias: bool = True, name: str | None = None,
+    use_bias: bool = True, name: str | None = None, dot_general: Callable = jax.lax.dot_general,
 ) -> nn.Dense:
-    """``y = x @ kernel + bias`` with ``kernel [in, out]`` tagged with the logical ``axes``."""
+    """``y = x @ kernel + bias`` with ``kernel [in, out]`` tagged with the logical ``axes``; ``dot_general`` may set
+    the product's ``preferred_element_type``."""
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=normal_init(std, axes), bias_init=zeros_init(axes[1:]), name=name,
+        kernel_init=normal_init(std, axes), bias_init=zeros_init(axes[1:]), name=name, dot_general=dot_general,
     )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_float32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` accumulated into a float32 result, whatever the operands' (compute) dtype.
+
+    The backward pass casts the float32 result's gradient back to the operands' dtype before its two products:
+    under plain autodiff a float32 result makes both backward matmuls run in float32 (for the LM head, the
+    largest matmul of a step, and for attention scores). In float32 this is exactly autodiff's result.
+    """
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_float32_fwd(spec, a, b):
+    return einsum_float32(spec, a, b), (a, b)
+
+
+def _einsum_float32_bwd(spec, residuals, cotangent):
+    a, b = residuals
+    _, vjp = jax.vjp(partial(jnp.einsum, spec), a, b)
+    return vjp(cotangent.astype(jnp.result_type(a, b)))
+
+
+einsum_float32.defvjp(_einsum_float32_fwd, _einsum_float32_bwd)
+
+
+def logits_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """Float32 logits ``lhs [..., D] @ rhs [D, vocab]`` (``einsum_float32``) behind ``lax.dot_general``'s
+    signature, for ``nn.Dense(dot_general=...)``."""
+    assert dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return einsum_float32("...d,dv->...v", lhs, rhs)
 
 
 class MLP(nn.Module):
@@ -147,11 +179,15 @@ class MLP(nn.Module):
 
 
 def _lookup(embed: nn.Embed, ids: jax.Array, rows: str | None) -> jax.Array:
-    """``embed(ids)`` from a table whose ``embed`` side is gathered first (a table split on ``embed`` across the
-    batch's own data-parallel axis leaves the SPMD partitioner to reconcile the two, badly), then pinned to the
-    batch split."""
+    """Rows ``ids`` of ``embed``'s table in the table's own dtype (the parameter dtype), pinned to the batch split.
+
+    The rows are gathered before any cast: casting the whole table to a bfloat16 compute dtype first would make
+    the backward pass scatter-add the rows' gradients into a bfloat16 copy of the table (low precision, and on
+    GPUs many colliding rows become slow compare-and-swap loops). The table's ``embed`` side is gathered first (a
+    table split on ``embed`` across the batch's own data-parallel axis leaves the SPMD partitioner to reconcile
+    the two, badly)."""
     table = constrain(embed.embedding, (rows, None))
-    return constrain(jnp.take(table.astype(embed.dtype or table.dtype), ids, axis=0), HIDDEN_AXES)
+    return constrain(jnp.take(table, ids, axis=0), HIDDEN_AXES)
 
 
 class Embeddings(nn.Module):
@@ -184,17 +220,22 @@ class Embeddings(nn.Module):
         self.drop = Dropout(self.dropout)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        # Summed in the parameters' dtype and cast to the compute dtype once (the norm does that cast itself), so
+        # that the tables' gradients are accumulated in the parameters' dtype too.
         x = _lookup(self.word, input_ids, "vocab")
         if self.embed_scale != 1.0:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
         if self.max_positions:
             x = x + _lookup(self.position, positions, "positions")
         if self.type_vocab_size:
-            x = x + _lookup(self.token_type, jnp.zeros_like(input_ids), None)
+            # every token has type 0: one broadcast row (a reduction in the backward pass, not a scatter)
+            x = x + self.token_type.embedding[0]
         if self.layer_norm_eps is not None:
             x = constrain(self.norm(x), HIDDEN_AXES)
+        x = x.astype(self.dtype)
         return self.drop(x, deterministic=deterministic)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
-        """Logits against the word table (tied output embeddings): ``[..., D] -> [..., vocab]``."""
-        return self.word.attend(hidden)
+        """Float32 logits against the word table (tied output embeddings): ``[..., D] -> [..., vocab]``; the
+        product runs in the compute dtype (see ``einsum_float32``)."""
+        return einsum_float32("...d,vd->...v", hidden.astype(self.dtype), self.word.embedding.astype(self.dtype))
