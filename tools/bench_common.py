@@ -1,17 +1,24 @@
-"""What the benchmarks share: their two models (saved as transformers folders both sides load), the MiniLM
-folder or a random model of its shape where the asset is missing, and the load-average line they print."""
+"""What the benchmarks share: their three models (saved as transformers folders both sides load, in a folder
+several runs can share), the MiniLM folder or a random model of its shape where the asset is missing, the timing
+of a jitted call that measures the device's bounds, and the load-average line they print."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import time
 
-# The benchmarks' two models (see save_reference_model).
-MODELS = ("bert2bert-minilm", "bert2gpt2-small")
+# The benchmarks' three models (see save_reference_model).
+MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base")
 
 # all-MiniLM-L6-v2's architecture (its config.json), for machines without the asset (a lent GPU has no pip).
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                     intermediate_size=1536, max_position_embeddings=512)
+
+# bert-base-uncased's architecture, for bert2bert-base (random weights).
+BERT_BASE_SHAPE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072, max_position_embeddings=512)
 
 
 def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
@@ -34,10 +41,12 @@ def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
 
 def save_reference_model(model: str, folder: str, random_weights: bool = False) -> dict:
     """Saves one of ``MODELS`` as a transformers ``EncoderDecoderModel`` folder (the weights both sides load);
-    returns its token ids, parameter count, encoder and decoder vocabulary sizes and a note on the weights.
+    returns its token ids, parameter count, encoder and decoder vocabulary sizes, the decoder's parameter count
+    (a tied LM head once), layers and hidden size, and a note on the weights.
 
     bert2bert-minilm: all-MiniLM-L6-v2 warm-started on both sides (49M); bert2gpt2-small: random BERT and GPT-2,
-    hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder.
+    hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder (29M); bert2bert-base:
+    random BERT-base on both sides (hidden 768, 12 layers, 12 heads, 247M).
     """
     import torch
     import transformers
@@ -56,6 +65,12 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
         torch.manual_seed(0)
         hf = transformers.EncoderDecoderModel(config)
         tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": 0}
+    elif model == "bert2bert-base":
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(
+            transformers.BertConfig(**BERT_BASE_SHAPE), transformers.BertConfig(**BERT_BASE_SHAPE))
+        torch.manual_seed(0)
+        hf = transformers.EncoderDecoderModel(config)
+        tokens = {"decoder_start_token_id": 101, "pad_token_id": 0}
     else:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     hf.config.decoder_start_token_id = tokens["decoder_start_token_id"]
@@ -63,7 +78,41 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
     hf.save_pretrained(folder)
     return {"tokens": tokens, "params": sum(p.numel() for p in hf.parameters()),
             "vocab": hf.config.encoder.vocab_size,
-            "decoder_vocab": hf.config.decoder.vocab_size, "note": note}
+            "decoder_vocab": hf.config.decoder.vocab_size,
+            "decoder_params": sum(p.numel() for p in hf.decoder.parameters()),  # tied tensors once
+            "decoder_layers": hf.config.decoder.num_hidden_layers, "decoder_hidden": hf.config.decoder.hidden_size,
+            "note": note}
+
+
+def reference_model(model: str, models_dir: str, random_weights: bool = False) -> tuple[str, dict]:
+    """``(folder, info)``: ``model`` saved by ``save_reference_model`` in ``models_dir``, or the folder an earlier
+    run saved there, reused as it is (so that several runs can share the build; ``random_weights`` then only
+    applies to a new folder)."""
+    folder = os.path.join(models_dir, model)
+    info_path = os.path.join(folder, "benchmark_info.json")
+    if not os.path.exists(info_path):
+        info = save_reference_model(model, folder, random_weights)
+        with open(info_path, "w") as f:
+            json.dump(info, f)
+    with open(info_path) as f:
+        return folder, json.load(f)
+
+
+def best_call_seconds(call, calls: int = 1, repeats: int = 5) -> float:
+    """Seconds per ``call()`` (a jitted computation; it returns JAX arrays): after a warm-up call, the best of
+    ``repeats`` timings of ``calls`` calls dispatched back to back (on a GPU they queue on one stream, which hides
+    the launch latency) and waited for."""
+    import jax
+
+    jax.block_until_ready(call())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = call()
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
 
 
 def load_line(load_before: float) -> str:

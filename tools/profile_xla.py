@@ -26,7 +26,7 @@ from bench_common import MODELS, save_reference_model
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=["generate", "train"])
-    p.add_argument("--model", default=MODELS[0], choices=MODELS, help="the benchmarks' two models")
+    p.add_argument("--model", default=MODELS[0], choices=MODELS, help="one of the benchmarks' models")
     p.add_argument("--num-beams", type=int, default=1, help="generate only")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--top", type=int, default=30, help="rows to print")
