@@ -1,15 +1,51 @@
-"""jaxencdec: Hugging Face-style encoder-decoder models in JAX/Flax."""
+"""jaxencdec: Hugging Face-style encoder-decoder models in JAX/Flax.
 
-from jaxencdec.checkpoint.errors import CheckpointError
-from jaxencdec.config import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config, RobertaConfig,
-                              TransformerSpec)
-from jaxencdec.generation.api import GenerateOutput, make_generate_fn
-from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
-from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.tokenizer import Tokenizer
+The public names below are imported on first use (PEP 562), so that importing one light module of the package
+(``jaxencdec.generation.serving``, to serve an exported generate function) does not import the model code.
+"""
 
-__all__ = [
-    "BartConfig", "BertConfig", "CheckpointError", "ConfigError", "EncoderDecoderConfig", "EncoderDecoderModel",
-    "GPT2Config", "GenerateOutput", "GenerationConfig", "GenerationConfigError", "RobertaConfig", "Tokenizer",
-    "TransformerSpec", "make_generate_fn",
-]
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+try:
+    __version__ = version("jaxencdec")
+except PackageNotFoundError:  # a source tree that was never installed (pip install -e . records the version)
+    __version__ = "0+unknown"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "CheckpointError": "jaxencdec.checkpoint.errors",
+    "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "ConfigError": "jaxencdec.config",
+    "EncoderDecoderConfig": "jaxencdec.config", "GPT2Config": "jaxencdec.config",
+    "RobertaConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.config",
+    "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
+    "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",
+    "EncoderDecoderModel": "jaxencdec.modeling",
+    "Tokenizer": "jaxencdec.tokenizer",
+}
+
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
+    from jaxencdec.checkpoint.errors import CheckpointError
+    from jaxencdec.config import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config,
+                                  RobertaConfig, TransformerSpec)
+    from jaxencdec.generation.api import GenerateOutput, make_generate_fn
+    from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
+    from jaxencdec.modeling import EncoderDecoderModel
+    from jaxencdec.tokenizer import Tokenizer
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'jaxencdec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
