@@ -1,4 +1,4 @@
-"""The ``jaxencdec`` command: ``demo``, ``train``, ``eval`` and ``generate``.
+"""The ``jaxencdec`` command: ``demo``, ``train``, ``eval``, ``generate`` and ``export``.
 
 Errors are one line (``jaxencdec: error: ...``) and exit status 1; ``--debug`` shows the traceback instead.
 """
@@ -20,8 +20,9 @@ EPILOG = """examples:
   jaxencdec train configs/aclsum_tiny_cpu.json
   jaxencdec train configs/bert2bert_cnn_dailymail.json --set train.batch_size=64 --set optim.learning_rate=3e-5
   jaxencdec eval configs/aclsum_minilm_cpu.json                 # latest checkpoint of output_dir
-  jaxencdec eval configs/aclsum_minilm_cpu.json --model runs/aclsum_minilm/best_model
-  jaxencdec generate --model runs/aclsum_minilm/final_model --text "In this paper we ..." --num-beams 4
+  jaxencdec eval configs/aclsum_minilm_cpu.json --model runs/aclsum_minilm_cpu/best_model
+  jaxencdec generate --model runs/aclsum_minilm_cpu/final_model --text "In this paper we ..." --num-beams 4
+  jaxencdec export runs/aclsum_minilm_cpu/final_model served --num-beams 4 --max-new-tokens 64
 """
 
 
@@ -38,9 +39,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxencdec import __version__  # the package is imported already: ``jaxencdec.cli`` lives in it
+
     parser = argparse.ArgumentParser(prog="jaxencdec", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser(
@@ -60,13 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model from a run config (resumes from its last checkpoint)",
                            description="Trains config.train.num_steps steps. Rerunning the same command resumes "
                                        "from the last complete checkpoint in output_dir/checkpoints and continues "
-                                       "exactly. Writes metrics.jsonl, TensorBoard events, metrics.png, "
-                                       "final_model/ and (with eval) best_model/.")
+                                       "exactly (a damaged checkpoint is moved aside and the one before it used); "
+                                       "--set checkpoint.resume_step=N resumes from an older kept checkpoint. "
+                                       "Writes metrics.jsonl, TensorBoard events, metrics.png, final_model/ and "
+                                       "(with eval) best_model/.")
     _add_run_options(train)
 
     ev = sub.add_parser("eval", help="loss (and ROUGE/BLEU with --generate) on the eval file",
-                        description="Evaluates the latest checkpoint of the config's output_dir, or --model, on "
-                                    "data.eval_file (or --file) and prints a JSON line.")
+                        description="Evaluates the latest checkpoint of the config's output_dir (--set "
+                                    "checkpoint.resume_step=N: an older one), or --model, on data.eval_file (or "
+                                    "--file) and prints a JSON line. Writes nothing.")
     _add_run_options(ev)
     ev.add_argument("--model", help="an exported model folder (save_pretrained) instead of the latest checkpoint")
     ev.add_argument("--file", help="evaluate this file instead of data.eval_file")
@@ -95,7 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-repeat-ngram-size", type=int)
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     gen.add_argument("--jsonl", action="store_true", help='print {"input", "output"} JSON lines')
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export", help="save generate as a jax.export artifact that serves without the model code",
+        description="Exports the whole search for one decoding mode with a symbolic batch size and source length, "
+                    "lowered for every --platforms at once, into OUT beside a save_pretrained copy of MODEL. Serve "
+                    "it with jaxencdec.generation.serving.load_generate(OUT). Prints the artifact's size and "
+                    "platforms, then loads it back and times the load and a first call on a dummy batch.")
+    export.add_argument("model", help="a model folder (save_pretrained output or Hugging Face) or hub id")
+    export.add_argument("out", help="the folder to write (replaced as a whole)")
+    export.add_argument("--num-beams", type=int, help="beam width (default: the model's generation config)")
+    export.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
+    export.add_argument("--do-sample", action="store_true", help="sample (the artifact then takes a PRNG key)")
+    export.add_argument("--platforms", nargs="+", metavar="PLATFORM",
+                        help="platforms to lower for: cpu, cuda, rocm, tpu (default: cpu cuda tpu)")
+    export.add_argument("--max-source-length", type=int,
+                        help="the longest source accepted (default: the positions the encoder embeds)")
 
 
 def _load_run_config(args):
@@ -132,13 +158,12 @@ def cmd_eval(args) -> int:
         changes["data"] = dataclasses.replace(config.data, eval_file=args.file)
     changes["eval"] = dataclasses.replace(
         config.eval, every=max(config.eval.every, 0),
-        max_batches=config.eval.max_batches if args.max_batches is None else args.max_batches)
+        max_batches=config.eval.max_batches if args.max_batches is None else args.max_batches,
+        generate=config.eval.generate if args.generate is None else args.generate)
     config = config.replace(**changes)
-    trainer = Trainer(config, restore=not args.model)
-    if not args.model and trainer.resumed_from is None:
-        raise FileNotFoundError(f"no checkpoint in {trainer.ckpt_dir}; train first or pass --model")
-    result = trainer.evaluate(generate=args.generate)
-    trainer.manager.close()
+    trainer = Trainer(config, restore=not args.model, evaluate_only=True)
+    result = trainer.evaluate()
+    trainer.close()
     import jax
 
     if jax.process_index() == 0:
@@ -185,11 +210,72 @@ def cmd_generate(args) -> int:
         out = model.generate(enc["input_ids"], enc["attention_mask"], prng_key=sub, **options)
         sequences = np.asarray(getattr(out, "sequences", out))
         per_input = len(sequences) // len(chunk)
-        outputs = decoder_tokenizer.batch_decode(sequences)
+        outputs = decoder_tokenizer.batch_decode(sequences, skip_special_tokens=True)
         for i, text in enumerate(chunk):
             for j in range(per_input):
                 output = outputs[i * per_input + j]
+                if not output.strip():
+                    _warn_empty(start + i, sequences[i * per_input + j], model.config.pad_token_id)
                 print(json.dumps({"input": text, "output": output}) if args.jsonl else output, flush=True)
+    return 0
+
+
+def _warn_empty(index: int, ids, pad_token_id: int | None) -> None:
+    """Tells on stderr that input ``index`` (0-based) decoded to nothing but special tokens ``ids``."""
+    ids = [int(t) for t in ids]
+    while len(ids) > 1 and ids[-1] == pad_token_id:
+        ids.pop()
+    print(f"jaxencdec: warning: input {index + 1} generated only special tokens {ids}: the model may be "
+          f"undertrained", file=sys.stderr, flush=True)
+
+
+def _mebibytes(path: str) -> str:
+    return f"{os.path.getsize(path) / 2**20:.2f} MiB"
+
+
+def _signature(manifest: dict) -> str:
+    """``input_ids int32[batch, source_length], ... -> int32[batch, 65]; ...`` from the export's manifest."""
+    def typed(spec):
+        return f"{spec['dtype']}[{', '.join(map(str, spec['shape']))}]"
+
+    inputs = ", ".join(f"{spec['name']} {typed(spec)}" for spec in manifest["inputs"])
+    return (f"{inputs} -> {typed(manifest['output'])}; source_length {manifest['min_source_length']}.."
+            f"{manifest['max_source_length']}; prng_key {'used' if manifest['needs_prng_key'] else 'ignored'}")
+
+
+def cmd_export(args) -> int:
+    import time
+
+    import jax
+    import numpy as np
+
+    from jaxencdec.checkpoint import io
+    from jaxencdec.generation.export import export_generate
+    from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
+    from jaxencdec.modeling import EncoderDecoderModel
+
+    options = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "platforms", "max_source_length")
+               if getattr(args, k) is not None}
+    if args.do_sample:
+        options["do_sample"] = True
+    exported = export_generate(EncoderDecoderModel.from_pretrained(args.model), folder=args.out, **options)
+    print(f"wrote {args.out}: {EXPORTED_NAME} {_mebibytes(os.path.join(args.out, EXPORTED_NAME))}")
+    manifest = io.read_json(os.path.join(args.out, MANIFEST_NAME))
+    print(f"weights: {manifest['weights_file']} {_mebibytes(os.path.join(args.out, manifest['weights_file']))}")
+    print(f"platforms: {', '.join(exported.platforms)}")
+    print(f"signature: {_signature(manifest)}")
+    platform = jax.export.default_export_platform()
+    if platform not in exported.platforms:
+        print(f"load + first call: skipped, this machine runs {platform}")
+        return 0
+    start = time.perf_counter()
+    generate = load_generate(args.out)
+    loaded = time.perf_counter()
+    dummy = np.zeros((1, manifest["min_source_length"]), np.int32)
+    jax.block_until_ready(generate(dummy, None, jax.random.key(0)))
+    called = time.perf_counter()
+    print(f"load: {loaded - start:.2f} s, first call ({platform}, dummy batch of 1 x {dummy.shape[1]}, compiles): "
+          f"{called - loaded:.2f} s")
     return 0
 
 
@@ -203,7 +289,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ def finished(tmp_path_factory):
     config = RunConfig.from_dict(testing.tiny_run_config(
         str(folder), train={"num_steps": 4, "tensorboard": True, "plot": True},
         eval={"every": 2, "batch_size": 4, "generate": True, "num_beams": 2, "max_new_tokens": 4,
-              "best_metric": "eval_loss", "best_mode": "min"},
+              "best_metric": "eval/loss", "best_mode": "min"},
         checkpoint={"every": 2, "keep": 1}))
     lines = []
     trainer = Trainer(config, log=lines.append)
@@ -40,16 +40,17 @@ def test_run_writes_metrics_plots_and_models(finished):
     assert result["step"] == 4 and result["resumed_from"] is None
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     train_rows = [r for r in rows if "train/loss" in r]
-    eval_rows = [r for r in rows if "eval_loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert all(r["train/tokens_per_s"] > 0 and r["train/step_time"] > 0 for r in train_rows)
     assert [r["step"] for r in eval_rows] == [2, 4]
-    assert all({"rouge1", "rouge2", "rougeL"} <= set(r) for r in eval_rows)
+    assert all({"eval/rouge1", "eval/rouge2", "eval/rougeL"} <= set(r) for r in eval_rows)
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000  # the test extra installs both writers
     assert any(n.startswith("events") for n in os.listdir(os.path.join(out, "tensorboard")))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4"]  # keep=1
     assert result["best"]["step"] in (2, 4)
-    assert any("eval_loss" in l for l in lines)
+    assert any(l.startswith("step 4: eval/loss ") for l in lines)
+    assert result["eval"] == eval_rows[-1]  # labelled with its step
     # one shape bucket: four train steps and two evals each compiled exactly once
     assert trainer.train_step._cache_size() == 1 and trainer.eval_step._cache_size() == 1
 
@@ -69,12 +70,14 @@ def test_freeze_trains_only_the_rest(tmp_path):
     config = RunConfig.from_dict(testing.tiny_run_config(
         str(tmp_path), optim={"learning_rate": 1e-2, "freeze": ["^encoder/", "decoder/embeddings/"]},
         train={"num_steps": 2}, checkpoint={"every": 2, "keep": 1, "export_final": False}))
-    trainer = Trainer(config)
+    lines = []
+    trainer = Trainer(config, log=lines.append)
     trainer.run()
     start = traverse_util.flatten_dict(EncoderDecoderModel(trainer.model.config, seed=0).params, sep="/")
     end = traverse_util.flatten_dict(jax.device_get(trainer.state.params), sep="/")
-    trainer.manager.close()
     frozen = [n for n in start if n.startswith(("encoder/", "decoder/embeddings/"))]
+    total, fixed = sum(x.size for x in start.values()), sum(start[n].size for n in frozen)
+    assert f"parameters: {total:,} ({total - fixed:,} trainable, {fixed:,} frozen by optim.freeze)" in lines
     assert frozen and all(np.array_equal(end[n], start[n]) for n in frozen)
     assert all(not np.array_equal(end[n], start[n]) for n in start if n.endswith("kernel") and n not in frozen)
 
@@ -93,7 +96,9 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
         return real_step(state, batch)
 
     trainer.train_step = poisoned
-    with pytest.raises(TrainingDivergedError, match=r"loss is nan .* at step 5.*last good checkpoint is step 4"):
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan .* at step 5: training stopped.* kept checkpoints "
+                                                    r".*: step 0 \(start\) [\d.]+, step 2 [\d.]+, step 4 [\d.]+; no "
+                                                    r"norm jumps, so step 4 looks sound"):
         trainer.run()
     trainer.manager.close()
     ckpt = os.path.join(trainer.out_dir, "checkpoints")

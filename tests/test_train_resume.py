@@ -1,5 +1,6 @@
 """Kill -9 at random moments (one of them in the middle of an orbax save), rerun the same command: the run
-resumes from the last complete checkpoint and ends with exactly the params of an uninterrupted run."""
+resumes from the last complete checkpoint and ends with exactly the params of an uninterrupted run, and
+metrics.jsonl holds one row per step."""
 
 import json
 import os
@@ -88,13 +89,15 @@ def test_kill_and_resume_is_exact(tmp_path):
     rnd = random.Random(seed)
     after_step, delay = rnd.randint(max(complete) + 1, STEPS - 1), rnd.uniform(0.0, 0.05)
     metrics = tmp_path / "victim" / "metrics.jsonl"
-    # The killed run's lines stay (the file is appended to): only this run's lines count.
-    logged_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    # The killed run's rows of steps after its checkpoint stay until this run starts: it rewrites the file
+    # (a new inode) without them, and only then do its rows count.
+    inode_before = metrics.stat().st_ino if metrics.exists() else None
     reached = {}
 
     def past_random_moment(elapsed):
         if "t" not in reached:
-            lines = metrics.read_text().splitlines()[logged_before:] if metrics.exists() else []
+            rewritten = metrics.exists() and metrics.stat().st_ino != inode_before
+            lines = metrics.read_text().splitlines() if rewritten else []
             if any(_step_of(line) >= after_step for line in lines):
                 reached["t"] = elapsed
             return False
@@ -113,6 +116,8 @@ def test_kill_and_resume_is_exact(tmp_path):
     for key in expected:
         assert np.array_equal(got[key], expected[key]), f"{key} differs (random kill seed {seed})"
     assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
+    # three runs, two of them killed: still one row per step
+    assert [_step_of(line) for line in metrics.read_text().splitlines()] == list(range(1, STEPS + 1))
 
 
 def test_rerun_after_completion_does_nothing_more(tmp_path):

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
 from jaxencdec.train.data import DataConfig, DataError
+from jaxencdec.train.metrics import TEXT_METRICS, metric_name
 
 
 PATH_KEYS = ("pretrained", "encoder", "decoder", "tokenizer", "decoder_tokenizer", "train_file", "eval_file")
@@ -140,8 +141,10 @@ class TrainSection:
 @dataclass(frozen=True)
 class EvalSection:
     """Every ``every`` steps (0: only at the end; -1: never): loss on ``data.eval_file``, and when ``generate``
-    is on, ``metric`` (``rouge``: ROUGE-1/2/L F1 via rouge-score; ``bleu``: sacreBLEU) of beam-search outputs.
-    ``best_metric`` (e.g. ``eval_loss`` or ``rougeL``) picks the exported best model; ``best_mode`` min or max."""
+    is on, ``metric`` (``rouge``: ROUGE-1/2/L F1 x 100 via rouge-score; ``bleu``: sacreBLEU, 0-100) of beam-search
+    outputs. ``best_metric`` (``eval/loss``, ``eval/rouge1``, ``eval/rouge2``, ``eval/rougeL`` or ``eval/bleu``;
+    the older names ``eval_loss``, ``rougeL``, ... are accepted) picks the exported best model; ``best_mode`` min
+    or max."""
 
     every: int = 0
     batch_size: int = 8
@@ -152,12 +155,17 @@ class EvalSection:
     max_new_tokens: int = 64
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    best_metric: str = "eval_loss"
+    best_metric: str = "eval/loss"
     best_mode: str = "min"
 
     def __post_init__(self):
-        if self.metric not in ("rouge", "bleu"):
+        if self.metric not in TEXT_METRICS:
             raise RunConfigError(f"eval.metric must be 'rouge' or 'bleu', got {self.metric!r}")
+        object.__setattr__(self, "best_metric", metric_name(self.best_metric))
+        known = ("eval/loss",) + TEXT_METRICS[self.metric]
+        if self.best_metric not in known:
+            raise RunConfigError(f"eval.best_metric {self.best_metric!r} is not a metric of this eval (eval.metric "
+                                 f"{self.metric!r}); choose one of {', '.join(known)}")
         if self.best_mode not in ("min", "max"):
             raise RunConfigError(f"eval.best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.batch_size < 1:
@@ -168,16 +176,26 @@ class EvalSection:
 class CheckpointSection:
     """Orbax checkpoints under ``{output_dir}/checkpoints`` every ``every`` steps (0: only at the end), the
     last ``keep`` kept; ``async_save`` writes in the background. The final model (and the best one, when eval
-    runs) is also exported with ``save_pretrained`` to ``{output_dir}/final_model`` / ``best_model``."""
+    runs) is also exported with ``save_pretrained`` to ``{output_dir}/final_model`` / ``best_model``.
+
+    ``resume_step``: resume from this kept checkpoint instead of the newest; the newer ones are moved aside to
+    ``checkpoints/<step>.discarded-<n>`` (training goes on from the chosen step). ``allow_schedule_change``:
+    resume even though the learning-rate schedule settings (``optim.learning_rate``, ``warmup_steps``,
+    ``schedule``, ``end_lr_ratio``, ``train.num_steps``) differ from the checkpoint's; the new schedule then
+    applies from the resumed step on."""
 
     every: int = 500
     keep: int = 2
     async_save: bool = True
     export_final: bool = True
+    resume_step: int | None = None
+    allow_schedule_change: bool = False
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:
             raise RunConfigError("checkpoint: every >= 0 and keep >= 1")
+        if self.resume_step is not None and self.resume_step < 1:
+            raise RunConfigError(f"checkpoint.resume_step must be a saved step (>= 1), got {self.resume_step}")
 
 
 @dataclass(frozen=True)

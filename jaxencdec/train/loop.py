@@ -4,13 +4,19 @@
 executes the same code; each reads only its rows of every batch, all take part in checkpoint saves, and
 process 0 alone prints, writes metrics and exports models.
 
-Resume: a checkpoint holds the ``TrainState`` (params, optimizer state, step, rng) and the data position;
-rerunning the same command restores the latest complete one (orbax writes into a temporary folder and renames
-it when done, so a save cut short is never picked) and continues bit-for-bit as if never stopped.
+Resume: a checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the
+run config and the global parameter norm of each save; rerunning the same command restores the latest complete
+one (orbax writes into a temporary folder and renames it when done, so a save cut short is never picked) and
+continues bit-for-bit as if never stopped. A checkpoint that fails to restore (damaged files) is reported and
+moved aside to ``checkpoints/<step>.corrupt-<n>``, and the one before it is tried. ``checkpoint.resume_step``
+picks an older checkpoint; the newer ones are moved aside to ``checkpoints/<step>.discarded-<n>``. A resume
+whose learning-rate schedule settings differ from the checkpoint's is refused unless
+``checkpoint.allow_schedule_change`` is set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,6 +27,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
@@ -35,7 +42,7 @@ from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import step as steps
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.data import HOST_ONLY_KEYS, DataError, PairEncoder, PairLoader, read_pairs
-from jaxencdec.train.metrics import MetricsWriter, text_metrics
+from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
 
 logger = logging.getLogger("jaxencdec")
 
@@ -43,8 +50,19 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "t
                    "special_tokens_map.json")
 
 
+# The settings that define the learning rate of every step; a resume that changes one changes the schedule.
+SCHEDULE_KEYS = ("optim.learning_rate", "optim.warmup_steps", "optim.schedule", "optim.end_lr_ratio",
+                 "train.num_steps")
+# A checkpoint whose parameter norm is this many times the previous one's is reported as a jump.
+NORM_JUMP = 4.0
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of output_dir can be restored, or the chosen one cannot."""
 
 
 # ---------------------------------------------------------------------- checks before any compile
@@ -76,7 +94,51 @@ def validate(config: RunConfig, num_devices: int, num_processes: int) -> tuple[i
         path = getattr(m, name)
         if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
             raise RunConfigError(f"model.{name} {path} does not exist")
+    package = missing_metric_package(config.eval.metric) if need_eval and config.eval.generate else None
+    if package:
+        raise RunConfigError(f"eval.metric {config.eval.metric!r} needs the {package} package, which is not "
+                             f"installed: pip install {package} (or pip install 'jaxencdec[train]')")
     return shape
+
+
+def checkpoint_steps(ckpt_dir: str) -> list[int]:
+    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax's step folders), ascending; no orbax call."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(ckpt_dir)
+                  if name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name)))
+
+
+def schedule_changes(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved value, value now)`` for the ``SCHEDULE_KEYS`` where ``config`` differs from ``saved`` (a
+    run config dict stored with a checkpoint). ``train.num_steps`` counts only when the decay depends on it."""
+    now = config.to_dict()
+    changes = {}
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        if name in saved.get(section, {}) and saved[section][name] != now[section][name]:
+            changes[key] = (saved[section][name], now[section][name])
+    schedules = {saved.get("optim", {}).get("schedule"), config.optim.schedule}
+    if schedules == {"constant"}:
+        changes.pop("train.num_steps", None)
+    return changes
+
+
+def summarize_error(error: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to about ``limit`` characters (tensorstore's spec dump dropped)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" See full TensorStore details")[0] if lines else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def norm_jump(norms: dict[int, float]) -> int | None:
+    """The first step (ascending) whose parameter norm is not finite or ``NORM_JUMP`` x the previous one's."""
+    ordered = sorted(norms.items())
+    for (_, before), (step, norm) in zip(ordered, ordered[1:]):
+        if not np.isfinite(norm) or norm > NORM_JUMP * before:
+            return step
+    return None
 
 
 # ---------------------------------------------------------------------- model and tokenizers
@@ -145,18 +207,30 @@ class Trainer:
 
     Attributes of interest: ``mesh``, ``specs`` (``TrainState`` of ``PartitionSpec``), ``state`` (the live
     sharded ``TrainState``), ``train_step`` (jitted; replaceable in tests), ``manager`` (orbax).
+
+    ``evaluate_only``: for ``evaluate`` alone (``jaxencdec eval``): output_dir must hold a checkpoint (checked
+    before anything is built) unless ``restore`` is False, and nothing is written there (no folders, metrics
+    or TensorBoard events; checkpoints are read only).
     """
 
-    def __init__(self, config: RunConfig, *, log: Callable[[str], None] | None = None, restore: bool = True):
+    def __init__(self, config: RunConfig, *, log: Callable[[str], None] | None = None, restore: bool = True,
+                 evaluate_only: bool = False):
         self.config = config
+        self.evaluate_only = evaluate_only
         initialize_distributed(config.distributed)
         self.is_main = jax.process_index() == 0
         self._log = log or (lambda s: print(s, flush=True))
+        self._bar = None  # the tqdm progress bar while one is shown
         validate(config, jax.device_count(), jax.process_count())
         self.out_dir = os.path.abspath(config.output_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        if restore:
+            self._check_checkpoints_exist()
+        if not evaluate_only:
+            os.makedirs(self.out_dir, exist_ok=True)
         self.mesh = make_mesh(config.mesh)
         self.rules = config.mesh.logical_rules
+        self._report_devices()
 
         bundle = build_model(config)
         self.bundle = bundle
@@ -190,6 +264,7 @@ class Trainer:
             init = lambda rng: nn.unbox(self.model._init_fn(rng))["params"]
             params, pspecs = init_sharded(init, jax.random.key(config.model.init_seed), logical, self.mesh,
                                           self.rules)
+        self._report_parameters(params, frozen)
         self.sharding_report = check_sharding(params, pspecs, self.mesh, logical, self.rules)
         if not self.sharding_report.ok:
             raise RuntimeError(self.sharding_report.summary())
@@ -211,23 +286,76 @@ class Trainer:
         self.eval_step = steps.jit_eval_step(steps.make_eval_step(eval_module, self.mesh, self.rules), self.mesh,
                                              pspecs)
         self._generate_fn = None
+        self._param_norm = jax.jit(optax.tree.norm)
 
-        ck = config.checkpoint
-        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
-        self.manager = ocp.CheckpointManager(
-            self.ckpt_dir,
-            options=ocp.CheckpointManagerOptions(max_to_keep=ck.keep, enable_async_checkpointing=ck.async_save,
-                                                 cleanup_tmp_directories=True, create=True),
-            item_names=("state", "data", "meta"))
+        self.manager = self._checkpoint_manager() if restore or not evaluate_only else None
         self.best: dict[str, Any] = {"value": None, "step": None}
-        self.metrics = MetricsWriter(self.out_dir, enabled=self.is_main, tensorboard=config.train.tensorboard)
+        self.param_norms: dict[int, float] = {}  # step -> global parameter norm: the start and every save
         self.resumed_from = self._restore() if restore else None
+        self.metrics = MetricsWriter(self.out_dir, enabled=self.is_main and not evaluate_only,
+                                     tensorboard=config.train.tensorboard,
+                                     keep_through_step=int(jax.device_get(self.state.step)))
 
     # ------------------------------------------------------------------ helpers
 
     def info(self, message: str) -> None:
-        if self.is_main:
+        """Prints ``message`` on process 0; above the progress bar while one is shown (``tqdm.write``'s way)."""
+        if not self.is_main:
+            return
+        if self._bar is None:
             self._log(message)
+            return
+        with self._bar.external_write_mode():
+            self._log(message)
+
+    def _check_checkpoints_exist(self) -> None:
+        """Fails at once when ``evaluate_only`` finds no checkpoint or ``checkpoint.resume_step`` is not kept."""
+        kept = checkpoint_steps(self.ckpt_dir)
+        if self.evaluate_only and not kept:
+            raise FileNotFoundError(f"no checkpoint in {self.ckpt_dir}: train first (jaxencdec train CONFIG) or "
+                                    f"pass --model FOLDER")
+        chosen = self.config.checkpoint.resume_step
+        if chosen is not None and chosen not in kept:
+            raise RunConfigError(f"checkpoint.resume_step {chosen}: there is no such checkpoint in {self.ckpt_dir} "
+                                 f"(kept steps: {', '.join(map(str, kept)) or 'none'})")
+
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            logger.warning(message)
+
+    def _report_devices(self) -> None:
+        devices = jax.devices()
+        kinds = ", ".join(sorted({d.device_kind for d in devices}))
+        processes = jax.process_count()
+        self.info(f"devices: {len(devices)} x {kinds} (platform {devices[0].platform}"
+                  + (f", {processes} processes)" if processes > 1 else ")"))
+        self.info("mesh: " + ", ".join(f"{axis} {size}" for axis, size in self.mesh.shape.items()))
+
+    def _report_parameters(self, params, frozen) -> None:
+        total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        if frozen is None:
+            self.info(f"parameters: {total:,} (all trainable)")
+            return
+        trainable = sum(jax.tree.leaves(jax.tree.map(lambda x, f: 0 if f else int(np.prod(x.shape)), params,
+                                                     frozen)))
+        self.info(f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} frozen by optim.freeze)")
+
+    def _checkpoint_manager(self) -> ocp.CheckpointManager:
+        ck = self.config.checkpoint
+        if self.evaluate_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                   save_interval_steps=0, cleanup_tmp_directories=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=ck.keep, enable_async_checkpointing=ck.async_save,
+                                                   cleanup_tmp_directories=True, create=True)
+        return ocp.CheckpointManager(self.ckpt_dir, options=options, item_names=("state", "data", "meta"))
+
+    def close(self) -> None:
+        """Waits for a save in flight and closes the checkpoint manager and the metrics writers."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        self.metrics.close()
 
     def _check_lengths(self):
         enc, dec = self.model.config.encoder_spec, self.model.config.decoder_spec
@@ -243,23 +371,119 @@ class Trainer:
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
 
     def _restore(self) -> int | None:
-        step = self.manager.latest_step()
-        if step is None:
+        """Restores the newest checkpoint that restores, or ``checkpoint.resume_step``; returns its step (None:
+        there is none). Newer checkpoints are moved aside (see the module docstring) unless ``evaluate_only``."""
+        kept = sorted(self.manager.all_steps(), reverse=True)
+        chosen = self.config.checkpoint.resume_step  # a kept step: checked in __init__
+        if not kept:
             return None
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self._abstract_state()), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        restored, failed = None, {}
+        for step in [chosen] if chosen is not None else kept:
+            try:
+                restored = self._read_checkpoint(step)
+                break
+            except Exception as error:  # damaged files: tensorstore, JSON and pytree-structure errors alike
+                failed[step] = summarize_error(error)
+                if chosen is not None:
+                    raise CheckpointError(f"checkpoint step {step} in {self.ckpt_dir} cannot be restored "
+                                          f"({failed[step]}); choose another checkpoint.resume_step (kept steps: "
+                                          f"{', '.join(map(str, sorted(kept)))})") from error
+                self.warn(f"checkpoint step {step} in {self.ckpt_dir} cannot be restored ({failed[step]}); "
+                          f"trying the one before it")
+        if restored is None:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in failed.items())
+            raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be restored ({reasons}). If the model, "
+                                  f"mesh or data settings changed since they were written, restore those; to start "
+                                  f"over, use a new output_dir or move {self.ckpt_dir} away")
+        meta = restored["meta"]
+        self.loader.set_state(restored["data"])  # a changed data file fails here, before anything is moved
+        if not self.evaluate_only:
+            self._check_schedule(step, meta.get("config", {}))
+            for newer in (s for s in kept if s > step):
+                self._move_aside(newer, "corrupt" if newer in failed else "discarded")
         self.state = restored["state"]
-        self.loader.set_state(restored["data"])
-        self.best = restored["meta"].get("best", self.best)
-        self.info(f"resumed from checkpoint step {step} in {self.ckpt_dir}")
+        best = meta.get("best", self.best)
+        self.best = {**best, "metric": metric_name(best["metric"])} if "metric" in best else best
+        self.param_norms = {int(k): v for k, v in meta.get("param_norms", {}).items()}
+        self.info(f"{'evaluating' if self.evaluate_only else 'resumed from'} checkpoint step {step} in "
+                  f"{self.ckpt_dir}")
         return step
 
+    def _read_checkpoint(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self._abstract_state()), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+
+    def _move_aside(self, step: int, label: str) -> None:
+        """Renames checkpoint ``step`` to ``<step>.<label>-<n>`` (orbax no longer sees it; the step can be saved
+        again). Process 0 renames; every process waits for it."""
+        if self.is_main:
+            n = 1
+            while os.path.exists(os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")):
+                n += 1
+            target = os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")
+            os.replace(os.path.join(self.ckpt_dir, str(step)), target)
+            self.info(f"checkpoint step {step} moved aside to {target}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxencdec: checkpoint {step} moved aside")
+        self.manager.reload()
+
+    def _check_schedule(self, step: int, saved_config: dict[str, Any]) -> None:
+        """Refuses (``RunConfigError``) a resume whose learning-rate schedule differs from the checkpoint's, unless
+        ``checkpoint.allow_schedule_change``; then it warns."""
+        changes = schedule_changes(saved_config, self.config)
+        if not changes:
+            return
+        old_optim = dataclasses.replace(self.config.optim, **{k.split(".")[1]: old for k, (old, _) in changes.items()
+                                                              if k.startswith("optim.")})
+        old_steps = changes.get("train.num_steps", (self.config.train.num_steps,))[0]
+        old_lr = float(steps.learning_rate_schedule(old_optim, old_steps)(step))
+        what = (", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+                + f": the learning rate of step {step + 1} becomes {float(self.schedule(step)):.3g} instead of "
+                  f"{old_lr:.3g}")
+        if self.config.checkpoint.allow_schedule_change:
+            self.warn(f"resuming from checkpoint step {step} with a changed learning-rate schedule ({what})")
+            return
+        raise RunConfigError(f"checkpoint step {step} in {self.ckpt_dir} was trained with another learning-rate "
+                             f"schedule ({what}). Use a new output_dir to train with the new settings, or pass "
+                             f"--set checkpoint.allow_schedule_change=true to continue with them from step {step}")
+
     def save(self, step: int) -> None:
-        """Saves the state, the data position and the best-so-far (async; all processes take part)."""
+        """Saves the state, the data position, the best-so-far, the config and the parameter norms (async; all
+        processes take part)."""
+        self.param_norms[step] = float(self._param_norm(self.state.params))
+        meta = {"best": self.best, "config": self.config.to_dict(),
+                "param_norms": {str(k): v for k, v in sorted(self.param_norms.items())}}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=ocp.args.JsonSave(self.loader.get_state()),
-            meta=ocp.args.JsonSave({"best": self.best, "config": self.config.to_dict()})))
+            meta=ocp.args.JsonSave(meta)))
+
+    def divergence_message(self, step: int, loss: float, grad_norm: float) -> str:
+        """One line: where training diverged, the global parameter norm of the start and of each kept
+        checkpoint, and which checkpoint to resume from."""
+        self.manager.wait_until_finished()
+        head = f"loss is {loss} (grad norm {grad_norm}) at step {step}: training stopped"
+        kept = sorted(self.manager.all_steps())
+        if not kept:
+            return f"{head}; no checkpoint was written yet"
+        norms = {s: n for s, n in self.param_norms.items() if s in kept or s == 0}
+        listing = ", ".join(f"step {s}{' (start)' if s == 0 else ''} {norms[s]:.4g}" if s in norms else
+                            f"step {s} not recorded" for s in sorted(set(norms) | set(kept)))
+        jump = norm_jump(norms)
+        before = [s for s in kept if jump is None or s < jump]
+        if jump is None:
+            advice = (f"no norm jumps, so step {kept[-1]} looks sound: rerunning resumes from it (an earlier "
+                      f"one: --set checkpoint.resume_step=STEP)")
+        elif before:
+            advice = (f"the norm jumps at step {jump}, so that checkpoint already holds diverged params: resume "
+                      f"from step {before[-1]} with --set checkpoint.resume_step={before[-1]}")
+        else:
+            advice = (f"the norm jumps at step {jump}: no kept checkpoint predates it; start over with a new "
+                      f"output_dir")
+        return (f"{head}. Global parameter norm of the kept checkpoints in {self.ckpt_dir}: {listing}; {advice} "
+                f"(with a lower optim.learning_rate, add --set checkpoint.allow_schedule_change=true)")
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch({k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}, self.mesh)
@@ -310,7 +534,8 @@ class Trainer:
         return self._generate_fn or None
 
     def evaluate(self, params=None, *, generate: bool | None = None) -> dict[str, float]:
-        """Loss over the eval file (token-weighted mean) and, with generation on, ROUGE / BLEU."""
+        """``eval/loss`` over the eval file (token-weighted mean), ``eval/tokens`` (an int) and, with generation
+        on, ``eval/rouge1``/``eval/rouge2``/``eval/rougeL`` or ``eval/bleu`` (0-100)."""
         ev = self.config.eval
         params = self.state.params if params is None else params
         if self.eval_pairs is None:
@@ -335,26 +560,26 @@ class Trainer:
                     sequences = sequences[:, 0]
                 index = to_host(global_batch({"i": local["example_index"], "w": local["weights"]}, self.mesh))
                 rows, weights = index["i"], index["w"]
-                texts = self.bundle.decoder_tokenizer.batch_decode(sequences)
+                texts = self.bundle.decoder_tokenizer.batch_decode(sequences, skip_special_tokens=True)
                 predictions.update({int(r): t for r, t, w in zip(rows, texts, weights) if w > 0})
-        result = {"eval_loss": loss_sum / max(tokens, 1.0), "eval_tokens": tokens}
+        result = {"eval/loss": loss_sum / max(tokens, 1.0), "eval/tokens": int(tokens)}
         if predictions:
             refs = [self.eval_pairs[i][1] for i in sorted(predictions)]
             hyps = [predictions[i] for i in sorted(predictions)]
-            result.update(text_metrics(ev.metric, hyps, refs))
+            result.update({f"eval/{k}": v for k, v in text_metrics(ev.metric, hyps, refs).items()})
         return result
 
     def _eval_and_track(self, step: int) -> dict[str, float]:
         result = self.evaluate()
-        self.metrics.write(step, result, prefix="")
+        self.metrics.write(step, result)
         value = result.get(self.config.eval.best_metric)
         better = value is not None and (self.best["value"] is None or (
             value < self.best["value"] if self.config.eval.best_mode == "min" else value > self.best["value"]))
         if better:
             self.best = {"value": value, "step": step, "metric": self.config.eval.best_metric}
             self.export(os.path.join(self.out_dir, "best_model"))
-        self.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-                  + (" (best)" if better else ""))
+        self.info(f"step {step}: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
+                                               for k, v in result.items()) + (" (best)" if better else ""))
         return result
 
     # ------------------------------------------------------------------ the loop
@@ -364,28 +589,26 @@ class Trainer:
         total = cfg.train.num_steps
         start = int(jax.device_get(self.state.step))
         ck_every, ev_every, log_every = cfg.checkpoint.every, cfg.eval.every, cfg.train.log_every
+        if start == 0 and 0 not in self.param_norms:
+            self.param_norms[0] = float(self._param_norm(self.state.params))
         bar = None
         if self.is_main and cfg.train.progress_bar:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+        self._bar = bar
         window: list[dict] = []
         pending = None  # (step, metrics) of the last dispatched step, read one step later
         last_time = time.perf_counter()
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, Any] = self.metrics.last_eval(start)  # a resumed run's last eval so far
 
         def consume(item):
             nonlocal last_time
             step_no, metrics = item
             host = jax.device_get(metrics)
             if not host["finite"]:
-                self.manager.wait_until_finished()
-                last = self.manager.latest_step()
-                where = (f"the last good checkpoint is step {last} in {self.ckpt_dir}" if last is not None
-                         else "no checkpoint was written yet")
-                raise TrainingDivergedError(
-                    f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step {step_no}: "
-                    f"training stopped; {where}")
+                raise TrainingDivergedError(self.divergence_message(step_no, float(host["loss"]),
+                                                                    float(host["grad_norm"])))
             window.append(host)
             if step_no % log_every == 0 or step_no == total:
                 now = time.perf_counter()
@@ -396,7 +619,7 @@ class Trainer:
                 row["step_time"] = elapsed / len(window)
                 row["tokens_per_s"] = tok / max(elapsed, 1e-9)
                 window.clear()
-                self.metrics.write(step_no, row, prefix="train/")
+                self.metrics.write(step_no, {f"train/{k}": v for k, v in row.items()})
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{row['step_time']:.3f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}")
@@ -407,7 +630,13 @@ class Trainer:
         try:
             for step_no in range(start + 1, total + 1):
                 local = next(self.loader)
+                if step_no == start + 1:
+                    self.info("compiling the train step...")
+                    compile_start = time.perf_counter()
                 self.state, metrics = self.train_step(self.state, self.device_batch(local))
+                if step_no == start + 1:  # jit compiles before it dispatches: the call's time is the compile's
+                    self.info(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
+                    last_time = time.perf_counter()
                 if pending is not None:
                     consume(pending)
                 pending = (step_no, metrics)
@@ -420,7 +649,7 @@ class Trainer:
                     consume(pending)  # never save or judge a state whose step diverged
                     pending = None
                 if do_eval:
-                    last_eval = self._eval_and_track(step_no)
+                    last_eval = {"step": step_no, **self._eval_and_track(step_no)}
                 if do_save:
                     self.save(step_no)
             if pending is not None:
@@ -429,13 +658,13 @@ class Trainer:
             self.manager.wait_until_finished()
             if bar is not None:
                 bar.close()
+                self._bar = None
         final = None
         if cfg.checkpoint.export_final:
             final = self.export(os.path.join(self.out_dir, "final_model"))
         if cfg.train.plot:
             self.metrics.plot()
-        self.metrics.close()
-        self.manager.close()
+        self.close()
         return {"step": int(jax.device_get(self.state.step)), "resumed_from": self.resumed_from,
                 "final_model": final, "best": self.best, "eval": last_eval}
 

@@ -1,37 +1,94 @@
 """Metrics out: JSONL (always), TensorBoard (tensorboardX, optional), a PNG plot at the end; and the text
-metrics of generated outputs (ROUGE via rouge-score, BLEU via sacreBLEU)."""
+metrics of generated outputs (ROUGE via rouge-score, BLEU via sacreBLEU), both on a 0-100 scale as
+transformers' ``run_summarization`` / ``run_translation`` report them.
+
+Metric names are one scheme in all three outputs and in the final JSON of ``jaxencdec train``: ``train/loss``,
+``train/grad_norm``, ``train/learning_rate``, ``train/step_time``, ``train/tokens_per_s``, ``eval/loss``,
+``eval/tokens``, ``eval/rouge1``, ``eval/rouge2``, ``eval/rougeL``, ``eval/bleu``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
+
+# eval.metric -> the names of the scores it adds to an eval
+TEXT_METRICS = {"rouge": ("eval/rouge1", "eval/rouge2", "eval/rougeL"), "bleu": ("eval/bleu",)}
+# eval.metric -> (module to import, package to pip install)
+METRIC_PACKAGES = {"rouge": ("rouge_score", "rouge-score"), "bleu": ("sacrebleu", "sacrebleu")}
+# names written by earlier versions (metrics.jsonl, checkpoints, configs' eval.best_metric) -> today's names
+LEGACY_NAMES = {"eval_loss": "eval/loss", "eval_tokens": "eval/tokens", "rouge1": "eval/rouge1",
+                "rouge2": "eval/rouge2", "rougeL": "eval/rougeL", "bleu": "eval/bleu"}
+# ROUGE-1 and ROUGE-L are often equal on short texts: open markers of different shapes and sizes stay visible
+ROUGE_STYLES = {"eval/rouge1": {"linestyle": "-", "marker": "o", "markersize": 10, "fillstyle": "none"},
+                "eval/rouge2": {"linestyle": "--", "marker": "s", "markersize": 7, "fillstyle": "none"},
+                "eval/rougeL": {"linestyle": ":", "marker": "^", "markersize": 5, "fillstyle": "none"}}
+
+
+def metric_name(name: str) -> str:
+    """Today's name of a metric (``rougeL`` -> ``eval/rougeL``); unknown names pass through."""
+    return LEGACY_NAMES.get(name, name)
+
+
+def missing_metric_package(metric: str) -> str | None:
+    """The pip package ``eval.metric`` needs when it is not installed, else None (no import is done)."""
+    module, package = METRIC_PACKAGES[metric]
+    return package if importlib.util.find_spec(module) is None else None
 
 
 class MetricsWriter:
     """Appends ``{"step": s, name: value, ...}`` lines to ``{out_dir}/metrics.jsonl`` and scalars to TensorBoard.
 
-    Only the process with ``enabled=True`` (process 0) writes. A resumed run appends; ``read`` keeps the last
-    value written for each ``(name, step)``, so steps redone after a restart are not counted twice.
+    Only the process with ``enabled=True`` (process 0) writes. ``keep_through_step``: the step training starts
+    from (a resumed run's checkpoint step, 0 for a fresh run); the rows of later steps, written by a run that
+    was stopped after that checkpoint, are dropped from the file (rewritten atomically) and TensorBoard is told
+    to purge its events from there on, so each step has one row however often the run was restarted.
     """
 
-    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True,
+                 keep_through_step: int | None = None):
         self.out_dir = out_dir
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self._tb = None
+        if enabled and keep_through_step is not None:
+            self._drop_rows_after(keep_through_step)
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:  # optional: JSONL and the plot still work
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                purge = None if keep_through_step is None else keep_through_step + 1
+                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
 
-    def write(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+    def _lines(self) -> list[str]:
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return f.readlines()
+
+    def _rows(self) -> list[dict[str, Any]]:
+        """The rows of the file, lines cut short by a kill skipped."""
+        return [row for row in map(_parse_row, self._lines()) if row is not None]
+
+    def _drop_rows_after(self, step: int) -> None:
+        lines = self._lines()
+        kept = [line for line in lines if (row := _parse_row(line)) is not None and row["step"] <= step]
+        if kept == lines:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """One row; ``values`` maps full metric names (``train/loss``) to numbers (ints stay ints)."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{prefix + k: float(v) for k, v in values.items()}}
+        row = {"step": int(step), **{k: v if isinstance(v, int) else float(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
@@ -40,25 +97,29 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def read(self) -> dict[str, list[tuple[int, float]]]:
-        """``name -> [(step, value), ...]`` sorted by step, last write winning."""
+        """``name -> [(step, value), ...]`` sorted by step, last write winning, older names mapped to today's."""
         series: dict[str, dict[int, float]] = {}
-        if not os.path.isfile(self.path):
-            return {}
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                for k, v in row.items():
-                    if k != "step":
-                        series.setdefault(k, {})[row["step"]] = v
+        for row in self._rows():
+            for k, v in row.items():
+                if k != "step":
+                    series.setdefault(metric_name(k), {})[row["step"]] = v
         return {k: sorted(v.items()) for k, v in series.items()}
 
-    def plot(self, path: str | None = None) -> str | None:
-        """Writes ``metrics.png``: training loss, eval loss and the eval text metrics against steps."""
-        if not self.enabled:
-            return None
+    def last_eval(self, through_step: int) -> dict[str, Any]:
+        """``{"step": s, "eval/loss": ..., ...}`` of the newest eval at or before ``through_step``; {} if none."""
+        evals = {}
+        for row in self._rows():
+            names = {metric_name(k): v for k, v in row.items() if metric_name(k).startswith("eval/")}
+            if names and row["step"] <= through_step:
+                evals[row["step"]] = names
+        if not evals:
+            return {}
+        step = max(evals)
+        return {"step": step, **evals[step]}
+
+    def figure(self, title: str | None = None):
+        """A matplotlib figure of the file's series: losses, learning rate, text metrics (one panel each);
+        None when there is nothing to plot or matplotlib is missing."""
         series = self.read()
         if not series:
             return None
@@ -69,19 +130,34 @@ class MetricsWriter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [["train/loss", "eval_loss"], ["train/learning_rate"],
-                  [k for k in series if k in ("rouge1", "rouge2", "rougeL", "bleu")]]
-        panels = [[k for k in p if k in series] for p in panels]
-        panels = [p for p in panels if p]
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-        for ax, names in zip(axes[0], panels):
+        panels = [(["train/loss", "eval/loss"], "loss (token cross-entropy)"),
+                  (["train/learning_rate"], "learning rate"),
+                  (list(TEXT_METRICS["rouge"]), "ROUGE F1 (x 100)"), (list(TEXT_METRICS["bleu"]), "BLEU")]
+        panels = [([k for k in names if k in series], label) for names, label in panels]
+        panels = [(names, label) for names, label in panels if names]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+        for ax, (names, label) in zip(axes[0], panels):
             for name in names:
                 steps, values = zip(*series[name])
-                ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=name)
+                style = ROUGE_STYLES.get(name, {"marker": "." if len(steps) < 50 else None})
+                ax.plot(steps, values, label=name, **style)
             ax.set_xlabel("step")
+            ax.set_ylabel(label)
             ax.legend()
             ax.grid(alpha=0.3)
+        fig.suptitle(title or os.path.basename(os.path.normpath(self.out_dir)))
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: str | None = None, title: str | None = None) -> str | None:
+        """Writes ``metrics.png`` (see ``figure``; titled with the run folder's name) and returns its path."""
+        if not self.enabled:
+            return None
+        fig = self.figure(title)
+        if fig is None:
+            return None
+        import matplotlib.pyplot as plt
+
         path = path or os.path.join(self.out_dir, "metrics.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -93,13 +169,24 @@ class MetricsWriter:
             self._tb = None
 
 
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl row, or None for a line a kill cut short."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
 def text_metrics(metric: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """``rouge``: mean ROUGE-1/2/L F1 x 100 (rouge-score, with stemming); ``bleu``: corpus sacreBLEU."""
+    """``rouge``: mean ROUGE-1/2/L F1 x 100 (rouge-score, with stemming), keys ``rouge1``, ``rouge2``,
+    ``rougeL``; ``bleu``: corpus sacreBLEU (0-100), key ``bleu``."""
+    package = missing_metric_package(metric) if metric in METRIC_PACKAGES else None
+    if package:
+        raise ImportError(f"eval.metric {metric!r} needs the {package} package: pip install {package}")
     if metric == "rouge":
-        try:
-            from rouge_score import rouge_scorer
-        except ImportError as e:
-            raise ImportError("ROUGE needs the rouge-score package: pip install rouge-score") from e
+        from rouge_score import rouge_scorer
+
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
         for hyp, ref in zip(predictions, references):
@@ -109,9 +196,7 @@ def text_metrics(metric: str, predictions: Sequence[str], references: Sequence[s
         n = max(len(predictions), 1)
         return {k: 100.0 * v / n for k, v in totals.items()}
     if metric == "bleu":
-        try:
-            import sacrebleu
-        except ImportError as e:
-            raise ImportError("BLEU needs the sacrebleu package: pip install sacrebleu") from e
+        import sacrebleu
+
         return {"bleu": float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)}
     raise ValueError(f"unknown metric {metric!r}")
