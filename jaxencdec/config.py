@@ -8,10 +8,15 @@ built from. Architectures differ only in the spec they produce, never in module 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping
 
 from jaxencdec.checkpoint.io import read_json
 
@@ -106,6 +111,54 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """``field name -> annotated type`` of a config dataclass (annotations resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether ``value`` fits the annotation ``expected``, as JSON values map to Python: ``int`` excludes bool,
+    ``float`` accepts ints (exact), ``X | None`` accepts None, ``list[int]`` a list or tuple of ints."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_has_type(item, args[0]) for item in value)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is Any:
+        return True
+    return isinstance(value, origin or expected)
+
+
+def _type_name(expected: Any) -> str:
+    return expected.__name__ if isinstance(expected, type) and not typing.get_args(expected) else str(expected)
+
+
+def _check_field_types(config: Any) -> None:
+    """Raises ConfigError naming the first field of a config dataclass whose value has the wrong type."""
+    for name, expected in _field_types(type(config)).items():
+        value = getattr(config, name)
+        _check(_has_type(value, expected),
+               f"field {name} must be of type {_type_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def check_field_names(cls: type, names: Iterable[str], hint: str = "") -> None:
+    """Raises ConfigError listing each of ``names`` that is not a field of the config class ``cls``, with its
+    closest field names (and ``hint``): a programmatic override with a typo must not be kept as an unknown key."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+    unknown = [name for name in names if name not in fields]
+    if unknown:
+        guesses = [f"{name!r} (did you mean {' or '.join(map(repr, difflib.get_close_matches(name, fields)))}?)"
+                   if difflib.get_close_matches(name, fields) else repr(name) for name in unknown]
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(guesses)}; its fields: {', '.join(fields)}"
+                          + (f"; {hint}" if hint else ""))
+
+
 @dataclass(frozen=True)
 class HFConfig:
     """Fields every Hugging Face ``PretrainedConfig`` has, and the ``config.json`` round trip."""
@@ -124,6 +177,7 @@ class HFConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        _check_field_types(self)
         # A list of eos ids is stored as a tuple so that configs stay hashable (they are static jit arguments).
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -150,9 +204,13 @@ class HFConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "HFConfig":
-        return cls.from_dict(read_json(path))
+        """Reads a Hugging Face ``config.json``; a bad value is a ConfigError naming the file and the field."""
+        with _naming(path):
+            return cls.from_dict(read_json(path))
 
     def replace(self, **changes) -> "HFConfig":
+        """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches."""
+        check_field_names(type(self), changes)
         return dataclasses.replace(self, **changes)
 
     def spec(self, role: Role) -> TransformerSpec:
@@ -194,7 +252,8 @@ class BertConfig(HFConfig):
 
     def spec(self, role: Role) -> TransformerSpec:
         _check(self.position_embedding_type == "absolute",
-               f"position_embedding_type {self.position_embedding_type!r} is not supported (only 'absolute')")
+               f"position_embedding_type {self.position_embedding_type!r} is not supported, only 'absolute' "
+               "(transformers 5 dropped relative position embeddings from BERT and RoBERTa too)")
         decoder = role == "decoder"
         return TransformerSpec(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
@@ -329,17 +388,37 @@ class EncoderDecoderConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        _check_field_types(self)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _check(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),
                "the decoder config must have is_decoder=True and add_cross_attention=True "
                "(EncoderDecoderConfig.from_encoder_decoder_configs sets both)")
-        _check(not self.tie_encoder_decoder, "tie_encoder_decoder=True is not supported")
         cross = self.decoder.cross_attention_hidden_size
         _check(cross is None or cross == self.encoder.hidden,
                f"decoder cross_attention_hidden_size {cross} must equal the encoder's hidden size {self.encoder.hidden}")
         self.encoder.spec("encoder")
         self.decoder.spec("decoder")
+        if self.tie_encoder_decoder:
+            self._check_tieable()
+
+    def _check_tieable(self) -> None:
+        """``tie_encoder_decoder``: transformers ties each decoder module to the encoder module of the same name
+        (embeddings, self-attention, MLP, norms). BERT and RoBERTa stacks share those names; the shared tensors
+        must have one shape, and every decoder layer needs an encoder layer of the same index."""
+        kinds = (self.encoder.model_type, self.decoder.model_type)
+        _check(set(kinds) <= {"bert", "roberta"},
+               f"tie_encoder_decoder=True needs a BERT or RoBERTa encoder and decoder (transformers ties modules by "
+               f"name, and only those share their names); got encoder {kinds[0]!r} and decoder {kinds[1]!r}")
+        encoder, decoder = self.encoder_spec, self.decoder_spec
+        sizes = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_positions", "type_vocab_size")
+        differ = [f"{name} {getattr(encoder, name)} vs {getattr(decoder, name)}" for name in sizes
+                  if getattr(encoder, name) != getattr(decoder, name)]
+        _check(not differ, "tie_encoder_decoder=True shares the encoder's embeddings and layers with the decoder, "
+                           f"so their sizes must agree; encoder vs decoder: {', '.join(differ)}")
+        _check(decoder.num_layers <= encoder.num_layers,
+               f"tie_encoder_decoder=True ties decoder layer i to encoder layer i, but the decoder has "
+               f"{decoder.num_layers} layers and the encoder only {encoder.num_layers}")
 
     @classmethod
     def from_encoder_decoder_configs(cls, encoder: HFConfig, decoder: HFConfig, **kwargs) -> "EncoderDecoderConfig":
@@ -369,9 +448,12 @@ class EncoderDecoderConfig:
             if not isinstance(data.get(part), Mapping):
                 raise ConfigError(f"an encoder_decoder config needs an {part!r} object")
         names = {"decoder_start_token_id", "pad_token_id", "eos_token_id", "tie_encoder_decoder"}
+        parts = {}
+        for part in ("encoder", "decoder"):
+            with _naming(part):
+                parts[part] = HFConfig.from_dict(data[part])
         return cls(
-            encoder=HFConfig.from_dict(data["encoder"]), decoder=HFConfig.from_dict(data["decoder"]),
-            **{k: v for k, v in data.items() if k in names},
+            **parts, **{k: v for k, v in data.items() if k in names},
             extra={k: v for k, v in data.items() if k not in names | {"encoder", "decoder", "model_type"}},
         )
 
@@ -385,7 +467,22 @@ class EncoderDecoderConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "EncoderDecoderConfig":
-        return cls.from_dict(read_json(path))
+        """Reads an encoder-decoder ``config.json``; a bad value is a ConfigError naming the file and the field."""
+        with _naming(path):
+            return cls.from_dict(read_json(path))
 
     def replace(self, **changes) -> "EncoderDecoderConfig":
+        """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches. A part's
+        field is changed through the part: ``config.replace(decoder=config.decoder.replace(vocab_size=...))``."""
+        check_field_names(type(self), changes, "the encoder's and decoder's own fields are set through the part: "
+                                               "config.replace(decoder=config.decoder.replace(field=value))")
         return dataclasses.replace(self, **changes)
+
+
+@contextlib.contextmanager
+def _naming(where) -> Iterator[None]:
+    """Prefixes the message of a ConfigError raised inside with ``where`` (a file, or a part of a config)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

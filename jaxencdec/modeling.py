@@ -8,7 +8,7 @@ import re
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +16,17 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxencdec import paths
 from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
 from jaxencdec.config import ConfigError, EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GenerationConfig
-from jaxencdec.inputs import mask_or_ones, validate_token_ids
-from jaxencdec.models.encoder_decoder import (EncoderDecoderModule, Seq2SeqOutput, cross_entropy_loss,
-                                              shift_tokens_right)
+from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
+from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
+                                              Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
+                                              shift_tokens_right, stack_records)
+from jaxencdec.tokenizer import hub_upload_error
 
 logger = logging.getLogger("jaxencdec")
 
@@ -86,14 +89,18 @@ class EncoderDecoderModel:
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder_pretrained_model_name_or_path: str,
                                         decoder_pretrained_model_name_or_path: str, *, seed: int = 0,
-                                        dtype=None, param_dtype=jnp.float32, **kwargs):
-        """Warm-starts from two standalone Hugging Face checkpoints (local folders or hub ids).
+                                        dtype=None, param_dtype=None, torch_dtype=None, **kwargs):
+        """Warm-starts from two standalone Hugging Face checkpoints (local folders, bucket URLs such as
+        ``gs://bucket/bert``, or hub ids).
 
         ``encoder_*`` / ``decoder_*`` keyword arguments override the encoder's / decoder's config fields, the
         others the top-level config (``decoder_start_token_id``, ``pad_token_id``...), as in transformers.
         New parameters (cross-attention, a missing LM head) are listed in one log message, unused checkpoint
         tensors in another; both lists stay in ``model.load_report``.
+        ``torch_dtype`` (transformers' name) or ``param_dtype``: the dtype of the loaded weights, see
+        ``from_pretrained``; with ``"auto"`` both checkpoints must agree.
         """
+        requested_dtype = _requested_weights_dtype(param_dtype, torch_dtype)
         parts = {}
         for role, source in (("encoder", encoder_pretrained_model_name_or_path),
                              ("decoder", decoder_pretrained_model_name_or_path)):
@@ -106,13 +113,16 @@ class EncoderDecoderModel:
             raise ConfigError(f"unknown option(s) {sorted(unknown)}: use encoder_<field> / decoder_<field> for the "
                               f"parts' config fields, or one of {sorted(TOP_LEVEL_FIELDS)}")
         config = EncoderDecoderConfig.from_encoder_decoder_configs(parts["encoder"][1], parts["decoder"][1], **kwargs)
+        param_dtype = requested_dtype if requested_dtype != "auto" else _agreed_dtype(
+            {role: _checkpoint_dtype(part.extra, partial(io.read_state_dict, folder))
+             for role, (folder, part) in parts.items()})
         model = cls(config, seed=seed, dtype=dtype, param_dtype=param_dtype)
         flat = traverse_util.flatten_dict(model.params, sep="/")
         shapes = {k: v.shape for k, v in flat.items()}
         report = LoadReport()
         for role, (folder, part) in parts.items():
             spec = config.encoder_spec if role == "encoder" else config.decoder_spec
-            rules = names.stack_rules(part.model_type, spec, role, "", role)
+            rules = names.stack_rules(part.model_type, spec, role, "", role, tied=config.tie_encoder_decoder)
             loaded, part_report = state_dict_to_params(
                 rules, io.read_state_dict(folder), shapes, partial(names.alternative_names, part.model_type, role))
             part_report.raise_for_mismatch(str(folder))
@@ -131,22 +141,27 @@ class EncoderDecoderModel:
         return model
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype=None, param_dtype=jnp.float32,
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype=None, param_dtype=None, torch_dtype=None,
                         **config_overrides):
-        """Loads an encoder-decoder folder (or hub id): ours (``flax_model.msgpack``) or Hugging Face's
+        """Loads an encoder-decoder folder (local, a bucket URL such as ``gs://bucket/model``, or a hub id): ours
+        (``flax_model.msgpack``) or Hugging Face's
         (``model.safetensors``, sharded safetensors, ``pytorch_model.bin``, transformers 4.x ``flax_model.msgpack``).
 
         Every parameter must be present with the right shape, else ``CheckpointError`` lists the names.
+        ``torch_dtype`` (transformers' name) or ``param_dtype``: the dtype the weights are loaded in (default
+        float32): a JAX / numpy dtype, a torch dtype, a name (``"bfloat16"``), or ``"auto"``, the checkpoint's own
+        (the ``dtype`` / ``torch_dtype`` of its config.json, else that of its first floating-point tensor), as in
+        transformers. The compute dtype ``dtype`` follows it unless given.
         """
+        requested_dtype = _requested_weights_dtype(param_dtype, torch_dtype)
         folder = io.resolve_model_folder(pretrained_model_name_or_path, HUB_PATTERNS)
         config = EncoderDecoderConfig.from_json_file(folder / CONFIG_NAME)
         if config_overrides:
             config = config.replace(**config_overrides)
         generation_path = folder / GENERATION_CONFIG_NAME
-        generation_config = (GenerationConfig.from_json_file(generation_path) if generation_path.exists()
+        generation_config = (GenerationConfig.from_json_file(generation_path) if paths.exists(generation_path)
                              else GenerationConfig.from_model_config(config))
-        shell = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, generation_config=generation_config)
-        shapes = shell.param_shapes()
+        shapes = cls(config, params={}).param_shapes()  # shapes do not depend on the dtypes
         kind, files = io.find_weights(folder)
         tree = io.read_msgpack(files[0]) if kind == "flax" and len(files) == 1 else None
         if tree is not None and _is_own_tree(tree):
@@ -159,72 +174,241 @@ class EncoderDecoderModel:
         report.raise_for_missing(str(folder))
         if report.unexpected:
             logger.warning("%s: checkpoint tensors not used by the model: %s", folder, ", ".join(report.unexpected))
-        shell.params = traverse_util.unflatten_dict(
+        param_dtype = requested_dtype if requested_dtype != "auto" else _checkpoint_dtype(config.extra, flat.values)
+        params = traverse_util.unflatten_dict(
             {k: jnp.asarray(v, param_dtype) for k, v in flat.items() if k in shapes}, sep="/")
-        shell.load_report = report
-        return shell
+        model = cls(config, params=params, dtype=dtype, param_dtype=param_dtype, generation_config=generation_config)
+        model.load_report = report
+        return model
 
     # ------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Writes ``config.json``, ``generation_config.json`` and ``flax_model.msgpack`` (each atomically)."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        io.write_msgpack(jax.tree.map(np.asarray, self.params), folder / WEIGHTS_NAME)
+    def save_pretrained(self, save_directory: str | os.PathLike) -> paths.AnyPath:
+        """Writes ``config.json``, ``generation_config.json`` and ``flax_model.msgpack`` into a local folder or a
+        bucket URL (``gs://bucket/model``); returns the folder as a path object (``epath.Path`` for a URL).
+
+        A local folder is replaced as a whole (``checkpoint.io.atomic_folder``): if any file fails to write, the
+        folder keeps the previous model, weights and config together. Other files in it (a tokenizer, a
+        README) are kept; weight files of an earlier save (``model.safetensors``, ...) are removed, as they
+        would shadow or contradict the new weights. On a bucket each file is one object and ``config.json`` is
+        written last (``atomic_folder`` says what that guarantees).
+        """
+        with io.atomic_folder(save_directory) as staging:
+            io.write_msgpack(jax.tree.map(np.asarray, self.params), staging / WEIGHTS_NAME)
+            self._write_configs(staging)
+        return paths.as_path(save_directory)
+
+    def _write_configs(self, folder: Path) -> None:
+        """``config.json`` (with transformers' ``architectures``) and ``generation_config.json`` into ``folder``."""
         self.generation_config.save(folder / GENERATION_CONFIG_NAME)
         io.write_json({**self.config.to_dict(), "architectures": ["EncoderDecoderModel"]}, folder / CONFIG_NAME)
-        return folder
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters under Hugging Face PyTorch names (float32), tied tensors omitted as transformers does."""
         flat = traverse_util.flatten_dict(jax.tree.map(lambda x: np.asarray(x, np.float32), self.params), sep="/")
         return params_to_state_dict(names.encoder_decoder_rules(self.config), flat)
 
-    def export_pytorch(self, save_directory: str | os.PathLike) -> Path:
+    def export_pytorch(self, save_directory: str | os.PathLike) -> paths.AnyPath:
         """Writes a folder transformers' ``EncoderDecoderModel.from_pretrained`` loads: ``model.safetensors``,
-        ``config.json``, ``generation_config.json``."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        io.write_safetensors(self.pytorch_state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
-        self.generation_config.save(folder / GENERATION_CONFIG_NAME)
-        io.write_json({**self.config.to_dict(), "architectures": ["EncoderDecoderModel"]}, folder / CONFIG_NAME)
-        return folder
+        ``config.json``, ``generation_config.json``; local or on a bucket, replaced as ``save_pretrained`` does."""
+        with io.atomic_folder(save_directory) as staging:
+            io.write_safetensors(self.pytorch_state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
+            self._write_configs(staging)
+        return paths.as_path(save_directory)
+
+    def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
+        """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then
+        ``huggingface_hub.upload_folder``). Takes transformers' arguments so that any such call gets that message."""
+        raise hub_upload_error("model", repo_id)
 
     # ------------------------------------------------------------------ forward
 
-    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 labels=None, *, params: Params | None = None, dropout_rng: jax.Array | None = None,
-                 train: bool = False) -> Seq2SeqOutput:
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 labels=None, *, encoder_outputs=None, output_attentions: bool = False,
+                 output_hidden_states: bool = False, params: Params | None = None,
+                 dropout_rng: jax.Array | None = None, train: bool = False) -> Seq2SeqOutput:
         """Teacher-forced forward pass, as transformers' ``EncoderDecoderModel.forward``.
 
         With ``labels`` and no ``decoder_input_ids``, the decoder inputs are the labels shifted right with
         ``decoder_start_token_id`` and -100 turned into ``pad_token_id`` (and the decoder mask hides pads);
         the loss is the mean cross-entropy over labels != -100.
-        Returns ``Seq2SeqOutput(logits [batch, tgt_len, vocab], encoder_last_hidden_state, loss)``.
+        Ids and labels must be integer arrays (float ones are an error, as in transformers), masks hold 0 and 1
+        (bool, int or float); every shape mismatch is a ValueError naming the arguments (``jaxencdec.inputs``).
+
+        ``encoder_outputs``: an ``EncoderOutput`` from ``encode`` (or a tuple whose first element is the encoder's
+        last hidden state ``[batch, src_len, D_enc]``, or that array): the encoder is skipped, ``input_ids`` is
+        not read, and ``attention_mask`` masks those states. ``output_attentions`` / ``output_hidden_states``
+        (static: a change compiles again) fill the output's ``encoder_attentions``, ``decoder_attentions``,
+        ``cross_attentions`` (per layer ``[batch, heads, q_len, k_len]`` float32 softmax probabilities, before
+        attention dropout) and ``encoder_hidden_states``, ``decoder_hidden_states`` (layers + 1 arrays: the
+        embeddings, then each layer's output), as transformers returns them; with ``encoder_outputs`` the encoder
+        fields are those it carries.
+        Returns ``Seq2SeqOutput(logits [batch, tgt_len, vocab], encoder_last_hidden_state, loss, ...)``.
         """
         enc, dec = self.config.encoder_spec, self.config.decoder_spec
-        input_ids = validate_token_ids(input_ids, enc.vocab_size, enc.max_length, "input_ids")
-        attention_mask = mask_or_ones(attention_mask, input_ids, "attention_mask")
-        if labels is not None:
-            labels = np.asarray(labels).astype(np.int32)
-            if decoder_input_ids is None:
-                for name in ("decoder_start_token_id", "pad_token_id"):
-                    if getattr(self.config, name) is None:
-                        raise ConfigError(f"config.{name} must be set to build decoder inputs from labels")
-                decoder_input_ids = np.asarray(shift_tokens_right(
-                    labels, self.config.pad_token_id, self.config.decoder_start_token_id))
-                if decoder_attention_mask is None:
-                    decoder_attention_mask = (decoder_input_ids != self.config.pad_token_id).astype(np.int32)
-            validate_token_ids(np.where(labels == -100, 0, labels), dec.vocab_size, dec.max_length, "labels")
-        if decoder_input_ids is None:
+        encoder_hidden = None
+        if encoder_outputs is None:
+            input_ids = validate_token_ids(input_ids, enc.vocab_size, enc.max_length, "input_ids")
+            attention_mask = mask_or_ones(attention_mask, input_ids, "attention_mask")
+        else:
+            encoder_hidden, attention_mask = self._encoder_states(encoder_outputs, attention_mask, "attention_mask")
+            input_ids = None
+        if labels is None and decoder_input_ids is None:
             raise ValueError("pass decoder_input_ids or labels")
-        decoder_input_ids = validate_token_ids(decoder_input_ids, dec.vocab_size, dec.max_length, "decoder_input_ids")
+        if labels is not None:
+            labels = validate_labels(labels, dec.vocab_size, dec.max_length)
+        if decoder_input_ids is not None:
+            decoder_input_ids = validate_token_ids(decoder_input_ids, dec.vocab_size, dec.max_length,
+                                                   "decoder_input_ids")
+        if encoder_hidden is None:
+            check_pair_shapes(input_ids, decoder_input_ids, labels)
+        else:
+            _check_decoder_batch(encoder_hidden, {"decoder_input_ids": decoder_input_ids, "labels": labels})
+            if decoder_input_ids is not None:  # the batches agree: only labels vs decoder_input_ids is left
+                check_pair_shapes(decoder_input_ids, decoder_input_ids, labels)
+        if decoder_input_ids is None:
+            decoder_input_ids = self._decoder_inputs_from_labels(labels)
+            if decoder_attention_mask is None:
+                decoder_attention_mask = (decoder_input_ids != self.config.pad_token_id).astype(np.int32)
         if decoder_attention_mask is not None:
             decoder_attention_mask = mask_or_ones(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask")
-        if train and dropout_rng is None:
-            raise ValueError("train=True needs a dropout_rng")
-        return _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
-                        decoder_input_ids, decoder_attention_mask, labels, dropout_rng, not train)
+        _check_dropout_rng(train, dropout_rng)
+        out = _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
+                       decoder_input_ids, decoder_attention_mask, labels, dropout_rng, not train, encoder_hidden,
+                       output_attentions, output_hidden_states)
+        if isinstance(encoder_outputs, EncoderOutput):  # as transformers: the encoder fields it was given
+            out = out.replace(encoder_hidden_states=encoder_outputs.hidden_states,
+                              encoder_attentions=encoder_outputs.attentions)
+        return out
+
+    def _encoder_states(self, encoder_outputs, attention_mask, mask_name: str) -> tuple[Any, np.ndarray]:
+        """The encoder's last hidden state ``[batch, src_len, D_enc]`` held by ``encoder_outputs`` (an
+        ``EncoderOutput``, a tuple whose first element it is, or the array), checked, and its int32 mask."""
+        hidden = (encoder_outputs.last_hidden_state if isinstance(encoder_outputs, EncoderOutput)
+                  else encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs)
+        hidden = hidden if isinstance(hidden, (jax.Array, np.ndarray)) else np.asarray(hidden)
+        width = self.config.encoder.hidden
+        if hidden.ndim != 3 or hidden.shape[0] == 0 or hidden.shape[2] != width:
+            raise ValueError(f"encoder_outputs must hold the encoder's last hidden state [batch, src_len, {width}] "
+                             f"(model.encode(...) returns it), got shape {hidden.shape}")
+        if not jnp.issubdtype(hidden.dtype, jnp.floating):
+            raise ValueError(f"encoder_outputs must hold floating-point states, got dtype {hidden.dtype}")
+        if attention_mask is not None and np.shape(attention_mask) != hidden.shape[:2]:
+            raise ValueError(f"{mask_name} has shape {np.shape(attention_mask)}, but the encoder states are "
+                             f"[batch, src_len] = {hidden.shape[:2]}: it masks their source positions")
+        return hidden, mask_or_ones(attention_mask, np.zeros(hidden.shape[:2], np.int32), mask_name)
+
+    def _decoder_inputs_from_labels(self, labels: np.ndarray) -> np.ndarray:
+        """int32 ``[batch, tgt_len]``: ``labels`` shifted right behind ``decoder_start_token_id``, -100 -> pad."""
+        for name in ("decoder_start_token_id", "pad_token_id"):
+            if getattr(self.config, name) is None:
+                raise ConfigError(f"config.{name} must be set to build decoder inputs from labels")
+        shifted = np.asarray(shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id))
+        dec = self.config.decoder_spec
+        return validate_token_ids(shifted, dec.vocab_size, dec.max_length,
+                                  "decoder_input_ids (built from labels with config.decoder_start_token_id)")
+
+    # ------------------------------------------------------------------ encode / decode, for custom loops
+
+    def encode(self, input_ids, attention_mask=None, output_attentions: bool = False,
+               output_hidden_states: bool = False, *, params: Params | None = None,
+               dropout_rng: jax.Array | None = None, train: bool = False) -> EncoderOutput:
+        """Runs the encoder alone, as transformers' ``FlaxEncoderDecoderModel.encode``.
+
+        Args:
+          input_ids: int ``[batch, src_len]``; attention_mask: ``[batch, src_len]`` of 0/1, or None (all ones).
+          output_attentions, output_hidden_states: also return per layer attention probabilities / the hidden
+            states (static: a change compiles again).
+        Returns:
+          ``EncoderOutput(last_hidden_state [batch, src_len, D_enc], hidden_states, attentions)``, for ``decode``
+          and ``__call__(encoder_outputs=...)``: encode a source once, then decode or score many targets.
+        """
+        spec = self.config.encoder_spec
+        input_ids = validate_token_ids(input_ids, spec.vocab_size, spec.max_length, "input_ids")
+        attention_mask = mask_or_ones(attention_mask, input_ids, "attention_mask")
+        _check_dropout_rng(train, dropout_rng)
+        return _encode(self.module, params if params is not None else self.params, input_ids, attention_mask,
+                       dropout_rng, not train, output_attentions, output_hidden_states)
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_outputs=None) -> DecoderCache:
+        """An empty decoder cache (``past_key_values``) for ``batch_size`` rows and up to ``max_length`` decoder
+        positions, as transformers' ``FlaxEncoderDecoderModel.init_cache``.
+
+        Keys/values ``[batch_size, heads, max_length, head_dim]`` per decoder layer in the compute dtype, and the
+        number of positions written (0). ``encoder_outputs`` is optional (transformers needed it to trace the
+        decoder); when given, ``batch_size`` is checked against its batch (equal, or a multiple).
+        """
+        spec = self.config.decoder_spec
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_length > spec.max_length:
+            raise ValueError(f"max_length {max_length} is more than the {spec.max_length} positions the decoder "
+                             "embeds")
+        if encoder_outputs is not None:
+            hidden, _ = self._encoder_states(encoder_outputs, None, "attention_mask")
+            _check_decoder_batch(hidden, {"init_cache(batch_size=...)": np.zeros((batch_size, 1))}, multiple=True)
+        return empty_cache(self.config, int(batch_size), int(max_length), self.module.dtype)
+
+    def decode(self, decoder_input_ids, encoder_outputs, encoder_attention_mask=None, decoder_attention_mask=None,
+               past_key_values: DecoderCache | None = None, output_attentions: bool = False,
+               output_hidden_states: bool = False, *, params: Params | None = None,
+               dropout_rng: jax.Array | None = None, train: bool = False) -> DecoderOutput:
+        """Runs the decoder on encoder outputs, as transformers' ``FlaxEncoderDecoderModel.decode``.
+
+        Args:
+          decoder_input_ids: int ``[batch, q_len]``: the whole target (no cache), or the next token(s) (cache).
+            ``batch`` may be a multiple ``k`` of the encoder batch: rows ``b * k ... b * k + k - 1`` read input
+            ``b``, so many candidates are scored against one encoded source without repeating it.
+          encoder_outputs: from ``encode`` (or a tuple whose first element is the last hidden state, or that
+            array ``[enc_batch, src_len, D_enc]``).
+          encoder_attention_mask: ``[enc_batch, src_len]`` of 0/1, or None (all ones).
+          decoder_attention_mask: 0/1 over the keys, ``[batch, q_len]`` without a cache, ``[batch, max_length]``
+            (the cache's positions) with one; None: causal only.
+          past_key_values: a ``DecoderCache`` from ``init_cache`` or from the previous call's output; the tokens
+            then sit at positions ``past_key_values.index ...`` (transformers' Flax model took position ids
+            instead; here the cache counts them).
+          output_attentions, output_hidden_states: also return per layer self- and cross-attention probabilities
+            / the hidden states (static: a change compiles again).
+        Returns:
+          ``DecoderOutput(logits [batch, q_len, vocab] float32, past_key_values (advanced by q_len, or None),
+          hidden_states, attentions, cross_attentions)``.
+        """
+        spec = self.config.decoder_spec
+        ids = validate_token_ids(decoder_input_ids, spec.vocab_size, spec.max_length, "decoder_input_ids")
+        hidden, encoder_mask = self._encoder_states(encoder_outputs, encoder_attention_mask,
+                                                    "encoder_attention_mask")
+        _check_decoder_batch(hidden, {"decoder_input_ids": ids}, multiple=True)
+        keys = ids.shape[1]
+        if past_key_values is not None:
+            keys = _check_cache(past_key_values, ids)
+        if decoder_attention_mask is not None:
+            if np.shape(decoder_attention_mask) != (ids.shape[0], keys):
+                raise ValueError(f"decoder_attention_mask has shape {np.shape(decoder_attention_mask)}; it must be "
+                                 f"[batch, keys] = {(ids.shape[0], keys)} (keys: the cache's max_length with "
+                                 "past_key_values, else the decoder_input_ids' length)")
+            decoder_attention_mask = mask_or_ones(decoder_attention_mask, np.zeros((ids.shape[0], keys), np.int32),
+                                                  "decoder_attention_mask")
+        _check_dropout_rng(train, dropout_rng)
+        return _decode(self.module, params if params is not None else self.params, ids, hidden, encoder_mask,
+                       decoder_attention_mask, past_key_values, dropout_rng, not train, output_attentions,
+                       output_hidden_states)
+
+    # ------------------------------------------------------------------ parameter dtypes
+
+    def to_bf16(self, params: Params | None = None, mask: Params | None = None) -> Params:
+        """``params`` (default ``self.params``) with floating-point leaves cast to bfloat16, as transformers'
+        Flax ``to_bf16``; ``mask``: a tree like ``params`` of bools, True where to cast. Returns a new tree (assign
+        it to ``model.params``); the compute dtype stays the model's ``dtype``."""
+        return _cast_floating(self.params if params is None else params, jnp.bfloat16, mask)
+
+    def to_fp16(self, params: Params | None = None, mask: Params | None = None) -> Params:
+        """As ``to_bf16``, to float16."""
+        return _cast_floating(self.params if params is None else params, jnp.float16, mask)
+
+    def to_fp32(self, params: Params | None = None, mask: Params | None = None) -> Params:
+        """As ``to_bf16``, to float32 (e.g. back from half precision)."""
+        return _cast_floating(self.params if params is None else params, jnp.float32, mask)
 
     # ------------------------------------------------------------------ generation
 
@@ -234,17 +418,97 @@ class EncoderDecoderModel:
         return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
 
 
-@partial(jax.jit, static_argnums=(0, 8))
+@partial(jax.jit, static_argnums=(0, 8, 10, 11))
 def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, labels,
-             dropout_rng, deterministic):
-    """Jitted forward (+ loss). Static: ``module`` and ``deterministic`` (a change recompiles); traced: params,
-    ids, masks, labels, rng. Recompiles per distinct input shape (and per None/array for optional inputs)."""
+             dropout_rng, deterministic, encoder_hidden=None, output_attentions=False, output_hidden_states=False):
+    """Jitted forward (+ loss). Static: ``module``, ``deterministic`` and the two output flags (a change
+    recompiles); traced: params, ids, masks, labels, rng, encoder states (with them ``input_ids`` is None).
+    Recompiles per distinct input shape (and per None/array for optional inputs)."""
     rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-    out = module.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                       deterministic=deterministic, rngs=rngs)
+    out, records = apply_recording(module, {"params": params}, input_ids, attention_mask, decoder_input_ids,
+                                   decoder_attention_mask, deterministic=deterministic,
+                                   encoder_hidden_states=encoder_hidden, rngs=rngs,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+    if records:
+        encoder = stack_records(records, "encoder", module.config.encoder_spec.num_layers)
+        decoder = stack_records(records, "decoder", module.config.decoder_spec.num_layers)
+        out = out.replace(encoder_hidden_states=encoder["hidden_states"], encoder_attentions=encoder["attentions"],
+                          decoder_hidden_states=decoder["hidden_states"], decoder_attentions=decoder["attentions"],
+                          cross_attentions=decoder["cross_attentions"])
     if labels is not None:
         out = out.replace(loss=cross_entropy_loss(out.logits, labels))
     return out
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _encode(module, params, input_ids, attention_mask, dropout_rng, deterministic, output_attentions,
+            output_hidden_states) -> EncoderOutput:
+    """Jitted encoder. Static: ``module``, ``deterministic``, the output flags; traced: the rest."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    hidden, records = apply_recording(module, {"params": params}, input_ids, attention_mask, deterministic,
+                                      method="encode", rngs=rngs, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states)
+    recorded = stack_records(records, "encoder", module.config.encoder_spec.num_layers)
+    return EncoderOutput(hidden, recorded["hidden_states"], recorded["attentions"])
+
+
+@partial(jax.jit, static_argnums=(0, 8, 9, 10))
+def _decode(module, params, decoder_input_ids, encoder_hidden, encoder_mask, decoder_mask, cache, dropout_rng,
+            deterministic, output_attentions, output_hidden_states) -> DecoderOutput:
+    """Jitted decoder step(s). Static: ``module``, ``deterministic``, the output flags; traced: the rest (the
+    cache's index too: one compilation serves every step of a loop)."""
+    rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+    (logits, cache), records = apply_recording(
+        module, {"params": params}, decoder_input_ids, encoder_hidden, encoder_mask, decoder_mask, cache,
+        deterministic, method="decode_states", rngs=rngs, output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states)
+    return DecoderOutput(logits, cache, **stack_records(records, "decoder", module.config.decoder_spec.num_layers))
+
+
+def _check_dropout_rng(train: bool, dropout_rng) -> None:
+    if train and dropout_rng is None:
+        raise ValueError("train=True needs a dropout_rng")
+
+
+def _check_decoder_batch(encoder_hidden, arrays: Mapping[str, Any], multiple: bool = False) -> None:
+    """ValueError unless each of ``arrays`` (name -> ``[batch, ...]`` or None) has as many rows as the encoder
+    states, or with ``multiple`` a multiple ``k`` of them (row ``i`` then reads source ``i // k``)."""
+    encoder_batch = encoder_hidden.shape[0]
+    for name, array in arrays.items():
+        rows = None if array is None else np.shape(array)[0]
+        if rows is not None and (rows % encoder_batch if multiple else rows != encoder_batch):
+            need = "equal it, or be a multiple k of it (rows b*k ... b*k+k-1 read source b)" if multiple else "equal it"
+            raise ValueError(f"{name} has {rows} rows but encoder_outputs has batch {encoder_batch}: the decoder "
+                             f"batch must {need}")
+
+
+def _check_cache(cache: DecoderCache, ids: np.ndarray) -> int:
+    """Checks that ``cache`` fits the decoder inputs ``ids [batch, q_len]`` and has room for them; returns its
+    ``max_length``. (Reads the cache's index from the device: past the end, positions would be clamped.)"""
+    if not isinstance(cache, DecoderCache):
+        raise ValueError(f"past_key_values must be a DecoderCache (model.init_cache(...) or a decode output's "
+                         f"past_key_values), got {type(cache).__name__}")
+    if cache.layers[0].key.shape[0] != ids.shape[0]:
+        raise ValueError(f"past_key_values holds {cache.layers[0].key.shape[0]} rows but decoder_input_ids has "
+                         f"{ids.shape[0]}; use model.init_cache({ids.shape[0]}, max_length)")
+    written = int(cache.index)
+    if written + ids.shape[1] > cache.max_length:
+        raise ValueError(f"past_key_values holds {written} of its {cache.max_length} positions: no room for "
+                         f"{ids.shape[1]} more token(s); use init_cache with a larger max_length")
+    return cache.max_length
+
+
+def _cast_floating(params: Params, dtype, mask: Params | None) -> Params:
+    """``params`` with floating-point leaves (where ``mask`` is True, when given) cast to ``dtype``."""
+    def cast(leaf, wanted=True):
+        return leaf.astype(dtype) if wanted and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    if mask is None:
+        return jax.tree.map(cast, params)
+    if jax.tree.structure(mask) != jax.tree.structure(params):
+        raise ValueError("mask must be a tree of bools with the structure of params (e.g. built with "
+                         "flax.traverse_util.flatten_dict / unflatten_dict over params)")
+    return jax.tree.map(cast, params, mask)
 
 
 def summarize_paths(paths: list[str]) -> str:
@@ -261,10 +525,69 @@ TOP_LEVEL_FIELDS = {f.name for f in dataclasses.fields(EncoderDecoderConfig)} - 
 
 
 def _with_overrides(config: HFConfig, overrides: Mapping[str, Any]) -> HFConfig:
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
-    if unknown:
-        raise ConfigError(f"{type(config).__name__} has no field(s) {sorted(unknown)}")
-    return config.replace(**overrides) if overrides else config
+    """``config`` with the fields of ``encoder_<field>`` / ``decoder_<field>`` keyword arguments replaced; an
+    unknown field is a ConfigError listing the close matches, a value of the wrong type one naming the field."""
+    return config.replace(**overrides)
+
+
+# Floating dtypes the weights may be loaded in; torch's other names for them.
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+TORCH_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
+
+
+def _float_dtype(value: Any, argument: str) -> jnp.dtype:
+    """``value`` (a JAX / numpy / torch dtype or its name) as a JAX floating dtype; ConfigError naming
+    ``argument`` otherwise, or for float64 without ``jax_enable_x64`` (JAX would store float32)."""
+    if type(value).__module__ == "torch":  # torch.bfloat16 prints as "torch.bfloat16"
+        spelled = str(value).removeprefix("torch.")
+    else:  # a name as transformers takes it ("bfloat16", "half"), or a JAX / numpy dtype
+        spelled = TORCH_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    try:
+        dtype = jnp.dtype(spelled)
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.name not in WEIGHT_DTYPES:
+        raise ConfigError(f"{argument}={value!r} is not a floating-point dtype for the weights; use jnp.float32, "
+                          "jnp.bfloat16 or jnp.float16 (torch dtypes and their names are accepted too), or 'auto'")
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ConfigError(f"{argument}={value!r}: float64 weights need jax.config.update('jax_enable_x64', True) "
+                          "first (without it JAX stores float32)")
+    return dtype
+
+
+def _requested_weights_dtype(param_dtype: Any, torch_dtype: Any) -> jnp.dtype | str:
+    """The weights' dtype from ``param_dtype`` or transformers' ``torch_dtype`` (float32 when neither is given), or
+    "auto" (the checkpoint's, resolved once it is read)."""
+    if param_dtype is not None and torch_dtype is not None:
+        raise ConfigError(f"pass torch_dtype ({torch_dtype!r}) or param_dtype ({param_dtype!r}), not both: both set "
+                          "the dtype of the loaded weights")
+    argument, value = ("torch_dtype", torch_dtype) if torch_dtype is not None else ("param_dtype", param_dtype)
+    if value is None:
+        return jnp.dtype(jnp.float32)
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    return _float_dtype(value, argument)
+
+
+def _checkpoint_dtype(config_extra: Mapping[str, Any], weights: Callable[[], Iterable[Any]]) -> jnp.dtype:
+    """``torch_dtype="auto"`` as transformers resolves it: the ``dtype`` (transformers 5) or ``torch_dtype``
+    (transformers 4) of config.json, else the dtype of the first floating-point tensor of ``weights()``."""
+    recorded = config_extra.get("dtype") or config_extra.get("torch_dtype")
+    if recorded is not None:
+        return _float_dtype(recorded, "the dtype in the checkpoint's config.json")
+    for array in weights():
+        if jnp.issubdtype(array.dtype, jnp.floating):
+            return _float_dtype(array.dtype, "the dtype of the checkpoint's weights")
+    return jnp.dtype(jnp.float32)
+
+
+def _agreed_dtype(dtypes: Mapping[str, jnp.dtype]) -> jnp.dtype:
+    """The one dtype of ``{"encoder": ..., "decoder": ...}``; a ConfigError when the checkpoints differ."""
+    if len(set(dtypes.values())) > 1:
+        found = ", ".join(f"{role} {dtype.name}" for role, dtype in dtypes.items())
+        raise ConfigError(f"torch_dtype='auto': the checkpoints differ ({found}); pass the dtype to load them in, "
+                          "e.g. torch_dtype=jnp.float32")
+    return next(iter(dtypes.values()))
 
 
 def _is_own_tree(tree: Mapping) -> bool:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+from jaxencdec import paths
+from jaxencdec.checkpoint.io import write_json, write_text
 
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' registration order
 TOKENIZER_FILES = (
@@ -49,6 +53,12 @@ BYTE_LEVEL_DEFAULTS = {
 }
 ROBERTA_CLASSES = ("RobertaTokenizer", "BartTokenizer")
 NO_LIMIT = 10**20  # a model_max_length at or above this means "no limit" (transformers writes int(1e30))
+WRITTEN_NO_LIMIT = int(1e30)
+# The class transformers' AutoTokenizer builds straight from tokenizer.json (transformers 4 and 5).
+GENERIC_CLASS = "PreTrainedTokenizerFast"
+# tokenizer_config.json entries that point at the files of the folder it was read from.
+PATH_KEYS = ("name_or_path", "tokenizer_file", "vocab_file", "merges_file", "special_tokens_map_file")
+RETURN_TENSORS = (None, "np", "jax")
 
 
 class Tokenizer:
@@ -62,6 +72,8 @@ class Tokenizer:
             special tokens (never split, dropped by ``decode(skip_special_tokens=True)``).
         clean_up_tokenization_spaces: default for `decode` (transformers skips it for BPE models).
         model_max_length: the default `max_length` for truncation and ``padding="max_length"`` (None: none).
+        tokenizer_config: the ``tokenizer_config.json`` entries it was read with (``tokenizer_class``,
+            ``do_lower_case``...); ``save_pretrained`` writes them back, updated with the settings above.
     """
 
     def __init__(
@@ -71,6 +83,7 @@ class Tokenizer:
         clean_up_tokenization_spaces: bool = False,
         model_max_length: int | None = None,
         additional_special_tokens: Sequence[str] = (),
+        tokenizer_config: Mapping[str, Any] | None = None,
     ):
         backend.no_padding()
         backend.no_truncation()
@@ -88,10 +101,11 @@ class Tokenizer:
         self.additional_special_tokens = list(additional_special_tokens)
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.model_max_length = model_max_length
+        self.tokenizer_config = dict(tokenizer_config or {})
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **overrides) -> Tokenizer:
-        """Load from a local folder or a Hugging Face Hub repo id.
+        """Load from a local folder, a bucket URL (``gs://bucket/tokenizer``) or a Hugging Face Hub repo id.
 
         `overrides` replace `tokenizer_config.json` entries: ``pad_token`` (and the other ``*_token``
         names), ``do_lower_case``, ``strip_accents``, ``tokenize_chinese_chars``,
@@ -126,7 +140,47 @@ class Tokenizer:
         max_length = int(max_length) if max_length is not None and max_length < NO_LIMIT else None
         additional = [_token_content(token) for token in config.get("additional_special_tokens") or ()]
         return cls(backend, special_tokens, bool(config.get("clean_up_tokenization_spaces", False)), max_length,
-                   additional)
+                   additional, config)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, str]:
+        """Writes ``tokenizer.json`` (the whole pipeline) and ``tokenizer_config.json``, the files transformers 5
+        writes; both ``Tokenizer.from_pretrained`` and transformers' ``AutoTokenizer.from_pretrained`` load the
+        folder with the same ids. The config is the one read (``tokenizer_class``, ``do_lower_case``...) with this
+        tokenizer's special tokens, ``model_max_length`` and ``clean_up_tokenization_spaces``; without a
+        ``tokenizer_class`` it names ``PreTrainedTokenizerFast``, which transformers builds from tokenizer.json
+        as is. ``save_directory`` is a local folder or a bucket URL (``gs://bucket/tokenizer``); each file is written
+        atomically. Returns the two paths.
+        """
+        folder = paths.as_path(save_directory)
+        if paths.is_file(folder):
+            raise ValueError(f"save_directory {folder} is a file; pass a folder")
+        self._backend.no_truncation()  # __call__ leaves its last truncation setting on the backend
+        pipeline, config = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        write_text(self._backend.to_str(pretty=True), pipeline)  # the bytes Backend.save writes
+        write_json(self._config_to_save(), config)
+        return str(pipeline), str(config)
+
+    def _config_to_save(self) -> dict[str, Any]:
+        """``tokenizer_config.json``: the entries read, minus paths to the old folder, with the current settings."""
+        config = {k: v for k, v in self.tokenizer_config.items() if k not in PATH_KEYS}
+        config.setdefault("tokenizer_class", GENERIC_CLASS)
+        for name, token in self._special_tokens.items():
+            key = f"{name}_token"
+            if token is not None and _token_content(config.get(key)) != token:  # keeps {"content", "lstrip"...}
+                config[key] = token
+        config.pop("additional_special_tokens", None)
+        if self.additional_special_tokens:
+            config["additional_special_tokens"] = list(self.additional_special_tokens)
+        config["clean_up_tokenization_spaces"] = self.clean_up_tokenization_spaces
+        config["model_max_length"] = WRITTEN_NO_LIMIT if self.model_max_length is None else self.model_max_length
+        return config
+
+    def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
+        """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then
+        ``huggingface_hub.upload_folder``). Takes transformers' arguments so that any such call gets that message."""
+        raise hub_upload_error("tokenizer", repo_id)
 
     # ------------------------------------------------------------------ vocabulary
 
@@ -162,6 +216,7 @@ class Tokenizer:
         truncation: bool = False,
         padding: bool | str = "longest",
         add_special_tokens: bool = True,
+        return_tensors: str | None = None,
     ) -> dict:
         """Encode one text or a batch of texts.
 
@@ -173,11 +228,18 @@ class Tokenizer:
             padding: "longest" (or True) pads to the longest sequence in the batch, "max_length" pads to
                 `max_length`, False / "do_not_pad" does not pad. Padding is on the right with `pad_token_id`.
             add_special_tokens: add the format's special tokens (e.g. BERT's [CLS] ... [SEP]).
+            return_tensors: None (the default): numpy int32 arrays, or lists without padding; "np": numpy int64
+                arrays, as transformers returns; "jax": jax int32 arrays. "pt" (PyTorch) is not supported: an error.
+                With a tensor type and no padding, the sequences must all have the same length.
 
         Returns:
-            ``{"input_ids", "attention_mask"}``: numpy int32 arrays of shape ``[batch, length]``
-            (attention_mask is 1 on tokens, 0 on padding); without padding, lists of ``batch`` int lists.
+            ``{"input_ids", "attention_mask"}``: arrays of shape ``[batch, length]`` (attention_mask is 1 on
+            tokens, 0 on padding); without padding and tensor type, lists of ``batch`` int lists.
         """
+        if return_tensors not in RETURN_TENSORS:
+            hint = " (PyTorch tensors: jaxencdec models take numpy or JAX arrays)" if return_tensors == "pt" else ""
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported{hint}; use 'np' (numpy int64, as "
+                             "transformers), 'jax' (jax int32) or None (numpy int32)")
         batch = [texts] if isinstance(texts, str) else list(texts)
         if max_length is None:
             max_length = self.model_max_length
@@ -192,8 +254,13 @@ class Tokenizer:
         ids = [encoding.ids for encoding in encodings]
 
         if padding in (False, "do_not_pad"):
-            return {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
-        if padding in (True, "longest"):
+            if return_tensors is None:
+                return {"input_ids": ids, "attention_mask": [[1] * len(seq) for seq in ids]}
+            if len(set(map(len, ids))) > 1:
+                raise ValueError(f"return_tensors={return_tensors!r} needs sequences of one length, but padding=False "
+                                 "left them ragged; pass padding=True (or 'max_length' with truncation=True)")
+            length = len(ids[0]) if ids else 0
+        elif padding in (True, "longest"):
             length = max(map(len, ids), default=0)
         elif padding == "max_length":
             length = max_length
@@ -214,18 +281,21 @@ class Tokenizer:
         for row, seq in enumerate(ids):
             input_ids[row, : len(seq)] = seq
             attention_mask[row, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {"input_ids": _as_tensors(input_ids, return_tensors),
+                "attention_mask": _as_tensors(attention_mask, return_tensors)}
 
     # ------------------------------------------------------------------ decoding
 
     def decode(
         self,
         ids,
-        skip_special_tokens: bool = True,
+        skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
     ) -> str:
         """Turn one sequence of ids (list, numpy or jax array of shape ``[length]``) back into text.
 
+        `skip_special_tokens` drops the special tokens ([CLS], [SEP], padding, ...); as in transformers they are
+        kept by default.
         `clean_up_tokenization_spaces` (None: the tokenizer's default) removes spaces before punctuation
         and contractions, as transformers does; like transformers, it is never applied to BPE models.
         Raises ValueError for ids outside ``0 .. vocab_size - 1``.
@@ -246,17 +316,44 @@ class Tokenizer:
     def batch_decode(
         self,
         sequences,
-        skip_special_tokens: bool = True,
+        skip_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         """`decode` each row of `sequences` (an int array ``[batch, length]`` or a list of id lists)."""
         return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
 
 
+def _as_tensors(array: np.ndarray, return_tensors: str | None):
+    """An int32 ``[batch, length]`` array as ``return_tensors`` asks: None: as is; "np": int64 (transformers'
+    dtype); "jax": a jax int32 array."""
+    if return_tensors == "np":
+        return array.astype(np.int64)
+    if return_tensors == "jax":
+        import jax.numpy as jnp  # only when asked: the tokenizer needs no JAX otherwise
+
+        return jnp.asarray(array)
+    return array
+
+
+def hub_upload_error(what: str, repo_id: str | None) -> NotImplementedError:
+    """The error ``push_to_hub`` raises: jaxencdec does not upload; these calls do (``what``: "model", ...)."""
+    repo = repo_id or "your-name/your-repo"
+    folder = repo.rstrip("/").split("/")[-1]
+    return NotImplementedError(
+        f"{what}.push_to_hub is not implemented in jaxencdec. Save to a folder, then upload it with "
+        f"huggingface_hub (after `hf auth login`):\n"
+        f"    {what}.save_pretrained({folder!r})\n"
+        f"    import huggingface_hub\n"
+        f"    huggingface_hub.create_repo({repo!r}, exist_ok=True)\n"
+        f"    huggingface_hub.upload_folder(repo_id={repo!r}, folder_path={folder!r})")
+
+
 # ---------------------------------------------------------------------- loading helpers
 
 
 def _resolve_folder(path_or_hub_id: str) -> str:
+    if paths.is_url(path_or_hub_id):  # FileNotFoundError naming it when nothing is stored there
+        return os.fspath(paths.existing_folder(path_or_hub_id))
     if os.path.isdir(path_or_hub_id):
         return path_or_hub_id
     from huggingface_hub import snapshot_download
@@ -271,12 +368,23 @@ def _resolve_folder(path_or_hub_id: str) -> str:
 
 
 def _read_json(path: str, missing_ok: bool = False) -> dict:
-    if missing_ok and not os.path.isfile(path):
+    if missing_ok and not paths.is_file(path):
         return {}
+    text = _read_text(path)
     try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except (OSError, ValueError) as error:
+        return json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
+
+
+def _read_text(path: str) -> str:
+    """A local file's or a bucket object's text; unreadable is a ValueError naming it (an unusable bucket URL, a
+    ``paths.StorageError``)."""
+    try:
+        return paths.read_text(path)
+    except paths.StorageError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
 
 
@@ -304,14 +412,15 @@ def _add_listed_tokens(backend: Backend, listed: dict) -> None:
 
 def _build_backend(folder: str, config: dict) -> Backend:
     path = {name: os.path.join(folder, name) for name in TOKENIZER_FILES}
-    if os.path.isfile(path["tokenizer.json"]):
+    if paths.is_file(path["tokenizer.json"]):
+        pipeline = _read_text(path["tokenizer.json"])
         try:
-            return Backend.from_file(path["tokenizer.json"])
+            return Backend.from_str(pipeline)
         except Exception as error:
             raise ValueError(f"cannot read tokenizer file {path['tokenizer.json']}: {error}") from error
-    if os.path.isfile(path["vocab.txt"]):
+    if paths.is_file(path["vocab.txt"]):
         return _wordpiece(path["vocab.txt"], config)
-    if os.path.isfile(path["vocab.json"]) and os.path.isfile(path["merges.txt"]):
+    if paths.is_file(path["vocab.json"]) and paths.is_file(path["merges.txt"]):
         return _byte_level_bpe(path["vocab.json"], path["merges.txt"], config)
     raise FileNotFoundError(
         f"no tokenizer files in {folder}: looked for tokenizer.json, vocab.txt (WordPiece) "
@@ -321,11 +430,10 @@ def _build_backend(folder: str, config: dict) -> Backend:
 
 def _wordpiece(vocab_path: str, config: dict) -> Backend:
     """BERT's pipeline, as transformers' BertTokenizer(Fast) builds it."""
-    try:
-        with open(vocab_path, encoding="utf-8") as file:
-            vocab = {line.rstrip("\n"): index for index, line in enumerate(file)}
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read tokenizer file {vocab_path}: {error}") from error
+    lines = _read_text(vocab_path).split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    vocab = {line: index for index, line in enumerate(lines)}
     unk = _token_content(config.get("unk_token", "[UNK]"))
     backend = Backend(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
     backend.normalizer = normalizers.BertNormalizer(
@@ -353,11 +461,7 @@ def _byte_level_bpe(vocab_path: str, merges_path: str, config: dict) -> Backend:
     """GPT-2's pipeline, as transformers' GPT2Tokenizer(Fast) builds it."""
     vocab = _read_json(vocab_path)
     merges = []
-    try:
-        with open(merges_path, encoding="utf-8") as file:
-            lines = file.read().split("\n")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read tokenizer file {merges_path}: {error}") from error
+    lines = _read_text(merges_path).split("\n")
     for number, line in enumerate(lines, 1):
         if line.startswith("#version") or not line:
             continue

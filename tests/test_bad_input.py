@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_reference import VOCAB, batch, hf_encoder_decoder
 from jaxencdec import CheckpointError, ConfigError, EncoderDecoderModel
+from jaxencdec.checkpoint import io
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +147,176 @@ def test_unknown_warm_start_option(minilm_path):
         EncoderDecoderModel.from_encoder_decoder_pretrained(minilm_path, minilm_path, not_an_option=1)
     with pytest.raises(ConfigError, match="BertConfig has no field"):
         EncoderDecoderModel.from_encoder_decoder_pretrained(minilm_path, minilm_path, decoder_not_a_field=1)
+    with pytest.raises(ConfigError, match=r"'hidden_sizee' \(did you mean 'hidden_size'"):
+        EncoderDecoderModel.from_encoder_decoder_pretrained(minilm_path, minilm_path, encoder_hidden_sizee=64)
+    with pytest.raises(ConfigError, match=r"field num_hidden_layers must be of type int, got '2' \(str\)"):
+        EncoderDecoderModel.from_encoder_decoder_pretrained(minilm_path, minilm_path, decoder_num_hidden_layers="2")
 
 
 def test_not_a_folder_nor_hub_repo(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="neither a local folder nor a reachable hub repo"):
         EncoderDecoderModel.from_pretrained(str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------ shapes at the API boundary
+
+
+@pytest.mark.parametrize("argument", ["input_ids", "decoder_input_ids", "labels"])
+@pytest.mark.parametrize("empty", [np.s_[:0], np.s_[:, :0]], ids=["no rows", "no columns"])
+def test_empty_inputs_are_named(ours, argument, empty):
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_input_ids=np.clip(labels, 0, None))
+    if argument == "input_ids":
+        inputs["attention_mask"] = mask[empty]
+    inputs[argument] = inputs[argument][empty]
+    with pytest.raises(ValueError, match=f"^{argument} has shape .*at least one row and at least one token"):
+        ours(**inputs)
+
+
+def test_batch_size_mismatch_is_named(ours):
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 7\) but input_ids has shape \(3, 9\)"):
+        ours(ids, mask, labels=labels[:2])
+    with pytest.raises(ValueError, match=r"decoder_input_ids has shape \(2, 7\) but input_ids has shape \(3, 9\)"):
+        ours(ids, mask, decoder_input_ids=np.clip(labels, 0, None)[:2])
+
+
+def test_labels_must_match_decoder_input_ids(ours):
+    """transformers raises too (cross-entropy over 21 logits rows against 18 labels)."""
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match=r"labels has shape \(3, 6\) but decoder_input_ids has shape \(3, 7\)"):
+        ours(ids, mask, decoder_input_ids=np.clip(labels, 0, None), labels=labels[:, :-1])
+
+
+# ------------------------------------------------------------------ no silent casts
+
+
+def test_float_and_bool_masks_of_zeros_and_ones_act_as_transformers(ours):
+    """transformers turns the mask into bools: a float 0.0/1.0 mask gives the int mask's logits there and here."""
+    ids, mask, labels = batch()
+    hf = hf_encoder_decoder("bert", "gpt2")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask, dtype=torch.float32),
+                    labels=torch.tensor(labels)).logits.numpy()
+    expected = np.asarray(ours(ids, mask, labels=labels).logits)
+    np.testing.assert_allclose(expected, theirs, atol=1e-4)
+    for other in (mask.astype(np.float32), mask.astype(bool)):
+        np.testing.assert_array_equal(np.asarray(ours(ids, other, labels=labels).logits), expected)
+
+
+@pytest.mark.parametrize("value", [0.5, 2, np.nan])
+def test_masks_other_than_zeros_and_ones_are_rejected(ours, value):
+    """A 0.5 mask used to be truncated to 0 (every token masked); transformers would read any nonzero as 1."""
+    ids, mask, labels = batch()
+    bad = np.where(mask == 1, value, 0)
+    with pytest.raises(ValueError, match="^attention_mask must hold only 0 .padding. and 1"):
+        ours(ids, bad, labels=labels)
+    with pytest.raises(ValueError, match="^decoder_attention_mask must hold only 0"):
+        ours(ids, mask, labels=labels, decoder_attention_mask=np.where(labels != -100, value, 0))
+    with pytest.raises(ValueError, match="^attention_mask must hold only 0"):
+        ours.generate(ids, bad, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("argument", ["labels", "decoder_input_ids", "input_ids"])
+@pytest.mark.parametrize("values", ["whole", "fractional"])
+def test_float_ids_and_labels_are_rejected(ours, argument, values):
+    """Ids and labels must have an integer dtype, whole-valued floats included: transformers' embedding and loss
+    refuse float tensors too, and a fractional label used to be truncated silently."""
+    ids, mask, labels = batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_input_ids=np.clip(labels, 0, None))
+    inputs[argument] = inputs[argument].astype(np.float32) + (0.5 if values == "fractional" else 0.0)
+    with pytest.raises(ValueError, match=f"^{argument} must hold integer token ids, got dtype float32"):
+        ours(**inputs)
+
+
+def test_bool_labels_are_rejected(ours):
+    ids, mask, labels = batch()
+    with pytest.raises(ValueError, match="^labels must hold integer token ids, got dtype bool"):
+        ours(ids, mask, labels=labels > 50)
+
+
+# ------------------------------------------------------------------ folder-atomic saves
+
+
+def _other_model(model):
+    """A model that differs from ``model`` in every weight and in its config."""
+    params = jax.tree.map(lambda x: x + 1, model.params)
+    return EncoderDecoderModel(model.config.replace(decoder_start_token_id=5), params=params)
+
+
+def _assert_same_model(loaded, model):
+    assert loaded.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "export_pytorch"])
+def test_failed_save_keeps_previous_model_whole(ours, tmp_path, monkeypatch, save):
+    """config.json failing to write used to leave the new weights beside the old config."""
+    folder = tmp_path / "model"
+    getattr(ours, save)(folder)
+    (folder / "vocab.txt").write_text("[PAD]\n")
+    real_write_json = io.write_json
+
+    def config_write_fails(obj, path):
+        if os.path.basename(path) == "config.json":
+            raise OSError("disk full (simulated)")
+        real_write_json(obj, path)
+
+    monkeypatch.setattr(io, "write_json", config_write_fails)
+    other = _other_model(ours)
+    with pytest.raises(OSError, match="simulated"):
+        getattr(other, save)(folder)
+    _assert_same_model(EncoderDecoderModel.from_pretrained(folder), ours)
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no staging folder left behind
+
+    monkeypatch.setattr(io, "write_json", real_write_json)
+    getattr(other, save)(folder)
+    _assert_same_model(EncoderDecoderModel.from_pretrained(folder), other)
+    assert (folder / "vocab.txt").read_text() == "[PAD]\n"  # files the save does not write are kept
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_failed_swap_restores_previous_model(ours, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    ours.save_pretrained(folder)
+    real_rename, renames = os.rename, []
+
+    def second_rename_fails(src, dst):  # the first moves the old folder away, the second would move the new in
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError("rename failed (simulated)")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="simulated"):
+        _other_model(ours).save_pretrained(folder)
+    monkeypatch.undo()
+    assert renames[1:] == [folder, folder]  # the new folder failed to move in, the old one moved back
+    _assert_same_model(EncoderDecoderModel.from_pretrained(folder), ours)
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_save_drops_stale_weights_of_another_format(ours, tmp_path):
+    """find_weights prefers model.safetensors: a stale one left by export_pytorch would shadow the new save."""
+    ours.export_pytorch(tmp_path / "model")
+    other = _other_model(ours)
+    other.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "model.safetensors").exists()
+    _assert_same_model(EncoderDecoderModel.from_pretrained(tmp_path / "model"), other)
+
+
+def test_save_into_the_working_directory(ours, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    ours.save_pretrained(folder)
+    monkeypatch.chdir(folder)
+    other = _other_model(ours)
+    other.save_pretrained(".")
+    assert os.path.samefile(os.getcwd(), folder)  # the process follows the new folder, not the removed one
+    _assert_same_model(EncoderDecoderModel.from_pretrained(folder), other)
+
+
+def test_save_onto_a_file_is_named(ours, tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="model: exists and is not a folder"):
+        ours.save_pretrained(tmp_path / "model")

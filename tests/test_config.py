@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import transformers
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
 from jaxencdec import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config, GenerationConfig,
@@ -103,3 +105,67 @@ def test_generation_config_round_trip_and_merge(tmp_path):
     assert GenerationConfig.from_json_file(tmp_path / "generation_config.json") == generation
     hf = transformers.GenerationConfig.from_pretrained(tmp_path)
     assert hf.num_beams == 4 and hf.eos_token_id == [102, 7]
+
+
+@pytest.mark.parametrize("part, field, value, expected", [
+    ("encoder", "hidden_size", "32", "int"),
+    ("encoder", "vocab_size", None, "int"),
+    ("encoder", "num_hidden_layers", True, "int"),
+    ("encoder", "hidden_size", 32.0, "int"),
+    ("encoder", "is_decoder", 1, "bool"),
+    ("encoder", "hidden_act", 3, "str"),
+    ("decoder", "n_embd", "32", "int"),
+    ("decoder", "eos_token_id", [2, "3"], "int | list[int] | None"),
+    ("decoder", "layer_norm_epsilon", "1e-5", "float"),
+])
+def test_config_json_field_types_are_checked(tmp_path, part, field, value, expected):
+    """Where a value has the wrong type, transformers' strict configs refuse it as well; ours name the file."""
+    hf = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(SMALL["bert"](), SMALL["gpt2"]())
+    data = hf.to_dict()
+    data[part][field] = value
+    with pytest.raises(StrictDataclassFieldValidationError, match=field):
+        type(getattr(hf, part))(**{field: value})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    message = f"{path}: {part}: field {field} must be of type {expected}, got {value!r}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        EncoderDecoderConfig.from_json_file(path)
+
+
+def test_top_level_field_types_are_checked(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), BertConfig())
+                                .to_dict(), "pad_token_id": "0"}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: field pad_token_id must be of type int | None, got '0'")):
+        EncoderDecoderConfig.from_json_file(path)
+
+
+def test_whole_numbers_are_accepted_for_float_fields():
+    """An int is an exact float: accepted as transformers accepts it for dropout fields (its strict configs refuse
+    it for layer_norm_eps; we accept it there too, nothing is lost)."""
+    config = HFConfig.from_dict({"model_type": "bert", "hidden_dropout_prob": 0, "layer_norm_eps": 1})
+    assert config.hidden_dropout_prob == 0 and config.layer_norm_eps == 1
+    assert transformers.BertConfig(hidden_dropout_prob=0).hidden_dropout_prob == 0
+
+
+def test_unknown_keys_kept_from_files_but_refused_as_overrides():
+    """transformers keeps an unknown key of config.json (and BertConfig(hidden_sizee=3)) as an attribute; so do
+    we, for the round trip. A programmatic override naming no field is an error listing the close matches."""
+    assert transformers.BertConfig(hidden_sizee=3).hidden_sizee == 3
+    config = HFConfig.from_dict({"model_type": "bert", "hidden_sizee": 3})
+    assert config.extra == {"hidden_sizee": 3} and config.to_dict()["hidden_sizee"] == 3
+    with pytest.raises(ConfigError, match=r"BertConfig has no field\(s\) 'hidden_sizee' \(did you mean 'hidden_size'"):
+        config.replace(hidden_sizee=64)
+    pair = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), GPT2Config())
+    with pytest.raises(ConfigError, match=r"'pad_token_idd' \(did you mean 'pad_token_id'"):
+        pair.replace(pad_token_idd=0)
+    with pytest.raises(ConfigError, match=r"'n_embd'; .*config\.replace\(decoder=config\.decoder\.replace"):
+        pair.replace(n_embd=64)
+    assert pair.replace(pad_token_id=0).pad_token_id == 0
+
+
+def test_overrides_are_type_checked():
+    with pytest.raises(ConfigError, match="field hidden_size must be of type int, got '64'"):
+        BertConfig().replace(hidden_size="64")
+    with pytest.raises(ConfigError, match="field tie_encoder_decoder must be of type bool, got 0"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), BertConfig(), tie_encoder_decoder=0)

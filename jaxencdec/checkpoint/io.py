@@ -9,7 +9,12 @@ knows about model architectures.
 All writes are atomic: the bytes go to a temporary file in the destination
 folder, which is fsynced and then moved over the final name with
 :func:`os.replace`, so an interrupted save never leaves a half-written file
-under the final name.
+under the final name.  A model folder is replaced as a whole with
+:func:`atomic_folder`, so that its weights and config always belong together.
+
+Every path may also be a bucket URL (``gs://bucket/model``, see :mod:`jaxencdec.paths`).
+A bucket has no rename: each file is written as one object, which appears only
+once complete, and :func:`atomic_folder` says what a whole save guarantees there.
 
 Every problem with a file that is read raises
 :class:`jaxencdec.checkpoint.errors.CheckpointError` with a message naming the
@@ -22,19 +27,25 @@ import contextlib
 import json
 import os
 import pickle
+import re
+import shutil
 import tempfile
 import types
+import uuid
 from collections.abc import Iterator, Mapping
+from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
+from jaxencdec import paths
 from jaxencdec.checkpoint.errors import CheckpointError
 
 __all__ = [
     "WEIGHT_FILE_CANDIDATES",
+    "atomic_folder",
     "resolve_model_folder",
     "find_weights",
     "read_state_dict",
@@ -46,6 +57,7 @@ __all__ = [
     "write_msgpack",
     "read_json",
     "write_json",
+    "write_text",
 ]
 
 PathLike = str | os.PathLike
@@ -119,8 +131,146 @@ def _atomic_open(path: PathLike) -> Iterator[BinaryIO]:
 
 
 def _atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """``data`` as the whole file ``path``: one object upload on a bucket, else through :func:`_atomic_open`."""
+    if paths.is_url(path):
+        paths.write_bytes(path, data)
+        return
     with _atomic_open(path) as f:
         _write_bytes(f, data)
+
+
+# Weight files of any kind a model folder may hold (single, sharded, index): a new save drops the old ones, since
+# find_weights would otherwise pick a stale model.safetensors before a fresh flax_model.msgpack.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|msgpack)(\.index\.json)?")
+
+
+# Uploaded last to a bucket: a model folder is unusable without it, so a new folder that has one is complete.
+_UPLOADED_LAST = "config.json"
+
+
+def atomic_folder(path: PathLike) -> contextlib.AbstractContextManager[Path]:
+    """Yield an empty local temporary folder; on clean exit its files become the folder ``path``.
+
+    The caller writes every file of a save into the yielded folder.
+
+    A local ``path`` is replaced as a whole.  Entries of an existing ``path`` that the save did not write are
+    carried over as hard links (tokenizer files, a README; weight files of an earlier save excepted, see
+    ``_WEIGHT_FILE``); then the old folder is renamed away, the new one renamed in, and the old one removed.
+    On any exception the temporary folder is removed and ``path`` keeps its previous, complete contents.  (A
+    process killed between the two renames leaves the previous folder beside ``path`` as ``.{name}.*.old``.)
+
+    A bucket URL (``gs://bucket/model``) has no rename.  The files are uploaded after the block ends, so an
+    exception inside it leaves the bucket untouched; then one object per file, each visible only once complete,
+    ``config.json`` last, after the weight files of an earlier save that this save does not overwrite have been
+    deleted (when it writes weights).  Other objects under the prefix are kept.  A new folder that has a
+    ``config.json`` thus holds a complete save; an upload interrupted over an earlier save can leave a mix of
+    the two, so save each model to a new path (e.g. one per step) where that matters.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a folder.
+    """
+    return _uploaded_folder(path) if paths.is_url(path) else _replaced_folder(path)
+
+
+@contextlib.contextmanager
+def _uploaded_folder(url: PathLike) -> Iterator[Path]:
+    """:func:`atomic_folder` for a bucket URL: stage in a local temporary folder, then :func:`_upload` it."""
+    target = paths.as_path(url)
+    if paths.is_file(target):
+        raise NotADirectoryError(f"{url}: exists and is not a folder; pass a folder path to save into")
+    with tempfile.TemporaryDirectory(prefix=f"{target.name}.", suffix=".upload") as staging:
+        yield Path(staging)
+        _upload(Path(staging), target)
+
+
+def _upload(staging: Path, target: paths.AnyPath) -> None:
+    """Uploads each file below ``staging`` to the same name below ``target``, :data:`_UPLOADED_LAST` last; before
+    it, when the save has weights, deletes the weight files of an earlier save that it did not overwrite."""
+    names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    for name in names:
+        if name != _UPLOADED_LAST:
+            paths.write_bytes(target / name, (staging / name).read_bytes())
+    if any(_WEIGHT_FILE.fullmatch(name) for name in names):
+        _delete_stale_weights(target, keep=names)
+    if _UPLOADED_LAST in names:
+        paths.write_bytes(target / _UPLOADED_LAST, (staging / _UPLOADED_LAST).read_bytes())
+
+
+def _delete_stale_weights(folder: paths.AnyPath, keep: list[str]) -> None:
+    """Deletes the weight files of ``folder`` not named in ``keep`` (find_weights could pick them first)."""
+    for name in paths.list_names(folder) if paths.is_dir(folder) else []:
+        if _WEIGHT_FILE.fullmatch(name) and name not in keep:
+            paths.remove(folder / name)
+
+
+@contextlib.contextmanager
+def _replaced_folder(path: PathLike) -> Iterator[Path]:
+    """:func:`atomic_folder` for a local path: build beside it, then swap the folders by renames."""
+    target = paths.as_path(path).absolute()
+    if target.is_symlink():  # replace the folder the link points to, keep the link
+        target = Path(os.path.realpath(target))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a folder; pass a folder path to save into")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "tmp")
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            shutil.copymode(target, staging)
+            _carry_over(target, staging)
+        _fsync_dir(staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _sibling(path: Path, tag: str) -> Path:
+    """A fresh hidden name beside ``path`` for a staging or retiring copy of it."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.{tag}")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-links (copies where links fail) the entries of ``old`` that ``new`` lacks, weight files excepted."""
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or _WEIGHT_FILE.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src: PathLike, dst: PathLike) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Renames ``staging`` to ``target``, retiring a previous ``target``; restores it if the rename fails."""
+    if not target.exists():
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+        return
+    cwd = os.getcwd()
+    retired = _sibling(target, "old")
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(retired, target)
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(retired, ignore_errors=True)
+    if Path(cwd).is_relative_to(os.path.realpath(target)):  # the process worked in the retired folder: follow
+        with contextlib.suppress(OSError):  # the new one (a subfolder of the old may not exist in it)
+            os.chdir(cwd)
 
 
 # --------------------------------------------------------------------------------------
@@ -142,27 +292,31 @@ def resolve_model_folder(
     *,
     revision: str | None = None,
     cache_dir: PathLike | None = None,
-) -> Path:
-    """Return a local folder holding a model's files.
+) -> paths.AnyPath:
+    """Return the folder holding a model's files: local, or on a bucket.
 
-    A local directory is returned as is.  Anything else is taken as a Hugging
-    Face Hub repo id and fetched with ``huggingface_hub.snapshot_download``
-    (restricted to ``allow_patterns`` if given; honours ``HF_HUB_OFFLINE`` and
-    the local cache).
+    A local directory is returned as is, a bucket URL (``gs://bucket/model``,
+    see :mod:`jaxencdec.paths`) as an ``epath.Path`` once objects are found
+    under it.  Anything else is taken as a Hugging Face Hub repo id and fetched
+    with ``huggingface_hub.snapshot_download`` (restricted to ``allow_patterns``
+    if given; honours ``HF_HUB_OFFLINE`` and the local cache).
 
     Raises:
         CheckpointError: ``path_or_repo_id`` is an existing file, looks like a
-            local path (absolute, ``./``, ``~``, more than one ``/``) but does
-            not exist, or the hub download fails (offline and not cached,
-            repo not found, invalid repo id, network error).
+            local path (absolute, ``./``, ``~``, more than one ``/``) or is a
+            URL but does not exist, or the hub download fails (offline and not
+            cached, repo not found, invalid repo id, network error).
+        StorageError: a URL's store cannot be used (see :mod:`jaxencdec.paths`).
     """
+    if paths.is_url(path_or_repo_id):
+        return _bucket_folder(path_or_repo_id)
     if isinstance(path_or_repo_id, os.PathLike):
         as_path_only = True
         s = os.fspath(path_or_repo_id)
     else:
         as_path_only = False
         s = str(path_or_repo_id)
-    local = Path(s).expanduser()
+    local = paths.as_path(s).expanduser()
     if local.is_dir():
         return local
     if local.exists():
@@ -192,6 +346,13 @@ def resolve_model_folder(
     return Path(folder)
 
 
+def _bucket_folder(url: PathLike) -> paths.AnyPath:
+    try:
+        return paths.existing_folder(url)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise CheckpointError(str(error)) from error
+
+
 # --------------------------------------------------------------------------------------
 # locating weight files
 # --------------------------------------------------------------------------------------
@@ -216,12 +377,12 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 
 def _find_weights(folder: PathLike) -> tuple[str, list[Path], Path | None, dict[str, str] | None]:
-    folder = Path(folder)
-    if not folder.is_dir():
+    folder = paths.as_path(folder)
+    if not paths.is_dir(folder):
         raise CheckpointError(f"{folder}: not a folder")
     for name, kind, is_index in WEIGHT_FILE_CANDIDATES:
         p = folder / name
-        if not p.is_file():
+        if not paths.is_file(p):
             continue
         if not is_index:
             return kind, [p], None, None
@@ -229,7 +390,7 @@ def _find_weights(folder: PathLike) -> tuple[str, list[Path], Path | None, dict[
         shards: list[Path] = []
         for shard in dict.fromkeys(weight_map.values()):
             sp = folder / shard
-            if not sp.is_file():
+            if not paths.is_file(sp):
                 raise CheckpointError(f"{p}: shard {shard!r} named in weight_map is missing")
             shards.append(sp)
         return kind, shards, p, weight_map
@@ -284,13 +445,14 @@ def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     Raises:
         CheckpointError: missing file, or truncated / corrupt file.
     """
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
-    path = Path(path)
-    if not path.is_file():
+    path = paths.as_path(path)
+    if not paths.is_file(path):
         raise CheckpointError(f"{path}: safetensors file not found")
+    data = paths.read_bytes(path) if paths.is_url(path) else None  # a local file is memory-mapped instead
     try:
-        return dict(load_file(str(path)))
+        return dict(load_file(str(path)) if data is None else load(data))
     except Exception as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({msg})") from e
@@ -330,8 +492,8 @@ def read_pytorch_bin(path: PathLike) -> dict[str, np.ndarray]:
         CheckpointError: torch not installed; file missing, refused
             (tries to execute code), truncated/corrupt, or not a flat dict of tensors.
     """
-    path = Path(path)
-    if not path.is_file():
+    path = paths.as_path(path)
+    if not paths.is_file(path):
         raise CheckpointError(f"{path}: PyTorch weight file not found")
     try:
         import torch
@@ -340,8 +502,9 @@ def read_pytorch_bin(path: PathLike) -> dict[str, np.ndarray]:
             f"{path}: reading PyTorch .bin weights needs torch; "
             "install jaxencdec[convert] or convert the checkpoint to safetensors"
         ) from e
+    source = BytesIO(paths.read_bytes(path)) if paths.is_url(path) else str(path)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
@@ -375,11 +538,11 @@ def read_pytorch_bin(path: PathLike) -> dict[str, np.ndarray]:
 
 
 def _msgpack_restore_file(path: Path, what: str) -> dict:
-    if not path.is_file():
+    if not paths.is_file(path):
         raise CheckpointError(f"{path}: {what} not found")
     from flax.serialization import msgpack_restore
 
-    data = path.read_bytes()
+    data = paths.read_bytes(path)
     try:
         tree = msgpack_restore(data)
     except Exception as e:
@@ -402,7 +565,7 @@ def read_msgpack(path: PathLike) -> dict:
         CheckpointError: missing file, truncated / corrupt data, or a top
             level that is not a dict.
     """
-    return _msgpack_restore_file(Path(path), "msgpack file")
+    return _msgpack_restore_file(paths.as_path(path), "msgpack file")
 
 
 def write_msgpack(tree: Mapping, path: PathLike) -> None:
@@ -541,11 +704,13 @@ def read_json(path: PathLike) -> dict:
         CheckpointError: missing / unreadable file, invalid UTF-8 or JSON
             (with line and column), or a top level that is not an object.
     """
-    path = Path(path)
+    path = paths.as_path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = paths.read_text(path)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: JSON file not found") from e
+    except paths.StorageError:
+        raise
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read JSON file ({e})") from e
     try:
@@ -561,5 +726,9 @@ def read_json(path: PathLike) -> dict:
 
 def write_json(obj: Any, path: PathLike) -> None:
     """Atomically write ``obj`` as JSON (``indent=2, sort_keys=True``, trailing newline, UTF-8)."""
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_text(text: str, path: PathLike) -> None:
+    """Atomically write ``text`` as UTF-8 (a local temporary file renamed over ``path``; one object on a bucket)."""
     _atomic_write_bytes(path, text.encode("utf-8"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
+import warnings
 from typing import Any
 
 import jax
@@ -14,7 +16,7 @@ from flax import struct
 
 from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
-from jaxencdec.generation.processors import build_logits_processor
+from jaxencdec.generation.processors import NEG_INF, LogitsProcessor, build_logits_processor
 from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
 from jaxencdec.models.encoder_decoder import EncoderDecoderModule
@@ -22,6 +24,9 @@ from jaxencdec.models.transformer import init_cache
 
 # Source lengths are padded up to a multiple of this, so that inputs of similar length share one compilation.
 SOURCE_BUCKET = 32
+# Batches of more than one input are padded up to a multiple of this (2..8 inputs run as 8, 9..16 as 16, ...), so
+# that batch sizes share compilations too; a single input runs alone (the interactive case pays no extra rows).
+BATCH_BUCKET = 8
 
 _traces = 0
 
@@ -46,15 +51,28 @@ def beam_fill_id(config: GenerationConfig) -> int:
     return config.pad_token_id if config.pad_token_id else eos[0]
 
 
+def _end_padding_rows(process: LogitsProcessor, padding_rows: jax.Array, eos_id: int) -> LogitsProcessor:
+    """``process`` plus a last step: the rows flagged in ``padding_rows [rows]`` (batch bucket padding) score every
+    token but ``eos_id`` -inf, so they end at the first step, their beams leave the search at once, and they never
+    keep the loop running. The other rows' scores are untouched (rows never mix)."""
+    def end_padding_rows(sequences, cur_len, scores):  # scores [rows, vocab]
+        eos_only = jnp.where(jnp.arange(scores.shape[-1]) == eos_id, 0.0, NEG_INF).astype(scores.dtype)
+        return jnp.where(padding_rows[:, None], eos_only[None, :], scores)
+
+    return LogitsProcessor(process.steps + (("end_padding_rows", end_padding_rows),))
+
+
 def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dtype, param_dtype):
-    """``(params, input_ids, attention_mask, prng_key, source_length=None) -> SearchOutput``, not yet jitted.
-    ``config`` resolved. ``source_length`` (int32 scalar, traced): the columns of ``input_ids`` that are the
-    caller's input, the rest being bucket padding (None: all of them)."""
+    """``(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None) -> SearchOutput``, not
+    yet jitted. ``config`` resolved. ``source_length`` (int32 scalar, traced): the columns of ``input_ids`` that are
+    the caller's input, the rest being bucket padding (None: all of them). ``num_inputs`` (int32 scalar, traced):
+    the rows of ``input_ids`` that are the caller's, the rest being batch bucket padding (None: all of them); with
+    an EOS id, padding rows end at once so that the search runs, and its ``length`` comes out, as without them."""
     module = EncoderDecoderModule(model_config, dtype=dtype, param_dtype=param_dtype)
     rows_per_input = max(config.num_beams, config.num_return_sequences)
     cache_length = config.max_length - 1  # the last token is never fed back
 
-    def run(params, input_ids, attention_mask, prng_key, source_length=None) -> SearchOutput:
+    def run(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None) -> SearchOutput:
         global _traces
         _traces += 1  # Python side effect: runs once per trace, never per call
         variables = {"params": params}
@@ -65,6 +83,9 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
         source_valid = None if source_length is None else jnp.broadcast_to(
             jnp.arange(input_ids.shape[1])[None, :] < source_length, source_ids.shape)
         process = build_logits_processor(config, source_ids, source_valid)
+        if num_inputs is not None and config.eos_token_ids:  # without an EOS id every row runs to max_length anyway
+            process = _end_padding_rows(process, jnp.arange(rows) >= num_inputs * rows_per_input,
+                                        config.eos_token_ids[0])
 
         def decode(ids, cache, index, slots):
             # cross_kv and the source mask keep batch `batch`: attention folds the rows of one input together.
@@ -120,7 +141,9 @@ def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: Gene
     Traced (new values reuse the compiled code): ``params``, ``input_ids``, ``attention_mask``, ``prng_key``.
     Static (a new value compiles again): ``model_config``, every field of ``generation_config`` (lengths, beams,
     penalties, temperature, top-k/p, token ids), ``dtype``/``param_dtype``, and the shapes ``batch`` and
-    ``src_len``; pad ``src_len`` to a few buckets to bound compilations (``generate`` uses multiples of 32).
+    ``src_len``. Pad both to a few buckets to bound compilations, as ``generate`` does: ``src_len`` with masked
+    pad tokens (multiples of ``SOURCE_BUCKET``), ``batch`` by repeating an input and dropping its output rows
+    (multiples of ``BATCH_BUCKET``; rows never mix, so the other rows' results do not change).
     Called on sharded params and inputs under a ``Mesh``, ``jit`` propagates their shardings.
     """
     config = generation_config.resolve()
@@ -163,6 +186,11 @@ def check_against_model(config: GenerationConfig, model_config: EncoderDecoderCo
         raise GenerationConfigError(
             f"max_length {config.max_length} (start token included) needs {config.max_length - 1} decoder "
             f"positions, but the decoder embeds at most {spec.max_length}")
+    if config.min_length > config.max_length:  # transformers warns and generates up to the maximum
+        warnings.warn(f"unfeasible length constraints: min_new_tokens / min_length ask for {config.min_length - 1} "
+                      f"new tokens, more than the {config.max_length - 1} that max_new_tokens / max_length allow; "
+                      "generation stops at the maximum length. Decrease min_new_tokens or increase max_new_tokens.",
+                      UserWarning, stacklevel=3)
 
 
 def merge_config(model_default: GenerationConfig, generation_config: GenerationConfig | None,
@@ -177,6 +205,29 @@ def bucket_length(length: int, limit: int) -> int:
     return max(length, min(-(-length // SOURCE_BUCKET) * SOURCE_BUCKET, limit))
 
 
+def bucket_batch(batch: int) -> int:
+    """``batch`` rounded up to a multiple of ``BATCH_BUCKET``; a single input stays alone."""
+    return batch if batch == 1 else -(-batch // BATCH_BUCKET) * BATCH_BUCKET
+
+
+def fresh_prng_key() -> jax.Array:
+    """A new PRNG key from the operating system's entropy (64 bits), independent of any global state."""
+    return jax.random.fold_in(jax.random.key(secrets.randbits(32)), secrets.randbits(32))
+
+
+def _refuse_tracers(**arguments) -> None:
+    """TypeError naming the first traced argument: ``generate`` checks its inputs on the host and trims its output
+    to the longest sequence, so it cannot run under ``jax.jit`` / ``vmap`` / ``grad``."""
+    for name, value in arguments.items():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+            raise TypeError(
+                f"model.generate got a traced {name}: it is being called inside jax.jit, vmap or grad. generate "
+                "checks its inputs on the host and returns sequences trimmed to the longest one, so it cannot be "
+                "traced. For a jitted pure function use fn = jaxencdec.make_generate_fn(model.config, "
+                "model.generation_config.replace(max_new_tokens=...)), called as fn(model.params, input_ids, "
+                "attention_mask, prng_key) (fixed-length sequences); or call model.generate outside the transform.")
+
+
 def generate(model, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
              prng_key: jax.Array | None = None, *, params=None, **kwargs):
     """Generates as transformers' ``EncoderDecoderModel.generate`` does, on one compiled function per mode/bucket.
@@ -185,14 +236,22 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
       model: an ``EncoderDecoderModel``.
       input_ids: ``[batch, src_len]`` token ids (numpy, jax or nested lists); attention_mask: same shape or None.
       generation_config: overrides ``model.generation_config`` (its unset fields are taken from the model's).
-      prng_key: PRNG key for sampling (default ``jax.random.key(0)``); unused otherwise.
+      prng_key: PRNG key for sampling; unused otherwise. Without one, every call draws a fresh key, so that two
+        calls sample differently (as unseeded sampling in transformers); pass a key (``jax.random.key(0)``) to
+        make the samples reproducible.
       params: parameters to use instead of ``model.params``.
       **kwargs: any ``GenerationConfig`` field (``max_new_tokens=...``, ``num_beams=...``); others are an error.
     Returns:
       int32 ``[batch * num_return_sequences, length]`` sequences starting with the decoder start token, in
       transformers' layout (padded after each end, columns past the longest returned sequence dropped). With
       ``return_dict_in_generate``: a ``GenerateOutput`` (``sequences_scores`` for beams with ``output_scores``).
+
+    One compilation serves each (mode, batch bucket, source bucket): a batch of more than one input is padded to a
+    multiple of ``BATCH_BUCKET`` (8) with copies of its first input, which end at once and are dropped; the source
+    to a multiple of ``SOURCE_BUCKET`` (32) with masked pad tokens. Neither changes the results. ``generate`` runs
+    on the host side of JAX: under ``jax.jit`` / ``vmap`` it is a TypeError; jit ``make_generate_fn`` instead.
     """
+    _refuse_tracers(input_ids=input_ids, attention_mask=attention_mask, prng_key=prng_key, params=params, **kwargs)
     config = merge_config(model.generation_config, generation_config, kwargs).resolve()
     check_against_model(config, model.config)
     spec = model.config.encoder_spec
@@ -206,12 +265,17 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
         pad = spec.pad_token_id if spec.pad_token_id is not None else 0
         ids = np.pad(ids, ((0, 0), (0, bucket - length)), constant_values=pad)
         mask = np.pad(mask, ((0, 0), (0, bucket - length)))
+    rows = bucket_batch(batch)
+    if rows > batch:  # copies of the first input, ended at once by the search and dropped below
+        ids = np.concatenate([ids, np.repeat(ids[:1], rows - batch, axis=0)])
+        mask = np.concatenate([mask, np.repeat(mask[:1], rows - batch, axis=0)])
     if config.do_sample and prng_key is None:
-        prng_key = jax.random.key(0)
+        prng_key = fresh_prng_key()
     search = _jitted_search(model.config, _search_key(config), model.module.dtype, model.module.param_dtype)
     out = search(model.params if params is None else params, ids, mask, prng_key if config.do_sample else None,
-                 np.int32(length))
-    sequences = out.sequences[:, :int(out.length)]
+                 np.int32(length), np.int32(batch))
+    kept = batch * config.num_return_sequences  # row b * num_return_sequences + j belongs to input b
+    sequences = out.sequences[:kept, :int(out.length)]
     if not config.return_dict_in_generate:
         return sequences
-    return GenerateOutput(sequences, out.scores if config.num_beams > 1 and config.output_scores else None)
+    return GenerateOutput(sequences, out.scores[:kept] if config.num_beams > 1 and config.output_scores else None)

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
-from jaxencdec.checkpoint.io import read_json, write_json
+from jaxencdec.checkpoint.io import read_json, resolve_model_folder, write_json
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 # transformers 5: with neither max_length nor max_new_tokens set anywhere, generate 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -43,6 +52,12 @@ def _list(value):
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Logs ``message`` the first time only (transformers' ``warning_once``): every derived config re-validates."""
+    logger.warning(message)
 
 
 @dataclass(frozen=True)
@@ -92,8 +107,46 @@ class GenerationConfig:
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         self.validate()
 
-    def validate(self) -> None:
-        """Raises GenerationConfigError for settings transformers would reject or that make no sense."""
+    def validate(self, strict: bool = False) -> None:
+        """Checks the settings as transformers' ``GenerationConfig.validate`` and its logits warpers do.
+
+        Raises GenerationConfigError, naming the field, for a value transformers refuses or that makes no sense
+        (when sampling: ``temperature`` not > 0 or NaN, ``top_k`` < 0, ``top_p`` outside (0, 1]; a non-finite
+        ``length_penalty``; a negative length or token id...). Settings transformers accepts but ignores in the
+        chosen mode (``ignored_settings``) are logged once as a warning; ``strict=True`` raises for them too, as
+        ``save_pretrained`` does.
+        """
+        self._check_values()
+        ignored = self.ignored_settings()
+        if not ignored:
+            return
+        message = ("these generation settings do not apply in the chosen mode and are ignored: "
+                   + "; ".join(ignored.values()))
+        if strict:
+            raise GenerationConfigError(message)
+        _warn_once(message)
+
+    def ignored_settings(self) -> dict[str, str]:
+        """``{field: why}`` for the settings transformers flags as minor issues: sampling options without
+        ``do_sample``, beam options with ``num_beams=1``, ``output_scores`` without ``return_dict_in_generate``."""
+        ignored = {}
+        if not self.do_sample:
+            for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 50)):
+                value = getattr(self, name)
+                if value != default:
+                    ignored[name] = f"{name}={value!r} only applies when sampling; set do_sample=True or unset it"
+        if self.num_beams == 1:
+            for name, default in (("early_stopping", False), ("length_penalty", 1.0)):
+                value = getattr(self, name)
+                if value != default:
+                    ignored[name] = f"{name}={value!r} only applies to beam search; set num_beams > 1 or unset it"
+        if self.output_scores and not self.return_dict_in_generate:
+            ignored["output_scores"] = ("output_scores=True only applies with return_dict_in_generate=True (generate "
+                                        "then returns a GenerateOutput); set it or unset output_scores")
+        return ignored
+
+    def _check_values(self) -> None:
+        """Raises GenerationConfigError for a value transformers would reject or that makes no sense."""
         def check(ok, message):
             if not ok:
                 raise GenerationConfigError(message)
@@ -125,7 +178,8 @@ class GenerationConfig:
         for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             value = getattr(self, name)
             check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
-        check(isinstance(self.length_penalty, (int, float)), f"length_penalty must be a number, got "
+        check(isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
+              f"length_penalty must be a finite number (the exponent of the length in beam scores), got "
               f"{self.length_penalty!r}")
         if self.do_sample:
             check(isinstance(self.temperature, (int, float)) and self.temperature > 0,
@@ -226,10 +280,50 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "GenerationConfig":
-        return cls.from_dict(read_json(path))
+        """Reads a ``generation_config.json`` file (transformers' or ours)."""
+        config = cls.from_dict(read_json(path))
+        # transformers lets a config that is unchanged since loading be saved back despite ignored settings.
+        object.__setattr__(config, "_unchanged_since_loading", True)
+        return config
 
     def save(self, path) -> None:
+        """Writes the JSON file ``path`` as is (``save_pretrained`` checks the settings first)."""
         write_json(self.to_dict(), path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,
+                        **kwargs) -> "GenerationConfig":
+        """Loads ``generation_config.json`` (or ``config_file_name``) from a local folder or a Hub repo id, as
+        transformers' ``GenerationConfig.from_pretrained``; ``kwargs`` replace fields of the loaded config (an
+        unknown name is a GenerationConfigError). A missing or unreadable file is a ``CheckpointError`` naming it."""
+        name = config_file_name or GENERATION_CONFIG_FILE
+        folder = resolve_model_folder(pretrained_model_name, [name])
+        config = cls.from_json_file(folder / name)
+        if not kwargs:
+            return config
+        config = config.replace(**kwargs)
+        object.__setattr__(config, "_unchanged_since_loading", True)  # transformers counts kwargs as loaded
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> Path:
+        """Writes ``save_directory/generation_config.json`` (or ``config_file_name``) and returns its path.
+
+        As transformers, refuses (GenerationConfigError) a config with settings that do not apply in its mode
+        (``ignored_settings``: e.g. ``temperature`` without ``do_sample``), unless the config is unchanged since
+        it was loaded: a published config can always be saved back.
+        """
+        strict = not getattr(self, "_unchanged_since_loading", False)
+        try:
+            self.validate(strict=strict)
+        except GenerationConfigError as error:
+            raise GenerationConfigError(f"{error}. Fix these settings to save the configuration.") from None
+        folder = Path(save_directory)
+        if folder.is_file():
+            raise GenerationConfigError(f"save_directory {folder} is a file; pass a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / (config_file_name or GENERATION_CONFIG_FILE)
+        self.save(path)
+        return path
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
