@@ -139,3 +139,58 @@ def test_demo_training_data_keeps_test_papers_out(tmp_path):
     assert all(row["source"].startswith(row["target"]) for row in warmup)
     assert not any(row["source"] in test_text or row["target"].removeprefix("[MASK] ") in test_text
                    for row in warmup + titles)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
+def test_non_utf8_file_names_file_line_and_fix(tmp_path, fmt):
+    sep = {"jsonl": None, "tsv": "\t", "csv": ","}[fmt]
+    good = [json.dumps({"src": f"text {i}", "tgt": f"title {i}"}) if sep is None else f"text {i}{sep}title {i}"
+            for i in range(3)]
+    bad = (b'{"src": "caf\xe9", "tgt": "t"}' if sep is None else f"caf\xe9{sep}t".encode("latin-1"))
+    header = [] if sep is None else [f"src{sep}tgt".encode()]
+    lines = header + [line.encode() for line in good] + [bad] + [good[0].encode()] * 2000  # past one decoded chunk
+    path = tmp_path / f"latin1.{fmt}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = DataConfig(format=fmt, train_file=str(path), source_field="src", target_field="tgt")
+    with pytest.raises(DataError) as caught:
+        read_pairs(cfg, "train")
+    message = str(caught.value)
+    assert f"{path}:{len(header) + 4}:" in message  # the bad line, 1-based
+    assert "0xe9" in message and "UTF-8" in message and "iconv" in message
+    # the same text re-encoded reads
+    path.write_bytes(path.read_bytes().decode("latin-1").encode("utf-8"))
+    assert read_pairs(cfg, "train")[3] == ("caf\xe9", "t")
+
+
+def test_hugging_face_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"article": [f"text {i}" for i in range(5)],
+            "summary": [{"short": f"title {i}", "long": ["a", f"b{i}"]} for i in range(5)], "id": list(range(5))}
+    whole = datasets.Dataset.from_dict(rows)
+    splits = datasets.DatasetDict({"train": whole, "validation": whole.select([3, 1])})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    whole.shuffle(seed=0).save_to_disk(str(tmp_path / "one"))  # saved with an order of its own
+    whole.to_parquet(str(tmp_path / "train.parquet"))
+    expected = [(f"text {i}", f"title {i}") for i in range(5)]
+
+    def pairs(path, split="train", **fields):
+        fields = {"source_field": "article", "target_field": "summary.short", **fields}
+        key = "train_file" if split == "train" else "eval_file"
+        return read_pairs(DataConfig(format="hf", **{key: str(path)}, **fields), split)
+
+    assert pairs(tmp_path / "dict") == expected
+    assert pairs(tmp_path / "dict", "eval") == [expected[3], expected[1]]
+    assert pairs(tmp_path / "train.parquet") == expected
+    shuffled = whole.shuffle(seed=0)
+    assert pairs(tmp_path / "one") == [(r["article"], r["summary"]["short"]) for r in shuffled]
+    assert pairs(tmp_path / "train.parquet", target_field="summary.long")[1] == ("text 1", "a b1")
+    assert read_pairs(DataConfig(format="hf", train_file=str(tmp_path / "train.parquet"), source_field="article",
+                                 target_field="summary.short", max_examples=2), "train") == expected[:2]
+    with pytest.raises(DataError, match="no column 'body'; the columns are"):
+        pairs(tmp_path / "dict", source_field="body")
+    datasets.DatasetDict({"train": whole}).save_to_disk(str(tmp_path / "only_train"))
+    with pytest.raises(DataError, match=r"splits \['train'\], none named validation or test"):
+        pairs(tmp_path / "only_train", "eval")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="bad.parquet: not a Parquet file"):
+        pairs(tmp_path / "bad.parquet")

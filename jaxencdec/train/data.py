@@ -1,24 +1,34 @@
-"""Source/target pairs from JSONL / TSV / CSV files or the ``aclsum`` package, tokenized to static shapes, in
-a deterministic order that does not depend on how many processes read it.
+"""Source/target pairs from JSONL / TSV / CSV files, Hugging Face ``datasets`` folders and Parquet files or the
+``aclsum`` package (local paths or bucket URLs), tokenized to static shapes, in a deterministic order that does
+not depend on how many processes read it.
 
 Order: epoch ``e`` visits the examples in ``permutation(seed, e)``; global batch ``b`` is rows
 ``b*B ... (b+1)*B`` of it and process ``p`` of ``P`` takes the ``B/P`` rows ``p*B/P ...`` of each global batch,
 so one process with 8 devices and two with 4 see the same global batches. A loader's position is
 ``{"epoch", "batch"}``: saved in checkpoints, restored with ``set_state``.
+
+With ``data.streaming`` each process instead reads only its byte range of a JSONL training file
+(``read_shard``) and draws its rows of every batch from that shard (``ShardLoader``): memory and reading per
+process fall with the process count, and the batches depend on it.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 
-FORMATS = ("jsonl", "tsv", "csv", "aclsum")
+from jaxencdec import paths
+
+FORMATS = ("jsonl", "tsv", "csv", "aclsum", "hf")
+# the split a folder saved from a DatasetDict (save_to_disk) is read at, for data.train_file / data.eval_file
+HF_SPLITS = {"train": ("train",), "eval": ("validation", "test")}
 
 
 class DataError(ValueError):
@@ -30,14 +40,19 @@ class DataConfig:
     """Where the pairs come from and how they are cut.
 
     format: ``jsonl`` | ``tsv`` | ``csv`` | ``aclsum`` (the ``aclsum`` package's jsonl; files default to its
-      ``train``/``val`` splits, fields to the abstract and the title).
+      ``train``/``val`` splits, fields to the abstract and the title) | ``hf`` (a Hugging Face ``datasets``
+      folder written by ``save_to_disk``, of a ``Dataset`` or of a ``DatasetDict``, whose ``train`` split is
+      the training data and ``validation`` (else ``test``) the eval data; or a ``.parquet`` file).
     source_field, target_field: JSON keys (dotted for nested objects, e.g. ``summary.challenge``; a list of
-      strings, as ``sentences.abstract``, is joined with spaces) or TSV/CSV header names.
+      strings, as ``sentences.abstract``, is joined with spaces), TSV/CSV header names or dataset column names
+      (dotted for struct columns).
     max_source_length, max_target_length: token budgets (special tokens included; longer texts are cut).
     source_buckets: optional ascending source lengths; a batch is padded to the smallest bucket that holds
       its longest source (one compile per bucket) instead of to ``max_source_length``.
     seed, shuffle: the epoch permutation.
     max_examples: keep only the first N examples of each file (smoke runs).
+    streaming: JSONL training data read per process: each process reads only the lines that start in its
+      1/P byte range of the file (see ``read_shard`` and ``ShardLoader``); the eval file is read whole.
     """
 
     format: str = "jsonl"
@@ -51,6 +66,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     max_examples: int | None = None
+    streaming: bool = False
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -62,6 +78,11 @@ class DataConfig:
             raise DataError("data.source_field and data.target_field are required")
         if self.max_source_length < 2 or self.max_target_length < 2:
             raise DataError("data.max_source_length and data.max_target_length must be >= 2")
+        if self.streaming and self.format not in ("jsonl", "aclsum"):
+            raise DataError(f"data.streaming reads JSONL files by byte ranges; data.format is {self.format!r}: "
+                            f"convert the file to JSONL or set data.streaming to false")
+        if self.streaming and self.max_examples:
+            raise DataError("data.max_examples needs the whole file, data.streaming reads a share of it: set one")
         if self.source_buckets is not None:
             buckets = tuple(int(b) for b in self.source_buckets)
             if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] > self.max_source_length:
@@ -81,7 +102,7 @@ class DataConfig:
             path = self.file(split)
             if path is None:
                 raise DataError(f"data.{split}_file is not set")
-            if not os.path.isfile(path):
+            if not (paths.exists(path) if self.format == "hf" else paths.is_file(path)):
                 raise DataError(f"data.{split}_file {path} does not exist")
 
 
@@ -111,37 +132,178 @@ def _field(record: Any, path: str, where: str) -> str:
 
 
 def read_pairs(config: DataConfig, split: str) -> list[tuple[str, str]]:
-    """All ``(source, target)`` texts of a split's file."""
+    """All ``(source, target)`` texts of a split's file (a local path or a bucket URL such as ``gs://b/train.jsonl``).
+
+    Raises:
+        DataError: the file is missing, is not UTF-8 text, holds invalid JSON or lacks a field or column; the
+            message names the file and the line.
+    """
     path = config.file(split)
-    if path is None or not os.path.isfile(path):
+    if config.format == "hf":
+        return _hf_pairs(path, split, config)
+    if path is None or not paths.is_file(path):
         raise DataError(f"data.{split}_file {path} does not exist")
-    pairs = []
-    if config.format in ("jsonl", "aclsum"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: not valid JSON ({e})") from None
-                where = f"{path}:{number}"
-                pairs.append((_field(record, config.source_field, where), _field(record, config.target_field, where)))
-                if config.max_examples and len(pairs) >= config.max_examples:
-                    break
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if config.format == "tsv" else ",")
-            for field in (config.source_field, config.target_field):
-                if reader.fieldnames is None or field not in reader.fieldnames:
-                    raise DataError(f"{path}: no column {field!r} in the header {reader.fieldnames}")
-            for number, row in enumerate(reader, 2):
-                pairs.append((row[config.source_field] or "", row[config.target_field] or ""))
-                if config.max_examples and len(pairs) >= config.max_examples:
-                    break
+    with _open_binary(path) as f:
+        if config.format in ("jsonl", "aclsum"):
+            pairs = _jsonl_pairs(path, ((f":{number}", raw) for number, raw in enumerate(f, 1)), config)
+        else:
+            pairs = _read_table(f, path, config)
     if not pairs:
         raise DataError(f"{path} holds no examples")
     return pairs
+
+
+def read_shard(config: DataConfig, split: str, process_index: int, process_count: int) -> list[tuple[str, str]]:
+    """The ``(source, target)`` texts of the JSONL lines that start in byte range ``[size*p/P, size*(p+1)/P)``
+    of the split's file, in file order; ``size`` comes from one seek, not a read.
+
+    Every line belongs to exactly one process, and the shards of processes ``0..P-1`` concatenated are
+    ``read_pairs``'s list. A process reads its range, plus the rest of the one line that crosses its end and the
+    byte before its start (to find its first line start). Errors name the byte offset of the line.
+    """
+    path = config.file(split)
+    if path is None or not paths.is_file(path):
+        raise DataError(f"data.{split}_file {path} does not exist")
+    with _open_binary(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        start, end = size * process_index // process_count, size * (process_index + 1) // process_count
+        pairs = _jsonl_pairs(path, ((f" (the line at byte {offset})", raw)
+                                    for offset, raw in _lines_starting_in(f, start, end)), config)
+    if not pairs:
+        raise DataError(f"{path}: no example starts in bytes {start}..{end} of {size}, the share of process "
+                        f"{process_index} of {process_count}; use a larger file or fewer processes")
+    return pairs
+
+
+def _hf_pairs(path: str | None, split: str, config: DataConfig) -> list[tuple[str, str]]:
+    """The pairs of a ``save_to_disk`` folder or a Parquet file (``data.format: "hf"``); fields are column
+    names, dotted for struct columns."""
+    if path is None or not paths.exists(path):
+        raise DataError(f"data.{split}_file {path} does not exist")
+    columns = sorted({config.source_field.split(".")[0], config.target_field.split(".")[0]})
+    table = _parquet_table(path) if paths.is_file(path) else _saved_dataset(path, split).with_format("arrow")[:]
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: no column {missing[0]!r}; the columns are {table.column_names}")
+    rows = table.select(columns).slice(0, config.max_examples or None).to_pylist()
+    pairs = [(_field(row, config.source_field, f"{path} row {i}"), _field(row, config.target_field, f"{path} row {i}"))
+             for i, row in enumerate(rows)]
+    if not pairs:
+        raise DataError(f"{path} holds no examples")
+    return pairs
+
+
+def _parquet_table(path: str):
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        with _open_binary(path) as f:
+            return pyarrow.parquet.read_table(f)
+    except pyarrow.ArrowInvalid as e:
+        raise DataError(f"{path}: not a Parquet file ({e}); data.format 'hf' reads a save_to_disk folder or a "
+                        f".parquet file") from None
+
+
+def _saved_dataset(path: str, split: str):
+    """The ``datasets.Dataset`` saved at ``path``; of a ``DatasetDict``, its split for ``split``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.format 'hf' reads save_to_disk folders with the datasets package: pip install "
+                        "datasets") from None
+    try:
+        saved = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+    if isinstance(saved, datasets.Dataset):
+        return saved
+    name = next((name for name in HF_SPLITS[split] if name in saved), None)
+    if name is None:
+        raise DataError(f"{path} holds the splits {sorted(saved)}, none named {' or '.join(HF_SPLITS[split])} for "
+                        f"data.{split}_file: point data.{split}_file at the split's folder ({path}/SPLIT)")
+    return saved[name]
+
+
+def _open_binary(path: str) -> BinaryIO:
+    return paths.as_path(path).open("rb")
+
+
+def _lines_starting_in(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` of each line of ``f`` whose first byte lies in ``[start, end)``."""
+    if start > 0:
+        f.seek(start - 1)
+        f.readline()  # the line that holds byte start - 1 belongs to the range before
+    else:
+        f.seek(0)
+    offset = f.tell()
+    while offset < end:
+        line = f.readline()
+        if not line:
+            return
+        yield offset, line
+        offset += len(line)
+
+
+def _jsonl_pairs(path: str, lines: Iterable[tuple[str, bytes]], config: DataConfig) -> list[tuple[str, str]]:
+    """The pairs of the JSONL ``(line label, raw line)``s of file ``path`` (errors name ``path`` + the label,
+    e.g. ``:12``); blank lines skipped."""
+    pairs = []
+    for label, raw in lines:
+        where = path + label
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _not_utf8(path, where, error) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        pairs.append((_field(record, config.source_field, where), _field(record, config.target_field, where)))
+        if config.max_examples and len(pairs) >= config.max_examples:
+            break
+    return pairs
+
+
+def _read_table(f: BinaryIO, path: str, config: DataConfig) -> list[tuple[str, str]]:
+    """The pairs of a TSV/CSV file with a header row (fields may span lines, as the csv module allows)."""
+    pairs = []
+    try:
+        reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""),
+                                delimiter="\t" if config.format == "tsv" else ",")
+        for field in (config.source_field, config.target_field):
+            if reader.fieldnames is None or field not in reader.fieldnames:
+                raise DataError(f"{path}: no column {field!r} in the header {reader.fieldnames}")
+        for row in reader:
+            pairs.append((row[config.source_field] or "", row[config.target_field] or ""))
+            if config.max_examples and len(pairs) >= config.max_examples:
+                break
+    except UnicodeDecodeError:  # raised for a whole decoded chunk: find the line again
+        number, error = _first_undecodable_line(path)
+        raise _not_utf8(path, f"{path}:{number}", error) from None
+    return pairs
+
+
+def _first_undecodable_line(path: str) -> tuple[int, UnicodeDecodeError]:
+    """The 1-based number of the first line of ``path`` that is not UTF-8, and its decoding error."""
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, error
+    raise AssertionError(f"{path}: a UTF-8 decoding error that no line reproduces")
+
+
+def _not_utf8(path: str, where: str, error: UnicodeDecodeError) -> DataError:
+    """The error for a line of ``path`` that is not UTF-8; ``where`` names the file and the line."""
+    name = os.path.basename(path)
+    return DataError(f"{where}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at column "
+                     f"{error.start + 1} is {error.reason}); data files must be UTF-8: re-encode it, e.g. "
+                     f"`iconv -f LATIN1 -t UTF-8 {name} > utf8-{name}` (with the file's actual encoding in place of "
+                     f"LATIN1; `file {name}` may name it)")
 
 
 # ---------------------------------------------------------------------- tokenizing
@@ -258,6 +420,9 @@ class PairLoader:
         return {"epoch": self.epoch, "batch": self.batch, "num_examples": len(self.pairs)}
 
     def set_state(self, state: dict[str, int]) -> None:
+        if "processes" in state:
+            raise DataError("the checkpoint's data position is one per process (data.streaming was true); set "
+                            "data.streaming to true again to resume from it")
         if state.get("num_examples", len(self.pairs)) != len(self.pairs):
             raise DataError(f"the checkpoint's data position is for {state['num_examples']} examples, but the "
                             f"file now has {len(self.pairs)}; the order would differ")
@@ -274,11 +439,8 @@ class PairLoader:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.batch >= self.batches_per_epoch:
-            if not self.train:
-                raise StopIteration
-            self.epoch, self.batch = self.epoch + 1, 0
+    def _local_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows of the current batch (indices into ``pairs``) and their float32 weights."""
         order = self._epoch_order()
         rows = order[self.batch * self.global_batch:(self.batch + 1) * self.global_batch]
         weights = np.ones(self.global_batch, np.float32)
@@ -286,8 +448,14 @@ class PairLoader:
             weights[len(rows):] = 0
             rows = np.concatenate([rows, np.full(self.global_batch - len(rows), rows[0])])
         start = self.process_index * self.local_batch
-        local = rows[start:start + self.local_batch]
-        weights = weights[start:start + self.local_batch]
+        return rows[start:start + self.local_batch], weights[start:start + self.local_batch]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.batch >= self.batches_per_epoch:
+            if not self.train:
+                raise StopIteration
+            self.epoch, self.batch = self.epoch + 1, 0
+        local, weights = self._local_rows()
         sources = [self.pairs[i][0] for i in local]
         targets = [self.pairs[i][1] for i in local]
         source_ids = self.encoder.source_lengths(sources)
@@ -303,6 +471,70 @@ class PairLoader:
         out["example_index"] = local.astype(np.int32)
         self.batch += 1
         return out
+
+
+class ShardLoader(PairLoader):
+    """Training batches from this process's shard of the file (``read_shard``): endless, resumable.
+
+    Each step, every process takes ``global_batch / process_count`` rows of its own shard, in the order
+    ``permutation(seed, epoch, process_index)`` of the shard (file order without ``shuffle``); a shard's
+    epoch ends when fewer rows than that remain (dropped, as the whole-file loader drops an incomplete batch),
+    so processes with shards of different sizes start new epochs at different steps. The global batch is
+    the processes' rows together. It is not the whole-file loader's global batch, and it changes with the number
+    of processes (the shards do). The position ``{"processes": [{"epoch", "batch", "num_examples"}, ...]}``
+    holds every process's (gathered with ``state_gather``, default
+    ``jax.experimental.multihost_utils.process_allgather``, so ``get_state`` is collective); ``set_state`` takes
+    this process's entry back and refuses another process count or a changed shard.
+    """
+
+    def __init__(self, shard: Sequence[tuple[str, str]], encoder: PairEncoder, global_batch: int,
+                 process_index: int = 0, process_count: int = 1, *, seed: int = 0, shuffle: bool = True,
+                 buckets: Sequence[int] | None = None, length_agree=None, state_gather=None):
+        if global_batch % process_count:
+            raise DataError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        if len(shard) < global_batch // process_count:
+            raise DataError(f"the training file's share of process {process_index} of {process_count} has "
+                            f"{len(shard)} examples, fewer than its {global_batch // process_count} rows of one "
+                            f"batch; use a larger file or fewer processes")
+        super().__init__(shard, encoder, global_batch // process_count, train=True, seed=seed, shuffle=shuffle,
+                         buckets=buckets, length_agree=length_agree)
+        self.local_batch = global_batch // process_count
+        self.process_index, self.process_count = process_index, process_count
+        self.state_gather = state_gather
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            n = len(self.pairs)
+            self._order = (np.random.default_rng([self.seed, self.epoch, self.process_index]).permutation(n)
+                           if self.shuffle else np.arange(n))
+            self._order_epoch = self.epoch
+        return self._order
+
+    def _local_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._epoch_order()[self.batch * self.local_batch:(self.batch + 1) * self.local_batch]
+        return rows, np.ones(self.local_batch, np.float32)
+
+    def get_state(self) -> dict[str, list[dict[str, int]]]:
+        mine = np.asarray([self.epoch, self.batch, len(self.pairs)], np.int64)
+        rows = (self.state_gather or _gather)(mine) if self.process_count > 1 else mine[None]
+        return {"processes": [{"epoch": int(e), "batch": int(b), "num_examples": int(n)} for e, b, n in rows]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("processes")
+        if saved is None:
+            raise DataError("the checkpoint's data position is for the whole file (data.streaming was false); set "
+                            "data.streaming to false again to resume from it")
+        if len(saved) != self.process_count:
+            raise DataError(f"the checkpoint's data position was saved by {len(saved)} processes, this run has "
+                            f"{self.process_count}: each reads another share of the file; resume with "
+                            f"{len(saved)} processes")
+        super().set_state(saved[self.process_index])
+
+
+def _gather(row: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(row))
 
 
 def _global_max(value: int) -> int:

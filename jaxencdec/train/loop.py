@@ -4,10 +4,16 @@
 executes the same code; each reads only its rows of every batch, all take part in checkpoint saves, and
 process 0 alone prints, writes metrics and exports models.
 
+``output_dir`` and the data files may be bucket URLs (``gs://bucket/run``; see :mod:`jaxencdec.paths` for the
+credentials): orbax writes the checkpoints there through tensorstore, ``final_model``/``best_model`` are uploaded
+with ``config.json`` last, and ``metrics.jsonl``, the TensorBoard events and ``metrics.png`` are written in a
+local temporary folder and uploaded after each metrics row (see ``MetricsWriter``).
+
 Resume: a checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the
 run config and the global parameter norm of each save; rerunning the same command restores the latest complete
-one (orbax writes into a temporary folder and renames it when done, so a save cut short is never picked) and
-continues bit-for-bit as if never stopped. A checkpoint that fails to restore (damaged files) is reported and
+one (orbax writes into a temporary folder and renames it when done, so a save cut short is never picked; on a
+bucket, which has no rename, a step folder counts once orbax has stored its ``commit_success.txt``) and continues
+bit-for-bit as if never stopped. A checkpoint that fails to restore (damaged files) is reported and
 moved aside to ``checkpoints/<step>.corrupt-<n>``, and the one before it is tried. ``checkpoint.resume_step``
 picks an older checkpoint; the newer ones are moved aside to ``checkpoints/<step>.discarded-<n>``. A resume
 whose learning-rate schedule settings differ from the checkpoint's is refused unless
@@ -31,6 +37,8 @@ import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from jaxencdec import paths
+from jaxencdec.checkpoint import io
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
@@ -41,7 +49,8 @@ from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded
 from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import step as steps
 from jaxencdec.train.config import RunConfig, RunConfigError
-from jaxencdec.train.data import HOST_ONLY_KEYS, DataError, PairEncoder, PairLoader, read_pairs
+from jaxencdec.train.data import (HOST_ONLY_KEYS, DataError, PairEncoder, PairLoader, ShardLoader, read_pairs,
+                                   read_shard)
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
 
 logger = logging.getLogger("jaxencdec")
@@ -55,6 +64,8 @@ SCHEDULE_KEYS = ("optim.learning_rate", "optim.warmup_steps", "optim.schedule", 
                  "train.num_steps")
 # A checkpoint whose parameter norm is this many times the previous one's is reported as a jump.
 NORM_JUMP = 4.0
+# The file orbax writes last into a checkpoint's step folder on a bucket (where it cannot rename a finished one).
+ORBAX_COMMIT_FILE = "commit_success.txt"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -102,11 +113,21 @@ def validate(config: RunConfig, num_devices: int, num_processes: int) -> tuple[i
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax's step folders), ascending; no orbax call."""
-    if not os.path.isdir(ckpt_dir):
+    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax's step folders), ascending; no orbax call.
+
+    On a bucket, where orbax writes a step's folder in place, a step is complete once its ``commit_success.txt``
+    is stored (orbax's own test)."""
+    if not paths.is_dir(ckpt_dir):
         return []
-    return sorted(int(name) for name in os.listdir(ckpt_dir)
-                  if name.isdigit() and os.path.isdir(os.path.join(ckpt_dir, name)))
+    numbered = [int(name) for name in paths.list_names(ckpt_dir) if name.isdigit()]
+    if paths.is_url(ckpt_dir):
+        return sorted(s for s in numbered if paths.is_file(os.path.join(ckpt_dir, str(s), ORBAX_COMMIT_FILE)))
+    return sorted(s for s in numbered if os.path.isdir(os.path.join(ckpt_dir, str(s))))
+
+
+def run_folder(output_dir: str) -> str:
+    """``output_dir`` as the run's folder: a bucket URL as given, a local path made absolute."""
+    return output_dir if paths.is_url(output_dir) else os.path.abspath(output_dir)
 
 
 def schedule_changes(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
@@ -192,6 +213,8 @@ def build_model(config: RunConfig) -> ModelBundle:
 
 def _looks_local(path: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else is a local path."""
+    if paths.is_url(path):
+        return False
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
 
 
@@ -222,11 +245,11 @@ class Trainer:
         self._log = log or (lambda s: print(s, flush=True))
         self._bar = None  # the tqdm progress bar while one is shown
         validate(config, jax.device_count(), jax.process_count())
-        self.out_dir = os.path.abspath(config.output_dir)
+        self.out_dir = run_folder(config.output_dir)
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         if restore:
             self._check_checkpoints_exist()
-        if not evaluate_only:
+        if not evaluate_only and not paths.is_url(self.out_dir):  # a bucket has no folders to create
             os.makedirs(self.out_dir, exist_ok=True)
         self.mesh = make_mesh(config.mesh)
         self.rules = config.mesh.logical_rules
@@ -243,10 +266,7 @@ class Trainer:
                                    data.max_target_length, bundle.decoder_start_token_id, bundle.pad_token_id,
                                    bundle.eos_token_id)
         self._check_lengths()
-        self.train_pairs = read_pairs(data, "train")
-        self.loader = PairLoader(self.train_pairs, self.encoder, config.train.batch_size, jax.process_index(),
-                                 jax.process_count(), train=True, seed=data.seed, shuffle=data.shuffle,
-                                 buckets=data.source_buckets)
+        self.loader = self._train_loader()
         self.eval_pairs = read_pairs(data, "eval") if config.eval.every >= 0 else None
 
         # Params: born sharded for a random init, else placed shard by shard from the host copy.
@@ -297,6 +317,16 @@ class Trainer:
                                      keep_through_step=int(jax.device_get(self.state.step)))
 
     # ------------------------------------------------------------------ helpers
+
+    def _train_loader(self) -> PairLoader:
+        """The whole file's loader, or with ``data.streaming`` this process's shard's (``ShardLoader``)."""
+        data, batch = self.config.data, self.config.train.batch_size
+        index, count = jax.process_index(), jax.process_count()
+        if data.streaming:
+            return ShardLoader(read_shard(data, "train", index, count), self.encoder, batch, index, count,
+                               seed=data.seed, shuffle=data.shuffle, buckets=data.source_buckets)
+        return PairLoader(read_pairs(data, "train"), self.encoder, batch, index, count, train=True, seed=data.seed,
+                          shuffle=data.shuffle, buckets=data.source_buckets)
 
     def info(self, message: str) -> None:
         """Prints ``message`` on process 0; above the progress bar while one is shown (``tqdm.write``'s way)."""
@@ -419,10 +449,10 @@ class Trainer:
         again). Process 0 renames; every process waits for it."""
         if self.is_main:
             n = 1
-            while os.path.exists(os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")):
+            while paths.exists(os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")):
                 n += 1
             target = os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")
-            os.replace(os.path.join(self.ckpt_dir, str(step)), target)
+            paths.as_path(os.path.join(self.ckpt_dir, str(step))).rename(target)  # on a bucket: copy, then delete
             self.info(f"checkpoint step {step} moved aside to {target}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -502,14 +532,11 @@ class Trainer:
             num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, length_penalty=ev.length_penalty,
             no_repeat_ngram_size=ev.no_repeat_ngram_size,
             early_stopping=True if ev.num_beams > 1 else False)
-        tmp = folder + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(tmp)
-        _copy_tokenizer(self.bundle.tokenizer_dir, tmp)
-        if self.bundle.decoder_tokenizer_dir != self.bundle.tokenizer_dir:
-            _copy_tokenizer(self.bundle.decoder_tokenizer_dir, os.path.join(tmp, "decoder_tokenizer"))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with io.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
+            EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(staging)
+            _copy_tokenizer(self.bundle.tokenizer_dir, str(staging))
+            if self.bundle.decoder_tokenizer_dir != self.bundle.tokenizer_dir:
+                _copy_tokenizer(self.bundle.decoder_tokenizer_dir, os.path.join(staging, "decoder_tokenizer"))
         return folder
 
     # ------------------------------------------------------------------ eval

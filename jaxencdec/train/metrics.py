@@ -12,7 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import uuid
 from typing import Any, Sequence
+
+from jaxencdec import paths
 
 # eval.metric -> the names of the scores it adds to an eval
 TEXT_METRICS = {"rouge": ("eval/rouge1", "eval/rouge2", "eval/rougeL"), "bleu": ("eval/bleu",)}
@@ -45,14 +50,24 @@ class MetricsWriter:
     from (a resumed run's checkpoint step, 0 for a fresh run); the rows of later steps, written by a run that
     was stopped after that checkpoint, are dropped from the file (rewritten atomically) and TensorBoard is told
     to purge its events from there on, so each step has one row however often the run was restarted.
+
+    ``out_dir`` may be a bucket URL (``gs://bucket/run``), where objects cannot be appended to: the files are
+    then written in a local temporary folder and uploaded whole after each ``write`` (``metrics.jsonl`` and
+    every TensorBoard events file that grew; an object is replaced only once its new upload is complete), and
+    ``metrics.jsonl`` is downloaded first to continue a resumed run's rows.
     """
 
     def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True,
                  keep_through_step: int | None = None):
         self.out_dir = out_dir
         self.enabled = enabled
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.remote = out_dir if enabled and paths.is_url(out_dir) else None
+        self.local_dir = tempfile.mkdtemp(prefix="jaxencdec-metrics-") if self.remote else out_dir
+        self.path = os.path.join(self.local_dir, "metrics.jsonl")
+        self._uploaded: dict[str, int] = {}  # local file -> its size when last uploaded
         self._tb = None
+        if self.remote:
+            self._download_rows()
         if enabled and keep_through_step is not None:
             self._drop_rows_after(keep_through_step)
         if enabled and tensorboard:
@@ -62,7 +77,36 @@ class MetricsWriter:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 purge = None if keep_through_step is None else keep_through_step + 1
-                self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge)
+                # on a bucket each run's events file needs a name of its own: tensorboardX names them by the second
+                suffix = f".{uuid.uuid4().hex[:8]}" if self.remote else ""
+                self._tb = SummaryWriter(os.path.join(self.local_dir, "tensorboard"), purge_step=purge,
+                                         filename_suffix=suffix)
+        self._upload()
+
+    def _download_rows(self) -> None:
+        """Copies the bucket's ``metrics.jsonl`` (if any) into the local folder and marks it as uploaded."""
+        remote = os.path.join(self.remote, "metrics.jsonl")
+        if paths.is_file(remote):
+            with open(self.path, "wb") as f:
+                f.write(paths.read_bytes(remote))
+            self._uploaded[self.path] = os.path.getsize(self.path)
+
+    def _upload(self) -> None:
+        """On a bucket: uploads each local file (metrics.jsonl, TensorBoard events, the plot) whose size changed
+        since its last upload, under the same relative name below ``out_dir``."""
+        if not self.remote:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        for folder, _, names in os.walk(self.local_dir):
+            for name in names:
+                local = os.path.join(folder, name)
+                size = os.path.getsize(local)
+                if self._uploaded.get(local) != size:
+                    relative = os.path.relpath(local, self.local_dir).replace(os.sep, "/")
+                    with open(local, "rb") as f:
+                        paths.write_bytes(os.path.join(self.remote, relative), f.read())
+                    self._uploaded[local] = size
 
     def _lines(self) -> list[str]:
         if not os.path.isfile(self.path):
@@ -95,6 +139,7 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
+        self._upload()
 
     def read(self) -> dict[str, list[tuple[int, float]]]:
         """``name -> [(step, value), ...]`` sorted by step, last write winning, older names mapped to today's."""
@@ -158,15 +203,23 @@ class MetricsWriter:
             return None
         import matplotlib.pyplot as plt
 
-        path = path or os.path.join(self.out_dir, "metrics.png")
-        fig.savefig(path, dpi=100)
+        local = path or os.path.join(self.local_dir, "metrics.png")
+        fig.savefig(local, dpi=100)
         plt.close(fig)
-        return path
+        if path is None and self.remote:
+            self._upload()
+            return os.path.join(self.remote, "metrics.png")
+        return local
 
     def close(self) -> None:
+        """Closes TensorBoard's writer; on a bucket, uploads what changed and removes the local folder."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self._upload()
+        if self.remote:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+            self.remote = None
 
 
 def _parse_row(line: str) -> dict[str, Any] | None:

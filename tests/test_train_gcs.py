@@ -1,0 +1,186 @@
+"""Training on a bucket: two processes (jax.distributed on 127.0.0.1, 4 CPU devices each) stream their shares of
+the data from and write their run to ``gs://`` on a local GCS emulator, are killed with SIGKILL after a
+checkpoint, rerun, and end with exactly the params of the same run kept on local disk; the bucket's final model
+loads and generates the same ids as the local one. Metrics files, checkpoint listing and data reading on the
+bucket are tested in this process."""
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+from flax import traverse_util
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
+
+from jaxencdec import paths
+from jaxencdec.checkpoint import io
+from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.train import testing
+
+STEPS = 8
+PROCESSES = 2
+
+
+def _write_config(tmp_path, name, output_dir, data_dir):
+    config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": STEPS, "dropout": True},
+                                     mesh={"data": 2, "fsdp": 2, "model": 2},
+                                     checkpoint={"every": 2, "keep": 2, "async_save": True})
+    config["output_dir"] = output_dir
+    config["data"].update(train_file=f"{data_dir}/train.jsonl", eval_file=f"{data_dir}/val.jsonl", streaming=True)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _start(config_path, env):
+    port = testing.free_port()
+    return [subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(config_path), "--coordinator",
+                              f"127.0.0.1:{port}", "--num-processes", str(PROCESSES), "--process-id", str(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(PROCESSES)]
+
+
+def _finish(workers, timeout=400):
+    """Waits for every worker; returns their (stdout, stderr); asserts each exited 0."""
+    outputs = []
+    try:
+        for w in workers:
+            outputs.append(w.communicate(timeout=timeout))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    return outputs
+
+
+def _kill_after_checkpoint(workers, emulator, bucket, run_prefix, deadline_s=300):
+    """SIGKILLs every worker once a checkpoint of the run is complete on the bucket (before the run ends)."""
+    start = time.monotonic()
+    while time.monotonic() - start < deadline_s and all(w.poll() is None for w in workers):
+        names = emulator.object_names(bucket, f"{run_prefix}/")
+        if any(re.fullmatch(rf"{run_prefix}/checkpoints/\d+/commit_success\.txt", n) for n in names):
+            for w in workers:
+                os.kill(w.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    for w in workers:
+        w.communicate(timeout=60)
+    assert [w.returncode for w in workers] == [-signal.SIGKILL] * PROCESSES, "the run ended before the kill"
+    return names
+
+
+def _params(folder):
+    tree = io.read_msgpack(paths.as_path(folder) / "flax_model.msgpack")
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulator, gcs_bucket):  # noqa: F811
+    env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"), JAX_NUM_CPU_DEVICES="4",
+                                 TMPDIR=str(tmp_path))
+    shared = tmp_path / "shared"
+    reference = _write_config(tmp_path, "local", str(tmp_path / "local"), str(shared))
+    _finish(_start(reference, env))
+
+    prefix = "pod-resume"
+    data_url, run_url = f"{gcs_bucket}/{prefix}/data", f"{gcs_bucket}/{prefix}/run"
+    for name in ("train.jsonl", "val.jsonl"):
+        paths.write_bytes(f"{data_url}/{name}", (shared / name).read_bytes())
+    victim = _write_config(tmp_path, "bucket", run_url, data_url)
+
+    names = _kill_after_checkpoint(_start(victim, env), gcs_emulator, gcs_bucket, f"{prefix}/run")
+    assert not any("final_model" in n for n in names)
+    outputs = _finish(_start(victim, env))
+    out = outputs[0][0]
+    assert "resumed from checkpoint step" in out, out[-2000:]
+    assert json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["step"] == STEPS
+
+    want, got = _params(tmp_path / "local" / "final_model"), _params(f"{run_url}/final_model")
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) for k in want), "the resumed bucket run differs from the local one"
+
+    rows = [json.loads(line) for line in paths.read_text(f"{run_url}/metrics.jsonl").splitlines()]
+    assert sorted(r["step"] for r in rows if "train/loss" in r) == list(range(1, STEPS + 1))
+    assert any(name.startswith(f"{prefix}/run/checkpoints/{STEPS}/") for name in
+               gcs_emulator.object_names(gcs_bucket, f"{prefix}/run/checkpoints/"))
+
+    input_ids = np.array([[2, 40, 41, 42, 43, 44, 3], [2, 50, 51, 3, 0, 0, 0]], np.int32)
+    mask = (input_ids != 0).astype(np.int32)
+    local = EncoderDecoderModel.from_pretrained(str(tmp_path / "local" / "final_model"))
+    remote = EncoderDecoderModel.from_pretrained(f"{run_url}/final_model")
+    want_ids = np.asarray(local.generate(input_ids, mask, max_new_tokens=6))
+    got_ids = np.asarray(remote.generate(input_ids, mask, max_new_tokens=6))
+    np.testing.assert_array_equal(got_ids, want_ids)
+
+
+def test_metrics_on_a_bucket(gcs_emulator, gcs_bucket, tmp_path, monkeypatch):  # noqa: F811
+    from jaxencdec.train.metrics import MetricsWriter
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    run = f"{gcs_bucket}/metrics-run"
+    writer = MetricsWriter(run, tensorboard=True, keep_through_step=0)
+    for step in (1, 2, 3):
+        writer.write(step, {"train/loss": 4.0 - step})
+        # uploaded at each row: a run killed now keeps its rows so far
+        assert paths.read_text(f"{run}/metrics.jsonl").count("\n") == step
+    assert writer.plot() == f"{run}/metrics.png"
+    writer.close()
+    assert not list(tmp_path.iterdir())  # the local copies are gone
+    assert paths.read_bytes(f"{run}/metrics.png").startswith(b"\x89PNG")
+
+    resumed = MetricsWriter(run, tensorboard=True, keep_through_step=2)  # resumed from step 2's checkpoint
+    assert [row["step"] for row in map(json.loads, paths.read_text(f"{run}/metrics.jsonl").splitlines())] == [1, 2]
+    assert resumed.last_eval(2) == {} and resumed.read()["train/loss"] == [(1, 3.0), (2, 2.0)]
+    resumed.write(3, {"train/loss": 0.5})
+    resumed.close()
+    events = gcs_emulator.object_names(gcs_bucket, "metrics-run/tensorboard/")
+    assert len(events) == 2 and all("tfevents" in n for n in events)  # the first run's and the resumed run's
+
+    first, second = (_scalars(paths.read_bytes(f"{gcs_bucket}/{name}")) for name in sorted(events))
+    assert {first[0][:2], second[0][:2]} == {(1, 3.0), (3, 0.5)}  # names sort by the second, then at random
+
+
+def _scalars(events: bytes) -> list[tuple[int, float, str]]:
+    """``(step, value, tag)`` of the scalars of a TensorBoard events file (TFRecord: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out, offset = [], 0
+    while offset < len(events):
+        (length,) = struct.unpack("<Q", events[offset:offset + 8])
+        event = event_pb2.Event.FromString(events[offset + 12:offset + 12 + length])
+        out += [(event.step, round(v.simple_value, 6), v.tag) for v in event.summary.value]
+        offset += 16 + length
+    return out
+
+
+def test_checkpoint_steps_and_moving_a_step_aside_on_a_bucket(gcs_emulator, gcs_bucket):  # noqa: F811
+    from jaxencdec.train.loop import checkpoint_steps
+
+    ckpt = f"{gcs_bucket}/steps-run/checkpoints"
+    for name in ("2/commit_success.txt", "2/state/data", "4/state/data", "6/commit_success.txt", "6/meta/x"):
+        paths.write_bytes(f"{ckpt}/{name}", b"x")
+    assert checkpoint_steps(ckpt) == [2, 6]  # step 4's save was cut short: orbax's commit file is missing
+    paths.as_path(f"{ckpt}/6").rename(f"{ckpt}/6.discarded-1")  # what a resume from step 2 does to step 6
+    assert checkpoint_steps(ckpt) == [2]
+    assert gcs_emulator.object_names(gcs_bucket, "steps-run/checkpoints/6") == [
+        "steps-run/checkpoints/6.discarded-1/commit_success.txt", "steps-run/checkpoints/6.discarded-1/meta/x"]
+    assert checkpoint_steps(f"{gcs_bucket}/no-run/checkpoints") == []
+
+
+def test_data_files_on_a_bucket(gcs_bucket, tmp_path):  # noqa: F811
+    from jaxencdec.train.data import DataConfig, read_pairs, read_shard
+
+    local = testing.write_pairs(str(tmp_path / "train.jsonl"), 9)
+    url = f"{gcs_bucket}/data-run/train.jsonl"
+    paths.write_bytes(url, (tmp_path / "train.jsonl").read_bytes())
+    on_bucket = DataConfig(train_file=url, source_field="src", target_field="tgt")
+    want = read_pairs(DataConfig(train_file=local, source_field="src", target_field="tgt"), "train")
+    assert read_pairs(on_bucket, "train") == want
+    assert read_shard(on_bucket, "train", 0, 2) + read_shard(on_bucket, "train", 1, 2) == want
