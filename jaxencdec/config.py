@@ -147,6 +147,24 @@ def _check_field_types(config: Any) -> None:
                f"field {name} must be of type {_type_name(expected)}, got {value!r} ({type(value).__name__})")
 
 
+# transformers ``PretrainedConfig`` settings that choose what a forward pass returns or how it runs, never the
+# numbers it computes: a programmatic override of one is kept in ``extra`` (written back to config.json, as
+# transformers writes it) instead of refused.
+RUNTIME_FLAGS = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript",
+                           "use_return_dict", "output_scores", "chunk_size_feed_forward"})
+
+
+def _replace_keeping_runtime_flags(config, hint: str, changes: Mapping[str, Any]):
+    """``dataclasses.replace(config, **changes)`` with the ``RUNTIME_FLAGS`` that are not fields put in ``extra``."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    flags = {k: v for k, v in changes.items() if k in RUNTIME_FLAGS and k not in fields}
+    changes = {k: v for k, v in changes.items() if k not in flags}
+    check_field_names(type(config), changes, hint)
+    if flags:
+        changes["extra"] = {**config.extra, **flags}
+    return dataclasses.replace(config, **changes)
+
+
 def check_field_names(cls: type, names: Iterable[str], hint: str = "") -> None:
     """Raises ConfigError listing each of ``names`` that is not a field of the config class ``cls``, with its
     closest field names (and ``hint``): a programmatic override with a typo must not be kept as an unknown key."""
@@ -209,9 +227,9 @@ class HFConfig:
             return cls.from_dict(read_json(path))
 
     def replace(self, **changes) -> "HFConfig":
-        """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches."""
-        check_field_names(type(self), changes)
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches
+        (transformers' ``RUNTIME_FLAGS``, e.g. ``use_cache``, are kept in ``extra``)."""
+        return _replace_keeping_runtime_flags(self, "", changes)
 
     def spec(self, role: Role) -> TransformerSpec:
         raise NotImplementedError
@@ -425,7 +443,9 @@ class EncoderDecoderConfig:
         """Combines two standalone configs; the decoder gets ``is_decoder`` and ``add_cross_attention`` set."""
         encoder = encoder.replace(is_decoder=False, add_cross_attention=False)
         decoder = decoder.replace(is_decoder=True, add_cross_attention=True)
-        return cls(encoder=encoder, decoder=decoder, **kwargs)
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in RUNTIME_FLAGS}
+        config = cls(encoder=encoder, decoder=decoder, **kwargs)
+        return config.replace(**flags) if flags else config
 
     @property
     def encoder_spec(self) -> TransformerSpec:
@@ -474,9 +494,9 @@ class EncoderDecoderConfig:
     def replace(self, **changes) -> "EncoderDecoderConfig":
         """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches. A part's
         field is changed through the part: ``config.replace(decoder=config.decoder.replace(vocab_size=...))``."""
-        check_field_names(type(self), changes, "the encoder's and decoder's own fields are set through the part: "
-                                               "config.replace(decoder=config.decoder.replace(field=value))")
-        return dataclasses.replace(self, **changes)
+        return _replace_keeping_runtime_flags(
+            self, "the encoder's and decoder's own fields are set through the part: "
+                  "config.replace(decoder=config.decoder.replace(field=value))", changes)
 
 
 @contextlib.contextmanager

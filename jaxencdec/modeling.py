@@ -19,7 +19,7 @@ from flax import traverse_util
 from jaxencdec import paths
 from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
-from jaxencdec.config import ConfigError, EncoderDecoderConfig, HFConfig
+from jaxencdec.config import RUNTIME_FLAGS, ConfigError, EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
@@ -108,7 +108,7 @@ class EncoderDecoderModel:
             overrides = {k[len(role) + 1:]: kwargs.pop(k) for k in list(kwargs)
                          if k.startswith(role + "_") and k not in TOP_LEVEL_FIELDS}
             parts[role] = (folder, _with_overrides(HFConfig.from_json_file(folder / CONFIG_NAME), overrides))
-        unknown = set(kwargs) - TOP_LEVEL_FIELDS
+        unknown = set(kwargs) - TOP_LEVEL_FIELDS - RUNTIME_FLAGS
         if unknown:
             raise ConfigError(f"unknown option(s) {sorted(unknown)}: use encoder_<field> / decoder_<field> for the "
                               f"parts' config fields, or one of {sorted(TOP_LEVEL_FIELDS)}")

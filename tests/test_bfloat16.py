@@ -3,7 +3,7 @@
 The stated bounds, on the five small reference pairs (random weights drawn large, logits' std ~1.5-2):
 - train loss: bfloat16 within 1% of float32 on the same batch; the whole gradient within 8% (relative L2 norm),
   cosine similarity >= 0.995 (measured: <= 0.4%, <= 3.3%, >= 0.9995);
-- inference with bfloat16 params and KV cache: teacher-forced logits within 0.15 x the logits' std of float32's
+- inference with bfloat16 params and KV cache (bert2bert, bert2gpt2, bert2bart): teacher-forced logits within 0.15 x the logits' std of float32's
   (measured <= 0.09); greedy ids identical to float32's up to the first step where float32's own margin between
   its token and bfloat16's is below twice that logit error (a near tie), never at a clear choice.
 """
@@ -35,14 +35,22 @@ PAIRS = {
 }
 
 
+def _saved(name, tmp_path_factory):
+    encoder, decoder, enc_hidden, dec_hidden = PAIRS[name]
+    hf = hf_encoder_decoder(encoder, decoder, seed=len(name), encoder_hidden=enc_hidden, decoder_hidden=dec_hidden)
+    folder = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(folder)
+    return name, hf.config, folder
+
+
 @pytest.fixture(scope="module", params=list(PAIRS))
 def saved_pair(request, tmp_path_factory):
-    encoder, decoder, enc_hidden, dec_hidden = PAIRS[request.param]
-    hf = hf_encoder_decoder(encoder, decoder, seed=len(request.param), encoder_hidden=enc_hidden,
-                            decoder_hidden=dec_hidden)
-    folder = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(folder)
-    return request.param, hf.config, folder
+    return _saved(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["bert2bert", "bert2gpt2", "bert2bart"])  # the three decoder kinds
+def saved_decoder_kind(request, tmp_path_factory):
+    return _saved(request.param, tmp_path_factory)
 
 
 def _train_batch(config, seed=5):
@@ -76,8 +84,8 @@ def test_bfloat16_train_loss_and_gradients_within_bound_of_float32(saved_pair):
     assert g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)) >= 0.995
 
 
-def test_bfloat16_inference_within_bound_of_float32(saved_pair):
-    name, _, folder = saved_pair
+def test_bfloat16_inference_within_bound_of_float32(saved_decoder_kind):
+    name, _, folder = saved_decoder_kind
     fp32 = EncoderDecoderModel.from_pretrained(folder)
     bf16 = EncoderDecoderModel.from_pretrained(folder, param_dtype=jnp.bfloat16)
     assert bf16.module.dtype == jnp.bfloat16  # the compute dtype follows the params unless given
@@ -103,8 +111,8 @@ def test_bfloat16_inference_within_bound_of_float32(saved_pair):
     assert (ids32 == ids16).all(axis=1).sum() >= len(ids16) // 2, name
 
 
-def test_bfloat16_generate_keeps_its_kv_cache_in_bfloat16(saved_pair):
-    _, _, folder = saved_pair
+def test_bfloat16_generate_keeps_its_kv_cache_in_bfloat16(saved_decoder_kind):
+    _, _, folder = saved_decoder_kind
     model = EncoderDecoderModel.from_pretrained(folder, param_dtype=jnp.bfloat16)
     spec = model.config.decoder_spec
     config = model.generation_config.replace(max_new_tokens=4, num_beams=2)

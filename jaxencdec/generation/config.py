@@ -30,6 +30,10 @@ NOT_IMPLEMENTED = {
     "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []), "exponential_decay_length_penalty": (None,),
     "renormalize_logits": (None, False), "constraints": (None, []), "force_words_ids": (None, []),
     "watermarking_config": (None,), "stop_strings": (None, []), "max_time": (None,), "token_healing": (None, False),
+    # What generate returns besides the ids: accepted at the values that return only ids. use_cache is neutral at
+    # any value: decoding with the KV cache gives the ids decoding without it would.
+    "use_cache": (None, True, False), "output_attentions": (None, False), "output_hidden_states": (None, False),
+    "output_logits": (None, False),
 }
 
 
@@ -93,6 +97,7 @@ class GenerationConfig:
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | tuple[int, ...] | None = None
+    remove_invalid_values: bool | None = None  # None: unset, as False
     decoder_start_token_id: int | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None

@@ -178,6 +178,13 @@ def forced_eos(sequences, cur_len, scores, *, token_ids: tuple[int, ...], max_le
     return _force(scores, token_ids, cur_len == max_len - 1)
 
 
+def remove_invalid_values(sequences, cur_len, scores):
+    """transformers' ``InfNanRemoveLogitsProcessor``: NaN -> 0, +inf -> the largest float, -inf -> the smallest."""
+    limits = jnp.finfo(scores.dtype)
+    scores = jnp.where(jnp.isnan(scores), 0.0, scores)
+    return jnp.where(jnp.isposinf(scores), limits.max, jnp.where(jnp.isneginf(scores), limits.min, scores))
+
+
 def temperature(sequences, cur_len, scores, *, value: float):
     return exact_divide(scores, value)
 
@@ -224,7 +231,7 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
     encoder repetition penalty (on ``source_ids [rows, src_len]``, each row's encoder input, and ``source_valid``,
     default all True: see ``encoder_repetition_penalty``), repetition penalty, no-repeat n-gram, encoder no-repeat
     n-gram (same inputs), bad words, min length (``min_new_tokens`` folded in by ``resolve``), forced BOS, forced
-    EOS, then with sampling the warpers temperature, top-k, top-p.
+    EOS, invalid-value removal, then with sampling the warpers temperature, top-k, top-p.
     """
     c = config.resolve()
     eos = c.eos_token_ids
@@ -260,6 +267,8 @@ def build_logits_processor(config: GenerationConfig, source_ids: jax.Array | Non
     if c.forced_eos_token_id is not None:
         forced = c.forced_eos_token_id if isinstance(c.forced_eos_token_id, tuple) else (c.forced_eos_token_id,)
         steps.append(("forced_eos", partial(forced_eos, token_ids=forced, max_len=c.max_length)))
+    if c.remove_invalid_values:
+        steps.append(("remove_invalid_values", remove_invalid_values))
     if c.do_sample:
         # Beam sampling keeps one non-EOS candidate more than there are EOS ids (transformers' min_tokens_to_keep).
         min_keep = (len(eos) + 1 if eos else 2) if c.num_beams > 1 else 1
