@@ -43,18 +43,22 @@ def state_dict_to_params(
 
     ``alternatives(name)`` lists other HF names under which a tensor may be stored (base-model prefixes).
     Params with no tensor are reported as missing and absent from the result; shape mismatches are
-    reported, not raised (the caller decides).
+    reported, not raised (the caller decides). A tensor stored under several of a rule's names (a tied
+    encoder-decoder saved with both copies) is read from the first; the other copies count as used when
+    they are equal, and are reported as unexpected when they differ.
     """
     params: dict[str, np.ndarray] = {}
     report = LoadReport()
     used: set[str] = set()
     for rule in rules:
-        name = next((n for n in [rule.hf, *alternatives(rule.hf)] if n in state_dict), None)
-        if name is None:
+        present = [n for n in [*rule.names, *alternatives(rule.hf)] if n in state_dict]
+        if not present:
             report.missing += list(rule.ours)
             continue
-        used.add(name)
+        name = present[0]
         tensor = np.asarray(state_dict[name])
+        used.add(name)
+        used.update(n for n in present[1:] if np.array_equal(np.asarray(state_dict[n]), tensor))
         our_shapes = [tuple(shapes[o]) for o in rule.ours]
         expected = rule.hf_shape(our_shapes)
         if tuple(tensor.shape) != expected:
@@ -66,5 +70,7 @@ def state_dict_to_params(
 
 
 def params_to_state_dict(rules: list[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our flat params -> a Hugging Face PyTorch-named state dict (contiguous float arrays)."""
-    return {r.hf: np.ascontiguousarray(r.to_hf([np.asarray(params[o]) for o in r.ours])) for r in rules}
+    """Our flat params -> a Hugging Face PyTorch-named state dict (contiguous float arrays); a tensor with
+    aliases is written under each of its names."""
+    tensors = {r: np.ascontiguousarray(r.to_hf([np.asarray(params[o]) for o in r.ours])) for r in rules}
+    return {name: tensor for r, tensor in tensors.items() for name in r.names}

@@ -11,6 +11,7 @@ split into ``[D, heads, head_dim]`` or ``[heads, head_dim, D]``); GPT-2's ``Conv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from jaxencdec.config import TransformerSpec
+from jaxencdec.models.encoder_decoder import is_tied_decoder_path
 
 Shape = tuple[int, ...]
 
@@ -29,13 +31,21 @@ class Rule:
     layout: ``"same"`` (identical: embeddings, norms), ``"flat"`` (HF holds our arrays flattened and
     concatenated: biases), ``"linear"`` (PyTorch
     ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``). ``n_in``: how many leading axes of our kernel are
-    input axes (2 for attention output projections ``[heads, head_dim, D]``).
+    input axes (2 for attention output projections ``[heads, head_dim, D]``). ``aliases``: other names of the
+    same tensor (a tied encoder-decoder's encoder copy): loading takes the first name present, export writes
+    the tensor under every name.
     """
 
     hf: str
     ours: tuple[str, ...]
     layout: str = "same"
     n_in: int = 1
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every Hugging Face name of the tensor, the preferred first."""
+        return (self.hf, *self.aliases)
 
     def hf_shape(self, our_shapes: list[Shape]) -> Shape:
         """The shape the HF tensor must have for our parameters of ``our_shapes``."""
@@ -198,21 +208,50 @@ IGNORED_SUFFIXES = ("position_ids", "token_type_ids", "attn.bias", "attn.masked_
 def _prefixed(rules: list[Rule], hf_prefix: str, our_prefix: str) -> list[Rule]:
     """``rules`` with ``hf_prefix`` before the HF names and ``our_prefix/`` before ours (none when empty)."""
     ours = (lambda o: f"{our_prefix}/{o}") if our_prefix else (lambda o: o)
-    return [Rule(hf_prefix + r.hf, tuple(map(ours, r.ours)), r.layout, r.n_in) for r in rules]
+    return [dataclasses.replace(r, hf=hf_prefix + r.hf, ours=tuple(map(ours, r.ours)),
+                                aliases=tuple(hf_prefix + a for a in r.aliases)) for r in rules]
 
 
-def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: str, our_prefix: str) -> list[Rule]:
-    """Rules for one stack: an encoder as HF's ``AutoModel`` names it, or a decoder as ``*ForCausalLM`` does."""
+def _to_encoder(path: str) -> str:
+    """A decoder parameter path -> the encoder's path it reads under tie_encoder_decoder (itself if not tied)."""
+    inside = path.removeprefix("decoder/")
+    return f"encoder/{inside}" if inside != path and is_tied_decoder_path(inside) else path
+
+
+def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: str, our_prefix: str,
+                tied: bool = False) -> list[Rule]:
+    """Rules for one stack: an encoder as HF's ``AutoModel`` names it, or a decoder as ``*ForCausalLM`` does.
+
+    ``tied`` (a decoder of a ``tie_encoder_decoder`` model, ``our_prefix`` "decoder"): the decoder tensors that
+    transformers ties to the encoder's fill the encoder's parameters, which the decoder reads.
+    """
     arch = ARCHITECTURES[model_type]
     prefixes = arch.encoder_prefixes if role == "encoder" else arch.decoder_prefixes
     rules = _prefixed(arch.base(spec), hf_prefix + prefixes[0], our_prefix)
-    return rules if role == "encoder" else rules + _prefixed(arch.head(spec), hf_prefix, our_prefix)
+    if role == "encoder":
+        return rules
+    rules += _prefixed(arch.head(spec), hf_prefix, our_prefix)
+    return [dataclasses.replace(r, ours=tuple(map(_to_encoder, r.ours))) for r in rules] if tied else rules
+
+
+def _merge_tied(encoder_rules: list[Rule], decoder_rules: list[Rule]) -> list[Rule]:
+    """One rule per tied tensor: the decoder's name first (transformers 4 kept the decoder's copy when it saved
+    a tied model, and its copy won when a checkpoint held two), the encoder's as an alias."""
+    decoder_names = {r.ours: r.hf for r in decoder_rules}
+    encoder_side = [dataclasses.replace(r, hf=decoder_names[r.ours], aliases=(r.hf,)) if r.ours in decoder_names
+                    else r for r in encoder_rules]
+    return encoder_side + [r for r in decoder_rules if not r.ours[0].startswith("encoder/")]
 
 
 def encoder_decoder_rules(config) -> list[Rule]:
-    """Rules for a Hugging Face ``EncoderDecoderModel`` state dict (``encoder.*``, ``decoder.*``, projection)."""
+    """Rules for a Hugging Face ``EncoderDecoderModel`` state dict (``encoder.*``, ``decoder.*``, projection).
+
+    With ``tie_encoder_decoder`` each tied tensor is one parameter of ours under two names (``Rule.aliases``).
+    """
     rules = stack_rules(config.encoder.model_type, config.encoder_spec, "encoder", "encoder.", "encoder")
-    rules += stack_rules(config.decoder.model_type, config.decoder_spec, "decoder", "decoder.", "decoder")
+    decoder = stack_rules(config.decoder.model_type, config.decoder_spec, "decoder", "decoder.", "decoder",
+                          tied=config.tie_encoder_decoder)
+    rules = _merge_tied(rules, decoder) if config.tie_encoder_decoder else rules + decoder
     if config.needs_projection:
         rules += _linear("enc_to_dec_proj", "enc_to_dec_proj")
     return rules

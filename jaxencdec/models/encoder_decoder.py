@@ -1,11 +1,24 @@
-"""The composed encoder-decoder module and its loss.
+"""The composed encoder-decoder module, its outputs, and its loss.
 
 Parameter tree: ``encoder/...`` and ``decoder/...`` (see ``models.transformer``), plus
 ``enc_to_dec_proj/{kernel [D_enc, D_dec], bias [D_dec]}`` when the hidden sizes differ.
+
+With ``config.tie_encoder_decoder`` (transformers' ``_tie_encoder_decoder_weights``: the decoder's modules that
+the encoder also has, by name, are the encoder's) the decoder holds no ``embeddings`` and, per layer, no
+``self_attention``, ``self_attention_norm``, ``mlp`` or ``mlp_norm``: it reads the encoder's (of the layer with
+the same index), so they exist, train and save once, and their gradient is the sum of both uses. Its
+``cross_attention``, ``cross_attention_norm`` and ``lm_head`` stay its own, as does every hyperparameter
+(dropout rates, norm epsilon, activation).
+
+Attention probabilities and hidden states are sown (``Module.sow``) into the ``ATTENTIONS`` and
+``HIDDEN_STATES`` collections; ``apply_recording`` makes the requested ones mutable and ``stack_records`` reads
+them back in transformers' order. When neither is requested nothing is recorded and nothing extra is computed.
 """
 
 from __future__ import annotations
 
+import re
+from typing import Any
 
 import chex
 import jax
@@ -15,20 +28,73 @@ from flax import linen as nn
 from flax import struct
 
 from jaxencdec.config import EncoderDecoderConfig
-from jaxencdec.models.transformer import TransformerStack
-from jaxencdec.nn.attention import KeyValue
+from jaxencdec.models.transformer import HIDDEN_STATES, TransformerStack, init_cache
+from jaxencdec.nn.attention import ATTENTIONS, KeyValue
 from jaxencdec.nn.layers import Dtype, dense
+
+Layers = tuple[jax.Array, ...]
+
+# Per decoder layer, the blocks that tie_encoder_decoder takes from the encoder layer of the same index.
+TIED_LAYER_BLOCKS = ("self_attention", "self_attention_norm", "mlp", "mlp_norm")
+_TIED_PATH = re.compile(r"^(embeddings|layers_\d+/(" + "|".join(TIED_LAYER_BLOCKS) + r"))/")
+
+
+def is_tied_decoder_path(path: str) -> bool:
+    """Whether ``path`` (inside the decoder stack, ``/``-joined) is one the decoder reads from the encoder when
+    ``tie_encoder_decoder`` is set (the encoder path is the same)."""
+    return _TIED_PATH.match(path) is not None
+
+
+@struct.dataclass
+class EncoderOutput:
+    """What ``encode`` returns (transformers' ``BaseModelOutput``); ``decode`` and ``__call__`` take it back."""
+
+    last_hidden_state: jax.Array  # [batch, src_len, D_enc], before enc_to_dec_proj
+    hidden_states: Layers | None = None  # num_layers + 1 x [batch, src_len, D_enc]: embeddings, then each layer's
+    attentions: Layers | None = None  # num_layers x [batch, heads, src_len, src_len] float32
+
+
+@struct.dataclass
+class DecoderCache:
+    """The decoder's self-attention keys/values (``past_key_values``) and how many positions they hold."""
+
+    layers: tuple[KeyValue, ...]  # per layer: key/value [batch, heads, max_length, head_dim]
+    index: jax.Array  # int32 scalar: positions written so far, the position of the next token
+
+    @property
+    def max_length(self) -> int:
+        return self.layers[0].key.shape[2]
+
+
+@struct.dataclass
+class DecoderOutput:
+    """What ``decode`` returns (transformers' ``CausalLMOutputWithCrossAttentions``)."""
+
+    logits: jax.Array  # [batch, q_len, vocab] float32
+    past_key_values: DecoderCache | None = None  # the cache advanced by q_len positions (None without a cache)
+    hidden_states: Layers | None = None  # num_layers + 1 x [batch, q_len, D_dec]
+    attentions: Layers | None = None  # num_layers x [batch, heads, q_len, keys] (keys: q_len, or the cache length)
+    cross_attentions: Layers | None = None  # num_layers x [batch, heads, q_len, src_len]
 
 
 @struct.dataclass
 class Seq2SeqOutput:
+    """What the forward pass returns (transformers' ``Seq2SeqLMOutput``); the recorded fields are None unless
+    ``output_attentions`` / ``output_hidden_states`` asked for them."""
+
     logits: jax.Array  # [batch, tgt_len, vocab] float32
     encoder_last_hidden_state: jax.Array  # [batch, src_len, D_enc]
     loss: jax.Array | None = None  # scalar float32
+    encoder_hidden_states: Layers | None = None  # encoder layers + 1 x [batch, src_len, D_enc]
+    encoder_attentions: Layers | None = None  # encoder layers x [batch, heads, src_len, src_len]
+    decoder_hidden_states: Layers | None = None  # decoder layers + 1 x [batch, tgt_len, D_dec]
+    decoder_attentions: Layers | None = None  # decoder layers x [batch, heads, tgt_len, tgt_len]
+    cross_attentions: Layers | None = None  # decoder layers x [batch, heads, tgt_len, src_len]
 
 
 class EncoderDecoderModule(nn.Module):
-    """Encoder + cross-attending decoder. Methods: ``encode``, ``cross_kv``, ``decode``, ``__call__``."""
+    """Encoder + cross-attending decoder. Methods: ``encode``, ``cross_kv``, ``decode``, ``decode_states``,
+    ``__call__``."""
 
     config: EncoderDecoderConfig
     dtype: Dtype = jnp.float32
@@ -36,10 +102,25 @@ class EncoderDecoderModule(nn.Module):
 
     def setup(self):
         self.encoder = TransformerStack(self.config.encoder_spec, self.dtype, self.param_dtype)
-        self.decoder = TransformerStack(self.config.decoder_spec, self.dtype, self.param_dtype)
+        decoder = TransformerStack
+        if self.config.tie_encoder_decoder:
+            decoder = nn.map_variables(TransformerStack, "params", trans_in_fn=self._with_tied_params,
+                                       trans_out_fn=_without_tied_params, init=self.is_initializing(),
+                                       methods=["decode", "cross_kv"])
+        self.decoder = decoder(self.config.decoder_spec, self.dtype, self.param_dtype)
         if self.config.needs_projection:
             self.enc_to_dec_proj = dense(self.config.decoder.hidden, ("hidden", "embed"),
                                          self.config.decoder_spec.initializer_range, self.dtype, self.param_dtype)
+
+    def _with_tied_params(self, variables: dict[str, Any]) -> dict[str, Any]:
+        """The decoder's variables with the tied parameters read from the encoder's (see the module docstring)."""
+        encoder = self.encoder.variables["params"]
+        tied = {"embeddings": encoder["embeddings"]}
+        for i in range(self.config.decoder_spec.num_layers):
+            tied[f"layers_{i}"] = {block: encoder[f"layers_{i}"][block] for block in TIED_LAYER_BLOCKS}
+        own = variables.get("params", {})
+        merged = {**own, **{name: {**own.get(name, {}), **subtree} for name, subtree in tied.items()}}
+        return {**variables, "params": merged}
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True) -> jax.Array:
         """``input_ids``/``attention_mask [batch, src_len]`` -> encoder states ``[batch, src_len, D_enc]``."""
@@ -57,15 +138,79 @@ class EncoderDecoderModule(nn.Module):
         return self.decoder.decode(decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask,
                                    cache, cache_index, cache_slots, deterministic)
 
+    def decode_states(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
+                      encoder_attention_mask: jax.Array, decoder_attention_mask: jax.Array | None = None,
+                      cache: DecoderCache | None = None, deterministic: bool = True):
+        """Decodes ``decoder_input_ids [batch, q_len]`` against encoder states ``[enc_batch, src_len, D_enc]``.
+
+        ``batch`` may be a multiple of ``enc_batch`` (rows ``b * k ... b * k + k - 1`` read input ``b``): many
+        candidates scored against one encoded input share its cross-attention keys/values. With ``cache`` the
+        tokens sit at positions ``cache.index ...`` and ``decoder_attention_mask`` covers the cache's
+        ``max_length`` keys (else the ``q_len`` inputs).
+        Returns ``(logits [batch, q_len, vocab] float32, the cache advanced by q_len or None)``.
+        """
+        layers, index = (None, 0) if cache is None else (cache.layers, cache.index)
+        logits, layers = self.decode(decoder_input_ids, self.cross_kv(encoder_hidden), encoder_attention_mask,
+                                     decoder_attention_mask, layers, index, deterministic=deterministic)
+        return logits, None if cache is None else DecoderCache(layers, index + decoder_input_ids.shape[1])
+
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                 deterministic: bool = True) -> Seq2SeqOutput:
-        """Teacher-forced forward pass: ``[batch, src_len]`` sources, ``[batch, tgt_len]`` decoder inputs."""
-        chex.assert_rank([input_ids, decoder_input_ids], 2)
-        chex.assert_equal(input_ids.shape[0], decoder_input_ids.shape[0])
-        hidden, pooled = self.encoder.encode(input_ids, attention_mask, deterministic)
-        logits, _ = self.decode(decoder_input_ids, self.cross_kv(hidden), attention_mask, decoder_attention_mask,
-                                deterministic=deterministic)
+                 deterministic: bool = True, encoder_hidden_states: jax.Array | None = None) -> Seq2SeqOutput:
+        """Teacher-forced forward pass: ``[batch, src_len]`` sources, ``[batch, tgt_len]`` decoder inputs.
+
+        With ``encoder_hidden_states [batch, src_len, D_enc]`` the encoder is skipped (``input_ids`` is not read)
+        and ``attention_mask`` masks those states.
+        """
+        chex.assert_rank(decoder_input_ids, 2)
+        hidden = encoder_hidden_states
+        if hidden is None:
+            chex.assert_rank(input_ids, 2)
+            hidden = self.encoder.encode(input_ids, attention_mask, deterministic)[0]
+        chex.assert_equal(hidden.shape[0], decoder_input_ids.shape[0])
+        logits, _ = self.decode_states(decoder_input_ids, hidden, attention_mask, decoder_attention_mask,
+                                       deterministic=deterministic)
         return Seq2SeqOutput(logits=logits, encoder_last_hidden_state=hidden)
+
+
+def _without_tied_params(variables: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's variables without the parameters it reads from the encoder (what its tree stores)."""
+    params = variables.get("params", {})
+    kept = {name: {block: value for block, value in subtree.items() if block not in TIED_LAYER_BLOCKS}
+            if name.startswith("layers_") else subtree for name, subtree in params.items() if name != "embeddings"}
+    return {**variables, "params": kept}
+
+
+def empty_cache(config: EncoderDecoderConfig, batch: int, max_length: int, dtype: Dtype) -> DecoderCache:
+    """A ``DecoderCache`` of zeros for ``batch`` rows and ``max_length`` positions, at index 0."""
+    return DecoderCache(init_cache(config.decoder_spec, batch, max_length, dtype), jnp.zeros((), jnp.int32))
+
+
+def apply_recording(module: nn.Module, variables, *args, output_attentions: bool = False,
+                    output_hidden_states: bool = False, **kwargs) -> tuple[Any, dict[str, Any]]:
+    """``module.apply(variables, *args, **kwargs)`` and the sown collections asked for: ``(result, records)``.
+
+    With both flags off this is the plain ``apply`` (``records`` is empty): nothing is stored or kept alive.
+    """
+    mutable = [name for name, wanted in ((ATTENTIONS, output_attentions), (HIDDEN_STATES, output_hidden_states))
+               if wanted]
+    if not mutable:
+        return module.apply(variables, *args, **kwargs), {}
+    return module.apply(variables, *args, mutable=mutable, **kwargs)
+
+
+def stack_records(records: dict[str, Any], stack: str, num_layers: int) -> dict[str, Layers | None]:
+    """The recorded ``hidden_states`` / ``attentions`` / ``cross_attentions`` of the stack ``"encoder"`` or
+    ``"decoder"``, layer by layer; None for what was not recorded."""
+    attentions = records.get(ATTENTIONS, {}).get(stack)
+    states = records.get(HIDDEN_STATES, {}).get(stack)
+
+    def per_layer(block: str) -> Layers | None:
+        if attentions is None or block not in attentions["layers_0"]:
+            return None
+        return tuple(attentions[f"layers_{i}"][block]["weights"][0] for i in range(num_layers))
+
+    return {"hidden_states": None if states is None else tuple(states["states"]),
+            "attentions": per_layer("self_attention"), "cross_attentions": per_layer("cross_attention")}
 
 
 def shift_tokens_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: int) -> jax.Array:

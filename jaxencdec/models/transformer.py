@@ -35,6 +35,9 @@ from jaxencdec.nn.attention import Attention, KeyValue, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
                                  layer_norm, logits_dot_general, zeros_init)
 
+# The variable collection each stack sows its hidden states into (``Module.sow``): recorded only when mutable.
+HIDDEN_STATES = "hidden_states"
+
 
 def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
     """Position-table rows for ``input_ids [batch, length]`` whose first token sits at ``offset``."""
@@ -192,9 +195,12 @@ class TransformerStack(nn.Module):
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
 
     def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic):
+        """Embeddings and layers. Sows, when ``HIDDEN_STATES`` is mutable, ``num_layers + 1`` states as
+        transformers returns them: each layer's input (the embeddings first), then the final output."""
         x = self.embeddings(input_ids, positions, deterministic)
         new_cache = []
         for i, layer in enumerate(self.layers):
+            self.sow(HIDDEN_STATES, "states", x)
             x, layer_cache = layer(
                 x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
                 None if cache is None else cache[i], cache_index, deterministic,
@@ -202,6 +208,7 @@ class TransformerStack(nn.Module):
             new_cache.append(layer_cache)
         if self.spec.pre_norm:
             x = constrain(self.final_norm(x), HIDDEN_AXES)
+        self.sow(HIDDEN_STATES, "states", x)
         return x, None if cache is None else tuple(new_cache)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True):

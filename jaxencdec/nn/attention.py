@@ -13,6 +13,11 @@ from flax import struct
 from jaxencdec.nn.layers import Dropout, Dtype, einsum_float32, normal_init, zeros_init
 
 
+# The variable collection that attention probabilities are sown into (``Module.sow``): make it mutable in
+# ``apply`` to record them; otherwise nothing is stored and the probabilities cost nothing beyond the attention.
+ATTENTIONS = "attentions"
+
+
 @struct.dataclass
 class KeyValue:
     """Projected keys and values of one attention layer."""
@@ -45,7 +50,7 @@ def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
 
 def dot_product_attention(
     query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: Dropout, deterministic: bool
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Softmax attention; softmax in float32 whatever the compute dtype.
 
     Args:
@@ -55,7 +60,8 @@ def dot_product_attention(
       mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]``; when grouped, to
         ``[kv_batch, 1, groups * q_len, kv_len]`` (query row ``b * groups + g``, position ``t`` at ``g * q_len + t``).
     Returns:
-      ``[batch, q_len, heads, head_dim]``.
+      ``(out [batch, q_len, heads, head_dim], probs [batch, heads, q_len, kv_len] float32)``: ``probs`` are the
+      attention probabilities after the softmax, before dropout (unused, they cost nothing: XLA drops them).
     """
     batch, q_len, heads, head_dim = query.shape
     kv_batch = kv.key.shape[0]
@@ -66,9 +72,10 @@ def dot_product_attention(
     scores = einsum_float32("bhqd,bhkd->bhqk", query, kv.key)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, kv.value)
-    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim)
+    weights = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, kv.value)
+    probs = probs.reshape(kv_batch, heads, groups, q_len, -1).transpose(0, 2, 1, 3, 4)  # query row b * groups + g
+    return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim), probs.reshape(batch, heads, q_len, -1)
 
 
 class Attention(nn.Module):
@@ -106,6 +113,12 @@ class Attention(nn.Module):
         return KeyValue(key=self.key(inputs).transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
 
     def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool) -> jax.Array:
-        """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``)."""
+        """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``).
+
+        Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, before dropout) as ``("attentions",
+        "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
+        """
         query = self.query(inputs) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-        return self.out(dot_product_attention(query, kv, mask, self.dropout, deterministic))
+        out, probs = dot_product_attention(query, kv, mask, self.dropout, deterministic)
+        self.sow(ATTENTIONS, "weights", probs)
+        return self.out(out)
