@@ -280,6 +280,16 @@ def test_source_bucket_padding_does_not_change_results(model):
                                       np.asarray(model.generate(padded_ids, padded_mask, **options)))
 
 
+def test_a_row_with_an_all_zero_mask_is_not_changed_by_source_padding(model):
+    """Such a row attends uniformly over every position it has: generate must not add bucket positions to it."""
+    ids, mask = source(length=11, seed=7)
+    mask[1] = 0
+    for options in (GREEDY, BEAMS):
+        got = np.asarray(model.generate(ids, mask, **options))
+        fn = api.make_generate_fn(model.config, model.generation_config.replace(**options))
+        np.testing.assert_array_equal(got, np.asarray(fn(model.params, ids, mask, None))[:, :got.shape[1]])
+
+
 def test_return_dict_gives_beam_scores_only_for_beams(model):
     ids, mask = source()
     out = model.generate(ids, mask, **BEAMS, return_dict_in_generate=True, output_scores=True)

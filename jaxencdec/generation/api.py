@@ -248,7 +248,8 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
 
     One compilation serves each (mode, batch bucket, source bucket): a batch of more than one input is padded to a
     multiple of ``BATCH_BUCKET`` (8) with copies of its first input, which end at once and are dropped; the source
-    to a multiple of ``SOURCE_BUCKET`` (32) with masked pad tokens. Neither changes the results. ``generate`` runs
+    to a multiple of ``SOURCE_BUCKET`` (32) with masked pad tokens, unless a row's mask is all zeros (such a row
+    attends over all its positions). Neither changes the results. ``generate`` runs
     on the host side of JAX: under ``jax.jit`` / ``vmap`` it is a TypeError; jit ``make_generate_fn`` instead.
     """
     _refuse_tracers(input_ids=input_ids, attention_mask=attention_mask, prng_key=prng_key, params=params, **kwargs)
@@ -260,7 +261,9 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one token per row, got shape {ids.shape}")
     batch, length = ids.shape
-    bucket = bucket_length(length, spec.max_length)
+    # A row with no real token attends uniformly over every position it has, so padding would change its output:
+    # such a batch runs at its own length (one more compilation).
+    bucket = bucket_length(length, spec.max_length) if np.asarray(mask).any(axis=1).all() else length
     if bucket > length:  # padded positions are masked out: the results do not change
         pad = spec.pad_token_id if spec.pad_token_id is not None else 0
         ids = np.pad(ids, ((0, 0), (0, bucket - length)), constant_values=pad)
