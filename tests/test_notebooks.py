@@ -1,9 +1,12 @@
-"""Both Colab notebooks run top to bottom on CPU in their small setting (a broken notebook fails CI)."""
+"""Both Colab notebooks: committed with the outputs of a real run, and run again top to bottom on CPU in their
+small setting, as Colab would run them: from an installed wheel, in a folder that holds no checkout."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -11,23 +14,61 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ["quickstart.ipynb", "finetune_tpu.ipynb"]
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune_tpu.ipynb"])
-def test_notebook_runs(name, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory) -> Path:
+    """jaxencdec built as a wheel and installed (without dependencies: the test venv has them) into a folder
+    of its own, which the notebook kernels import it from instead of the checkout."""
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder / "dist"), str(ROOT)],
+                   check=True)
+    wheel = next((folder / "dist").glob("jaxencdec-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder / "site"),
+                    str(wheel)], check=True)
+    return folder / "site"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_holds_the_outputs_of_a_full_run(name):
     notebook = nbformat.read(ROOT / "colab" / name, as_version=4)
-    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code"), "clear the outputs"
     assert "colab.research.google.com" in notebook.cells[0].source  # the Open in Colab badge
-    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code), "run tools/build_notebooks.py --execute"
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # top to bottom, one run
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs)
+    assert "device(s)" in printed or "CpuDevice" in printed or "TpuDevice" in printed
+
+
+def test_finetune_notebook_inlines_the_repository_config():
+    notebook = nbformat.read(ROOT / "colab" / "finetune_tpu.ipynb", as_version=4)
+    source = next(c.source for c in notebook.cells if "CONFIG = json.loads" in c.source)
+    inlined = json.loads(source.split('r"""', 1)[1].split('"""', 1)[0])
+    assert inlined == json.loads((ROOT / "configs" / "aclsum_minilm_cpu.json").read_text())
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_from_an_installed_wheel(name, installed_wheel, tmp_path, monkeypatch):
+    notebook = nbformat.read(ROOT / "colab" / name, as_version=4)
+    for c in notebook.cells:
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+    notebook.cells.append(nbformat.v4.new_code_cell("import jaxencdec; print('imported from', jaxencdec.__file__)"))
+    monkeypatch.setenv("PYTHONPATH", str(installed_wheel))
     monkeypatch.setenv("JAXENCDEC_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    assert not list(tmp_path.iterdir())  # no configs/, no checkout: only what the wheel carries
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     printed = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    assert f"imported from {installed_wheel}{os.sep}jaxencdec" in printed
     if name == "quickstart.ipynb":
         assert "saved and reloaded: identical logits" in printed
     else:
-        assert os.path.isdir(tmp_path / "runs" / "finetune_cpu" / "final_model")
+        assert (tmp_path / "runs" / "finetune_cpu" / "final_model").is_dir()
         assert "rougeL" in printed

