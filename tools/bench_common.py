@@ -12,7 +12,7 @@ import time
 # The benchmarks' three models (see save_reference_model).
 MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base")
 
-# all-MiniLM-L6-v2's architecture (its config.json), for machines without the asset (a lent GPU has no pip).
+# all-MiniLM-L6-v2's architecture (its config.json), for machines where the asset is not installed (no pip).
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                     intermediate_size=1536, max_position_embeddings=512)
 

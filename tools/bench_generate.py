@@ -1,7 +1,7 @@
 """Generation throughput: jaxencdec's jitted generate beside transformers' PyTorch generate, in one run, and how
 close a decoding step comes to the device's measured copy bandwidth.
 
-    python tools/bench_generate.py                      # the issue's workload: batch 8, 128 source tokens, 64 new
+    python tools/bench_generate.py                      # the default workload: batch 8, 128 source tokens, 64 new
     python tools/bench_generate.py --quick              # a reduced size, to check that it runs
     python tools/bench_generate.py --device cuda --batch 64   # on a GPU: ours (jax[cuda]) and PyTorch on one card
     python tools/bench_generate.py --dtype bfloat16     # bfloat16 parameters, compute and cache on both sides

@@ -18,7 +18,7 @@ MFU: the model FLOPs of a step (``train_flops``: the matmuls of the forward pass
 seconds, as a fraction of the matmul rate this run measures on the same device in the same dtype (``--dtype``):
 the best of several jitted ``jnp.dot`` calls on two square matrices (8192 on a GPU, 2048 on the CPU).
 
-    python tools/bench_train.py                       # the setting: batch 8, source 128, target 64
+    python tools/bench_train.py                       # the default setting: batch 8, source 128, target 64
     python tools/bench_train.py --batch 2 --source 32 --target 16 --steps 2   # a quick check
     python tools/bench_train.py --threads 2 --dtype bfloat16 --markdown
 

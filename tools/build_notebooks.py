@@ -38,7 +38,7 @@ if "google.colab" in sys.modules:
         get_ipython().run_line_magic("pip", "install -q -U 'jax[tpu]'")
         print("installed jax[tpu]; jax now sees:", jax_backend())
     if "jax" in sys.modules:
-        print("jax was imported before this cell ran: Runtime -> Restart session, then run all cells again "
+        print("jax is already imported in this Python session: Runtime -> Restart session, then run all cells again "
               "(this cell then finds everything installed and changes nothing).")
 # A small setting for CPU test runs: jaxencdec's test suite sets JAXENCDEC_NOTEBOOK_SMALL=1.
 SMALL = os.environ.get("JAXENCDEC_NOTEBOOK_SMALL") == "1"'''
