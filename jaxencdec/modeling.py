@@ -21,17 +21,15 @@ from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
 from jaxencdec.config import RUNTIME_FLAGS, ConfigError, EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.api import generate
-from jaxencdec.generation.config import GenerationConfig
+from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
                                               Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
                                               shift_tokens_right, stack_records)
-from jaxencdec.tokenizer import hub_upload_error
 
 logger = logging.getLogger("jaxencdec")
 
 CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "flax_model.msgpack"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.bin", "*.txt", "*.model"]
 
@@ -158,7 +156,7 @@ class EncoderDecoderModel:
         config = EncoderDecoderConfig.from_json_file(folder / CONFIG_NAME)
         if config_overrides:
             config = config.replace(**config_overrides)
-        generation_path = folder / GENERATION_CONFIG_NAME
+        generation_path = folder / GENERATION_CONFIG_FILE
         generation_config = (GenerationConfig.from_json_file(generation_path) if paths.exists(generation_path)
                              else GenerationConfig.from_model_config(config))
         shapes = cls(config, params={}).param_shapes()  # shapes do not depend on the dtypes
@@ -199,9 +197,14 @@ class EncoderDecoderModel:
         return paths.as_path(save_directory)
 
     def _write_configs(self, folder: Path) -> None:
-        """``config.json`` (with transformers' ``architectures``) and ``generation_config.json`` into ``folder``."""
-        self.generation_config.save(folder / GENERATION_CONFIG_NAME)
-        io.write_json({**self.config.to_dict(), "architectures": ["EncoderDecoderModel"]}, folder / CONFIG_NAME)
+        """``config.json`` and ``generation_config.json`` into ``folder``. As transformers, config.json records
+        ``architectures`` and the weights' ``dtype`` (that of the first floating-point parameter, so that
+        ``from_pretrained(..., torch_dtype="auto")`` loads them back as saved)."""
+        self.generation_config.save(folder / GENERATION_CONFIG_FILE)
+        floating = (x for x in jax.tree.leaves(self.params) if jnp.issubdtype(x.dtype, jnp.floating))
+        weights_dtype = next(floating, np.zeros((), np.float32)).dtype
+        io.write_json({**self.config.to_dict(), "dtype": jnp.dtype(weights_dtype).name,
+                       "architectures": ["EncoderDecoderModel"]}, folder / CONFIG_NAME)
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters under Hugging Face PyTorch names (float32), tied tensors omitted as transformers does."""
@@ -219,7 +222,7 @@ class EncoderDecoderModel:
     def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
         """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then
         ``huggingface_hub.upload_folder``). Takes transformers' arguments so that any such call gets that message."""
-        raise hub_upload_error("model", repo_id)
+        raise io.hub_upload_error("model", repo_id)
 
     # ------------------------------------------------------------------ forward
 

@@ -18,7 +18,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from jaxencdec import paths
-from jaxencdec.checkpoint.io import write_json, write_text
+from jaxencdec.checkpoint.io import hub_upload_error, write_json, write_text
 
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' registration order
 TOKENIZER_FILES = (
@@ -333,19 +333,6 @@ def _as_tensors(array: np.ndarray, return_tensors: str | None):
 
         return jnp.asarray(array)
     return array
-
-
-def hub_upload_error(what: str, repo_id: str | None) -> NotImplementedError:
-    """The error ``push_to_hub`` raises: jaxencdec does not upload; these calls do (``what``: "model", ...)."""
-    repo = repo_id or "your-name/your-repo"
-    folder = repo.rstrip("/").split("/")[-1]
-    return NotImplementedError(
-        f"{what}.push_to_hub is not implemented in jaxencdec. Save to a folder, then upload it with "
-        f"huggingface_hub (after `hf auth login`):\n"
-        f"    {what}.save_pretrained({folder!r})\n"
-        f"    import huggingface_hub\n"
-        f"    huggingface_hub.create_repo({repo!r}, exist_ok=True)\n"
-        f"    huggingface_hub.upload_folder(repo_id={repo!r}, folder_path={folder!r})")
 
 
 # ---------------------------------------------------------------------- loading helpers

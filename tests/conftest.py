@@ -30,7 +30,7 @@ def aclsum_path() -> str:
 @pytest.fixture(scope="module")
 def fast_compiles():
     """XLA:CPU compiles with fewer optimization passes for the tiny in-process training tests."""
-    from jaxencdec.train import testing
+    import testing
 
     with pytest.MonkeyPatch.context() as mp:
         testing.fast_jit(mp)

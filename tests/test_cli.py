@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import testing
 from jaxencdec.cli import build_parser, main
-from jaxencdec.train import testing
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

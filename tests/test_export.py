@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
+import testing
 from hf_reference import batch, hf_encoder_decoder
 from jaxencdec import EncoderDecoderModel, GenerationConfigError
 from jaxencdec.generation.api import make_generate_fn
 from jaxencdec.generation.export import export_generate
 from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
-from jaxencdec.train import testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"greedy": {}, "beam4": {"num_beams": 4}, "sampling": {"do_sample": True}}

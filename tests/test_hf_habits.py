@@ -269,6 +269,23 @@ def test_torch_dtype_auto_reads_the_checkpoint_and_bad_values_are_clear_errors(h
         EncoderDecoderModel.from_pretrained(hf_folder, torch_dtype="bfloat16", param_dtype=jnp.float32)
 
 
+def test_save_pretrained_records_the_weights_dtype_as_transformers(hf_folder, tmp_path):
+    """config.json's ``dtype`` is the saved weights' dtype (transformers writes the model's), not the source's:
+    a save followed by ``torch_dtype="auto"`` gives back the dtype that was saved, in both libraries."""
+    halved = tmp_path / "bf16"
+    transformers.EncoderDecoderModel.from_pretrained(hf_folder, torch_dtype=torch.bfloat16).save_pretrained(halved)
+    for source, loaded_as in ((halved, "float32"), (halved, "bfloat16"), (hf_folder, "bfloat16")):
+        ours = EncoderDecoderModel.from_pretrained(source, torch_dtype=loaded_as)
+        theirs = transformers.EncoderDecoderModel.from_pretrained(source, torch_dtype=getattr(torch, loaded_as))
+        ours_saved, theirs_saved = tmp_path / f"ours-{loaded_as}", tmp_path / f"theirs-{loaded_as}"
+        ours.save_pretrained(ours_saved)
+        theirs.save_pretrained(theirs_saved)
+        for folder in (ours_saved, theirs_saved):
+            assert json.loads((folder / "config.json").read_text())["dtype"] == loaded_as, folder
+        again = EncoderDecoderModel.from_pretrained(ours_saved, torch_dtype="auto")
+        assert _param_dtypes(again) == {jnp.dtype(loaded_as)}
+
+
 def test_torch_dtype_in_from_encoder_decoder_pretrained(tmp_path):
     transformers.BertModel(SMALL["bert"]()).save_pretrained(tmp_path / "encoder")
     transformers.GPT2LMHeadModel(SMALL["gpt2"]()).save_pretrained(tmp_path / "decoder")

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from jaxencdec.train import testing
+import testing
 
 
 def _config(tmp_path, name):
@@ -28,23 +28,8 @@ def test_two_processes_equal_one_process_with_8_devices(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     multi = _config(tmp_path, "multi")
-    port = testing.free_port()
-    workers = [
-        subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(multi),
-                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                         env=testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4"), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for i in range(2)]
-    outputs = []
-    try:
-        for w in workers:
-            outputs.append(w.communicate(timeout=400))
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-3000:]
+    workers = testing.start_train_workers(multi, 2, testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4"))
+    outputs = testing.finish_workers(workers)
     # process 0 alone prints the result line; both took part in training and in the checkpoint save
     results = [[l for l in out.splitlines() if l.startswith("{")] for out, _ in outputs]
     assert json.loads(results[0][-1])["step"] == 5

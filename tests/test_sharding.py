@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from jaxencdec.train import testing
+import testing
 
 WORKER = textwrap.dedent(r"""
     import json, sys
@@ -22,7 +22,8 @@ WORKER = textwrap.dedent(r"""
     from jaxencdec.modeling import EncoderDecoderModel
     from jaxencdec.parallel.mesh import MeshConfig, make_mesh
     from jaxencdec.parallel import shard
-    from jaxencdec.train import step as st, testing
+    import testing
+    from jaxencdec.train import step as st
     from jaxencdec.train.config import OptimConfig
 
     assert jax.device_count() == 8, jax.devices()

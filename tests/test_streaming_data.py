@@ -9,8 +9,9 @@ import random
 import numpy as np
 import pytest
 
+import testing
 from jaxencdec.tokenizer import Tokenizer
-from jaxencdec.train import data, testing
+from jaxencdec.train import data
 from jaxencdec.train.data import DataConfig, DataError, PairEncoder, ShardLoader, read_pairs, read_shard
 
 

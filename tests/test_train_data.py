@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
+import testing
 from jaxencdec.tokenizer import Tokenizer
-from jaxencdec.train import testing
 from jaxencdec.train.data import DataConfig, DataError, PairEncoder, PairLoader, aclsum_dir, read_pairs
 
 

@@ -9,18 +9,16 @@ import os
 import re
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import numpy as np
 from flax import traverse_util
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 
+import testing
 from jaxencdec import paths
 from jaxencdec.checkpoint import io
 from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.train import testing
 
 STEPS = 8
 PROCESSES = 2
@@ -35,29 +33,6 @@ def _write_config(tmp_path, name, output_dir, data_dir):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
     return path
-
-
-def _start(config_path, env):
-    port = testing.free_port()
-    return [subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(config_path), "--coordinator",
-                              f"127.0.0.1:{port}", "--num-processes", str(PROCESSES), "--process-id", str(i)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(PROCESSES)]
-
-
-def _finish(workers, timeout=400):
-    """Waits for every worker; returns their (stdout, stderr); asserts each exited 0."""
-    outputs = []
-    try:
-        for w in workers:
-            outputs.append(w.communicate(timeout=timeout))
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for w, (_, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-3000:]
-    return outputs
 
 
 def _kill_after_checkpoint(workers, emulator, bucket, run_prefix, deadline_s=300):
@@ -86,7 +61,7 @@ def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulat
                                  TMPDIR=str(tmp_path))
     shared = tmp_path / "shared"
     reference = _write_config(tmp_path, "local", str(tmp_path / "local"), str(shared))
-    _finish(_start(reference, env))
+    testing.finish_workers(testing.start_train_workers(reference, PROCESSES, env))
 
     prefix = "pod-resume"
     data_url, run_url = f"{gcs_bucket}/{prefix}/data", f"{gcs_bucket}/{prefix}/run"
@@ -94,9 +69,9 @@ def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulat
         paths.write_bytes(f"{data_url}/{name}", (shared / name).read_bytes())
     victim = _write_config(tmp_path, "bucket", run_url, data_url)
 
-    names = _kill_after_checkpoint(_start(victim, env), gcs_emulator, gcs_bucket, f"{prefix}/run")
+    names = _kill_after_checkpoint(testing.start_train_workers(victim, PROCESSES, env), gcs_emulator, gcs_bucket, f"{prefix}/run")
     assert not any("final_model" in n for n in names)
-    outputs = _finish(_start(victim, env))
+    outputs = testing.finish_workers(testing.start_train_workers(victim, PROCESSES, env))
     out = outputs[0][0]
     assert "resumed from checkpoint step" in out, out[-2000:]
     assert json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["step"] == STEPS

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import testing
 from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.train import testing
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxencdec.train import testing
+import testing
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import CheckpointError, Trainer, TrainingDivergedError, schedule_changes
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from jaxencdec.train import testing
+import testing
 
 STEPS = 10
 

@@ -7,13 +7,13 @@ import optax
 import pytest
 from flax import traverse_util
 
+import testing
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.models.encoder_decoder import cross_entropy_loss
 from jaxencdec.parallel import shard
 from jaxencdec.parallel.mesh import MeshConfig, make_mesh
 from jaxencdec.train import step as st
-from jaxencdec.train import testing
 from jaxencdec.train.config import OptimConfig
 
 VOCAB = 64

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
+import testing
 from jaxencdec.cli import main
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.train import testing
 from jaxencdec.train.config import EvalSection, RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer
 from jaxencdec.train.metrics import MetricsWriter, text_metrics

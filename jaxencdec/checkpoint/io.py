@@ -346,6 +346,19 @@ def resolve_model_folder(
     return Path(folder)
 
 
+def hub_upload_error(what: str, repo_id: str | None) -> NotImplementedError:
+    """The error ``push_to_hub`` raises: jaxencdec does not upload; these calls do (``what``: "model", ...)."""
+    repo = repo_id or "your-name/your-repo"
+    folder = repo.rstrip("/").split("/")[-1]
+    return NotImplementedError(
+        f"{what}.push_to_hub is not implemented in jaxencdec. Save to a folder, then upload it with "
+        f"huggingface_hub (after `hf auth login`):\n"
+        f"    {what}.save_pretrained({folder!r})\n"
+        f"    import huggingface_hub\n"
+        f"    huggingface_hub.create_repo({repo!r}, exist_ok=True)\n"
+        f"    huggingface_hub.upload_folder(repo_id={repo!r}, folder_path={folder!r})")
+
+
 def _bucket_folder(url: PathLike) -> paths.AnyPath:
     try:
         return paths.existing_folder(url)

@@ -1,5 +1,6 @@
-"""Tiny fixtures for tests, smoke runs and examples: a WordPiece vocabulary built from text, tiny BERT / GPT-2
-configs, and a run config that trains them on a few aclsum-like pairs in seconds on CPU."""
+"""Test fixtures: a WordPiece vocabulary built from text, tiny BERT / GPT-2 configs, a run config that trains them
+on a few aclsum-like pairs in seconds on CPU, and the environment and launch of ``jaxencdec train`` child
+processes (one per simulated host)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import collections
 import json
 import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4
@@ -95,7 +98,8 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 
 def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax).
+    """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax) and can
+    import this module (the tests folder is on its ``PYTHONPATH``).
 
     ``cache_dir``: a persistent compilation cache shared by children that compile the same programs.
     """
@@ -106,6 +110,8 @@ def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **e
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # what a child printed reaches us even when it is killed with SIGKILL
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     env.pop("JAX_NUM_PROCESSES", None)
@@ -124,6 +130,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_train_workers(config_path, processes: int, env: dict[str, str]) -> list[subprocess.Popen]:
+    """Starts ``jaxencdec train config_path`` as ``processes`` jax.distributed processes on this machine (a
+    coordinator on a free local port), stdout/stderr piped as text."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(config_path), "--coordinator",
+                              f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def finish_workers(workers: list[subprocess.Popen], timeout: float = 400) -> list[tuple[str, str]]:
+    """Waits for every worker (killing the rest if one overruns ``timeout`` seconds); asserts each exited 0;
+    returns their ``(stdout, stderr)``."""
+    outputs = []
+    try:
+        for w in workers:
+            outputs.append(w.communicate(timeout=timeout))
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    return outputs
 
 
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
