@@ -34,6 +34,9 @@ AnyPath = Path | epath.Path  # what as_path returns: pathlib for a local path, e
 # URL schemes etils.epath serves, and the package that serves each.
 SCHEMES = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
+# Google Cloud Storage's bucket naming rules: 3-63 characters (up to 222 with dots) of lowercase letters, digits,
+# "-", "_" and ".", starting and ending with a letter or digit
+_GCS_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _FOLDED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):/(?!/)")  # what pathlib.Path makes of "gs://b"
 _GCS_SETUP = ("run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
               "service-account key file (on a Cloud TPU or Compute Engine VM its service account is used); for an "
@@ -75,6 +78,7 @@ def as_path(path: PathLike) -> AnyPath:
         raise ValueError(f"{text}: unsupported URL scheme {scheme}://; use a local path or one of "
                          f"{', '.join(s + '://' for s in SCHEMES)}")
     if scheme == "gs":
+        _check_bucket_name(text)
         _check_gcs_setup(text)
     return epath.Path(text)
 
@@ -185,6 +189,16 @@ def _install_hint(scheme: str) -> str:
     package = SCHEMES[scheme]
     command = "pip install 'jaxencdec[gcs]'" if scheme == "gs" else f"pip install {package}"
     return f"{scheme}:// URLs need the {package} package: {command}"
+
+
+def _check_bucket_name(url: str) -> None:
+    """A bucket name that GCS would refuse, caught before any request (which would fail deep in the client)."""
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    dotted_parts_ok = all(0 < len(part) <= 63 for part in bucket.split("."))
+    if not (_GCS_BUCKET.fullmatch(bucket) and dotted_parts_ok and (len(bucket) <= 63 or "." in bucket)):
+        raise ValueError(f"{url}: {bucket!r} is not a valid bucket name: Cloud Storage bucket names have 3-63 "
+                         f"characters, lowercase letters, digits, '-', '_' and '.', and start and end with a letter "
+                         f"or a digit (gs://BUCKET/path/in/bucket)")
 
 
 def _check_gcs_setup(url: str) -> None:

@@ -18,6 +18,9 @@ from hf_reference import PAD, SMALL, START, batch, hf_encoder_decoder, torch_for
 from jaxencdec import EncoderDecoderModel, Tokenizer, paths
 from jaxencdec.checkpoint import io
 from jaxencdec.checkpoint.errors import CheckpointError
+from jaxencdec.generation.api import make_generate_fn
+from jaxencdec.generation.export import export_generate
+from jaxencdec.generation.serving import load_generate
 
 TEXTS = ["JAX compiles numerical programs for accelerators.", "Flax is a neural network library, isn't it?"]
 
@@ -153,12 +156,34 @@ def test_a_missing_bucket_path_is_an_error_naming_it(gcs_bucket):
         Tokenizer.from_pretrained(url)
 
 
+def test_export_to_the_bucket_and_serve_from_it(model, gcs_bucket, gcs_emulator):
+    """The serving artifact written to and loaded from gs:// (as a pod-slice job hands it to a server)."""
+    config = model.generation_config.replace(num_beams=2, max_new_tokens=4)
+    url = f"{gcs_bucket}/served"
+    export_generate(model, config, folder=url)
+    assert {"generate.jax_export", "generate_export.json", "flax_model.msgpack"} <= set(paths.list_names(url))
+    served = load_generate(url)
+    ids = np.array([[101, 7, 8, 9, 102], [101, 5, 102, 0, 0]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    expected = make_generate_fn(model.config, config)(model.params, ids, mask, None)
+    np.testing.assert_array_equal(np.asarray(served(ids, mask)), np.asarray(expected))
+
+
 def test_a_url_folded_by_pathlib_is_refused(model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="gs:/bucket/m: looks like a gs:// URL .* pass the URL as a string"):
         model.save_pretrained(Path("gs://bucket/m"))
     with pytest.raises(ValueError, match="unsupported URL scheme ftp://"):
         model.save_pretrained("ftp://host/m")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["gs://ab/model", "gs:///model", "gs://My_Bucket/model", "gs://-bucket/m",
+                                 "gs://bucket-/m", "gs://" + "b" * 64 + "/m"])
+def test_an_invalid_bucket_name_is_an_error_before_any_request(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is not a valid bucket name: Cloud Storage bucket names have 3-63"):
+        EncoderDecoderModel.from_pretrained(url)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,12 +16,12 @@ per input shape, as any jitted function).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxencdec import paths
 from jaxencdec.checkpoint import io
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
 
@@ -97,13 +97,14 @@ class ServedGenerate:
 
 
 def load_generate(folder: str | os.PathLike) -> ServedGenerate:
-    """The generate function saved in ``folder`` by ``export_generate(..., folder=...)``, ready to call.
+    """The generate function saved in ``folder`` (a local path or a bucket URL such as ``gs://bucket/served``) by
+    ``export_generate(..., folder=...)``, ready to call.
 
     Reads the manifest, deserializes the exported program, checks that it was lowered for this process's
     platform, and reads the parameters from the same folder (checked against the program's inputs) onto the
     default device. Raises ``CheckpointError`` / ``ValueError`` naming the file and the fix.
     """
-    folder = Path(folder)
+    folder = paths.as_path(folder)
     manifest = _read_manifest(folder)
     exported = _deserialize(folder / manifest["exported_file"], manifest)
     _check_platform(exported, folder)
@@ -111,9 +112,9 @@ def load_generate(folder: str | os.PathLike) -> ServedGenerate:
     return ServedGenerate(exported, jax.device_put(params), manifest)
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
+def _read_manifest(folder: paths.AnyPath) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
-    if not path.is_file():
+    if not paths.is_file(path):
         raise FileNotFoundError(f"{path}: no exported generate function in {folder}; write one with "
                                 "jaxencdec.generation.export.export_generate(model, ..., folder=...) or "
                                 "`jaxencdec export MODEL OUT`")
@@ -125,9 +126,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _deserialize(path: Path, manifest: dict[str, Any]) -> jax.export.Exported:
+def _deserialize(path: paths.AnyPath, manifest: dict[str, Any]) -> jax.export.Exported:
     try:
-        data = path.read_bytes()
+        data = paths.read_bytes(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{path}: the exported program named in {MANIFEST_NAME} is missing") from error
     try:
@@ -140,14 +141,14 @@ def _deserialize(path: Path, manifest: dict[str, Any]) -> jax.export.Exported:
                          "jax, or serve with the jax that wrote it") from error
 
 
-def _check_platform(exported: jax.export.Exported, folder: Path) -> None:
+def _check_platform(exported: jax.export.Exported, folder: paths.AnyPath) -> None:
     platform = jax.export.default_export_platform()
     if platform not in exported.platforms:
         raise ValueError(f"{folder}: exported for {', '.join(exported.platforms)}, but this process runs on "
                          f"{platform}; export again with platforms including {platform!r}")
 
 
-def _read_params(path: Path, exported: jax.export.Exported) -> Any:
+def _read_params(path: paths.AnyPath, exported: jax.export.Exported) -> Any:
     """The parameter tree in ``path``, checked against the exported program's first argument."""
     params = io.read_msgpack(path)
     expected_tree = exported.in_tree.children()[0].children()[0]  # in_tree: ((params, ids, mask, key), {})
