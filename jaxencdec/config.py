@@ -30,6 +30,10 @@ Role = Literal["encoder", "decoder"]
 # Hugging Face activation names -> the names our MLP understands.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
 
+# The ``relative_attention`` of a ``TransformerSpec``: None, or relative position scores as transformers 4's BERT
+# computed them (query . distance embedding, and for "key_query" also key . distance embedding).
+RELATIVE_ATTENTION = (None, "key", "key_query")
+
 
 @dataclass(frozen=True)
 class TransformerSpec:
@@ -41,7 +45,8 @@ class TransformerSpec:
       num_layers, num_heads, intermediate_size: depth, heads (``D % num_heads == 0``), MLP width.
       activation: a Hugging Face activation name from ``ACTIVATIONS``.
       layer_norm_eps: epsilon of every layer norm.
-      max_positions: rows of the position table (``0``: no learned positions).
+      max_positions: rows of the position table (``0``: no learned positions); with ``relative_attention``, the
+        longest distance embedded is ``max_positions - 1``.
       position_offset: added to positions before the lookup (BART: 2).
       positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
       pad_token_id: needed by the RoBERTa scheme.
@@ -54,6 +59,9 @@ class TransformerSpec:
       lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa).
       lm_head_bias: a bias on the vocabulary logits.
       tie_word_embeddings: logits use the word embedding table instead of a separate matrix.
+      relative_attention: one of ``RELATIVE_ATTENTION``: self-attention scores get relative position terms from a
+        per-layer table ``[2 * max_positions - 1, head_dim]``, and the position table is kept (checkpoints hold
+        it) but not added to the embeddings. Cross-attention never has them.
       hidden_dropout, attention_dropout, activation_dropout, embedding_dropout: dropout rates.
       initializer_range: standard deviation of the normal initializer.
     """
@@ -84,6 +92,7 @@ class TransformerSpec:
     activation_dropout: float = 0.0
     embedding_dropout: float = 0.1
     initializer_range: float = 0.02
+    relative_attention: str | None = None
 
     def __post_init__(self):
         _check(self.hidden_size % self.num_heads == 0,
@@ -93,6 +102,11 @@ class TransformerSpec:
             _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         _check(not self.positions_from_padding or self.pad_token_id is not None,
                "RoBERTa-style positions need pad_token_id")
+        _check(self.relative_attention in RELATIVE_ATTENTION,
+               f"relative_attention must be one of {RELATIVE_ATTENTION}, got {self.relative_attention!r}")
+        _check(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
+                                               and self.position_offset == 0),
+               "relative_attention needs max_positions > 0 (the distance table's size) and plain positions")
 
     @property
     def head_dim(self) -> int:
@@ -264,25 +278,33 @@ class BertConfig(HFConfig):
     pad_token_id: int | None = 0
     position_embedding_type: str = "absolute"
 
+    # position_embedding_type -> TransformerSpec.relative_attention (transformers 4's values; 5 has only "absolute")
+    POSITION_EMBEDDING_TYPES: ClassVar[Mapping[str, str | None]] = types.MappingProxyType(
+        {"absolute": None, "relative_key": "key", "relative_key_query": "key_query"})
+
     @property
     def hidden(self) -> int:
         return self.hidden_size
 
     def spec(self, role: Role) -> TransformerSpec:
-        _check(self.position_embedding_type == "absolute",
-               f"position_embedding_type {self.position_embedding_type!r} is not supported, only 'absolute' "
-               "(transformers 5 dropped relative position embeddings from BERT and RoBERTa too)")
+        _check(self.position_embedding_type in self.POSITION_EMBEDDING_TYPES,
+               f"position_embedding_type {self.position_embedding_type!r} is not supported; use one of "
+               f"{', '.join(map(repr, self.POSITION_EMBEDDING_TYPES))}")
+        relative = self.POSITION_EMBEDDING_TYPES[self.position_embedding_type]
         decoder = role == "decoder"
         return TransformerSpec(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
             num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
             activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
             max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            positions_from_padding=self.model_type == "roberta", type_vocab_size=self.type_vocab_size,
+            # relative attention: RoBERTa's padding-based positions are computed by transformers but never used
+            positions_from_padding=self.model_type == "roberta" and not relative,
+            type_vocab_size=self.type_vocab_size,
             pooler=not decoder, is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
             lm_head_transform=True, lm_head_bias=True, tie_word_embeddings=self.tie_word_embeddings,
             hidden_dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob,
             embedding_dropout=self.hidden_dropout_prob, initializer_range=self.initializer_range,
+            relative_attention=relative,
         )
 
 
@@ -429,11 +451,13 @@ class EncoderDecoderConfig:
                f"tie_encoder_decoder=True needs a BERT or RoBERTa encoder and decoder (transformers ties modules by "
                f"name, and only those share their names); got encoder {kinds[0]!r} and decoder {kinds[1]!r}")
         encoder, decoder = self.encoder_spec, self.decoder_spec
-        sizes = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_positions", "type_vocab_size")
+        sizes = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_positions", "type_vocab_size",
+                 "relative_attention")
         differ = [f"{name} {getattr(encoder, name)} vs {getattr(decoder, name)}" for name in sizes
                   if getattr(encoder, name) != getattr(decoder, name)]
         _check(not differ, "tie_encoder_decoder=True shares the encoder's embeddings and layers with the decoder, "
-                           f"so their sizes must agree; encoder vs decoder: {', '.join(differ)}")
+                           "so their sizes and position schemes must agree; encoder vs decoder: "
+                           f"{', '.join(differ)}")
         _check(decoder.num_layers <= encoder.num_layers,
                f"tie_encoder_decoder=True ties decoder layer i to encoder layer i, but the decoder has "
                f"{decoder.num_layers} layers and the encoder only {encoder.num_layers}")

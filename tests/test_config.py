@@ -75,7 +75,8 @@ def test_decoder_without_cross_attention_is_rejected():
     (BertConfig(hidden_size=30, num_attention_heads=4), "hidden size 30 is not divisible by the number of "
                                                         "attention heads 4"),
     (BertConfig(hidden_act="mish"), "activation 'mish' is not supported"),
-    (BertConfig(position_embedding_type="relative_key"), "position_embedding_type 'relative_key'"),
+    (BertConfig(position_embedding_type="rotary"), "position_embedding_type 'rotary' is not supported; use one of "
+                                                   "'absolute', 'relative_key', 'relative_key_query'"),
     (GPT2Config(scale_attn_by_inverse_layer_idx=True), "scaling variants"),
 ])
 def test_invalid_configs_are_rejected_clearly(config, message):

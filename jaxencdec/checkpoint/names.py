@@ -111,6 +111,9 @@ def _bert_base(spec: TransformerSpec) -> list[Rule]:
                       for r in _linear(f"{hf}.{hf_block}.self.{name}", f"{ours}/{block}/{proj}")]
             rules += _linear(f"{hf}.{hf_block}.output.dense", f"{ours}/{block}/out", n_in=2)
             rules += _norm(f"{hf}.{hf_block}.output.LayerNorm", f"{ours}/{block}_norm")
+        if spec.relative_attention:  # transformers 4's relative_key(_query): self-attention only
+            rules.append(Rule(f"{hf}.attention.self.distance_embedding.weight",
+                              (f"{ours}/self_attention/distance/embedding",)))
         rules += _linear(f"{hf}.intermediate.dense", f"{ours}/mlp/wi") + _linear(f"{hf}.output.dense", f"{ours}/mlp/wo")
         rules += _norm(f"{hf}.output.LayerNorm", f"{ours}/mlp_norm")
     if spec.pooler:

@@ -4,11 +4,12 @@ BERT/RoBERTa/GPT-2/BART decoder with cross-attention and an LM head.
 Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden)::
 
     embeddings/word/embedding            [vocab, D]
-    embeddings/position/embedding        [max_positions, D]      (learned positions)
+    embeddings/position/embedding        [max_positions, D]      (learned positions; unused when relative)
     embeddings/token_type/embedding      [type_vocab, D]         (BERT, RoBERTa)
     embeddings/norm/{scale,bias}         [D]                     (BERT, RoBERTa, BART)
     layers_{i}/self_attention/{query,key,value}/{kernel [D, h, d], bias [h, d]}
     layers_{i}/self_attention/out/{kernel [h, d, D], bias [D]}
+    layers_{i}/self_attention/distance/embedding [2 * max_positions - 1, d]   (relative attention)
     layers_{i}/self_attention_norm/{scale,bias}
     layers_{i}/cross_attention/...       as self_attention        (decoders)
     layers_{i}/cross_attention_norm/...
@@ -60,6 +61,17 @@ def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype 
     return tuple(KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
 
 
+def relative_distances(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
+    """int32 ``[q_len, num_keys]``: each query's position minus each key's, for relative attention.
+
+    ``query_pos`` and ``cache_slots`` as in ``self_attention_mask``: key ``s * max_length + j`` of a cache shared
+    by slots sits at position ``j``, whichever beam wrote it (a distance depends on positions only).
+    """
+    max_length = num_keys if cache_slots is None else cache_slots.shape[1]
+    key_pos = jnp.arange(num_keys, dtype=jnp.int32) % max_length
+    return query_pos.astype(jnp.int32)[:, None] - key_pos[None, :]
+
+
 def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
     """Bool causal mask of decoder queries over ``num_keys`` keys (the inputs, or a cache).
 
@@ -94,13 +106,13 @@ class TransformerLayer(nn.Module):
 
     def setup(self):
         s = self.spec
-        attention = lambda: Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout,
-                                      self.dtype, self.param_dtype)
+        attention = lambda relative: Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout,
+                                               self.dtype, self.param_dtype, relative, s.max_positions)
         norm = lambda: layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
-        self.self_attention = attention()
+        self.self_attention = attention(s.relative_attention)
         self.self_attention_norm = norm()
         if s.add_cross_attention:
-            self.cross_attention = attention()
+            self.cross_attention = attention(None)  # transformers 4 too: cross-attention has no relative terms
             self.cross_attention_norm = norm()
         self.mlp = MLP(s.hidden_size, s.intermediate_size, s.activation, s.initializer_range,
                        s.activation_dropout, self.dtype, self.param_dtype)
@@ -122,9 +134,12 @@ class TransformerLayer(nn.Module):
 
     def __call__(
         self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
-        cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool,
+        cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool, distance: jax.Array | None = None,
     ) -> tuple[jax.Array, KeyValue | None]:
-        """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None)."""
+        """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None).
+
+        ``distance``: the self-attention's query-key distances (``relative_distances``), for relative attention.
+        """
 
         def self_attend(h):
             nonlocal cache
@@ -132,7 +147,7 @@ class TransformerLayer(nn.Module):
             if cache is not None:
                 cache = write_cache(cache, kv, cache_index)
                 kv = cache
-            return self.self_attention(h, kv, mask, deterministic)
+            return self.self_attention(h, kv, mask, deterministic, distance)
 
         x = self._residual(x, self.self_attention_norm, self_attend, deterministic)
         if cross_kv is not None:
@@ -182,7 +197,7 @@ class TransformerStack(nn.Module):
         self.embeddings = Embeddings(
             s.vocab_size, s.hidden_size, s.max_positions, s.type_vocab_size, s.embed_scale,
             s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
-            self.dtype, self.param_dtype,
+            self.dtype, self.param_dtype, add_positions=not s.relative_attention,
         )
         self.layers = [TransformerLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
                        for i in range(s.num_layers)]
@@ -194,16 +209,18 @@ class TransformerStack(nn.Module):
         if s.is_decoder:
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
 
-    def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic):
+    def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic,
+               distance=None):
         """Embeddings and layers. Sows, when ``HIDDEN_STATES`` is mutable, ``num_layers + 1`` states as
-        transformers returns them: each layer's input (the embeddings first), then the final output."""
+        transformers returns them: each layer's input (the embeddings first), then the final output.
+        ``distance``: the self-attention's query-key distances, for relative attention (else None)."""
         x = self.embeddings(input_ids, positions, deterministic)
         new_cache = []
         for i, layer in enumerate(self.layers):
             self.sow(HIDDEN_STATES, "states", x)
             x, layer_cache = layer(
                 x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                None if cache is None else cache[i], cache_index, deterministic,
+                None if cache is None else cache[i], cache_index, deterministic, distance,
             )
             new_cache.append(layer_cache)
         if self.spec.pre_norm:
@@ -221,8 +238,10 @@ class TransformerStack(nn.Module):
         """
         chex.assert_equal_shape([input_ids, attention_mask])
         mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, keys]
+        length = input_ids.shape[1]
+        distance = relative_distances(jnp.arange(length), length, None) if self.spec.relative_attention else None
         hidden, _ = self._stack(input_ids, mask, positions_for(self.spec, input_ids, 0), None, None, None, 0,
-                                deterministic)
+                                deterministic, distance)
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.spec.pooler else None
         return hidden, pooled
 
@@ -236,6 +255,9 @@ class TransformerStack(nn.Module):
         cache_index: jax.Array | int = 0, cache_slots: jax.Array | None = None, deterministic: bool = True,
     ):
         """Causal decoding of ``input_ids [batch, q_len]`` placed at positions ``cache_index ...``.
+
+        With relative attention each query sits at its own position, with a cache or without (transformers 4.57
+        placed every query of a call with a cache at the last position, which only agrees for ``q_len == 1``).
 
         Args:
           cross_kv: from ``cross_kv``, batch ``kv_batch``; ``batch`` may be ``kv_batch * beams``.
@@ -251,7 +273,9 @@ class TransformerStack(nn.Module):
         """
         q_len = input_ids.shape[1]
         num_keys = q_len if cache is None else cache[0].key.shape[2]
-        mask = self_attention_mask(cache_index + jnp.arange(q_len), num_keys, cache_slots)
+        query_pos = cache_index + jnp.arange(q_len)
+        mask = self_attention_mask(query_pos, num_keys, cache_slots)
+        distance = relative_distances(query_pos, num_keys, cache_slots) if self.spec.relative_attention else None
         if attention_mask is not None:
             if cache_slots is not None:
                 raise ValueError("a decoder attention_mask is not supported with a shared (slotted) cache")
@@ -259,5 +283,5 @@ class TransformerStack(nn.Module):
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cross_mask = encoder_attention_mask.astype(bool)[:, None, None, :]  # [kv_batch, 1, 1, src_len]
         hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index), cross_kv,
-                                    cross_mask, cache, cache_index, deterministic)
+                                    cross_mask, cache, cache_index, deterministic, distance)
         return self.lm_head(hidden, self.embeddings), cache

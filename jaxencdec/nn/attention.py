@@ -49,7 +49,8 @@ def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
 
 
 def dot_product_attention(
-    query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: Dropout, deterministic: bool
+    query: jax.Array, kv: KeyValue, mask: jax.Array, dropout: Dropout, deterministic: bool,
+    bias: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Softmax attention; softmax in float32 whatever the compute dtype.
 
@@ -59,6 +60,8 @@ def dot_product_attention(
         (beam search: each input's keys serve all its beams, which are folded into the query length).
       mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]``; when grouped, to
         ``[kv_batch, 1, groups * q_len, kv_len]`` (query row ``b * groups + g``, position ``t`` at ``g * q_len + t``).
+      bias: None, or float32 ``[kv_batch, heads, groups * q_len, kv_len]`` (the grouped layout) added to the
+        scores before the mask (relative position scores, already scaled).
     Returns:
       ``(out [batch, q_len, heads, head_dim], probs [batch, heads, q_len, kv_len] float32)``: ``probs`` are the
       attention probabilities after the softmax, before dropout (unused, they cost nothing: XLA drops them).
@@ -70,6 +73,8 @@ def dot_product_attention(
     # Heads-major queries: XLA:CPU runs the two batched matmuls 2-4x faster than with "bqhd" operands.
     query = query.reshape(kv_batch, groups * q_len, heads, head_dim).transpose(0, 2, 1, 3)  # [kv_b, h, g*q, d]
     scores = einsum_float32("bhqd,bhkd->bhqk", query, kv.key)
+    if bias is not None:
+        scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     weights = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
@@ -84,6 +89,11 @@ class Attention(nn.Module):
     Parameters: ``query``/``key``/``value`` kernels ``[D_in, heads, head_dim]`` with biases ``[heads, head_dim]``
     and ``out`` kernel ``[heads, head_dim, D]`` with bias ``[D]``. Masks are built by the caller; this module
     only projects, attends and mixes heads.
+
+    ``relative`` ("key" or "key_query", transformers 4's ``relative_key`` / ``relative_key_query``) adds a
+    ``distance/embedding`` table ``[2 * max_distance - 1, head_dim]``: with ``E`` its row for a query-key
+    distance, the score of that pair gains ``query . E`` (and ``key . E`` for "key_query"), scaled by
+    ``head_dim ** -0.5`` like the dot product. The caller passes the distances.
     """
 
     num_heads: int
@@ -92,6 +102,8 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    relative: str | None = None
+    max_distance: int = 0
 
     def setup(self):
         project = partial(
@@ -107,18 +119,49 @@ class Attention(nn.Module):
             kernel_init=normal_init(self.std, ("heads", "kv", "embed")), bias_init=zeros_init(("embed",)),
         )
         self.dropout = Dropout(self.dropout_rate)
+        if self.relative:
+            self.distance = nn.Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
+                                     param_dtype=self.param_dtype,
+                                     embedding_init=normal_init(self.std, ("positions", "kv")))
 
     def project_kv(self, inputs: jax.Array) -> KeyValue:
         """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, heads, kv_len, head_dim]``."""
         return KeyValue(key=self.key(inputs).transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
 
-    def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool) -> jax.Array:
+    def relative_scores(self, query: jax.Array, key: jax.Array, distance: jax.Array) -> jax.Array:
+        """The relative position scores of ``query [batch, q_len, heads, head_dim]`` (scaled) against
+        ``key [kv_batch, heads, kv_len, head_dim]``, for int32 ``distance [q_len, kv_len]`` (query position minus
+        key position): float32 ``[kv_batch, heads, groups * q_len, kv_len]``, the grouped layout of
+        ``dot_product_attention`` (``groups = batch // kv_batch``)."""
+        batch, q_len, heads, head_dim = query.shape
+        kv_batch, _, kv_len, _ = key.shape
+        chex.assert_shape(distance, (q_len, kv_len))
+        groups = batch // kv_batch
+        # Distances beyond the table are clipped: only masked keys of a cache longer than the table have them.
+        rows = jnp.take(self.distance.embedding, distance + self.max_distance - 1, axis=0, mode="clip")
+        rows = rows.astype(self.dtype)  # [q_len, kv_len, head_dim]
+        query = query.reshape(kv_batch, groups, q_len, heads, head_dim)
+        scores = einsum_float32("bgqhd,qkd->bhgqk", query, rows)
+        if self.relative == "key_query":
+            key_scores = einsum_float32("bhkd,qkd->bhqk", key, rows) * jnp.float32(self.head_dim ** -0.5)
+            scores = scores + key_scores[:, :, None]
+        return scores.reshape(kv_batch, heads, groups * q_len, kv_len)
+
+    def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool,
+                 distance: jax.Array | None = None) -> jax.Array:
         """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``).
 
+        ``distance``: int32 ``[q_len, kv_len]``, each query's position minus each key's; required (and only read)
+        with ``relative``.
         Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, before dropout) as ``("attentions",
         "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
         """
         query = self.query(inputs) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-        out, probs = dot_product_attention(query, kv, mask, self.dropout, deterministic)
+        bias = None
+        if self.relative:
+            if distance is None:
+                raise ValueError("relative attention needs the query-key distances")
+            bias = self.relative_scores(query, kv.key, distance)
+        out, probs = dot_product_attention(query, kv, mask, self.dropout, deterministic, bias)
         self.sow(ATTENTIONS, "weights", probs)
         return self.out(out)

@@ -194,7 +194,8 @@ class Embeddings(nn.Module):
     """Word (+ position) (+ token type 0) embeddings, scaled, optionally normalized, with dropout.
 
     ``input_ids [batch, length] int`` and ``positions [batch, length] int`` (already offset) give
-    ``[batch, length, D]`` in ``dtype``.
+    ``[batch, length, D]`` in ``dtype``. ``add_positions=False`` (relative attention) keeps the position table,
+    which checkpoints hold, without adding it; ``positions`` is then not read.
     """
 
     vocab_size: int
@@ -207,6 +208,7 @@ class Embeddings(nn.Module):
     std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    add_positions: bool = True
 
     def setup(self):
         embed = partial(nn.Embed, features=self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -225,8 +227,10 @@ class Embeddings(nn.Module):
         x = _lookup(self.word, input_ids, "vocab")
         if self.embed_scale != 1.0:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
-        if self.max_positions:
+        if self.max_positions and self.add_positions:
             x = x + _lookup(self.position, positions, "positions")
+        elif self.max_positions:
+            self.position.embedding  # not added, but checkpoints hold the table: reading it creates it at init
         if self.type_vocab_size:
             # every token has type 0: one broadcast row (a reduction in the backward pass, not a scatter)
             x = x + self.token_type.embedding[0]
