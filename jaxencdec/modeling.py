@@ -417,7 +417,17 @@ class EncoderDecoderModel:
 
     def generate(self, input_ids, attention_mask=None, generation_config: GenerationConfig | None = None,
                  prng_key: jax.Array | None = None, *, params: Params | None = None, **kwargs):
-        """Generates with transformers' ``generate`` semantics; see ``jaxencdec.generation.api.generate``."""
+        """Generates with transformers' ``generate`` semantics; see ``jaxencdec.generation.api.generate``.
+
+        Returns int32 ``[batch * num_return_sequences, length]`` sequences; with ``return_dict_in_generate=True``
+        a ``GenerateOutput``: ``sequences``, ``sequences_scores`` (beams, with ``output_scores``) and, as
+        transformers returns them (numpy arrays), ``encoder_attentions`` / ``encoder_hidden_states`` (per encoder
+        layer, ``[batch, ...]``, not repeated per beam) and, per decoder step ``t`` and layer,
+        ``decoder_attentions [rows, heads, 1, t + 1]``, ``cross_attentions [rows, heads, 1, src_len]`` (with
+        ``output_attentions=True``) and ``decoder_hidden_states`` (layers + 1 x ``[rows, 1, D_dec]``, with
+        ``output_hidden_states=True``); ``rows`` is ``batch * num_beams`` for beam search (the beams live at that
+        step), else ``batch * num_return_sequences``.
+        """
         return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
 
 

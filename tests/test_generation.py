@@ -187,8 +187,8 @@ def test_sampling_frequencies_match_the_exact_distribution(options):
     config = GenerationConfig(do_sample=True, max_new_tokens=1, decoder_start_token_id=0, **options)
     process = build_logits_processor(config)
 
-    def decode(ids, cache, index, slots):  # hand-built logits, the same at every step and for every row
-        return jnp.broadcast_to(jnp.asarray(LOGITS), (ids.shape[0], LOGITS.size)), cache
+    def decode(ids, cache, index, slots):  # hand-built logits, the same at every step and for every row; no records
+        return jnp.broadcast_to(jnp.asarray(LOGITS), (ids.shape[0], LOGITS.size)), cache, None
 
     run = jax.jit(lambda key: sample_search(decode, None, jnp.zeros((draws,), jnp.int32), max_length=2,
                                             process=process, eos_ids=(), pad_id=None, do_sample=True, rng=key))

@@ -99,7 +99,8 @@ def test_meaningless_values_transformers_lets_through_are_errors_too(options, fi
 
 
 IGNORED_SETTINGS = [dict(temperature=0.7), dict(top_p=0.9), dict(top_k=10), dict(length_penalty=2.0),
-                    dict(early_stopping=True), dict(output_scores=True)]
+                    dict(early_stopping=True), dict(output_scores=True), dict(output_attentions=True),
+                    dict(output_hidden_states=True)]
 
 
 @pytest.mark.parametrize("options", IGNORED_SETTINGS, ids=lambda o: next(iter(o)))

@@ -19,7 +19,7 @@ from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.generation.processors import NEG_INF, LogitsProcessor, build_logits_processor
 from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
-from jaxencdec.models.encoder_decoder import EncoderDecoderModule
+from jaxencdec.models.encoder_decoder import EncoderDecoderModule, apply_recording, stack_records
 from jaxencdec.models.transformer import init_cache
 
 # Source lengths are padded up to a multiple of this, so that inputs of similar length share one compilation.
@@ -36,10 +36,23 @@ def trace_count() -> int:
     return _traces
 
 
+Layers = tuple[np.ndarray, ...]
+
+
 @struct.dataclass
 class GenerateOutput:
+    """What ``generate`` returns with ``return_dict_in_generate`` (transformers' ``GenerateEncoderDecoderOutput``
+    / ``GenerateBeamEncoderDecoderOutput`` fields). ``rows``: ``batch * num_beams`` for beam search, else
+    ``batch * num_return_sequences``; ``steps``: the decoder steps run (``t`` counts from 0). The recorded fields
+    are numpy arrays (float32 probabilities; hidden states in the compute dtype), None unless asked for."""
+
     sequences: jax.Array  # [batch * num_return_sequences, length] int32
     sequences_scores: jax.Array | None = None  # [batch * num_return_sequences] float32 (beam search only)
+    encoder_attentions: Layers | None = None  # encoder layers x [batch, heads, src_len, src_len]
+    encoder_hidden_states: Layers | None = None  # encoder layers + 1 x [batch, src_len, D_enc]
+    decoder_attentions: tuple[Layers, ...] | None = None  # steps x decoder layers x [rows, heads, 1, t + 1]
+    cross_attentions: tuple[Layers, ...] | None = None  # steps x decoder layers x [rows, heads, 1, src_len]
+    decoder_hidden_states: tuple[Layers, ...] | None = None  # steps x (decoder layers + 1) x [rows, 1, D_dec]
 
 
 def beam_fill_id(config: GenerationConfig) -> int:
@@ -62,58 +75,113 @@ def _end_padding_rows(process: LogitsProcessor, padding_rows: jax.Array, eos_id:
     return LogitsProcessor(process.steps + (("end_padding_rows", end_padding_rows),))
 
 
-def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dtype, param_dtype):
-    """``(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None) -> SearchOutput``, not
-    yet jitted. ``config`` resolved. ``source_length`` (int32 scalar, traced): the columns of ``input_ids`` that are
-    the caller's input, the rest being bucket padding (None: all of them). ``num_inputs`` (int32 scalar, traced):
-    the rows of ``input_ids`` that are the caller's, the rest being batch bucket padding (None: all of them); with
-    an EOS id, padding rows end at once so that the search runs, and its ``length`` comes out, as without them."""
-    module = EncoderDecoderModule(model_config, dtype=dtype, param_dtype=param_dtype)
-    rows_per_input = max(config.num_beams, config.num_return_sequences)
-    cache_length = config.max_length - 1  # the last token is never fed back
+def _rows_per_input(config: GenerationConfig) -> int:
+    """The decoder rows the search runs per input: its beams, or its samples (``num_return_sequences``)."""
+    return max(config.num_beams, config.num_return_sequences)
 
-    def run(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None) -> SearchOutput:
+
+def _encoder_records(records: dict[str, Any], num_layers: int) -> dict[str, jax.Array] | None:
+    """The encoder's recorded values stacked over layers: ``encoder_attentions [layers, batch, heads, src, src]``,
+    ``encoder_hidden_states [layers + 1, batch, src, D_enc]`` (those recorded); None when nothing was."""
+    if not records:
+        return None
+    encoder = stack_records(records, "encoder", num_layers)
+    return {name: jnp.stack(encoder[key]) for name, key in (("encoder_attentions", "attentions"),
+                                                           ("encoder_hidden_states", "hidden_states"))
+            if encoder[key] is not None}
+
+
+def _step_records(records: dict[str, Any], num_layers: int, cache_slots: jax.Array | None):
+    """One decoder step's recorded values stacked over layers (None when nothing was recorded):
+    ``decoder_attentions [layers, rows, heads, cache_length]`` float32 over the key positions in order,
+    ``cross_attentions [layers, rows, heads, src_len]`` float32, ``decoder_hidden_states [layers + 1, rows, D]``.
+
+    With beams sharing a cache (``cache_slots`` int32 ``[rows, cache_length]``, see ``search``) the probabilities
+    come over ``slots * cache_length`` keys, slot-major; row ``r``'s key of position ``j`` is the one in slot
+    ``cache_slots[r, j]`` (the other slots' keys are masked out, probability 0), so those are gathered back.
+    """
+    if not records:
+        return None
+    decoder = stack_records(records, "decoder", num_layers)
+    step = {}
+    if decoder["attentions"] is not None:
+        probs = jnp.stack(decoder["attentions"])[:, :, :, 0]  # [layers, rows, heads, keys]: one query per row
+        if cache_slots is not None:
+            positions = cache_slots.shape[1]
+            keys = cache_slots * positions + jnp.arange(positions)  # [rows, cache_length]
+            probs = jnp.take_along_axis(probs, keys[None, :, None, :], axis=-1)
+        step["decoder_attentions"] = probs
+        step["cross_attentions"] = jnp.stack(decoder["cross_attentions"])[:, :, :, 0]
+    if decoder["hidden_states"] is not None:
+        step["decoder_hidden_states"] = jnp.stack(decoder["hidden_states"])[:, :, 0]  # [layers + 1, rows, D]
+    return step
+
+
+def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dtype, param_dtype):
+    """``(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None) -> (SearchOutput,
+    encoder_records)``, not yet jitted. ``config`` resolved. ``source_length`` (int32 scalar, traced): the columns
+    of ``input_ids`` that are the caller's input, the rest being bucket padding (None: all of them). ``num_inputs``
+    (int32 scalar, traced): the rows of ``input_ids`` that are the caller's, the rest being batch bucket padding
+    (None: all of them); with an EOS id, padding rows end at once so that the search runs, and its ``length`` comes
+    out, as without them.
+
+    With ``config.output_attentions`` / ``output_hidden_states`` the encoder's values are recorded
+    (``encoder_records``, see ``_encoder_records``) and every decoder step's (``SearchOutput.records``, see
+    ``_step_records``); otherwise ``encoder_records`` is None and the loop records nothing."""
+    module = EncoderDecoderModule(model_config, dtype=dtype, param_dtype=param_dtype)
+    per_input = _rows_per_input(config)
+    cache_length = config.max_length - 1  # the last token is never fed back
+    record = dict(output_attentions=config.output_attentions, output_hidden_states=config.output_hidden_states)
+
+    def run(params, input_ids, attention_mask, prng_key, source_length=None, num_inputs=None):
         global _traces
         _traces += 1  # Python side effect: runs once per trace, never per call
         variables = {"params": params}
-        encoded = module.apply(variables, input_ids, attention_mask, method="encode")  # [batch, src, D_enc]
+        encoded, encoder_records = apply_recording(module, variables, input_ids, attention_mask, method="encode",
+                                                   **record)  # [batch, src, D_enc]
         cross_kv = module.apply(variables, encoded, method="cross_kv")  # per layer [batch, src, h, d], once
-        rows = input_ids.shape[0] * rows_per_input  # row = b * rows_per_input + k
-        source_ids = jnp.repeat(input_ids, rows_per_input, axis=0)  # [rows, src]
+        rows = input_ids.shape[0] * per_input  # row = b * per_input + k
+        source_ids = jnp.repeat(input_ids, per_input, axis=0)  # [rows, src]
         source_valid = None if source_length is None else jnp.broadcast_to(
             jnp.arange(input_ids.shape[1])[None, :] < source_length, source_ids.shape)
         process = build_logits_processor(config, source_ids, source_valid)
         if num_inputs is not None and config.eos_token_ids:  # without an EOS id every row runs to max_length anyway
-            process = _end_padding_rows(process, jnp.arange(rows) >= num_inputs * rows_per_input,
+            process = _end_padding_rows(process, jnp.arange(rows) >= num_inputs * per_input,
                                         config.eos_token_ids[0])
 
         def decode(ids, cache, index, slots):
             # cross_kv and the source mask keep batch `batch`: attention folds the rows of one input together.
             cache_slots = None if slots is None else slots[:, :cache_length]
-            logits, cache = module.apply(variables, ids, cross_kv, attention_mask, None, cache, index, cache_slots,
-                                         method="decode")
-            return logits[:, -1], cache
+            (logits, cache), records = apply_recording(module, variables, ids, cross_kv, attention_mask, None, cache,
+                                                       index, cache_slots, method="decode", **record)
+            return logits[:, -1], cache, _step_records(records, model_config.decoder_spec.num_layers, cache_slots)
 
         # The beams of an input share one cache, a slot each (one slot per row without beams).
         cache = init_cache(model_config.decoder_spec, rows // config.num_beams, cache_length, dtype,
                            slots=config.num_beams)
         start_ids = jnp.full((rows,), config.decoder_start_token_id, jnp.int32)
+        rng = prng_key if config.do_sample else None
         if config.num_beams == 1:
-            return sample_search(decode, cache, start_ids, max_length=config.max_length, process=process,
-                                 eos_ids=config.eos_token_ids, pad_id=config.pad_token_id,
-                                 do_sample=config.do_sample, rng=prng_key if config.do_sample else None)
-        return beam_search(decode, cache, start_ids, num_beams=config.num_beams, max_length=config.max_length,
-                           process=process, eos_ids=config.eos_token_ids, fill_id=beam_fill_id(config),
-                           length_penalty=float(config.length_penalty), early_stopping=config.early_stopping,
-                           num_return_sequences=config.num_return_sequences, do_sample=config.do_sample,
-                           rng=prng_key if config.do_sample else None)
+            out = sample_search(decode, cache, start_ids, max_length=config.max_length, process=process,
+                                eos_ids=config.eos_token_ids, pad_id=config.pad_token_id, do_sample=config.do_sample,
+                                rng=rng)
+        else:
+            out = beam_search(decode, cache, start_ids, num_beams=config.num_beams, max_length=config.max_length,
+                              process=process, eos_ids=config.eos_token_ids, fill_id=beam_fill_id(config),
+                              length_penalty=float(config.length_penalty), early_stopping=config.early_stopping,
+                              num_return_sequences=config.num_return_sequences, do_sample=config.do_sample, rng=rng)
+        return out, _encoder_records(encoder_records, model_config.encoder_spec.num_layers)
 
     return run
 
 
 def _search_key(config: GenerationConfig) -> GenerationConfig:
-    """The fields that change the computation; output options do not (one compilation serves both)."""
-    return dataclasses.replace(config, output_scores=False, return_dict_in_generate=False)
+    """The fields that change the computation. Recording attentions / hidden states does (only when they are
+    returned: with ``return_dict_in_generate``); the other output options do not (one compilation serves both)."""
+    attentions, states = (bool(config.return_dict_in_generate and wanted)
+                          for wanted in (config.output_attentions, config.output_hidden_states))
+    return dataclasses.replace(config, output_scores=False, return_dict_in_generate=attentions or states,
+                               output_attentions=attentions, output_hidden_states=states)
 
 
 @functools.lru_cache(maxsize=64)
@@ -136,7 +204,9 @@ def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: Gene
       ``sequences`` int32 ``[batch * num_return_sequences, max_length]`` (``max_length`` counts the start token),
       padded after the end as transformers pads (greedy/sampling: ``pad_token_id``; beams: ``beam_fill_id``).
       With ``return_dict_in_generate``: a ``GenerateOutput`` whose ``sequences_scores [batch * n]`` are the
-      beam scores when ``output_scores`` and ``num_beams > 1``.
+      beam scores when ``output_scores`` and ``num_beams > 1``. Attentions and hidden states are not returned
+      here (``output_attentions`` / ``output_hidden_states`` with ``return_dict_in_generate`` are an error):
+      ``generate`` returns them.
 
     Traced (new values reuse the compiled code): ``params``, ``input_ids``, ``attention_mask``, ``prng_key``.
     Static (a new value compiles again): ``model_config``, every field of ``generation_config`` (lengths, beams,
@@ -148,13 +218,19 @@ def make_generate_fn(model_config: EncoderDecoderConfig, generation_config: Gene
     """
     config = generation_config.resolve()
     check_against_model(config, model_config)
-    search = _search_fn(model_config, _search_key(config), dtype, param_dtype)
+    key = _search_key(config)
+    if key.output_attentions or key.output_hidden_states:
+        raise GenerationConfigError(
+            "make_generate_fn does not return attentions or hidden states (output_attentions / "
+            "output_hidden_states with return_dict_in_generate); model.generate(..., return_dict_in_generate=True, "
+            "output_attentions=True, output_hidden_states=True) returns them, or unset those options here")
+    search = _search_fn(model_config, key, dtype, param_dtype)
     beams = config.num_beams > 1
 
     def generate_fn(params, input_ids, attention_mask, prng_key=None):
         if config.do_sample and prng_key is None:
             raise ValueError("sampling (do_sample=True) needs a prng_key, e.g. jax.random.key(0)")
-        out = search(params, input_ids, attention_mask, prng_key if config.do_sample else None)
+        out, _ = search(params, input_ids, attention_mask, prng_key if config.do_sample else None)
         if not config.return_dict_in_generate:
             return out.sequences
         return GenerateOutput(out.sequences, out.scores if beams and config.output_scores else None)
@@ -244,7 +320,19 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
     Returns:
       int32 ``[batch * num_return_sequences, length]`` sequences starting with the decoder start token, in
       transformers' layout (padded after each end, columns past the longest returned sequence dropped). With
-      ``return_dict_in_generate``: a ``GenerateOutput`` (``sequences_scores`` for beams with ``output_scores``).
+      ``return_dict_in_generate``: a ``GenerateOutput`` with ``sequences_scores [batch * num_return_sequences]``
+      (beams with ``output_scores``) and, as transformers returns them (numpy arrays, see ``GenerateOutput``):
+      with ``output_attentions``, ``encoder_attentions`` (per encoder layer ``[batch, heads, src_len, src_len]``),
+      ``decoder_attentions`` and ``cross_attentions`` (per decoder step ``t``, per layer ``[rows, heads, 1, t + 1]``
+      and ``[rows, heads, 1, src_len]``); with ``output_hidden_states``, ``encoder_hidden_states`` (layers + 1 x
+      ``[batch, src_len, D_enc]``) and ``decoder_hidden_states`` (per step, layers + 1 x ``[rows, 1, D_dec]``).
+      ``rows`` are ``batch * num_beams`` for beam search (step ``t``: the beams live at that step, before its
+      selection, in their order then), else ``batch * num_return_sequences``; the encoder's are not repeated.
+      Probabilities are float32, after the softmax and before dropout. There is one entry per decoder step run
+      (beam search may run past the longest returned sequence, as transformers does; greedy and sampling record
+      finished rows too, fed the pad token); the source's and the batch's bucket padding is cut off. Recording
+      is compiled into the search: asking for it compiles once more per mode and bucket; without it the search
+      is unchanged.
 
     One compilation serves each (mode, batch bucket, source bucket): a batch of more than one input is padded to a
     multiple of ``BATCH_BUCKET`` (8) with copies of its first input, which end at once and are dropped; the source
@@ -275,10 +363,35 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
     if config.do_sample and prng_key is None:
         prng_key = fresh_prng_key()
     search = _jitted_search(model.config, _search_key(config), model.module.dtype, model.module.param_dtype)
-    out = search(model.params if params is None else params, ids, mask, prng_key if config.do_sample else None,
-                 np.int32(length), np.int32(batch))
+    out, encoder_records = search(model.params if params is None else params, ids, mask,
+                                  prng_key if config.do_sample else None, np.int32(length), np.int32(batch))
     kept = batch * config.num_return_sequences  # row b * num_return_sequences + j belongs to input b
     sequences = out.sequences[:kept, :int(out.length)]
     if not config.return_dict_in_generate:
         return sequences
-    return GenerateOutput(sequences, out.scores[:kept] if config.num_beams > 1 and config.output_scores else None)
+    return GenerateOutput(sequences, out.scores[:kept] if config.num_beams > 1 and config.output_scores else None,
+                          **_recorded_fields(encoder_records, out, batch, batch * _rows_per_input(config), length))
+
+
+def _recorded_fields(encoder_records: dict[str, jax.Array] | None, out: SearchOutput, batch: int, rows: int,
+                     length: int) -> dict[str, Any]:
+    """``GenerateOutput``'s recorded fields in transformers' nesting, numpy on the host: the first ``batch``
+    inputs and ``rows`` decoder rows (the rest is batch bucket padding), the first ``length`` source columns (the
+    rest is source bucket padding), ``out.steps`` steps, step ``t``'s self-attention over its ``t + 1`` keys.
+    Empty when nothing was recorded."""
+    if encoder_records is None:
+        return {}
+    encoder, steps = jax.device_get(encoder_records), int(out.steps)
+    decoder = jax.device_get(out.records)  # leaves [max_length - 1, layers (+ 1), rows_bucket, ...]
+    fields = {}
+    if "encoder_attentions" in encoder:
+        fields["encoder_attentions"] = tuple(a[:batch, :, :length, :length] for a in encoder["encoder_attentions"])
+        fields["decoder_attentions"] = tuple(tuple(a[:rows, :, None, :t + 1] for a in decoder["decoder_attentions"][t])
+                                             for t in range(steps))
+        fields["cross_attentions"] = tuple(tuple(a[:rows, :, None, :length] for a in decoder["cross_attentions"][t])
+                                           for t in range(steps))
+    if "encoder_hidden_states" in encoder:
+        fields["encoder_hidden_states"] = tuple(h[:batch, :length] for h in encoder["encoder_hidden_states"])
+        fields["decoder_hidden_states"] = tuple(tuple(h[:rows, None] for h in decoder["decoder_hidden_states"][t])
+                                                for t in range(steps))
+    return fields

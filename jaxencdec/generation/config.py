@@ -32,8 +32,7 @@ NOT_IMPLEMENTED = {
     "watermarking_config": (None,), "stop_strings": (None, []), "max_time": (None,), "token_healing": (None, False),
     # What generate returns besides the ids: accepted at the values that return only ids. use_cache is neutral at
     # any value: decoding with the KV cache gives the ids decoding without it would.
-    "use_cache": (None, True, False), "output_attentions": (None, False), "output_hidden_states": (None, False),
-    "output_logits": (None, False),
+    "use_cache": (None, True, False), "output_logits": (None, False),
 }
 
 
@@ -103,6 +102,8 @@ class GenerationConfig:
     pad_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     output_scores: bool = False
+    output_attentions: bool = False
+    output_hidden_states: bool = False
     return_dict_in_generate: bool = False
     # Keys of generation_config.json this class does not model, kept for the way back.
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -133,7 +134,8 @@ class GenerationConfig:
 
     def ignored_settings(self) -> dict[str, str]:
         """``{field: why}`` for the settings transformers flags as minor issues: sampling options without
-        ``do_sample``, beam options with ``num_beams=1``, ``output_scores`` without ``return_dict_in_generate``."""
+        ``do_sample``, beam options with ``num_beams=1``, ``output_scores`` / ``output_attentions`` /
+        ``output_hidden_states`` without ``return_dict_in_generate``."""
         ignored = {}
         if not self.do_sample:
             for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 50)):
@@ -145,9 +147,10 @@ class GenerationConfig:
                 value = getattr(self, name)
                 if value != default:
                     ignored[name] = f"{name}={value!r} only applies to beam search; set num_beams > 1 or unset it"
-        if self.output_scores and not self.return_dict_in_generate:
-            ignored["output_scores"] = ("output_scores=True only applies with return_dict_in_generate=True (generate "
-                                        "then returns a GenerateOutput); set it or unset output_scores")
+        for name in ("output_scores", "output_attentions", "output_hidden_states"):
+            if getattr(self, name) and not self.return_dict_in_generate:
+                ignored[name] = (f"{name}=True only applies with return_dict_in_generate=True (generate then "
+                                 f"returns a GenerateOutput); set it or unset {name}")
         return ignored
 
     def _check_values(self) -> None:

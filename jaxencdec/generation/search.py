@@ -2,13 +2,17 @@
 
 The loops know nothing about the model. They call a ``DecodeFn``::
 
-    decode(ids [rows, 1] int32, cache, index int32 scalar, slots) -> (logits [rows, vocab] float32, cache)
+    decode(ids [rows, 1] int32, cache, index int32 scalar, slots) -> (logits [rows, vocab] float32, cache, records)
 
 that runs one decoder step at position ``index`` and returns the updated self-attention cache. ``slots`` is None
 for greedy / sampling (one cache row per row). Beam search shares one cache among the beams of an input, one
 slot per beam, and never reorders it: ``slots`` (int32 ``[rows, max_length]``) says, for each beam and position,
 which slot holds that position's key (the slot of the ancestor that wrote it); each beam writes its new key into
 its own slot. Cross-attention keys/values live inside the closure, projected once per input.
+
+``records`` is None (nothing more is kept: the loop is the plain one), or a pytree of arrays that the step
+computed (attention probabilities, hidden states) for its ``rows``: the loops store step ``t``'s records at index
+``t`` of buffers with a leading ``[max_length - 1]`` axis (``SearchOutput.records``; steps not run stay zero).
 
 Sequences include the decoder start token at position 0, so ``cur_len`` (the tokens so far) starts at 1 and
 ``max_length`` counts the start token, as in transformers. Both loops stop as soon as every row is done.
@@ -25,7 +29,7 @@ from flax import struct
 
 from jaxencdec.generation.processors import LogitsProcessor, exact_divide, fast_top_k
 
-DecodeFn = Callable[[jax.Array, Any, jax.Array, jax.Array | None], tuple[jax.Array, Any]]
+DecodeFn = Callable[[jax.Array, Any, jax.Array, jax.Array | None], tuple[jax.Array, Any, Any]]
 
 # transformers' beam search marks impossible candidates by adding this (not -inf), and so do we: the float32
 # rounding of "score + -1e9" is part of which candidate wins.
@@ -36,7 +40,22 @@ BIG_NEGATIVE = -1.0e9
 class SearchOutput:
     sequences: jax.Array  # [rows_out, max_length] int32, filler after the end
     length: jax.Array  # [] int32: columns transformers would return (the rest is filler in every row)
+    steps: jax.Array  # [] int32: decoder steps run (the records of steps >= this are zeros)
     scores: jax.Array | None = None  # [rows_out] float32: beam search's length-penalised sequence scores
+    records: Any = None  # what decode recorded: each leaf [max_length - 1, ...], step t at index t (rows of step t)
+
+
+def _record_buffers(decode: DecodeFn, ids: jax.Array, cache: Any, slots: jax.Array | None, max_length: int) -> Any:
+    """Zeroed buffers for what ``decode`` records, each leaf ``[max_length - 1, *leaf shape]`` (None when it
+    records nothing: the loop state then holds nothing more). Found by tracing ``decode`` abstractly."""
+    shapes = jax.eval_shape(decode, ids, cache, jnp.int32(0), slots)[2]
+    return jax.tree.map(lambda leaf: jnp.zeros((max_length - 1,) + leaf.shape, leaf.dtype), shapes)
+
+
+def _store(buffers: Any, records: Any, step: jax.Array) -> Any:
+    """``buffers`` with ``records`` written at index ``step`` (int32 scalar) of their leading axis."""
+    return jax.tree.map(lambda buffer, record: jax.lax.dynamic_update_index_in_dim(buffer, record, step, 0),
+                        buffers, records)
 
 
 # ----------------------------------------------------------------------------------------------- greedy / sampling
@@ -57,6 +76,7 @@ class SampleState:
     finished: jax.Array  # [rows] bool: the row has produced an EOS
     cache: Any  # self-attention cache, one row per row
     rng: jax.Array | None  # PRNG key (sampling only)
+    records: Any  # decode's records per step (see _record_buffers), or None
 
 
 def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_length: int,
@@ -69,6 +89,8 @@ def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_len
       process: the logits processors (with the sampling warpers when ``do_sample``), applied to the raw logits.
       eos_ids: a row that emits one of these is finished; finished rows are padded with ``pad_id``.
       rng: PRNG key, split once per step (sampling only).
+    Returns:
+      ``SearchOutput`` with ``[rows, max_length]`` sequences; the records of every step cover all ``rows``.
     """
     rows = start_ids.shape[0]
     fill = pad_id if pad_id is not None else 0
@@ -80,7 +102,7 @@ def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_len
 
     def body(s: SampleState) -> SampleState:
         ids = jax.lax.dynamic_slice_in_dim(s.sequences, s.cur_len - 1, 1, axis=1)  # [rows, 1]
-        logits, cache = decode(ids, s.cache, s.cur_len - 1, None)
+        logits, cache, records = decode(ids, s.cache, s.cur_len - 1, None)
         scores = process(s.sequences, s.cur_len, logits)
         rng = s.rng
         if do_sample:  # Gumbel-max: a draw from softmax(scores)
@@ -92,11 +114,14 @@ def sample_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, max_len
             tokens = jnp.where(finished, jnp.int32(pad_id), tokens)
             finished = finished | jnp.any(tokens[:, None] == eos[None, :], axis=-1)
         sequences = jax.lax.dynamic_update_slice(s.sequences, tokens[:, None], (0, s.cur_len))
-        return SampleState(s.cur_len + 1, sequences, finished, cache, rng)
+        records = _store(s.records, records, s.cur_len - 1)
+        return SampleState(s.cur_len + 1, sequences, finished, cache, rng, records)
 
-    state = SampleState(jnp.int32(1), sequences, jnp.zeros((rows,), bool), cache, rng)
+    buffers = _record_buffers(decode, sequences[:, :1], cache, None, max_length)
+    state = SampleState(jnp.int32(1), sequences, jnp.zeros((rows,), bool), cache, rng, buffers)
     state = jax.lax.while_loop(cond, body, state)
-    return SearchOutput(sequences=state.sequences, length=state.cur_len)
+    return SearchOutput(sequences=state.sequences, length=state.cur_len, steps=state.cur_len - 1,
+                        records=state.records)
 
 
 # --------------------------------------------------------------------------------------------------- beam search
@@ -116,6 +141,7 @@ class BeamState:
     slots: jax.Array  # [batch, beams, max_length] int32: the cache slot holding each live beam's key per position
     cache: Any  # self-attention cache shared by the beams of an input, one slot per beam (never reordered)
     rng: jax.Array | None  # PRNG key (beam sampling only)
+    records: Any  # decode's records per step, rows = the live beams of that step (see _record_buffers), or None
 
 
 def _gather_beams(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -148,7 +174,9 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
       fill_id: the token after the end of a hypothesis (transformers: ``pad_token_id or eos_token_id[0]``).
       rng: PRNG key, split once per step (beam sampling only).
     Returns:
-      ``SearchOutput`` with ``[batch * num_return_sequences, max_length]`` sequences, best first per input.
+      ``SearchOutput`` with ``[batch * num_return_sequences, max_length]`` sequences, best first per input; the
+      records of step ``t`` are those of the ``batch * beams`` beams live at that step, in their order then (before
+      the step's selection), as transformers records them.
     """
     rows = start_ids.shape[0]
     batch, beams = rows // num_beams, num_beams
@@ -171,7 +199,7 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
         cur_len = s.cur_len
         flat_running = s.running_sequences.reshape(rows, max_length)
         ids = jax.lax.dynamic_slice_in_dim(flat_running, cur_len - 1, 1, axis=1)  # [rows, 1]
-        logits, cache = decode(ids, s.cache, cur_len - 1, s.slots.reshape(rows, max_length))
+        logits, cache, records = decode(ids, s.cache, cur_len - 1, s.slots.reshape(rows, max_length))
         log_probs = process(flat_running, cur_len, jax.nn.log_softmax(logits, axis=-1))  # [rows, vocab]
         vocab = log_probs.shape[-1]
         log_probs = log_probs.reshape(batch, beams, vocab) + s.running_scores[:, :, None]
@@ -226,18 +254,21 @@ def beam_search(decode: DecodeFn, cache: Any, start_ids: jax.Array, *, num_beams
         improvable = s.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
         keep_going = jnp.any(improvable) & ~(jnp.all(is_finished) & early_true) & ~jnp.all(hits)
         return BeamState(cur_len, running_sequences, running_scores, sequences, scores, lengths, is_finished,
-                         improvable, ~keep_going, slots, cache, rng)
+                         improvable, ~keep_going, slots, cache, rng, _store(s.records, records, s.cur_len - 1))
 
     state = BeamState(
         cur_len=jnp.int32(1), running_sequences=running, running_scores=running_scores,
         sequences=running, scores=jnp.full((batch, beams), BIG_NEGATIVE, jnp.float32),
         lengths=jnp.zeros((batch, beams), jnp.int32), is_finished=jnp.zeros((batch, beams), bool),
         improvable=jnp.ones((batch, 1), bool), done=jnp.bool_(False), slots=own_slot, cache=cache, rng=rng,
+        records=_record_buffers(decode, start_ids[:, None], cache, own_slot.reshape(rows, max_length), max_length),
     )
     state = jax.lax.while_loop(cond, body, state)
     n = num_return_sequences
     return SearchOutput(
         sequences=state.sequences[:, :n].reshape(batch * n, max_length),
         length=1 + jnp.max(state.lengths[:, :n]),
+        steps=state.cur_len - 1,
         scores=state.scores[:, :n].reshape(batch * n),
+        records=state.records,
     )
