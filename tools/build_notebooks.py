@@ -3,11 +3,11 @@
     python tools/build_notebooks.py             # outputs cleared
     python tools/build_notebooks.py --execute   # run both notebooks on this machine and store their outputs
 
-The committed notebooks carry the outputs of an ``--execute`` run on a 2-core CPU (the devices are printed in their
-first code cells): quickstart.ipynb in full, finetune_tpu.ipynb in its small setting
-(``JAXENCDEC_NOTEBOOK_SMALL=1 python tools/build_notebooks.py --execute --only finetune_tpu.ipynb``: 4 steps, a short
-eval; its full 300-step run is a TPU's job). tests/test_notebooks.py executes both again, in the small setting,
-from an installed wheel.
+The committed notebooks carry the outputs of an ``--execute`` run of each, in full, on a 2-core CPU (the devices
+are printed in their first code cells; finetune_tpu.ipynb's 300 steps take about half an hour there). Stream
+outputs are stored as a terminal shows them (a progress bar in its last state, not every redraw).
+tests/test_notebooks.py executes both again, in a small setting (``JAXENCDEC_NOTEBOOK_SMALL=1``: 4 steps, a short
+eval), from an installed wheel.
 """
 import argparse
 import json
@@ -151,7 +151,8 @@ result = trainer.run()  # orbax checkpoints in output_dir/checkpoints; re-runnin
 print(json.dumps({k: result[k] for k in ("step", "final_model", "eval")}, indent=1))'''),
     ("code", '''metrics = trainer.evaluate(generate=True)  # loss + beam search + ROUGE-1/2/L on the validation split
 print(metrics)'''),
-    ("code", '''import matplotlib.pyplot as plt
+    ("code", '''%matplotlib inline
+import matplotlib.pyplot as plt
 
 rows = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
 train_rows = [r for r in rows if "train/loss" in r]
@@ -181,9 +182,37 @@ def execute(nb: dict, name: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         NotebookClient(node, timeout=3600, kernel_name="python3",
                        resources={"metadata": {"path": folder}}).execute()
+    for c in node.cells:
+        if c.cell_type == "code":
+            c.outputs = rendered_streams(c.outputs)
     nb.clear()
     nb.update(json.loads(nbformat.writes(node)))
     print("executed", name)
+
+
+def rendered_streams(outputs: list) -> list:
+    """``outputs`` with each run of consecutive stdout (or stderr) chunks joined into one, its carriage returns
+    applied as a terminal (and Jupyter) shows them: a progress bar keeps its last state instead of one output per
+    redraw. Other outputs are kept as they are, in order."""
+    merged = []
+    for output in outputs:
+        if merged and output.output_type == "stream" and merged[-1].output_type == "stream" \
+                and merged[-1].name == output.name:
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    for output in merged:
+        if output.output_type == "stream":
+            output.text = "\n".join(_overwrite(line) for line in output.text.split("\n"))
+    return [o for o in merged if o.output_type != "stream" or o.text.strip()]
+
+
+def _overwrite(line: str) -> str:
+    """What a terminal shows of ``line``: each ``\\r`` returns to the line's start, later text overwrites."""
+    shown = ""
+    for part in line.split("\r"):
+        shown = part + shown[len(part):]
+    return shown.rstrip()
 
 
 def main() -> None:
