@@ -191,6 +191,7 @@ class EncoderDecoderModel:
         would shadow or contradict the new weights. On a bucket each file is one object and ``config.json`` is
         written last (``atomic_folder`` says what that guarantees).
         """
+        self.generation_config.check_savable()
         with io.atomic_folder(save_directory) as staging:
             io.write_msgpack(jax.tree.map(np.asarray, self.params), staging / WEIGHTS_NAME)
             self._write_configs(staging)
@@ -214,6 +215,7 @@ class EncoderDecoderModel:
     def export_pytorch(self, save_directory: str | os.PathLike) -> paths.AnyPath:
         """Writes a folder transformers' ``EncoderDecoderModel.from_pretrained`` loads: ``model.safetensors``,
         ``config.json``, ``generation_config.json``; local or on a bucket, replaced as ``save_pretrained`` does."""
+        self.generation_config.check_savable()
         with io.atomic_folder(save_directory) as staging:
             io.write_safetensors(self.pytorch_state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
             self._write_configs(staging)

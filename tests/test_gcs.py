@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from hf_reference import PAD, SMALL, START, batch, hf_encoder_decoder, torch_forward
-from jaxencdec import EncoderDecoderModel, Tokenizer, paths
+from jaxencdec import EncoderDecoderModel, GenerationConfig, Tokenizer, paths
 from jaxencdec.checkpoint import io
 from jaxencdec.checkpoint.errors import CheckpointError
 from jaxencdec.generation.api import make_generate_fn
@@ -176,6 +176,14 @@ def test_a_url_folded_by_pathlib_is_refused(model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unsupported URL scheme ftp://"):
         model.save_pretrained("ftp://host/m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generation_config_round_trip_through_the_bucket(gcs_bucket, gcs_emulator):
+    config = GenerationConfig(num_beams=4, max_new_tokens=12, length_penalty=2.0, decoder_start_token_id=101)
+    url = f"{gcs_bucket}/generation"
+    written = config.save_pretrained(url)
+    assert str(written) == f"{url}/generation_config.json"
+    assert GenerationConfig.from_pretrained(url) == config
 
 
 @pytest.mark.parametrize("url", ["gs://ab/model", "gs:///model", "gs://My_Bucket/model", "gs://-bucket/m",

@@ -132,6 +132,24 @@ def test_settings_transformers_only_warns_about_are_warned_and_not_saved(options
         loaded.replace(max_new_tokens=5).save_pretrained(tmp_path / "changed")
 
 
+def test_model_save_pretrained_refuses_a_generation_config_transformers_refuses(hf_folder, tmp_path):
+    """transformers' model.save_pretrained saves the generation config with its strict check: a model whose
+    generation config was changed into one with ignored settings is not saved, by either library, and nothing is
+    written; the config as loaded saves fine."""
+    theirs = transformers.EncoderDecoderModel.from_pretrained(hf_folder)
+    theirs.generation_config.temperature = 0.7
+    with pytest.raises(ValueError, match="temperature"):
+        theirs.save_pretrained(tmp_path / "theirs")
+    ours = EncoderDecoderModel.from_pretrained(hf_folder)
+    ours.generation_config = ours.generation_config.replace(temperature=0.7)
+    for save in (ours.save_pretrained, ours.export_pytorch):
+        with pytest.raises(GenerationConfigError, match="temperature.*Fix these settings"):
+            save(tmp_path / "ours")
+        assert not (tmp_path / "ours").exists()
+    EncoderDecoderModel.from_pretrained(hf_folder).save_pretrained(tmp_path / "as-loaded")
+    assert (tmp_path / "as-loaded" / "generation_config.json").is_file()
+
+
 def test_min_new_tokens_above_max_new_tokens_warns_and_stops_at_the_maximum_as_transformers(hf_model, model):
     ids, mask, _ = batch(seed=2)
     options = dict(min_new_tokens=6, max_new_tokens=3, eos_token_id=EOS, pad_token_id=PAD)

@@ -8,9 +8,9 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
+from jaxencdec import paths
 from jaxencdec.checkpoint.io import read_json, resolve_model_folder, write_json
 
 logger = logging.getLogger(__name__)
@@ -313,22 +313,25 @@ class GenerationConfig:
         object.__setattr__(config, "_unchanged_since_loading", True)  # transformers counts kwargs as loaded
         return config
 
-    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> Path:
-        """Writes ``save_directory/generation_config.json`` (or ``config_file_name``) and returns its path.
-
-        As transformers, refuses (GenerationConfigError) a config with settings that do not apply in its mode
-        (``ignored_settings``: e.g. ``temperature`` without ``do_sample``), unless the config is unchanged since
-        it was loaded: a published config can always be saved back.
-        """
+    def check_savable(self) -> None:
+        """Raises GenerationConfigError, as transformers' ``save_pretrained`` refuses to save, for settings that
+        do not apply in the config's mode (``ignored_settings``: e.g. ``temperature`` without ``do_sample``),
+        unless the config is unchanged since it was loaded: a published config can always be saved back."""
         strict = not getattr(self, "_unchanged_since_loading", False)
         try:
             self.validate(strict=strict)
         except GenerationConfigError as error:
             raise GenerationConfigError(f"{error}. Fix these settings to save the configuration.") from None
-        folder = Path(save_directory)
-        if folder.is_file():
-            raise GenerationConfigError(f"save_directory {folder} is a file; pass a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None):
+        """Writes ``save_directory/generation_config.json`` (or ``config_file_name``) into a local folder or a
+        bucket URL and returns its path, after ``check_savable``."""
+        self.check_savable()
+        folder = paths.as_path(save_directory)
+        if paths.is_file(folder):
+            raise GenerationConfigError(f"save_directory {save_directory} is a file; pass a folder")
+        if not paths.is_url(save_directory):
+            folder.mkdir(parents=True, exist_ok=True)
         path = folder / (config_file_name or GENERATION_CONFIG_FILE)
         self.save(path)
         return path

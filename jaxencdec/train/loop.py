@@ -528,10 +528,10 @@ class Trainer:
         if not self.is_main:
             return None
         ev = self.config.eval
+        beam_settings = dict(length_penalty=ev.length_penalty, early_stopping=True) if ev.num_beams > 1 else {}
         gen = GenerationConfig.from_model_config(self.model.config).replace(
-            num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, length_penalty=ev.length_penalty,
-            no_repeat_ngram_size=ev.no_repeat_ngram_size,
-            early_stopping=True if ev.num_beams > 1 else False)
+            num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, no_repeat_ngram_size=ev.no_repeat_ngram_size,
+            **beam_settings)
         with io.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
             EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(staging)
             _copy_tokenizer(self.bundle.tokenizer_dir, str(staging))
