@@ -41,6 +41,10 @@ def test_committed_notebook_holds_the_outputs_of_a_full_run(name):
     assert not [o for o in outputs if o.output_type == "error"]
     printed = "".join(o.get("text", "") for o in outputs)
     assert "device(s)" in printed or "CpuDevice" in printed or "TpuDevice" in printed
+    if name == "finetune_tpu.ipynb":  # the full run of the inlined config, not the test suite's small setting
+        steps = json.loads((ROOT / "configs" / "aclsum_minilm_cpu.json").read_text())["train"]["num_steps"]
+        assert f'"step": {steps},' in printed and "eval/rougeL" in printed
+        assert any("image/png" in o.get("data", {}) for o in outputs), "the loss plot"
 
 
 def test_finetune_notebook_inlines_the_repository_config():
