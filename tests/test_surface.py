@@ -88,6 +88,34 @@ def test_attentions_and_hidden_states_match_transformers(pair):
     np.testing.assert_array_equal(np.asarray(plain.logits), np.asarray(got.logits))
 
 
+def test_training_mode_attentions_are_after_dropout_as_in_transformers(one_pair):
+    """In training mode transformers returns the attention weights after dropout: entries a real query attends to
+    are exactly 0 where dropped, so rows no longer sum to 1. Ours too (RNGs differ, so not the same entries)."""
+    _, hf, ours = one_pair
+    ids, mask, decoder_ids, decoder_mask = _decoder_batch()
+    t_ids, t_mask, t_dec, t_dec_mask = _torch(ids, mask, decoder_ids, decoder_mask)
+    torch.manual_seed(0)
+    hf.train()
+    try:
+        expected = hf(input_ids=t_ids, attention_mask=t_mask, decoder_input_ids=t_dec,
+                      decoder_attention_mask=t_dec_mask, output_attentions=True)
+    finally:
+        hf.eval()
+    got = ours(ids, mask, decoder_ids, decoder_mask, output_attentions=True, train=True,
+               dropout_rng=jax.random.key(0))
+    key_mask = {"encoder_attentions": mask, "cross_attentions": mask, "decoder_attentions": decoder_mask}
+    for field, keys in key_mask.items():
+        for name, layers in (("transformers", [t.detach().numpy() for t in getattr(expected, field)]),
+                             ("jaxencdec", [np.asarray(a) for a in getattr(got, field)])):
+            weights = np.stack(layers)  # [layers, batch, heads, queries, keys]
+            attended = np.broadcast_to(np.asarray(keys, bool)[None, :, None, None, :], weights.shape)
+            if field == "decoder_attentions":  # causal: query i attends to keys <= i
+                q, k = weights.shape[-2:]
+                attended = attended & np.tri(q, k, dtype=bool)
+            assert np.mean(weights[attended] == 0) > 0.02, (name, field)  # dropped entries
+            assert np.abs(weights.sum(-1)[attended.any(-1)] - 1).max() > 1e-3, (name, field)
+
+
 def test_only_the_requested_outputs_are_recorded(pair):
     _, _, ours = pair
     ids, mask, decoder_ids, _ = _decoder_batch()

@@ -64,7 +64,8 @@ def dot_product_attention(
         scores before the mask (relative position scores, already scaled).
     Returns:
       ``(out [batch, q_len, heads, head_dim], probs [batch, heads, q_len, kv_len] float32)``: ``probs`` are the
-      attention probabilities after the softmax, before dropout (unused, they cost nothing: XLA drops them).
+      attention weights applied to the values, float32: the softmax, after dropout when it is active, as
+      transformers returns them (unused, they cost nothing: XLA drops them).
     """
     batch, q_len, heads, head_dim = query.shape
     kv_batch = kv.key.shape[0]
@@ -76,9 +77,8 @@ def dot_product_attention(
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    weights = dropout(probs, deterministic=deterministic).astype(kv.value.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, kv.value)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(kv.value.dtype), kv.value)
     probs = probs.reshape(kv_batch, heads, groups, q_len, -1).transpose(0, 2, 1, 3, 4)  # query row b * groups + g
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim), probs.reshape(batch, heads, q_len, -1)
 
@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
         ``distance``: int32 ``[q_len, kv_len]``, each query's position minus each key's; required (and only read)
         with ``relative``.
-        Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, before dropout) as ``("attentions",
+        Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, after dropout when active) as ``("attentions",
         "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
         """
         query = self.query(inputs) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
