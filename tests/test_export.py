@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import testing
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from hf_reference import batch, hf_encoder_decoder
-from jaxencdec import EncoderDecoderModel, GenerationConfigError
+from jaxencdec import EncoderDecoderModel, GenerationConfigError, paths
 from jaxencdec.generation.api import make_generate_fn
 from jaxencdec.generation.export import export_generate
 from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
@@ -220,3 +221,17 @@ def test_cli_export_prints_size_platforms_and_load_time(hf_folders, tmp_path):
     assert re.fullmatch(r"load: \d+\.\d\d s, first call \(cpu, dummy batch of 1 x 1, compiles\): \d+\.\d\d s",
                         lines[-1]), lines
     assert load_generate(out).manifest["generation_config"]["num_beams"] == 2
+
+
+def test_export_to_the_bucket_and_serve_from_it(hf_folders, gcs_bucket, gcs_emulator):
+    """The serving artifact written to and loaded from gs:// (as a pod-slice job hands it to a server)."""
+    model = EncoderDecoderModel.from_pretrained(hf_folders["bert2gpt2"])
+    config = model.generation_config.replace(num_beams=2, max_new_tokens=4)
+    url = f"{gcs_bucket}/served"
+    export_generate(model, config, folder=url)
+    assert {"generate.jax_export", "generate_export.json", "flax_model.msgpack"} <= set(paths.list_names(url))
+    served = load_generate(url)
+    ids = np.array([[101, 7, 8, 9, 102], [101, 5, 102, 0, 0]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    expected = make_generate_fn(model.config, config)(model.params, ids, mask, None)
+    np.testing.assert_array_equal(np.asarray(served(ids, mask)), np.asarray(expected))

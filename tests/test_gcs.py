@@ -18,9 +18,6 @@ from hf_reference import PAD, SMALL, START, batch, hf_encoder_decoder, torch_for
 from jaxencdec import EncoderDecoderModel, GenerationConfig, Tokenizer, paths
 from jaxencdec.checkpoint import io
 from jaxencdec.checkpoint.errors import CheckpointError
-from jaxencdec.generation.api import make_generate_fn
-from jaxencdec.generation.export import export_generate
-from jaxencdec.generation.serving import load_generate
 
 TEXTS = ["JAX compiles numerical programs for accelerators.", "Flax is a neural network library, isn't it?"]
 
@@ -154,19 +151,6 @@ def test_a_missing_bucket_path_is_an_error_naming_it(gcs_bucket):
         EncoderDecoderModel.from_encoder_decoder_pretrained(url, url)
     with pytest.raises(FileNotFoundError, match=f"^{url}: no such folder"):
         Tokenizer.from_pretrained(url)
-
-
-def test_export_to_the_bucket_and_serve_from_it(model, gcs_bucket, gcs_emulator):
-    """The serving artifact written to and loaded from gs:// (as a pod-slice job hands it to a server)."""
-    config = model.generation_config.replace(num_beams=2, max_new_tokens=4)
-    url = f"{gcs_bucket}/served"
-    export_generate(model, config, folder=url)
-    assert {"generate.jax_export", "generate_export.json", "flax_model.msgpack"} <= set(paths.list_names(url))
-    served = load_generate(url)
-    ids = np.array([[101, 7, 8, 9, 102], [101, 5, 102, 0, 0]], np.int32)
-    mask = (ids != 0).astype(np.int32)
-    expected = make_generate_fn(model.config, config)(model.params, ids, mask, None)
-    np.testing.assert_array_equal(np.asarray(served(ids, mask)), np.asarray(expected))
 
 
 def test_a_url_folded_by_pathlib_is_refused(model, tmp_path, monkeypatch):
