@@ -16,6 +16,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+# The longest test files run first: with `-n 2` each file goes whole to a worker, in collection order, and the
+# demo (several minutes of training) then overlaps the rest of the suite instead of running alone at its end.
+LONGEST_FIRST = ("test_demo.py", "test_cli.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 BERT (safetensors, vocab.txt, tokenizer.json)."""
