@@ -38,8 +38,8 @@ if "google.colab" in sys.modules:
         get_ipython().run_line_magic("pip", "install -q -U 'jax[tpu]'")
         print("installed jax[tpu]; jax now sees:", jax_backend())
     if "jax" in sys.modules:
-        print("jax is already imported in this Python session: Runtime -> Restart session, then run all cells again "
-              "(this cell then finds everything installed and changes nothing).")
+        print("jax was imported before this install: restart the kernel (Colab: the Runtime menu), then run all "
+              "cells again (this cell then finds everything installed and changes nothing).")
 # A small setting for CPU test runs: jaxencdec's test suite sets JAXENCDEC_NOTEBOOK_SMALL=1.
 SMALL = os.environ.get("JAXENCDEC_NOTEBOOK_SMALL") == "1"'''
 
