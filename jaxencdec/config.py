@@ -34,6 +34,11 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu
 # computed them (query . distance embedding, and for "key_query" also key . distance embedding).
 RELATIVE_ATTENTION = (None, "key", "key_query")
 
+# ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;
+# "full" keeps only the layer's input and recomputes the rest; the others are ``jax.checkpoint_policies`` that keep
+# matmul outputs (all of them, or those without batch dimensions: not the attention scores and probabilities).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
 
 @dataclass(frozen=True)
 class TransformerSpec:
@@ -416,7 +421,17 @@ ARCHITECTURES: dict[str, type[HFConfig]] = {
 
 @dataclass(frozen=True)
 class EncoderDecoderConfig:
-    """Hugging Face ``EncoderDecoderConfig``: an encoder config, a decoder config and the shared token ids."""
+    """Hugging Face ``EncoderDecoderConfig``: an encoder config, a decoder config and the shared token ids.
+
+    Two fields say how the layers run, not what they compute, and are not written to ``config.json`` (the
+    weights saved are the same either way):
+
+    - ``remat``: one of ``REMAT_POLICIES``, the activation rematerialization of every layer in training
+      (``"full"`` is transformers' ``gradient_checkpointing``).
+    - ``scan_layers``: each stack's layers run as one ``nn.scan`` over parameters stacked on a leading ``layers``
+      axis (``layers/...`` instead of ``layers_0/...``, ``layers_1/...``): one layer is compiled instead of
+      ``num_layers``. ``models.layout`` converts trees between the two layouts.
+    """
 
     model_type: ClassVar[str] = "encoder-decoder"
     encoder: HFConfig
@@ -425,10 +440,14 @@ class EncoderDecoderConfig:
     pad_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_encoder_decoder: bool = False
+    # How the layers run, not what they compute (not written to config.json): see the docstring.
+    remat: str = "none"
+    scan_layers: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         _check_field_types(self)
+        _check(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _check(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),

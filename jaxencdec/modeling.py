@@ -19,13 +19,15 @@ from flax import traverse_util
 from jaxencdec import paths
 from jaxencdec.checkpoint import io, names
 from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
-from jaxencdec.config import RUNTIME_FLAGS, ConfigError, EncoderDecoderConfig, HFConfig
+from jaxencdec.config import REMAT_POLICIES, RUNTIME_FLAGS, ConfigError, EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
+from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
                                               Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
                                               shift_tokens_right, stack_records)
+from jaxencdec.models.transformer import cache_rows_and_length
 
 logger = logging.getLogger("jaxencdec")
 
@@ -79,8 +81,42 @@ class EncoderDecoderModel:
         """The parameter tree with each leaf replaced by its logical ``PartitionSpec`` (``vocab``, ``embed``...)."""
         return nn.get_partition_spec(jax.eval_shape(self._init_fn, jax.random.key(0)))["params"]
 
+    def unrolled_params(self, params: Params | None = None) -> Params:
+        """``params`` (default ``self.params``) in the unrolled layout (``layers_{i}``), which files hold."""
+        return layout.to_layout(self.params if params is None else params, scanned=False)
+
     def num_parameters(self) -> int:
         return sum(int(np.prod(s)) for s in self.param_shapes().values())
+
+    # ------------------------------------------------------------------ how the layers run
+
+    def configure_layers(self, *, remat: str | None = None, scan_layers: bool | None = None) -> None:
+        """Sets how the layers run (``EncoderDecoderConfig.remat`` / ``scan_layers``; None keeps the current
+        setting): the module is rebuilt and the parameters converted to the layout asked for. What the model
+        computes, and what ``save_pretrained`` writes, does not change."""
+        changes = {name: value for name, value in (("remat", remat), ("scan_layers", scan_layers))
+                   if value is not None}
+        self.config = self.config.replace(**changes)
+        self.module = EncoderDecoderModule(self.config, dtype=self.module.dtype, param_dtype=self.module.param_dtype)
+        if self.params:
+            self.params = layout.to_layout(self.params, self.config.scan_layers)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None) -> None:
+        """transformers' switch: every layer recomputes its activations in the backward pass (``remat="full"``).
+        ``gradient_checkpointing_kwargs={"policy": name}`` picks another of ``config.REMAT_POLICIES``."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        policy = kwargs.pop("policy", "full")
+        if kwargs:
+            raise ValueError(f"gradient_checkpointing_kwargs: unsupported key(s) {sorted(kwargs)}; only 'policy' "
+                             f"(one of {REMAT_POLICIES}) is")
+        self.configure_layers(remat=policy)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.configure_layers(remat="none")
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.config.remat != "none"
 
     # ------------------------------------------------------------------ loading
 
@@ -115,7 +151,7 @@ class EncoderDecoderModel:
             {role: _checkpoint_dtype(part.extra, partial(io.read_state_dict, folder))
              for role, (folder, part) in parts.items()})
         model = cls(config, seed=seed, dtype=dtype, param_dtype=param_dtype)
-        flat = traverse_util.flatten_dict(model.params, sep="/")
+        flat = traverse_util.flatten_dict(layout.to_layout(model.params, scanned=False), sep="/")
         shapes = {k: v.shape for k, v in flat.items()}
         report = LoadReport()
         for role, (folder, part) in parts.items():
@@ -134,7 +170,7 @@ class EncoderDecoderModel:
                            summarize_paths(report.missing))
         if report.unexpected:
             logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(report.unexpected))
-        model.params = traverse_util.unflatten_dict(flat, sep="/")
+        model.params = layout.to_layout(traverse_util.unflatten_dict(flat, sep="/"), config.scan_layers)
         model.load_report = report
         return model
 
@@ -159,7 +195,8 @@ class EncoderDecoderModel:
         generation_path = folder / GENERATION_CONFIG_FILE
         generation_config = (GenerationConfig.from_json_file(generation_path) if paths.exists(generation_path)
                              else GenerationConfig.from_model_config(config))
-        shapes = cls(config, params={}).param_shapes()  # shapes do not depend on the dtypes
+        # shapes do not depend on the dtypes; files hold the unrolled layout
+        shapes = cls(config.replace(scan_layers=False), params={}).param_shapes()
         kind, files = io.find_weights(folder)
         tree = io.read_msgpack(files[0]) if kind == "flax" and len(files) == 1 else None
         if tree is not None and _is_own_tree(tree):
@@ -173,8 +210,8 @@ class EncoderDecoderModel:
         if report.unexpected:
             logger.warning("%s: checkpoint tensors not used by the model: %s", folder, ", ".join(report.unexpected))
         param_dtype = requested_dtype if requested_dtype != "auto" else _checkpoint_dtype(config.extra, flat.values)
-        params = traverse_util.unflatten_dict(
-            {k: jnp.asarray(v, param_dtype) for k, v in flat.items() if k in shapes}, sep="/")
+        params = layout.to_layout(traverse_util.unflatten_dict(
+            {k: jnp.asarray(v, param_dtype) for k, v in flat.items() if k in shapes}, sep="/"), config.scan_layers)
         model = cls(config, params=params, dtype=dtype, param_dtype=param_dtype, generation_config=generation_config)
         model.load_report = report
         return model
@@ -193,7 +230,7 @@ class EncoderDecoderModel:
         """
         self.generation_config.check_savable()
         with io.atomic_folder(save_directory) as staging:
-            io.write_msgpack(jax.tree.map(np.asarray, self.params), staging / WEIGHTS_NAME)
+            io.write_msgpack(jax.tree.map(np.asarray, self.unrolled_params()), staging / WEIGHTS_NAME)
             self._write_configs(staging)
         return paths.as_path(save_directory)
 
@@ -209,7 +246,8 @@ class EncoderDecoderModel:
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters under Hugging Face PyTorch names (float32), tied tensors omitted as transformers does."""
-        flat = traverse_util.flatten_dict(jax.tree.map(lambda x: np.asarray(x, np.float32), self.params), sep="/")
+        flat = traverse_util.flatten_dict(
+            jax.tree.map(lambda x: np.asarray(x, np.float32), self.unrolled_params()), sep="/")
         return params_to_state_dict(names.encoder_decoder_rules(self.config), flat)
 
     def export_pytorch(self, save_directory: str | os.PathLike) -> paths.AnyPath:
@@ -503,8 +541,9 @@ def _check_cache(cache: DecoderCache, ids: np.ndarray) -> int:
     if not isinstance(cache, DecoderCache):
         raise ValueError(f"past_key_values must be a DecoderCache (model.init_cache(...) or a decode output's "
                          f"past_key_values), got {type(cache).__name__}")
-    if cache.layers[0].key.shape[0] != ids.shape[0]:
-        raise ValueError(f"past_key_values holds {cache.layers[0].key.shape[0]} rows but decoder_input_ids has "
+    rows, _ = cache_rows_and_length(cache.layers)
+    if rows != ids.shape[0]:
+        raise ValueError(f"past_key_values holds {rows} rows but decoder_input_ids has "
                          f"{ids.shape[0]}; use model.init_cache({ids.shape[0]}, max_length)")
     written = int(cache.index)
     if written + ids.shape[1] > cache.max_length:

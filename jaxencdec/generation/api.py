@@ -158,7 +158,7 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
 
         # The beams of an input share one cache, a slot each (one slot per row without beams).
         cache = init_cache(model_config.decoder_spec, rows // config.num_beams, cache_length, dtype,
-                           slots=config.num_beams)
+                           slots=config.num_beams, scanned=model_config.scan_layers)
         start_ids = jnp.full((rows,), config.decoder_start_token_id, jnp.int32)
         rng = prng_key if config.do_sample else None
         if config.num_beams == 1:

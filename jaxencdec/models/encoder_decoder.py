@@ -28,7 +28,8 @@ from flax import linen as nn
 from flax import struct
 
 from jaxencdec.config import EncoderDecoderConfig
-from jaxencdec.models.transformer import HIDDEN_STATES, TransformerStack, init_cache
+from jaxencdec.models.layout import SCANNED_KEY, unstack_layers
+from jaxencdec.models.transformer import HIDDEN_STATES, TransformerStack, cache_rows_and_length, init_cache
 from jaxencdec.nn.attention import ATTENTIONS, KeyValue
 from jaxencdec.nn.layers import Dtype, dense
 
@@ -36,7 +37,7 @@ Layers = tuple[jax.Array, ...]
 
 # Per decoder layer, the blocks that tie_encoder_decoder takes from the encoder layer of the same index.
 TIED_LAYER_BLOCKS = ("self_attention", "self_attention_norm", "mlp", "mlp_norm")
-_TIED_PATH = re.compile(r"^(embeddings|layers_\d+/(" + "|".join(TIED_LAYER_BLOCKS) + r"))/")
+_TIED_PATH = re.compile(r"^(embeddings|(layers_\d+|" + SCANNED_KEY + ")/(" + "|".join(TIED_LAYER_BLOCKS) + r"))/")
 
 
 def is_tied_decoder_path(path: str) -> bool:
@@ -58,12 +59,13 @@ class EncoderOutput:
 class DecoderCache:
     """The decoder's self-attention keys/values (``past_key_values``) and how many positions they hold."""
 
-    layers: tuple[KeyValue, ...]  # per layer: key/value [batch, heads, max_length, head_dim]
+    layers: tuple[KeyValue, ...] | KeyValue  # per layer key/value [batch, heads, max_length, head_dim] (scanned:
+    # one KeyValue [num_layers, batch, heads, max_length, head_dim])
     index: jax.Array  # int32 scalar: positions written so far, the position of the next token
 
     @property
     def max_length(self) -> int:
-        return self.layers[0].key.shape[2]
+        return cache_rows_and_length(self.layers)[1]
 
 
 @struct.dataclass
@@ -101,13 +103,14 @@ class EncoderDecoderModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.encoder = TransformerStack(self.config.encoder_spec, self.dtype, self.param_dtype)
+        c = self.config
+        self.encoder = TransformerStack(c.encoder_spec, self.dtype, self.param_dtype, c.remat, c.scan_layers)
         decoder = TransformerStack
-        if self.config.tie_encoder_decoder:
+        if c.tie_encoder_decoder:
             decoder = nn.map_variables(TransformerStack, "params", trans_in_fn=self._with_tied_params,
                                        trans_out_fn=_without_tied_params, init=self.is_initializing(),
                                        methods=["decode", "cross_kv"])
-        self.decoder = decoder(self.config.decoder_spec, self.dtype, self.param_dtype)
+        self.decoder = decoder(c.decoder_spec, self.dtype, self.param_dtype, c.remat, c.scan_layers)
         if self.config.needs_projection:
             self.enc_to_dec_proj = dense(self.config.decoder.hidden, ("hidden", "embed"),
                                          self.config.decoder_spec.initializer_range, self.dtype, self.param_dtype)
@@ -116,7 +119,11 @@ class EncoderDecoderModule(nn.Module):
         """The decoder's variables with the tied parameters read from the encoder's (see the module docstring)."""
         encoder = self.encoder.variables["params"]
         tied = {"embeddings": encoder["embeddings"]}
-        for i in range(self.config.decoder_spec.num_layers):
+        num_layers = self.config.decoder_spec.num_layers
+        if self.config.scan_layers:  # the decoder's layers are the encoder's first num_layers
+            tied[SCANNED_KEY] = jax.tree.map(lambda x: x[:num_layers],
+                                             {block: encoder[SCANNED_KEY][block] for block in TIED_LAYER_BLOCKS})
+        for i in range(0 if self.config.scan_layers else num_layers):
             tied[f"layers_{i}"] = {block: encoder[f"layers_{i}"][block] for block in TIED_LAYER_BLOCKS}
         own = variables.get("params", {})
         merged = {**own, **{name: {**own.get(name, {}), **subtree} for name, subtree in tied.items()}}
@@ -133,10 +140,11 @@ class EncoderDecoderModule(nn.Module):
         return self.decoder.cross_kv(encoder_hidden)
 
     def decode(self, decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask=None, cache=None,
-               cache_index=0, cache_slots=None, deterministic: bool = True):
-        """See ``TransformerStack.decode``: returns ``(logits [batch, q_len, vocab] float32, cache)``."""
+               cache_index=0, cache_slots=None, deterministic: bool = True, encoder_hidden=None):
+        """See ``TransformerStack.decode`` (``encoder_hidden`` already projected by ``enc_to_dec_proj``): returns
+        ``(logits [batch, q_len, vocab] float32, cache)``."""
         return self.decoder.decode(decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask,
-                                   cache, cache_index, cache_slots, deterministic)
+                                   cache, cache_index, cache_slots, deterministic, encoder_hidden)
 
     def decode_states(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
                       encoder_attention_mask: jax.Array, decoder_attention_mask: jax.Array | None = None,
@@ -150,8 +158,10 @@ class EncoderDecoderModule(nn.Module):
         Returns ``(logits [batch, q_len, vocab] float32, the cache advanced by q_len or None)``.
         """
         layers, index = (None, 0) if cache is None else (cache.layers, cache.index)
-        logits, layers = self.decode(decoder_input_ids, self.cross_kv(encoder_hidden), encoder_attention_mask,
-                                     decoder_attention_mask, layers, index, deterministic=deterministic)
+        if self.config.needs_projection:
+            encoder_hidden = self.enc_to_dec_proj(encoder_hidden)
+        logits, layers = self.decode(decoder_input_ids, None, encoder_attention_mask, decoder_attention_mask, layers,
+                                     index, deterministic=deterministic, encoder_hidden=encoder_hidden)
         return logits, None if cache is None else DecoderCache(layers, index + decoder_input_ids.shape[1])
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
@@ -176,13 +186,15 @@ def _without_tied_params(variables: dict[str, Any]) -> dict[str, Any]:
     """The decoder's variables without the parameters it reads from the encoder (what its tree stores)."""
     params = variables.get("params", {})
     kept = {name: {block: value for block, value in subtree.items() if block not in TIED_LAYER_BLOCKS}
-            if name.startswith("layers_") else subtree for name, subtree in params.items() if name != "embeddings"}
+            if name.startswith("layers_") or name == SCANNED_KEY else subtree
+            for name, subtree in params.items() if name != "embeddings"}
     return {**variables, "params": kept}
 
 
 def empty_cache(config: EncoderDecoderConfig, batch: int, max_length: int, dtype: Dtype) -> DecoderCache:
     """A ``DecoderCache`` of zeros for ``batch`` rows and ``max_length`` positions, at index 0."""
-    return DecoderCache(init_cache(config.decoder_spec, batch, max_length, dtype), jnp.zeros((), jnp.int32))
+    return DecoderCache(init_cache(config.decoder_spec, batch, max_length, dtype, scanned=config.scan_layers),
+                        jnp.zeros((), jnp.int32))
 
 
 def apply_recording(module: nn.Module, variables, *args, output_attentions: bool = False,
@@ -203,6 +215,11 @@ def stack_records(records: dict[str, Any], stack: str, num_layers: int) -> dict[
     ``"decoder"``, layer by layer; None for what was not recorded."""
     attentions = records.get(ATTENTIONS, {}).get(stack)
     states = records.get(HIDDEN_STATES, {}).get(stack)
+
+    if attentions is not None:
+        attentions = unstack_layers(attentions)
+    if states is not None and SCANNED_KEY in states:  # each layer's input, stacked; then the final output
+        states = {"states": tuple(states[SCANNED_KEY]["states"][0]) + tuple(states["states"])}
 
     def per_layer(block: str) -> Layers | None:
         if attentions is None or block not in attentions["layers_0"]:

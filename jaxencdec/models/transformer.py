@@ -20,6 +20,11 @@ Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D
     lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa decoders)
     lm_head/output/kernel [D, vocab]                              (untied decoders)
     lm_head/bias [vocab]                                          (BERT/RoBERTa decoders)
+
+With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
+``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
+``[num_layers, batch, heads, length, head_dim]`` instead of a tuple of per-layer ones; the cross-attention
+keys/values likewise. ``remat`` wraps each layer in ``nn.remat`` (see ``config.REMAT_POLICIES``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxencdec.config import TransformerSpec
-from jaxencdec.nn.attention import Attention, KeyValue, write_cache
+from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
+from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
                                  layer_norm, logits_dot_general, zeros_init)
 
@@ -52,13 +58,23 @@ def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array
 
 
 def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype = jnp.float32,
-               slots: int = 1) -> tuple[KeyValue, ...]:
-    """An empty self-attention cache: per layer, keys/values ``[batch, heads, slots * max_length, head_dim]``.
+               slots: int = 1, scanned: bool = False) -> tuple[KeyValue, ...] | KeyValue:
+    """An empty self-attention cache: per layer, keys/values ``[batch, heads, slots * max_length, head_dim]``;
+    ``scanned``: one ``KeyValue`` of ``[num_layers, batch, heads, slots * max_length, head_dim]``.
 
     ``slots`` rows share each input's cache (beam search: one slot per beam, see ``TransformerStack.decode``).
     """
     shape = (batch, spec.num_heads, slots * max_length, spec.head_dim)
+    if scanned:
+        shape = (spec.num_layers,) + shape
+        return KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     return tuple(KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(spec.num_layers))
+
+
+def cache_rows_and_length(cache: Sequence[KeyValue] | KeyValue) -> tuple[int, int]:
+    """``(batch, keys)`` of a cache in either layout (see ``init_cache``)."""
+    key = cache.key if isinstance(cache, KeyValue) else cache[0].key
+    return key.shape[-4], key.shape[-2]
 
 
 def relative_distances(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
@@ -159,6 +175,33 @@ class TransformerLayer(nn.Module):
         return x, cache
 
 
+class ScannedLayer(TransformerLayer):
+    """One ``TransformerLayer`` as the body of ``nn.scan``: the hidden states are the carry; the layer's slice of
+    the cross-attention keys/values and of the cache are the scanned inputs; its updated cache the output.
+
+    Without precomputed cross keys/values (``per_layer[0]`` None) a decoder layer projects ``encoder_hidden``
+    itself (teacher forcing: each layer reads the encoder states once per call).
+    """
+
+    def __call__(self, x, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden):
+        cross_kv, cache = per_layer
+        self.sow(HIDDEN_STATES, "states", x)  # the layer's input, as the unrolled stack records it
+        if cross_kv is None and encoder_hidden is not None:
+            cross_kv = self.cross_attention.project_kv(encoder_hidden)
+        return TransformerLayer.__call__(self, x, mask, cross_kv, cross_mask, cache, cache_index, deterministic,
+                                         distance)
+
+
+def _rematerialized(layer_class: type[TransformerLayer], remat: str) -> type[TransformerLayer]:
+    """``layer_class`` under ``nn.remat`` with the ``remat`` policy (``config.REMAT_POLICIES``); ``deterministic``
+    stays a Python bool (flax counts ``self`` as argument 0)."""
+    if remat == "none":
+        return layer_class
+    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+    deterministic = 7 if layer_class is TransformerLayer else 6
+    return nn.remat(layer_class, policy=policy, static_argnums=(deterministic,))
+
+
 class LMHead(nn.Module):
     """Hidden states ``[batch, length, D]`` -> vocabulary logits ``[batch, length, vocab]`` (float32)."""
 
@@ -191,6 +234,8 @@ class TransformerStack(nn.Module):
     spec: TransformerSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         s = self.spec
@@ -199,8 +244,18 @@ class TransformerStack(nn.Module):
             s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
             self.dtype, self.param_dtype, add_positions=not s.relative_attention,
         )
-        self.layers = [TransformerLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
-                       for i in range(s.num_layers)]
+        if self.scan_layers:
+            scanned = nn.scan(
+                _rematerialized(ScannedLayer, self.remat),
+                variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0,) + (nn.broadcast,) * 6, length=s.num_layers,
+                metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
+            )
+            self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
+        else:
+            layer = _rematerialized(TransformerLayer, self.remat)
+            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(s.num_layers)]
         if s.pre_norm:
             self.final_norm = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
         if s.pooler:
@@ -210,23 +265,29 @@ class TransformerStack(nn.Module):
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
 
     def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic,
-               distance=None):
+               distance=None, encoder_hidden=None):
         """Embeddings and layers. Sows, when ``HIDDEN_STATES`` is mutable, ``num_layers + 1`` states as
         transformers returns them: each layer's input (the embeddings first), then the final output.
-        ``distance``: the self-attention's query-key distances, for relative attention (else None)."""
+        ``distance``: the self-attention's query-key distances, for relative attention (else None).
+        ``encoder_hidden``: scanned decoders without ``cross_kv`` project it in each layer."""
         x = self.embeddings(input_ids, positions, deterministic)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            self.sow(HIDDEN_STATES, "states", x)
-            x, layer_cache = layer(
-                x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                None if cache is None else cache[i], cache_index, deterministic, distance,
-            )
-            new_cache.append(layer_cache)
+        if self.scan_layers:
+            x, new_cache = self.layers(x, (cross_kv, cache), mask, cross_mask, cache_index, deterministic, distance,
+                                       encoder_hidden)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                self.sow(HIDDEN_STATES, "states", x)
+                x, layer_cache = layer(
+                    x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                    None if cache is None else cache[i], cache_index, deterministic, distance,
+                )
+                new_cache.append(layer_cache)
+            new_cache = None if cache is None else tuple(new_cache)
         if self.spec.pre_norm:
             x = constrain(self.final_norm(x), HIDDEN_AXES)
         self.sow(HIDDEN_STATES, "states", x)
-        return x, None if cache is None else tuple(new_cache)
+        return x, new_cache
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True):
         """Bidirectional encoding.
@@ -245,14 +306,24 @@ class TransformerStack(nn.Module):
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.spec.pooler else None
         return hidden, pooled
 
-    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[KeyValue, ...]:
-        """Projects encoder states ``[batch, src_len, D]`` into every layer's cross-attention keys/values once."""
-        return tuple(layer.cross_attention.project_kv(encoder_hidden) for layer in self.layers)
+    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[KeyValue, ...] | KeyValue:
+        """Projects encoder states ``[batch, src_len, D]`` into every layer's cross-attention keys/values once:
+        per layer ``[batch, heads, src_len, head_dim]``, or (scanned) one ``KeyValue`` with a leading layer axis."""
+        if not self.scan_layers:
+            return tuple(layer.cross_attention.project_kv(encoder_hidden) for layer in self.layers)
+        s = self.spec
+        # The stacked cross-attention parameters, applied layer by layer (vmap) through an unbound copy of the
+        # layers' own attention module.
+        attention = Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout, self.dtype,
+                              self.param_dtype, None, s.max_positions, parent=None)
+        stacked = self.variables["params"][SCANNED_KEY]["cross_attention"]
+        return jax.vmap(lambda p: attention.apply({"params": p}, encoder_hidden, method="project_kv"))(stacked)
 
     def decode(
-        self, input_ids: jax.Array, cross_kv: Sequence[KeyValue], encoder_attention_mask: jax.Array,
-        attention_mask: jax.Array | None = None, cache: Sequence[KeyValue] | None = None,
-        cache_index: jax.Array | int = 0, cache_slots: jax.Array | None = None, deterministic: bool = True,
+        self, input_ids: jax.Array, cross_kv: Sequence[KeyValue] | KeyValue | None,
+        encoder_attention_mask: jax.Array, attention_mask: jax.Array | None = None,
+        cache: Sequence[KeyValue] | KeyValue | None = None, cache_index: jax.Array | int = 0,
+        cache_slots: jax.Array | None = None, deterministic: bool = True, encoder_hidden: jax.Array | None = None,
     ):
         """Causal decoding of ``input_ids [batch, q_len]`` placed at positions ``cache_index ...``.
 
@@ -260,7 +331,8 @@ class TransformerStack(nn.Module):
         placed every query of a call with a cache at the last position, which only agrees for ``q_len == 1``).
 
         Args:
-          cross_kv: from ``cross_kv``, batch ``kv_batch``; ``batch`` may be ``kv_batch * beams``.
+          cross_kv: from ``cross_kv``, batch ``kv_batch``; ``batch`` may be ``kv_batch * beams``. None: projected
+            here from ``encoder_hidden [kv_batch, src_len, D]`` (each scanned layer projects its own).
           encoder_attention_mask: ``[kv_batch, src_len]``, nonzero = real source token.
           attention_mask: decoder padding ``[batch, keys]`` (keys = ``q_len`` without cache, else cache length).
           cache: per-layer ``KeyValue [batch, heads, max_length, head_dim]`` or None (no cache: keys are the
@@ -272,7 +344,7 @@ class TransformerStack(nn.Module):
           ``(logits [batch, q_len, vocab] float32, updated cache or None)``.
         """
         q_len = input_ids.shape[1]
-        num_keys = q_len if cache is None else cache[0].key.shape[2]
+        num_keys = q_len if cache is None else cache_rows_and_length(cache)[1]
         query_pos = cache_index + jnp.arange(q_len)
         mask = self_attention_mask(query_pos, num_keys, cache_slots)
         distance = relative_distances(query_pos, num_keys, cache_slots) if self.spec.relative_attention else None
@@ -282,6 +354,8 @@ class TransformerStack(nn.Module):
             chex.assert_shape(attention_mask, (input_ids.shape[0], num_keys))
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cross_mask = encoder_attention_mask.astype(bool)[:, None, None, :]  # [kv_batch, 1, 1, src_len]
+        if cross_kv is None and not self.scan_layers:
+            cross_kv = self.cross_kv(encoder_hidden)
         hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index), cross_kv,
-                                    cross_mask, cache, cache_index, deterministic, distance)
+                                    cross_mask, cache, cache_index, deterministic, distance, encoder_hidden)
         return self.lm_head(hidden, self.embeddings), cache

@@ -62,7 +62,7 @@ ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche (and ``_mix32(0) == 0``)."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x85EBCA6B)
     x = x ^ (x >> 13)
@@ -70,13 +70,79 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
+def _mul_hi32(a: jax.Array, b: int) -> jax.Array:
+    """The high word of the 64-bit product ``a * b`` (``a`` uint32, ``b`` an int below ``2**32``), from 16-bit
+    halves so that no uint64 is needed (jax's x64 mode is off by default); no partial sum below overflows."""
+    a0, a1 = a & jnp.uint32(0xFFFF), a >> 16
+    b0, b1 = jnp.uint32(b & 0xFFFF), jnp.uint32(b >> 16)
+    m1 = a1 * b0 + ((a0 * b0) >> 16)
+    m2 = a0 * b1 + (m1 & jnp.uint32(0xFFFF))
+    return a1 * b1 + (m1 >> 16) + (m2 >> 16)
+
+
+def element_index_words(
+    shape: tuple[int, ...], coordinates: tuple[jax.Array, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The row-major index of elements of an array of ``shape``, as two uint32 words ``(hi, lo)``:
+    ``index = hi * 2**32 + lo`` (exact up to ``2**64`` elements; each dimension must hold at most ``2**32``).
+
+    ``coordinates`` (one uint32 array per dimension, broadcasting together) names the elements; by default every
+    element, each word then of ``shape``. The index is ``sum(coordinate[k] * stride[k])`` over the dimensions, added
+    from the last (stride 1) with 64-bit words as pairs of uint32: an addition carries into ``hi`` only once the
+    trailing dimensions hold more than ``2**32`` elements, and a term takes a wide product only when it can exceed
+    ``2**32``, so for a smaller array ``hi`` is zero and ``lo`` costs a multiply-add per dimension. Passing a few
+    coordinates evaluates the same formula for an array too large to materialize.
+    """
+    if any(size > 2**32 for size in shape):
+        raise ValueError(f"element_index_words: every dimension must be at most 2**32, got shape {shape}")
+    if coordinates is None:
+        coordinates = tuple(jax.lax.broadcasted_iota(jnp.uint32, shape, axis) for axis in range(len(shape)))
+        out_shape = tuple(shape)
+    else:
+        out_shape = jnp.broadcast_shapes(*(jnp.shape(c) for c in coordinates))
+    hi = lo = jnp.zeros(out_shape, jnp.uint32)
+    largest = 0  # the largest index the dimensions added so far can make (a Python int: exact)
+    stride = 1
+    for size, coordinate in zip(reversed(shape), reversed(coordinates)):
+        if size > 1:
+            term = (size - 1) * stride
+            stride_lo, stride_hi = stride & 0xFFFFFFFF, (stride >> 32) & 0xFFFFFFFF
+            coordinate = jnp.asarray(coordinate, jnp.uint32)
+            term_lo = coordinate * jnp.uint32(stride_lo)
+            lo = lo + term_lo
+            if largest + term >= 2**32:  # the sum may pass 2**32: carry, and the term's own high word
+                hi = hi + (lo < term_lo).astype(jnp.uint32)
+                if term >= 2**32:
+                    hi = hi + _mul_hi32(coordinate, stride_lo) + coordinate * jnp.uint32(stride_hi)
+            largest += term
+        stride *= size
+    return hi, lo
+
+
+def dropout_keep_mask(index_words: tuple[jax.Array, jax.Array], seed: jax.Array, rate: float) -> jax.Array:
+    """Which elements inverted dropout keeps: ``mix(mix(lo ^ seed[0]) + (mix(hi) ^ seed[1])) >= rate * 2**32``.
+
+    ``index_words`` are the elements' ``(hi, lo)`` index words (``element_index_words``), ``seed`` is uint32
+    ``[2]``; returns a bool array of the words' shape, each element kept with probability ``1 - rate``. ``mix`` is
+    MurmurHash3's finalizer. The high word is mixed before it is added, so that rows of ``2**32`` elements differ by
+    a pseudo-random offset rather than a small one; as ``mix(0) == 0``, below ``2**32`` elements this is
+    ``mix(mix(index ^ seed[0]) + seed[1])``. The hash state is 32 bits, so beyond ``2**32`` elements some pairs of
+    elements necessarily share a hash, but scattered pseudo-randomly, not element ``i`` with ``i + 2**32``.
+    """
+    hi, lo = index_words
+    threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    return _mix32(_mix32(lo ^ seed[0]) + (_mix32(hi) ^ seed[1])) >= threshold
+
+
 class Dropout(nn.Module):
     """Inverted dropout (``flax.linen.Dropout``'s interface) with counter-based masks.
 
-    Each call draws one 64-bit seed from the ``"dropout"`` stream; element ``i`` of the input is kept when
-    ``mix(mix(i ^ seed0) + seed1) >= rate * 2**32``, a murmur3-finalizer hash that XLA fuses into the layer. On
-    CPU this costs a few integer operations per element, where threefry or RngBitGenerator masks took ~13% of a
-    train step. The mask depends only on the element's index, so a sharded run draws the same masks.
+    Each call draws one 64-bit seed from the ``"dropout"`` stream and keeps an element according to a hash of the
+    seed and the element's row-major index (``dropout_keep_mask``), computed as two 32-bit words so that it stays
+    distinct past ``2**32`` elements (``element_index_words``). XLA fuses this into the layer: on CPU it costs a few
+    integer operations per element, where threefry or RngBitGenerator masks took ~13% of a train step. The mask
+    depends only on the seed and the element's index, not on the array's shape or its split across devices, so a
+    sharded run draws the same masks.
     """
 
     rate: float
@@ -88,9 +154,7 @@ class Dropout(nn.Module):
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         seed = jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32)
-        index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)  # the row-major element index
-        threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
-        keep = _mix32(_mix32(index ^ seed[0]) + seed[1]) >= threshold
+        keep = dropout_keep_mask(element_index_words(x.shape), seed, self.rate)
         return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
 
 

@@ -43,6 +43,7 @@ DEFAULT_RULES: Rules = (
     ("kv", None),
     ("positions", None),
     ("norm", None),
+    ("layers", None),  # the stacked layer axis of scanned layers: each chip holds its shard of every layer
 )
 
 

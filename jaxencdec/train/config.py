@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from jaxencdec.config import REMAT_POLICIES
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
 from jaxencdec.train.data import DataConfig, DataError
 from jaxencdec.train.metrics import TEXT_METRICS, metric_name
@@ -44,6 +45,9 @@ class ModelSection:
     config dicts: a randomly initialized model, for tests and from-scratch runs).
     ``tokenizer`` defaults to the encoder's folder; ``decoder_tokenizer`` to ``tokenizer``.
     ``compute_dtype``: ``float32`` or ``bfloat16`` (params and optimizer state stay float32).
+    ``remat``: what each layer keeps for the backward pass (``none``, ``full``, ``dots_saveable``,
+    ``dots_with_no_batch_dims_saveable``: less memory for more compute); ``scan_layers``: each stack's layers run as
+    one ``nn.scan`` (compile time independent of depth). Neither changes what is computed or what files hold.
     """
 
     pretrained: str | None = None
@@ -58,6 +62,8 @@ class ModelSection:
     eos_token_id: int | None = None
     compute_dtype: str = "float32"
     init_seed: int = 0
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         sources = [self.pretrained is not None, self.encoder is not None or self.decoder is not None,
@@ -73,6 +79,8 @@ class ModelSection:
             raise RunConfigError("model: a randomly initialized model needs 'tokenizer'")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise RunConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise RunConfigError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,7 @@ def build_model(config: RunConfig) -> ModelBundle:
         raise RunConfigError("set model.decoder_start_token_id and model.pad_token_id (the model config and the "
                              "tokenizer name neither)")
     model.config = mc.replace(decoder_start_token_id=start, pad_token_id=pad, eos_token_id=eos)
+    model.configure_layers(remat=m.remat, scan_layers=m.scan_layers)
     return ModelBundle(model, tokenizer, decoder_tokenizer, tok_dir, dec_dir, start, pad, eos)
 
 

@@ -1,0 +1,100 @@
+"""The two layouts of a stack's layers, and the conversion between them.
+
+Unrolled (the default, and the layout of every file written): one subtree per layer, ``layers_0/...``,
+``layers_1/...``. Scanned (``EncoderDecoderConfig.scan_layers``): one subtree ``layers/...`` whose leaves carry a
+leading ``[num_layers]`` axis (logical name ``layers``), run by one ``nn.scan``. The same holds for everything
+shaped like the parameters (optimizer moments, gradients) and for a decoder cache (a tuple of per-layer
+``KeyValue`` unrolled, one ``KeyValue`` with a leading layer axis scanned).
+
+The conversions work on any pytree of dicts, tuples and lists whose leaves are arrays (numpy or jax) or
+``jax.ShapeDtypeStruct``: every dict holding ``layers_0 ... layers_{n-1}`` is stacked, every dict holding
+``layers`` is split.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The logical axis name of the stacked layer axis (replicated by the sharding rules: each chip holds every
+# layer's shard).
+LAYER_AXIS = "layers"
+SCANNED_KEY = "layers"
+_UNROLLED_KEY = re.compile(r"^layers_(\d+)$")
+
+
+def _stack(*leaves):
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+    if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def _index(leaf, i: int):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+    return leaf[i]
+
+
+def _map_containers(tree: Any, convert_dict) -> Any:
+    """Rebuilds ``tree`` bottom-up, passing every dict (its children already rebuilt) through ``convert_dict``."""
+    if isinstance(tree, Mapping):
+        return convert_dict({key: _map_containers(value, convert_dict) for key, value in tree.items()})
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a namedtuple (optax states)
+        return type(tree)(*(_map_containers(value, convert_dict) for value in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map_containers(value, convert_dict) for value in tree)
+    return tree
+
+
+def stack_layers(tree: Any) -> Any:
+    """Unrolled -> scanned: each dict's ``layers_{i}`` subtrees become one ``layers`` subtree with a leading
+    ``[num_layers]`` axis on every leaf (the layers must be numbered ``0 ... n-1`` and share one structure)."""
+
+    def convert(node: dict) -> dict:
+        indices = sorted(int(match.group(1)) for key in node if (match := _UNROLLED_KEY.match(key)))
+        if not indices:
+            return node
+        if indices != list(range(len(indices))):
+            raise ValueError(f"layers are not numbered 0 ... {len(indices) - 1}: {indices}")
+        layers = [node[f"layers_{i}"] for i in indices]
+        kept = {key: value for key, value in node.items() if not _UNROLLED_KEY.match(key)}
+        return {**kept, SCANNED_KEY: jax.tree.map(_stack, *layers)}
+
+    return _map_containers(tree, convert)
+
+
+def unstack_layers(tree: Any) -> Any:
+    """Scanned -> unrolled: each dict's ``layers`` subtree (leaves ``[num_layers, ...]``) becomes ``layers_0``,
+    ``layers_1``, ... ."""
+
+    def convert(node: dict) -> dict:
+        if SCANNED_KEY not in node:
+            return node
+        stacked = node[SCANNED_KEY]
+        num_layers = jax.tree.leaves(stacked)[0].shape[0]
+        kept = {key: value for key, value in node.items() if key != SCANNED_KEY}
+        return {**kept, **{f"layers_{i}": jax.tree.map(lambda leaf: _index(leaf, i), stacked)
+                           for i in range(num_layers)}}
+
+    return _map_containers(tree, convert)
+
+
+def is_scanned(tree: Any) -> bool:
+    """Whether ``tree`` (a parameter-shaped tree) holds a scanned ``layers`` subtree anywhere."""
+    found = []
+    _map_containers(tree, lambda node: found.append(SCANNED_KEY in node) or node)
+    return any(found)
+
+
+def to_layout(tree: Any, scanned: bool) -> Any:
+    """``tree`` in the scanned or the unrolled layout, whichever it is in now."""
+    if is_scanned(tree) == scanned:
+        return tree
+    return stack_layers(tree) if scanned else unstack_layers(tree)
