@@ -1,5 +1,6 @@
 """Both Colab notebooks: committed with the outputs of a real run, and run again top to bottom on CPU in their
-small setting, as Colab would run them: from an installed wheel, in a folder that holds no checkout."""
+small setting, as Colab would run them: from an installed wheel, in a folder that holds no checkout, on one
+device and on eight (a Colab TPU v2-8 has 8 cores)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -54,13 +56,34 @@ def test_finetune_notebook_inlines_the_repository_config():
     assert inlined == json.loads((ROOT / "configs" / "aclsum_minilm_cpu.json").read_text())
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_finetune_notebook_full_run_batches_divide_over_the_devices(devices):
+    """The full run's settings (the runs below use the small setting's) pass the trainer's checks on ``devices``
+    TPU cores: the config cell run with a stand-in for jax that reports them."""
+    from jaxencdec.train.loop import validate
+
+    notebook = nbformat.read(ROOT / "colab" / "finetune_tpu.ipynb", as_version=4)
+    source = next(c.source for c in notebook.cells if "CONFIG = json.loads" in c.source)
+    scope = {"json": json, "SMALL": False, "platform": "tpu", "jax": SimpleNamespace(device_count=lambda: devices)}
+    exec(source, scope)
+    config, inlined = scope["config"], scope["CONFIG"]
+    assert (config.train.batch_size, config.eval.batch_size) == (inlined["train"]["batch_size"] * devices,
+                                                                 inlined["eval"]["batch_size"] * devices)
+    assert validate(config, devices, 1) == (devices, 1, 1)
+
+
+@pytest.mark.parametrize("devices", [1, 8])  # 8: as many cores as a Colab TPU v2-8
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_from_an_installed_wheel(name, installed_wheel, tmp_path, monkeypatch):
+def test_notebook_runs_from_an_installed_wheel(name, devices, installed_wheel, tmp_path, monkeypatch):
     notebook = nbformat.read(ROOT / "colab" / name, as_version=4)
     for c in notebook.cells:
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
     notebook.cells.append(nbformat.v4.new_code_cell("import jaxencdec; print('imported from', jaxencdec.__file__)"))
+    # The kernel inherits this environment: a CPU jax with `devices` host devices.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    monkeypatch.setenv("XLA_FLAGS", " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", str(installed_wheel))
     monkeypatch.setenv("JAXENCDEC_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -72,7 +95,10 @@ def test_notebook_runs_from_an_installed_wheel(name, installed_wheel, tmp_path, 
     printed = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
     assert f"imported from {installed_wheel}{os.sep}jaxencdec" in printed
     if name == "quickstart.ipynb":
+        assert f"CpuDevice(id={devices - 1})]" in printed  # the last of the devices listed
         assert "saved and reloaded: identical logits" in printed
     else:
+        assert f"{devices} cpu device(s)" in printed
+        assert f"mesh: data {devices}, fsdp 1, model 1" in printed  # the batches were split over every device
         assert (tmp_path / "runs" / "finetune_cpu" / "final_model").is_dir()
         assert "rougeL" in printed

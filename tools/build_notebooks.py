@@ -1,13 +1,19 @@
 """Writes colab/*.ipynb from the cell sources kept here; run from the repository root.
 
-    python tools/build_notebooks.py             # outputs cleared
-    python tools/build_notebooks.py --execute   # run both notebooks on this machine and store their outputs
+    python tools/build_notebooks.py                  # outputs cleared
+    python tools/build_notebooks.py --execute        # run both notebooks on this machine and store their outputs
+    python tools/build_notebooks.py --keep-outputs   # new sources, the committed notebooks' outputs kept
 
 The committed notebooks carry the outputs of an ``--execute`` run of each, in full, on a 2-core CPU (the devices
 are printed in their first code cells; finetune_tpu.ipynb's 300 steps take about half an hour there). Stream
 outputs are stored as a terminal shows them (a progress bar in its last state, not every redraw).
 tests/test_notebooks.py executes both again, in a small setting (``JAXENCDEC_NOTEBOOK_SMALL=1``: 4 steps, a short
-eval), from an installed wheel.
+eval), from an installed wheel, on 1 and on 8 host devices.
+
+``--keep-outputs`` is for a change that leaves what the cells print as it was (a comment, a markdown cell, a
+setting that only matters on other devices), where a full ``--execute`` would cost half an hour: each code cell
+keeps the execution count and outputs stored under its id in colab/, and the cells whose source changed are
+named, to be checked by hand.
 """
 import argparse
 import json
@@ -134,13 +140,17 @@ print(f"{jax.device_count()} {platform} device(s):", jax.devices())'''),
 CONFIG = json.loads(r"""
 {MINILM_CONFIG}
 """)
+# The config's batch sizes (sized for one CPU) become rows per device, so that each batch divides over the data
+# shards: on a TPU v2-8 the train batch is 8 x 8 and the eval batch 8 x 10.
+devices = jax.device_count()
 overrides = [f"output_dir=runs/finetune_{{platform}}", "mesh.data=-1",  # data parallel over every core
-             "train.batch_size=" + str(8 * jax.device_count()),
+             f"train.batch_size={{CONFIG['train']['batch_size'] * devices}}",
+             f"eval.batch_size={{CONFIG['eval']['batch_size'] * devices}}",
              "model.compute_dtype=" + ("bfloat16" if platform == "tpu" else "float32")]
-if SMALL:  # the test suite's CPU setting: a few steps, a short eval
-    overrides += ["train.num_steps=4", "train.progress_bar=false", "train.batch_size=8", "eval.every=0",
-                  "eval.max_batches=1", "eval.max_new_tokens=8", "eval.num_beams=2", "checkpoint.every=2",
-                  "data.max_source_length=64", "data.source_buckets=null"]
+if SMALL:  # the test suite's CPU setting: a few steps of one row per device, a short eval
+    overrides += ["train.num_steps=4", "train.progress_bar=false", f"train.batch_size={{devices}}",
+                  f"eval.batch_size={{devices}}", "eval.every=0", "eval.max_batches=1", "eval.max_new_tokens=8",
+                  "eval.num_beams=2", "checkpoint.every=2", "data.max_source_length=64", "data.source_buckets=null"]
 config = RunConfig.from_dict(apply_overrides(CONFIG, overrides))
 print(config.train, config.mesh, sep="\\n")'''),
     ("code", '''from jaxencdec.train.loop import Trainer
@@ -190,6 +200,24 @@ def execute(nb: dict, name: str) -> None:
     print("executed", name)
 
 
+def keep_outputs(nb: dict, stored: dict) -> list[str]:
+    """Makes ``nb`` the notebook ``stored`` (as committed, with its outputs and metadata) with the cell sources of
+    ``nb``: each cell is the stored cell of its id with the new source; returns the ids of the code cells whose
+    source changed (their outputs come from the old source) or that have no stored cell (no outputs)."""
+    cells = {c.get("id"): c for c in stored["cells"]}
+    differ = []
+    for i, c in enumerate(nb["cells"]):
+        old = cells.get(c["id"])
+        if old is not None and old["cell_type"] == c["cell_type"]:
+            if c["cell_type"] == "code" and old["source"] != c["source"]:
+                differ.append(c["id"])
+            nb["cells"][i] = {**old, "source": c["source"]}
+        elif c["cell_type"] == "code":
+            differ.append(c["id"])
+    nb.update({k: v for k, v in stored.items() if k != "cells"})
+    return differ
+
+
 def rendered_streams(outputs: list) -> list:
     """``outputs`` with each run of consecutive stdout (or stderr) chunks joined into one, its carriage returns
     applied as a terminal (and Jupyter) shows them: a progress bar keeps its last state instead of one output per
@@ -218,13 +246,23 @@ def _overwrite(line: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--execute", action="store_true", help="run the notebooks and keep their outputs")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="keep the outputs stored in colab/ (by cell id) and name the code cells whose source "
+                             "changed")
     parser.add_argument("--only", choices=sorted(NOTEBOOKS), help="write (and run) this notebook only")
     args = parser.parse_args()
+    if args.execute and args.keep_outputs:
+        parser.error("--execute stores new outputs; --keep-outputs keeps the old ones: choose one")
     for name, nb in NOTEBOOKS.items():
         if args.only and name != args.only:
             continue
         if args.execute:
             execute(nb, name)
+        if args.keep_outputs:
+            differ = keep_outputs(nb, json.loads(pathlib.Path(f"colab/{name}").read_text()))
+            if differ:
+                print(f"{name}: the stored outputs of {', '.join(differ)} are from an older source: check that "
+                      f"they still match it, or run --execute")
         with open(f"colab/{name}", "w") as f:
             json.dump(nb, f, indent=1, ensure_ascii=False)
             f.write("\n")
