@@ -6,9 +6,9 @@ leading ``[num_layers]`` axis (logical name ``layers``), run by one ``nn.scan``.
 shaped like the parameters (optimizer moments, gradients) and for a decoder cache (a tuple of per-layer
 ``KeyValue`` unrolled, one ``KeyValue`` with a leading layer axis scanned).
 
-The conversions work on any pytree of dicts, tuples and lists whose leaves are arrays (numpy or jax) or
-``jax.ShapeDtypeStruct``: every dict holding ``layers_0 ... layers_{n-1}`` is stacked, every dict holding
-``layers`` is split.
+The conversions work on any pytree of dicts, tuples, namedtuples and lists whose leaves are arrays (numpy or jax)
+or ``jax.ShapeDtypeStruct`` (whose named shardings gain or lose an unsplit layer axis): every dict holding
+``layers_0 ... layers_{n-1}`` is stacked, every dict holding ``layers`` is split.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 # The logical axis name of the stacked layer axis (replicated by the sharding rules: each chip holds every
 # layer's shard).
@@ -29,16 +30,22 @@ _UNROLLED_KEY = re.compile(r"^layers_(\d+)$")
 
 def _stack(*leaves):
     first = leaves[0]
-    if isinstance(first, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+    if isinstance(first, jax.ShapeDtypeStruct):  # a named sharding gains an unsplit layer axis
+        sharding = first.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype, sharding=sharding)
     if all(isinstance(leaf, np.ndarray) for leaf in leaves):
         return np.stack(leaves)
     return jnp.stack(leaves)
 
 
 def _index(leaf, i: int):
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype)
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # a named sharding loses the layer axis
+        sharding = leaf.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[1:]), leaf.dtype, sharding=sharding)
     return leaf[i]
 
 

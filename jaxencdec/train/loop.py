@@ -441,9 +441,21 @@ class Trainer:
         return step
 
     def _read_checkpoint(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self._abstract_state()), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+        """Checkpoint ``step``'s state, data position and metadata; a state saved in the other layer layout
+        (``model.scan_layers``, recorded in the metadata's config) is read in its own layout and converted."""
+        target = self._abstract_state()
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_scanned = bool(meta.get("config", {}).get("model", {}).get("scan_layers", False))
+        scanned = self.model.config.scan_layers
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(steps.state_in_layout(target, saved_scanned)),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        state = restored["state"]
+        if saved_scanned != scanned:
+            self.info(f"checkpoint step {step} holds {'scanned' if saved_scanned else 'unrolled'} layers: converted")
+            shardings = jax.tree.map(lambda x: x.sharding, target)
+            state = jax.device_put(steps.state_in_layout(state, scanned), shardings)
+        return {"state": state, "data": restored["data"], "meta": restored["meta"]}
 
     def _move_aside(self, step: int, label: str) -> None:
         """Renames checkpoint ``step`` to ``<step>.<label>-<n>`` (orbax no longer sees it; the step can be saved

@@ -18,6 +18,7 @@ from flax import struct
 from flax import traverse_util
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxencdec.models import layout
 from jaxencdec.nn.layers import activation_constraints
 from jaxencdec.parallel.mesh import BATCH_AXES, DEFAULT_RULES, Rules
 from jaxencdec.parallel.shard import activation_constraint, batch_sharding, constrain, named, replicated
@@ -297,6 +298,13 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation, seed: in
 
     return jax.jit(make, in_shardings=(named(mesh, specs.params),), out_shardings=named(mesh, specs),
                    donate_argnums=(0,))(params)
+
+
+def state_in_layout(state: TrainState, scanned: bool) -> TrainState:
+    """``state`` (arrays or ``ShapeDtypeStruct``s) with its params and optimizer moments in the scanned or the
+    unrolled layer layout (``models.layout``)."""
+    return state.replace(params=layout.to_layout(state.params, scanned),
+                         opt_state=layout.to_layout(state.opt_state, scanned))
 
 
 def state_shapes(params_shapes: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
