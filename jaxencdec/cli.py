@@ -1,4 +1,4 @@
-"""The ``jaxencdec`` command: ``demo``, ``train``, ``eval``, ``generate`` and ``export``.
+"""The ``jaxencdec`` command: ``demo``, ``train``, ``eval``, ``generate``, ``export`` and ``compile``.
 
 Errors are one line (``jaxencdec: error: ...``) and exit status 1; ``--debug`` shows the traceback instead.
 """
@@ -23,6 +23,7 @@ EPILOG = """examples:
   jaxencdec eval configs/aclsum_minilm_cpu.json --model runs/aclsum_minilm_cpu/best_model
   jaxencdec generate --model runs/aclsum_minilm_cpu/final_model --text "In this paper we ..." --num-beams 4
   jaxencdec export runs/aclsum_minilm_cpu/final_model served --num-beams 4 --max-new-tokens 64
+  jaxencdec compile configs/bert2bert_cnn_dailymail_v5e-64.json --topology v5e-64   # will it fit? (needs libtpu)
 """
 
 
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Writes metrics.jsonl, TensorBoard events, metrics.png, final_model/ and "
                                        "(with eval) best_model/.")
     _add_run_options(train)
+    train.add_argument("--compile-only", action="store_true",
+                       help="compile the train step, eval step and generate and print their memory per device "
+                            "(as `jaxencdec compile`), without training; with --topology for a TPU slice")
+    train.add_argument("--topology", metavar="NAME", help="with --compile-only: compile for this TPU slice (see "
+                                                          "`jaxencdec compile --help`)")
 
     ev = sub.add_parser("eval", help="loss (and ROUGE/BLEU with --generate) on the eval file",
                         description="Evaluates the latest checkpoint of the config's output_dir (--set "
@@ -103,7 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     gen.add_argument("--jsonl", action="store_true", help='print {"input", "output"} JSON lines')
     _add_export_parser(sub)
+    _add_compile_parser(sub)
     return parser
+
+
+def _add_compile_parser(sub) -> None:
+    comp = sub.add_parser(
+        "compile", help="will it fit? compile a run's programs for a TPU slice, on any machine",
+        description="Compiles the run's train step, eval step and eval generate (the Trainer's mesh, shardings "
+                    "and donation; abstract inputs: nothing allocated, no weights or data read, only the models' "
+                    "config.json) ahead of time for a TPU slice with libtpu, here, and prints per device the "
+                    "parameters + optimizer state, temporaries, generated code and peak against the device's HBM, "
+                    "the FLOPs of a step and the compile times. Exit status 1 when a program does not fit, with "
+                    "the settings that would shrink it. --topology needs libtpu: pip install "
+                    "\"jax[tpu]==<your jax version>\" (or pip install \"jaxencdec[tpu]\").",
+        epilog="Topology names: Cloud TPU names (v5e-1 ... v5e-256, v5litepod-N, v6e-N, v4-8 ... v4-4096, "
+               "v5p-8 ... v5p-8192, v2-8 ... v2-512, v3-8 ... v3-2048; v2, v3, v4 and v5p count TensorCores) or jax "
+               "topology strings as jax.experimental.topologies takes them (v5e:2x2; v4:2x2x4 there is one device "
+               "per TensorCore, where v4-32 runs megacore). Without --topology: this machine's devices.")
+    comp.add_argument("config", help="a run config JSON file (see configs/)")
+    comp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, as for train; repeatable")
+    comp.add_argument("--topology", metavar="NAME", help="the TPU slice, e.g. v5e-64, v4-32 or v5e:2x2 (default: "
+                                                         "this machine's devices)")
 
 
 def _add_export_parser(sub) -> None:
@@ -130,12 +158,16 @@ def _load_run_config(args):
     overrides = list(args.overrides)
     for flag, key in (("coordinator", "coordinator_address"), ("num_processes", "num_processes"),
                       ("process_id", "process_id")):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             overrides.append(f"distributed.{key}={json.dumps(getattr(args, flag))}")
     return RunConfig.from_json_file(args.config, overrides)
 
 
 def cmd_train(args) -> int:
+    if args.topology and not args.compile_only:
+        raise ValueError("--topology compiles for a TPU slice: use it with --compile-only")
+    if args.compile_only:
+        return cmd_compile(args)
     from jaxencdec.train.loop import Trainer
 
     result = Trainer(_load_run_config(args)).run()
@@ -279,6 +311,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    if args.topology and "JAX_PLATFORMS" not in os.environ:
+        # The slice's compile-only devices come from libtpu; JAX looks for no TPU chip, and libtpu, told that this
+        # process is a host of its own, skips the error it logs for want of Cloud TPU metadata.
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jaxencdec.parallel.topology import resolve_topology
+    from jaxencdec.train import compile as aot
+
+    topology = resolve_topology(args.topology) if args.topology else None  # a bad name fails before any work
+    config = _load_run_config(args)
+    report = aot.compile_run(config, topology, log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(aot.format_report(report), flush=True)
+    if report.fits:
+        return 0
+    print(f"jaxencdec: error: {aot.does_not_fit_message(report, config)}", file=sys.stderr)
+    return 1
+
+
 def cmd_demo(args) -> int:
     from jaxencdec import demo
 
@@ -290,7 +341,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-            "export": cmd_export}
+            "export": cmd_export, "compile": cmd_compile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

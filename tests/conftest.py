@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
-import pytest
+# Before anything imports jax: the test extra installs libtpu (tests/test_tpu_*.py compile for TPU slices ahead of
+# time), and without these jax would look for TPU chips in every process, the two test workers would contend for
+# libtpu's lock, and libtpu would log into /tmp instead of the run's temporary folder.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_LOG_DIR", os.path.join(tempfile.gettempdir(), "tpu_logs"))
 
-from jaxencdec import assets
+import pytest  # noqa: E402
+
+from jaxencdec import assets  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -14,9 +14,9 @@ Both sides train with dropout on (``--no-dropout``: off on both sides), AdamW (l
 global-norm clipping at 1.0, float32 parameters and optimizer state. ``--dtype bfloat16``: ours computes in
 bfloat16, PyTorch runs its forward pass under ``torch.autocast`` to bfloat16.
 
-MFU: the model FLOPs of a step (``train_flops``: the matmuls of the forward pass, times 3) over the step's
-seconds, as a fraction of the matmul rate this run measures on the same device in the same dtype (``--dtype``):
-the best of several jitted ``jnp.dot`` calls on two square matrices (8192 on a GPU, 2048 on the CPU).
+MFU: the model FLOPs of a step (``jaxencdec.train.flops.train_flops``: the forward pass's matmuls, times 3) over
+the step's seconds, as a fraction of the matmul rate this run measures on the same device in the same dtype
+(``--dtype``): the best of several jitted ``jnp.dot`` calls on two square matrices (8192 on a GPU, 2048 on the CPU).
 
     python tools/bench_train.py                       # the default setting: batch 8, source 128, target 64
     python tools/bench_train.py --batch 2 --source 32 --target 16 --steps 2   # a quick check
@@ -35,6 +35,8 @@ import tempfile
 import time
 
 from bench_common import MODELS, best_call_seconds, load_line, reference_model
+
+from jaxencdec.train.flops import train_flops  # the formula, documented there
 
 
 def parse_args(argv=None):
@@ -74,35 +76,6 @@ def make_batch(batch, source, target, enc_vocab, dec_vocab, start_id, seed=0):
                                                out["labels"][:, :-1]], axis=1)
     out["decoder_attention_mask"] = np.ones((batch, target), np.int32)
     return out
-
-
-def train_flops(config, batch: int, source: int, target: int) -> float:
-    """Model FLOPs of one train step of a transformers ``EncoderDecoderConfig``: the forward pass's matmuls, 2
-    FLOPs per multiply-add, times 3 (the backward pass takes two matmuls per forward one: input and weight
-    gradients). With B = batch, S = source, T = target length, per layer hidden h (encoder h_e), MLP width f,
-    and V the decoder's vocabulary:
-
-        encoder layer   8 B S h^2 (q, k, v, out)  +  4 B S^2 h (scores, values)  +  4 B S h f (MLP)
-        decoder layer   8 B T h^2  +  4 B T^2 h          self-attention, causal but counted in full
-                      + 4 B T h^2  +  4 B S h_e h        cross-attention q, out; k, v over the source
-                      + 4 B T S h  +  4 B T h f          cross-attention scores, values; MLP
-        LM head         2 B T h V  (+ 2 B T h^2: BERT's transform before it)
-
-    Not counted: embeddings, layer norms, softmax, activations, the loss, the optimizer, BERT's pooler.
-    """
-    def dims(c):  # GPT-2's config maps hidden_size / num_hidden_layers; its MLP is n_inner or 4 h
-        inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
-        return c.num_hidden_layers, c.hidden_size, inner
-
-    (le, he, fe), (ld, hd, fd) = dims(config.encoder), dims(config.decoder)
-    b, s, t = batch, source, target
-    encoder = le * (8 * b * s * he**2 + 4 * b * s * s * he + 4 * b * s * he * fe)
-    decoder = ld * (8 * b * t * hd**2 + 4 * b * t * t * hd + 4 * b * t * hd**2 + 4 * b * s * he * hd
-                    + 4 * b * t * s * hd + 4 * b * t * hd * fd)
-    head = 2 * b * t * hd * config.decoder.vocab_size
-    if config.decoder.model_type == "bert":
-        head += 2 * b * t * hd**2
-    return 3 * (encoder + decoder + head)
 
 
 def matmul_tflops(dtype_name: str) -> tuple[float, int]:
@@ -212,7 +185,8 @@ def main(argv=None):
     if args.device == "cuda":  # both frameworks share the card: JAX must not take 75% of it up front
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     import jax
-    import transformers
+
+    from jaxencdec.config import EncoderDecoderConfig
 
     tokens = args.batch * (args.source + args.target)
     load_before = os.getloadavg()[0]
@@ -228,8 +202,8 @@ def main(argv=None):
                 steps["theirs"] = torch_step(folder, batch, args)
             seconds = time_steps(steps, args.warmup, args.steps)
             ours, theirs = seconds["ours"], seconds.get("theirs")
-            flops = train_flops(transformers.EncoderDecoderConfig.from_pretrained(folder), args.batch, args.source,
-                                args.target)
+            flops = train_flops(EncoderDecoderConfig.from_json_file(os.path.join(folder, "config.json")), args.batch,
+                                args.source, args.target)
             row = {"model": name + (f" ({info['note']})" if info["note"] else ""), "batch": args.batch,
                    "source": args.source, "target": args.target, "dtype": args.dtype,
                    "dropout": not args.no_dropout, "threads": args.threads,

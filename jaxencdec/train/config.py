@@ -23,7 +23,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from jaxencdec.config import REMAT_POLICIES
+import jax.numpy as jnp
+
+from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
+from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
 from jaxencdec.train.data import DataConfig, DataError
 from jaxencdec.train.metrics import TEXT_METRICS, metric_name
@@ -81,6 +84,11 @@ class ModelSection:
             raise RunConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.remat not in REMAT_POLICIES:
             raise RunConfigError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype of training, eval and eval generation (parameters stay float32)."""
+        return jnp.dtype(jnp.bfloat16 if self.compute_dtype == "bfloat16" else jnp.float32)
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,15 @@ class EvalSection:
         if self.batch_size < 1:
             raise RunConfigError("eval.batch_size must be >= 1")
 
+    def generation_config(self, model_config: EncoderDecoderConfig) -> GenerationConfig:
+        """The beam search of eval: these settings, the model's token ids."""
+        eos = model_config.eos_token_id
+        return GenerationConfig.from_model_config(model_config).replace(
+            num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, length_penalty=self.length_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size, early_stopping=True if self.num_beams > 1 else False,
+            decoder_start_token_id=model_config.decoder_start_token_id, pad_token_id=model_config.pad_token_id,
+            eos_token_id=eos[0] if isinstance(eos, tuple) else eos)
+
 
 @dataclass(frozen=True)
 class CheckpointSection:
@@ -246,6 +263,35 @@ class RunConfig:
         if not isinstance(data, dict):
             raise RunConfigError(f"config file {path} must hold a JSON object")
         return cls.from_dict(apply_overrides(data, overrides))
+
+
+def check_shapes(config: RunConfig, num_devices: int, num_processes: int) -> tuple[int, int, int]:
+    """The mesh shape on ``num_devices`` devices of ``num_processes`` processes; ``RunConfigError`` when the mesh
+    or a batch does not divide over them."""
+    try:
+        shape = config.mesh.resolve(num_devices)
+    except MeshError as e:
+        raise RunConfigError(f"mesh: {e}") from None
+    shards = shape[0] * shape[1]
+    batch, micro = config.train.batch_size, config.train.micro_batches
+    if batch % (micro * shards):
+        raise RunConfigError(f"train.batch_size {batch} is not divisible by micro_batches x data shards "
+                             f"({micro} x data={shape[0]} x fsdp={shape[1]} = {micro * shards})")
+    if batch % num_processes:
+        raise RunConfigError(f"train.batch_size {batch} is not divisible by the {num_processes} processes")
+    if config.eval.every >= 0 and (config.eval.batch_size % shards or config.eval.batch_size % num_processes):
+        raise RunConfigError(f"eval.batch_size {config.eval.batch_size} is not divisible by the {shards} data "
+                             f"shards and the {num_processes} processes")
+    return shape
+
+
+def check_lengths(config: RunConfig, model_config: EncoderDecoderConfig) -> None:
+    """``RunConfigError`` when the data lengths exceed the positions the encoder / decoder embed."""
+    for side, spec in (("source", model_config.encoder_spec), ("target", model_config.decoder_spec)):
+        length = getattr(config.data, f"max_{side}_length")
+        if length > spec.max_length:
+            role = "encoder" if side == "source" else "decoder"
+            raise RunConfigError(f"data.max_{side}_length {length} exceeds the {role}'s {spec.max_length} positions")
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

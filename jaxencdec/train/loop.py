@@ -42,13 +42,12 @@ from jaxencdec.checkpoint import io
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.models.encoder_decoder import EncoderDecoderModule
-from jaxencdec.parallel.mesh import MeshError, initialize_distributed, make_mesh
+from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
 from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import step as steps
-from jaxencdec.train.config import RunConfig, RunConfigError
+from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, check_shapes
 from jaxencdec.train.data import (HOST_ONLY_KEYS, DataError, PairEncoder, PairLoader, ShardLoader, read_pairs,
                                    read_shard)
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
@@ -81,21 +80,8 @@ class CheckpointError(RuntimeError):
 
 def validate(config: RunConfig, num_devices: int, num_processes: int) -> tuple[int, int, int]:
     """Raises ``RunConfigError`` for a config that cannot run on these devices; returns the mesh shape."""
-    try:
-        shape = config.mesh.resolve(num_devices)
-    except MeshError as e:
-        raise RunConfigError(f"mesh: {e}") from None
-    shards = shape[0] * shape[1]
-    batch, micro = config.train.batch_size, config.train.micro_batches
-    if batch % (micro * shards):
-        raise RunConfigError(f"train.batch_size {batch} is not divisible by micro_batches x data shards "
-                             f"({micro} x data={shape[0]} x fsdp={shape[1]} = {micro * shards})")
-    if batch % num_processes:
-        raise RunConfigError(f"train.batch_size {batch} is not divisible by the {num_processes} processes")
+    shape = check_shapes(config, num_devices, num_processes)
     need_eval = config.eval.every >= 0
-    if need_eval and (config.eval.batch_size % shards or config.eval.batch_size % num_processes):
-        raise RunConfigError(f"eval.batch_size {config.eval.batch_size} is not divisible by the {shards} data "
-                             f"shards and the {num_processes} processes")
     try:
         config.data.check(need_eval)
     except DataError as e:
@@ -259,14 +245,12 @@ class Trainer:
         bundle = build_model(config)
         self.bundle = bundle
         self.model = bundle.model
-        dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
-        self.module = EncoderDecoderModule(self.model.config, dtype=dtype, param_dtype=jnp.float32)
 
         data = config.data
         self.encoder = PairEncoder(bundle.tokenizer, bundle.decoder_tokenizer, data.max_source_length,
                                    data.max_target_length, bundle.decoder_start_token_id, bundle.pad_token_id,
                                    bundle.eos_token_id)
-        self._check_lengths()
+        check_lengths(config, self.model.config)
         self.loader = self._train_loader()
         self.eval_pairs = read_pairs(data, "eval") if config.eval.every >= 0 else None
 
@@ -293,19 +277,10 @@ class Trainer:
         if self.sharding_report.unfitted or (param_split and self.sharding_report.replicated):
             self.info(self.sharding_report.summary())
 
-        self.schedule = steps.learning_rate_schedule(config.optim, config.train.num_steps)
-        self.optimizer = steps.make_optimizer(config.optim, config.train.num_steps, params, frozen)
-        self.specs = steps.state_specs(pspecs, steps.state_shapes(params, self.optimizer))
+        run_steps = steps.make_run_steps(config, self.model.config, params, pspecs, self.mesh, frozen)
+        self.schedule, self.optimizer, self.specs = run_steps.schedule, run_steps.optimizer, run_steps.specs
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
-        self.train_step = steps.jit_train_step(
-            steps.make_train_step(self.module, self.optimizer, self.schedule,
-                                  micro_batches=config.train.micro_batches,
-                                  label_smoothing=config.optim.label_smoothing, dropout=config.train.dropout,
-                                  mesh=self.mesh, rules=self.rules, frozen=frozen),
-            self.mesh, self.specs)
-        eval_module = EncoderDecoderModule(self.model.config, dtype=dtype, param_dtype=jnp.float32)
-        self.eval_step = steps.jit_eval_step(steps.make_eval_step(eval_module, self.mesh, self.rules), self.mesh,
-                                             pspecs)
+        self.train_step, self.eval_step = run_steps.train_step, run_steps.eval_step
         self._generate_fn = None
         self._param_norm = jax.jit(optax.tree.norm)
 
@@ -387,15 +362,6 @@ class Trainer:
             self.manager.wait_until_finished()
             self.manager.close()
         self.metrics.close()
-
-    def _check_lengths(self):
-        enc, dec = self.model.config.encoder_spec, self.model.config.decoder_spec
-        if self.config.data.max_source_length > enc.max_length:
-            raise RunConfigError(f"data.max_source_length {self.config.data.max_source_length} exceeds the "
-                                 f"encoder's {enc.max_length} positions")
-        if self.config.data.max_target_length > dec.max_length:
-            raise RunConfigError(f"data.max_target_length {self.config.data.max_target_length} exceeds the "
-                                 f"decoder's {dec.max_length} positions")
 
     def _abstract_state(self):
         shardings = named(self.mesh, self.specs)
@@ -563,14 +529,9 @@ class Trainer:
                 self.info(f"generation metrics skipped: jaxencdec.generation.api is not available ({e})")
                 self._generate_fn = False
                 return None
-            ev = self.config.eval
             mc = self.model.config
-            gen = GenerationConfig.from_model_config(mc).replace(
-                num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, length_penalty=ev.length_penalty,
-                no_repeat_ngram_size=ev.no_repeat_ngram_size, early_stopping=True if ev.num_beams > 1 else False,
-                decoder_start_token_id=self.bundle.decoder_start_token_id, pad_token_id=self.bundle.pad_token_id,
-                eos_token_id=self.bundle.eos_token_id)
-            self._generate_fn = make_generate_fn(mc, gen)
+            self._generate_fn = make_generate_fn(mc, self.config.eval.generation_config(mc),
+                                                 dtype=self.config.model.dtype)
         return self._generate_fn or None
 
     def evaluate(self, params=None, *, generate: bool | None = None) -> dict[str, float]:

@@ -8,6 +8,7 @@ Shapes are static per bucket: a new source length compiles once, the same length
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,11 +19,13 @@ from flax import struct
 from flax import traverse_util
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.models import layout
+from jaxencdec.models.encoder_decoder import EncoderDecoderModule
 from jaxencdec.nn.layers import activation_constraints
 from jaxencdec.parallel.mesh import BATCH_AXES, DEFAULT_RULES, Rules
 from jaxencdec.parallel.shard import activation_constraint, batch_sharding, constrain, named, replicated
-from jaxencdec.train.config import OptimConfig, RunConfigError
+from jaxencdec.train.config import OptimConfig, RunConfig, RunConfigError
 
 PyTree = Any
 MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
@@ -298,6 +301,36 @@ def init_state(params: PyTree, optimizer: optax.GradientTransformation, seed: in
 
     return jax.jit(make, in_shardings=(named(mesh, specs.params),), out_shardings=named(mesh, specs),
                    donate_argnums=(0,))(params)
+
+
+@dataclass(frozen=True)
+class RunSteps:
+    """A run's optimizer, schedule and jitted steps, as ``make_run_steps`` builds them."""
+
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    specs: TrainState  # of PartitionSpec
+    train_step: Callable  # jitted (state, batch) -> (state, metrics), the state donated
+    eval_step: Callable  # jitted (params, batch) -> {"loss_sum", "tokens"}
+
+
+def make_run_steps(config: RunConfig, model_config: EncoderDecoderConfig, params: PyTree, param_specs: PyTree,
+                   mesh: Mesh, frozen: PyTree | None = None) -> RunSteps:
+    """The train and eval steps of ``config`` (compute dtype, micro-batches, smoothing, dropout, rules) for the
+    model ``model_config`` (its ``remat`` / ``scan_layers`` included), sharded as ``param_specs`` on ``mesh``.
+    ``params``: arrays or ``jax.ShapeDtypeStruct``s (only their shapes are read). The Trainer runs them; ``jaxencdec
+    compile`` compiles them for a TPU slice."""
+    rules = config.mesh.logical_rules
+    schedule = learning_rate_schedule(config.optim, config.train.num_steps)
+    optimizer = make_optimizer(config.optim, config.train.num_steps, params, frozen)
+    specs = state_specs(param_specs, state_shapes(params, optimizer))
+    module = EncoderDecoderModule(model_config, dtype=config.model.dtype, param_dtype=jnp.float32)
+    train_step = jit_train_step(
+        make_train_step(module, optimizer, schedule, micro_batches=config.train.micro_batches,
+                        label_smoothing=config.optim.label_smoothing, dropout=config.train.dropout, mesh=mesh,
+                        rules=rules, frozen=frozen), mesh, specs)
+    eval_step = jit_eval_step(make_eval_step(module, mesh, rules), mesh, param_specs)
+    return RunSteps(optimizer, schedule, specs, train_step, eval_step)
 
 
 def state_in_layout(state: TrainState, scanned: bool) -> TrainState:
