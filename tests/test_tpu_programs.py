@@ -505,41 +505,32 @@ def source_of(program: Compiled, instruction: tp.Instruction, operand: int) -> t
         return produced
 
 
-@pytest.mark.parametrize("name", ("greedy", "beam"))
+@pytest.mark.parametrize("name", GENERATE)
 def test_kv_cache_is_written_in_place(compiled, name):
     """Each step writes one position per layer into the loop-carried cache: per decoder layer one
     dynamic-update-slice for keys and one for values, each of one position (all rows, heads and beam slots)
-    into a buffer that comes straight from the loop state (no copy, no slice of something larger).
+    into a buffer that comes straight from a loop's state (no copy, no slice of something larger).
 
-    Found: 4 writes of [8, 2, 1, 16] into [8, 2, 8, 16] (greedy; beams: [8, 2, 4, 1, 16] into the beams'
-    shared [8, 2, 4, 8, 16]), each into a get-tuple-element of the loop state: the whole batch of 8 on each
-    device (generate splits the batch on data only; fsdp splits the weights' embed side, and each step
-    all-reduces activations over it), 2 of the 4 heads (model)."""
-    check_in_place(compiled(name))
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "scanned decoder: nn.scan takes each layer's cache as a scanned input and returns it as an output, so every "
-    "step dynamic-slices each layer's whole cache out of the stacked buffer, writes the token into that copy, "
-    "and writes the whole layer's cache back (models/transformer.py ScannedLayer)"))
-@pytest.mark.parametrize("name", ("greedy_scanned", "beam_scanned"))
-def test_scanned_kv_cache_is_written_in_place(compiled, name):
-    check_in_place(compiled(name))
-
-
-def check_in_place(program: Compiled) -> None:
-    loop = search_loop(program)
-    writes = cache_writes(program, loop)
-    body_param = next(i for i in program.hlo.computations[program.hlo.body(loop)] if i.op == "parameter")
-    assert len(writes) == 2 * tp.BERT["num_hidden_layers"], [w.arrays for w in writes]
+    Found unrolled: 4 writes of [8, 2, 1, 16] into [8, 2, 8, 16] (greedy; beams: [8, 2, 4, 1, 16] into the beams'
+    shared [8, 2, 4, 8, 16]), each into a get-tuple-element of the decoding loop's state: the whole batch of 8 on
+    each device (generate splits the batch on data only; fsdp splits the weights' embed side, and each step
+    all-reduces activations over it), 2 of the 4 heads (model). Scanned: 2 writes in the layer loop's body, of
+    one position of one layer into the cache of both layers ([2, 8, 2, 8, 16]), carried by the layer loop."""
+    program = compiled(name)
+    scanned = name in SCANNED
+    layers = tp.BERT["num_hidden_layers"]
+    writes = cache_writes(program, search_loop(program))
+    assert len(writes) == 2 * (1 if scanned else layers), [w.arrays for w in writes]
     for write in writes:
         (_, buffer_shape), = write.arrays
         update = program.hlo.by_name(write.computation)[write.operands[1]]
         (_, update_shape), = update.arrays
         positions = program.description["cache_length"]
-        assert math.prod(update_shape) * positions == math.prod(buffer_shape), (update_shape, buffer_shape)
+        stacked = layers if scanned else 1
+        assert math.prod(update_shape) * positions * stacked == math.prod(buffer_shape), (update_shape, buffer_shape)
         source = source_of(program, write, 0)
-        assert source.op == "get-tuple-element" and source.operands == [body_param.name], source.line[:300]
+        state = next(i for i in program.hlo.computations[source.computation] if i.op == "parameter")
+        assert source.op == "get-tuple-element" and source.operands == [state.name], source.line[:300]
 
 
 @pytest.mark.parametrize("name", GENERATE)

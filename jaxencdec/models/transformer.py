@@ -38,7 +38,7 @@ from flax import linen as nn
 
 from jaxencdec.config import TransformerSpec
 from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
-from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, write_cache
+from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, layer_of, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
                                  layer_norm, logits_dot_general, zeros_init)
 
@@ -151,18 +151,20 @@ class TransformerLayer(nn.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
         cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool, distance: jax.Array | None = None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, KeyValue | None]:
         """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None).
 
         ``distance``: the self-attention's query-key distances (``relative_distances``), for relative attention.
+        ``layer``: int32 scalar, this layer's index in a ``cache`` stacked over every layer (scanned layers).
         """
 
         def self_attend(h):
             nonlocal cache
             kv = self.self_attention.project_kv(h)
             if cache is not None:
-                cache = write_cache(cache, kv, cache_index)
-                kv = cache
+                cache = write_cache(cache, kv, cache_index, layer)
+                kv = cache if layer is None else layer_of(cache, layer)
             return self.self_attention(h, kv, mask, deterministic, distance)
 
         x = self._residual(x, self.self_attention_norm, self_attend, deterministic)
@@ -176,20 +178,24 @@ class TransformerLayer(nn.Module):
 
 
 class ScannedLayer(TransformerLayer):
-    """One ``TransformerLayer`` as the body of ``nn.scan``: the hidden states are the carry; the layer's slice of
-    the cross-attention keys/values and of the cache are the scanned inputs; its updated cache the output.
+    """One ``TransformerLayer`` as the body of ``nn.scan``. The carry is the hidden states and the cache of every
+    layer (``[layers, ...]``, or None), which each layer updates in place at its own index (a cache passed as a
+    scanned input would be copied out and written back whole, every layer of every decoding step); the scanned
+    inputs are the layer's cross-attention keys/values and its index.
 
     Without precomputed cross keys/values (``per_layer[0]`` None) a decoder layer projects ``encoder_hidden``
     itself (teacher forcing: each layer reads the encoder states once per call).
     """
 
-    def __call__(self, x, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden):
-        cross_kv, cache = per_layer
+    def __call__(self, carry, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden):
+        x, cache = carry
+        cross_kv, layer = per_layer
         self.sow(HIDDEN_STATES, "states", x)  # the layer's input, as the unrolled stack records it
         if cross_kv is None and encoder_hidden is not None:
             cross_kv = self.cross_attention.project_kv(encoder_hidden)
-        return TransformerLayer.__call__(self, x, mask, cross_kv, cross_mask, cache, cache_index, deterministic,
-                                         distance)
+        carry = TransformerLayer.__call__(self, x, mask, cross_kv, cross_mask, cache, cache_index, deterministic,
+                                          distance, layer)
+        return carry, None
 
 
 def _rematerialized(layer_class: type[TransformerLayer], remat: str) -> type[TransformerLayer]:
@@ -272,8 +278,9 @@ class TransformerStack(nn.Module):
         ``encoder_hidden``: scanned decoders without ``cross_kv`` project it in each layer."""
         x = self.embeddings(input_ids, positions, deterministic)
         if self.scan_layers:
-            x, new_cache = self.layers(x, (cross_kv, cache), mask, cross_mask, cache_index, deterministic, distance,
-                                       encoder_hidden)
+            layers = jnp.arange(self.spec.num_layers, dtype=jnp.int32)
+            (x, new_cache), _ = self.layers((x, cache), (cross_kv, layers), mask, cross_mask, cache_index,
+                                            deterministic, distance, encoder_hidden)
         else:
             new_cache = []
             for i, layer in enumerate(self.layers):

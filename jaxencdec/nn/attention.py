@@ -27,25 +27,36 @@ class KeyValue:
     value: jax.Array  # [batch, heads, kv_length, head_dim]
 
 
-def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array) -> KeyValue:
+def write_cache(cache: KeyValue, new: KeyValue, index: jax.Array, layer: jax.Array | None = None) -> KeyValue:
     """Writes ``new`` (``[rows, heads, q_len, head_dim]``) into ``cache`` at position ``index`` (int32 scalar).
 
     ``cache`` is ``[batch, heads, slots * max_length, head_dim]`` with ``rows = batch * slots``: the rows of one
     input (its beams) share one cache, row ``b * slots + s`` writing the positions of slot ``s``. With one slot
-    per input this is a plain per-row cache.
+    per input this is a plain per-row cache. With ``layer`` (int32 scalar) the cache holds every layer,
+    ``[layers, batch, heads, slots * max_length, head_dim]`` (scanned layers), and ``new`` goes into that layer's:
+    only the new positions are written, so the stacked cache is updated in place.
     """
-    batch, heads, total, head_dim = cache.key.shape
+    batch, heads, total, head_dim = cache.key.shape[-4:]
     chex.assert_is_divisible(new.key.shape[0], batch)
     slots = new.key.shape[0] // batch
     q_len = new.key.shape[2]
+    lead = cache.key.shape[:-4]  # () or (layers,)
+    start = (() if layer is None else (layer,)) + (0, 0, 0, index, 0)
 
     def write(stored, fresh):
         fresh = fresh.reshape(batch, slots, heads, q_len, head_dim).transpose(0, 2, 1, 3, 4)
-        stored = stored.reshape(batch, heads, slots, total // slots, head_dim)
-        stored = jax.lax.dynamic_update_slice(stored, fresh.astype(stored.dtype), (0, 0, 0, index, 0))
-        return stored.reshape(batch, heads, total, head_dim)
+        fresh = fresh.reshape((1,) * len(lead) + fresh.shape)
+        stored = stored.reshape(*lead, batch, heads, slots, total // slots, head_dim)
+        stored = jax.lax.dynamic_update_slice(stored, fresh.astype(stored.dtype), start)
+        return stored.reshape(*lead, batch, heads, total, head_dim)
 
     return KeyValue(key=write(cache.key, new.key), value=write(cache.value, new.value))
+
+
+def layer_of(cache: KeyValue, layer: jax.Array) -> KeyValue:
+    """Layer ``layer``'s part (``[batch, heads, length, head_dim]``) of a cache stacked over layers."""
+    return KeyValue(key=jax.lax.dynamic_index_in_dim(cache.key, layer, keepdims=False),
+                    value=jax.lax.dynamic_index_in_dim(cache.value, layer, keepdims=False))
 
 
 def dot_product_attention(
