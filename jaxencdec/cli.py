@@ -344,12 +344,33 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "generate": 
             "export": cmd_export, "compile": cmd_compile}
 
 
+def _restart_with_the_largest_stack() -> None:
+    """Restarts this program (same arguments) with the stack size limit raised to its hard limit, if it is lower.
+
+    libtpu's compiler recurses deeply on large programs (a 24 + 24-layer pair's train step overflowed the stack
+    of its threads under the usual 8 MiB limit: SIGSEGV). Threads take their stack size from the limit the process
+    started with, so raising it in a running process does not help; the restart happens once (then the soft
+    limit is the hard one)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == resource.RLIM_INFINITY or soft == hard:
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "jaxencdec.cli", *sys.argv[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    compiles_for_tpu = args.command == "compile" or getattr(args, "compile_only", False)
+    if argv is None and compiles_for_tpu:  # run as a program (a caller's own process is never replaced)
+        _restart_with_the_largest_stack()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:

@@ -188,3 +188,33 @@ def final_params(run_dir: str) -> dict:
 
     tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
     return traverse_util.flatten_dict(tree, sep="/")
+
+
+# ---------------------------------------------------------------------- a Hugging Face cache of configs
+
+# config.json of the hub models the shipped pod configs name (google-bert/bert-base-uncased and bert-large-uncased,
+# as published); compiling a run reads nothing else of a model.
+BERT_UNCASED = {"architectures": ["BertForMaskedLM"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+                "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert",
+                "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
+                "position_embedding_type": "absolute", "type_vocab_size": 2, "use_cache": True, "vocab_size": 30522}
+HUB_CONFIGS = {"bert-base-uncased": BERT_UNCASED,
+               "bert-large-uncased": {**BERT_UNCASED, "hidden_size": 1024, "intermediate_size": 4096,
+                                      "num_attention_heads": 16, "num_hidden_layers": 24}}
+
+
+def write_hub_cache(folder: str) -> str:
+    """A Hugging Face hub cache (``HF_HUB_CACHE``) holding ``HUB_CONFIGS``' config.json files, as
+    ``huggingface_hub`` lays out a download (``models--NAME/snapshots/REVISION``, ``refs/main``)."""
+    for i, (name, config) in enumerate(HUB_CONFIGS.items()):
+        revision = f"{i + 1:040x}"
+        snapshot = os.path.join(folder, f"models--{name}", "snapshots", revision)
+        os.makedirs(snapshot, exist_ok=True)
+        with open(os.path.join(snapshot, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        os.makedirs(os.path.join(folder, f"models--{name}", "refs"), exist_ok=True)
+        with open(os.path.join(folder, f"models--{name}", "refs", "main"), "w", encoding="utf-8") as f:
+            f.write(revision)
+    return folder
+
