@@ -17,27 +17,17 @@ import transformers
 from flax import traverse_util
 
 import testing
-from hf_reference import VOCAB, batch, hf_encoder_decoder
+from hf_reference import VOCAB, batch
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import BertConfig, EncoderDecoderConfig
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import shift_tokens_right
 from jaxencdec.train import step as steps
-from test_models_equivalence import PAIRS, assert_same_outputs
+from test_models_equivalence import assert_same_outputs, saved_pair  # noqa: F401 (a fixture, used by name)
 
 # (scan_layers, remat) ways of running the layers, each compared with the plain unrolled one.
 LAYOUTS = {"scanned": (True, "none"), "remat": (False, "full"), "remat-dots": (False, "dots_with_no_batch_dims_saveable"),
            "scanned-remat": (True, "full")}
-
-
-@pytest.fixture(scope="module", params=list(PAIRS))
-def saved_pair(request, tmp_path_factory):
-    encoder, decoder, enc_hidden, dec_hidden = PAIRS[request.param]
-    hf = hf_encoder_decoder(encoder, decoder, seed=len(request.param), encoder_hidden=enc_hidden,
-                            decoder_hidden=dec_hidden)
-    folder = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
 
 
 def _relative_and_tied_configs() -> dict[str, EncoderDecoderConfig]:
