@@ -97,8 +97,8 @@ def test_shipped_config_fits_its_slice(path, env):
 @pytest.mark.parametrize("topology, devices", [("v2-8", 8), ("v5e-1", 1)])
 def test_colab_finetune_workload_fits_a_colab_tpu(topology, devices, env):
     """configs/aclsum_minilm_cpu.json as colab/finetune_tpu.ipynb runs it on a TPU runtime: its batch sizes per
-    device, data parallel over every device, bfloat16 (a v2-8 has 8 devices, a v5e-1 runtime one chip; a v6e-1's
-    program is the same one-chip program with twice the HBM)."""
+    device, data parallel over every device, bfloat16 (a v2-8 has 8 devices, a v5e-1 runtime one chip; a v6e chip
+    has twice its HBM)."""
     config = json.loads((CONFIGS / "aclsum_minilm_cpu.json").read_text())
     sets = ["mesh.data=-1", f"train.batch_size={config['train']['batch_size'] * devices}",
             f"eval.batch_size={config['eval']['batch_size'] * devices}", "model.compute_dtype=bfloat16"]
