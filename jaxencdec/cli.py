@@ -348,9 +348,10 @@ def _restart_with_the_largest_stack() -> None:
     """Restarts this program (same arguments) with the stack size limit raised to its hard limit, if it is lower.
 
     libtpu's compiler recurses deeply on large programs (a 24 + 24-layer pair's train step overflowed the stack
-    of its threads under the usual 8 MiB limit: SIGSEGV). Threads take their stack size from the limit the process
-    started with, so raising it in a running process does not help; the restart happens once (then the soft
-    limit is the hard one)."""
+    of its threads under the usual 8 MiB limit: SIGSEGV), when ``compile`` compiles for a slice as when ``train``
+    compiles on one. Threads take their stack size from the limit the process started with, so raising it in a
+    running process does not help; the restart happens once (then the soft limit is the hard one), before
+    anything else, in the same process id."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
@@ -368,8 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    compiles_for_tpu = args.command == "compile" or getattr(args, "compile_only", False)
-    if argv is None and compiles_for_tpu:  # run as a program (a caller's own process is never replaced)
+    if argv is None and args.command in ("train", "compile"):  # as a program (a caller's process is never replaced)
         _restart_with_the_largest_stack()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
