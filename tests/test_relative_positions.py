@@ -1,11 +1,13 @@
 """Relative position embeddings (``position_embedding_type="relative_key"`` / ``"relative_key_query"``) and a
-tied encoder-decoder, against transformers 4.57, which transformers 5 no longer matches (it removed both).
+tied encoder-decoder, against transformers 4.57.3, which transformers 5 no longer matches (it removed both).
 
-One transformers 4 script builds small BERT and RoBERTa pairs with relative positions in the encoder and in the
-decoder, saves them, and records their logits, attentions, gradients and generated ids; we load each checkpoint
-and compare every path: the forward pass, its gradients, ``encode`` / ``decode`` with a cache, greedy and beam
-generation on a padded batch. A tied relative bert2bert is trained here, exported, and reloaded by a second
-transformers 4 script, which must find it tied and give our logits.
+The references are committed in ``tests/references/transformers4/``: ``tests/transformers4_references.py`` says
+what they were computed on, and ``python tools/make_transformers4_references.py`` computes them again with
+transformers 4. transformers 4 built small BERT and RoBERTa pairs with relative positions in the encoder and in
+the decoder, saved them, and recorded their logits, attentions, gradients and generated ids; we load each
+checkpoint and compare every path: the forward pass, its gradients, ``encode`` / ``decode`` with a cache, greedy
+and beam generation on a padded batch. A tied relative bert2bert saved by transformers 4 is trained here as it was
+trained there, and its export is checked against what transformers 4 recorded loading a tied model.
 
 transformers 4.57's teacher-forced forward with its default ``use_cache=True`` places every decoder query at the
 last position (it only agrees at ``q_len == 1``, i.e. in generation); its references here use ``use_cache=False``,
@@ -16,6 +18,7 @@ shows the difference).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,156 +26,29 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from safetensors.numpy import load_file
 
-from hf_reference import EOS, PAD, START, batch
+import transformers4_references as references
+from hf_reference import PAD
 from jaxencdec import EncoderDecoderModel
-from jaxencdec.config import BertConfig, ConfigError, EncoderDecoderConfig
-from jaxencdec.models.encoder_decoder import shift_tokens_right
+from jaxencdec.config import BertConfig, EncoderDecoderConfig
+from jaxencdec.errors import ConfigError
 from jaxencdec.train import step as st
-from transformers4 import transformers4  # noqa: F401 (a fixture)
-
-# name: (architecture, encoder position_embedding_type, decoder position_embedding_type, seed). Between them,
-# each architecture has each relative type as encoder and as decoder.
-PAIRS = {
-    "bert-key-keyquery": ("bert", "relative_key", "relative_key_query", 11),
-    "bert-keyquery-key": ("bert", "relative_key_query", "relative_key", 12),
-    "roberta-key": ("roberta", "relative_key", "relative_key", 13),
-    "roberta-keyquery": ("roberta", "relative_key_query", "relative_key_query", 14),
-}
-# Checks whose code does not depend on the architecture run on fewer pairs that still cover both relative types
-# in both roles: the BERT pairs; the pairs with a relative_key_query decoder, and those with a relative_key one.
-BERT_PAIRS = [name for name, (arch, *_) in PAIRS.items() if arch == "bert"]
-KEY_QUERY_DECODERS = [name for name, (_, _, decoder, _) in PAIRS.items() if decoder == "relative_key_query"]
-KEY_DECODERS = [name for name in PAIRS if name not in KEY_QUERY_DECODERS]
-GENERATE = dict(max_new_tokens=8, decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS)
-BEAMS = dict(num_beams=4, num_return_sequences=2, length_penalty=0.6)
-LEARNING_RATE, TRAIN_STEPS = 0.5, 3
-FORWARD = batch(seed=0)  # ids, mask, labels: sources of different lengths, labels ending in -100
-GENERATION = batch(seed=3, batch_size=4, src_len=11)[:2]
-TRAIN = batch(seed=6)
-
-REFERENCE_SCRIPT = """
-import json
-
-import numpy as np
-import torch
-import transformers
-
-from hf_reference import EOS, PAD, START, SMALL, randomize_
-
-PAIRS, GENERATE, BEAMS, LEARNING_RATE, TRAIN_STEPS = json.loads(open("settings.json").read())
-t = {name: torch.tensor(array) for name, array in np.load("inputs.npz").items()}
-out = {}
-
-
-def build(arch, encoder_type, decoder_type, seed, **kwargs):
-    parts = [SMALL[arch]() for _ in range(2)]
-    for part, kind in zip(parts, (encoder_type, decoder_type)):
-        part.position_embedding_type = kind
-    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(*parts, **kwargs)
-    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = START, PAD, EOS
-    torch.manual_seed(seed)
-    return randomize_(transformers.EncoderDecoderModel(config=config), seed)
-
-
-def forward(model, **kwargs):
-    return model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"], **kwargs)
-
-
-for name, (arch, encoder_type, decoder_type, seed) in PAIRS.items():
-    model = build(arch, encoder_type, decoder_type, seed)
-    model.save_pretrained(name)
-    with torch.no_grad():
-        result = forward(model, use_cache=False, output_attentions=True)
-        out[f"{name}|logits"], out[f"{name}|loss"] = result.logits.numpy(), result.loss.numpy()
-        for field in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
-            out[f"{name}|{field}"] = torch.stack(getattr(result, field)).numpy()
-        out[f"{name}|logits_use_cache"] = forward(model).logits.numpy()
-        sources = dict(input_ids=t["gen_ids"], attention_mask=t["gen_mask"])
-        out[f"{name}|greedy"] = model.generate(**sources, **GENERATE).numpy()
-        beams = model.generate(**sources, **GENERATE, **BEAMS, return_dict_in_generate=True, output_scores=True)
-        out[f"{name}|beams"], out[f"{name}|beam_scores"] = beams.sequences.numpy(), beams.sequences_scores.numpy()
-    model.zero_grad()
-    forward(model, use_cache=False).loss.backward()
-    out.update({f"{name}|grad|{p}": v.grad.numpy() for p, v in model.named_parameters() if v.grad is not None})
-
-# A tied relative bert2bert (transformers 4 ties at construction), saved as transformers 4 saves it, then
-# trained by SGD as the test trains it.
-model = build("bert", "relative_key_query", "relative_key_query", 21, tie_encoder_decoder=True)
-assert model.encoder.embeddings.word_embeddings.weight is model.decoder.bert.embeddings.word_embeddings.weight
-model.save_pretrained("tied")
-with torch.no_grad():
-    out["tied|logits"] = forward(model, use_cache=False).logits.numpy()
-optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-losses = []
-for _ in range(TRAIN_STEPS):
-    optimizer.zero_grad()
-    logits = model(input_ids=t["train_ids"], attention_mask=t["train_mask"],
-                   decoder_input_ids=t["train_decoder_ids"], use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t["train_labels"].reshape(-1),
-                                             ignore_index=-100)
-    loss.backward()
-    optimizer.step()
-    losses.append(loss.item())
-out["tied|train_losses"] = np.array(losses)
-with torch.no_grad():
-    out["tied|trained_logits"] = forward(model, use_cache=False).logits.numpy()
-np.savez("outputs.npz", **out)
-"""
-
-RELOAD_SCRIPT = """
-import json
-
-import numpy as np
-import torch
-import transformers
-
-GENERATE, BEAMS = json.loads(open("settings.json").read())
-t = {name: torch.tensor(array) for name, array in np.load("inputs.npz").items()}
-model, info = transformers.EncoderDecoderModel.from_pretrained("export", output_loading_info=True)
-model.eval()
-encoder, decoder = model.encoder, model.decoder.bert
-named = [("embeddings.word_embeddings.weight",) * 2, ("encoder.layer.0.attention.self.distance_embedding.weight",) * 2,
-         ("encoder.layer.1.output.dense.weight",) * 2]
-encoder_params, decoder_params = dict(encoder.named_parameters()), dict(decoder.named_parameters())
-shared = {id(p) for p in encoder.parameters()} & {id(p) for p in decoder.parameters()}
-with torch.no_grad():
-    logits = model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"], use_cache=False).logits
-    beams = model.generate(input_ids=t["gen_ids"], attention_mask=t["gen_mask"], **GENERATE, **BEAMS)
-np.savez("outputs.npz", tie_encoder_decoder=model.config.tie_encoder_decoder,
-         same_tensor=[encoder_params[e] is decoder_params[d] for e, d in named],
-         same_storage=[encoder_params[e].data_ptr() == decoder_params[d].data_ptr() for e, d in named],
-         shared=len(shared), encoder_tensors=len(encoder_params), missing=len(info["missing_keys"]),
-         unexpected=len(info["unexpected_keys"]), logits=logits.numpy(), beams=beams.numpy())
-"""
-
-
-def _inputs() -> dict[str, np.ndarray]:
-    ids, mask, labels = FORWARD
-    train_ids, train_mask, train_labels = TRAIN
-    train_decoder_ids = np.asarray(shift_tokens_right(jnp.asarray(train_labels), PAD, START))
-    return dict(ids=ids, mask=mask, labels=labels, gen_ids=GENERATION[0], gen_mask=GENERATION[1],
-                train_ids=train_ids, train_mask=train_mask, train_labels=train_labels,
-                train_decoder_ids=train_decoder_ids)
+from transformers4_references import (BEAMS, BERT_PAIRS, FOLDER, FORWARD, GENERATE, GENERATION, KEY_DECODERS,
+                                      KEY_QUERY_DECODERS, LEARNING_RATE, PAIRS, TRAIN, TRAIN_STEPS, decoder_inputs)
 
 
 @pytest.fixture(scope="module")
-def reference(transformers4, tmp_path_factory):  # noqa: F811 (the fixture)
-    """(folder of the saved transformers 4 models, their recorded outputs by ``"name|output"``)."""
-    folder = tmp_path_factory.mktemp("relative")
-    (folder / "settings.json").write_text(json.dumps([PAIRS, GENERATE, BEAMS, LEARNING_RATE, TRAIN_STEPS]))
-    return folder, transformers4.run(REFERENCE_SCRIPT, folder, **_inputs())
-
-
-def _outputs_of(outputs: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    return {key.split("|", 1)[1]: value for key, value in outputs.items() if key.startswith(name + "|")}
+def reference():
+    """(``metadata.json``, the recorded outputs by model then output), computed with this module's settings."""
+    return references.load()
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
 def pair(request, reference):
     """(name, our model loaded from transformers 4's checkpoint, that model's recorded outputs)."""
-    (folder, outputs), name = reference, request.param
-    return name, EncoderDecoderModel.from_pretrained(folder / name), _outputs_of(outputs, name)
+    name = request.param
+    return name, EncoderDecoderModel.from_pretrained(FOLDER / name), reference[1][name]
 
 
 def test_checkpoint_loads_every_tensor_and_the_config_round_trips(pair, tmp_path):
@@ -209,7 +85,7 @@ def test_gradients_match(pair):
     """The train step's loss differentiates as PyTorch does, the distance tables included."""
     _, ours, expected = pair
     ids, mask, labels = FORWARD
-    decoder_ids = np.asarray(shift_tokens_right(jnp.asarray(labels), PAD, START))
+    decoder_ids = decoder_inputs(labels)
     loss_fn = st.make_loss_fn(ours.module, 0.0, mesh=None, deterministic=True)
     model_batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids,
                    "decoder_attention_mask": np.ones_like(decoder_ids), "labels": labels}
@@ -231,7 +107,7 @@ def test_cached_decoding_matches(pair):
     hides pads, as transformers' does when it builds the decoder inputs from labels)."""
     _, ours, expected = pair
     ids, mask, labels = FORWARD
-    decoder_ids = np.asarray(shift_tokens_right(jnp.asarray(labels), PAD, START))
+    decoder_ids = decoder_inputs(labels)
     encoded = ours.encode(ids, mask)
     cache = ours.init_cache(len(ids), decoder_ids.shape[1], encoded)
     logits = []
@@ -265,14 +141,57 @@ def test_beam_search_matches(pair):
     np.testing.assert_allclose(np.asarray(got.sequences_scores), expected["beam_scores"], atol=1e-4, rtol=0)
 
 
-def test_tied_bert2bert_trains_and_reloads_tied_in_transformers_4(reference, transformers4, tmp_path):  # noqa: F811
-    """A tied relative bert2bert saved by transformers 4 loads with its shared tensors stored once; three SGD
-    steps here equal transformers 4's (each shared tensor, distance tables included, gets the sum of both uses'
-    gradients); saved and reloaded it is unchanged; exported, transformers 4 loads it tied and gives our logits
-    and beams."""
-    folder, outputs = reference
-    expected = _outputs_of(outputs, "tied")
-    ours = EncoderDecoderModel.from_pretrained(folder / "tied")
+def _config_entries(config: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """``config.json``'s entries by path, the encoder's and decoder's own entries included."""
+    entries = {}
+    for key, value in config.items():
+        if key in ("encoder", "decoder"):
+            entries.update(_config_entries(value, prefix + (key,)))
+        else:
+            entries[prefix + (key,)] = value
+    return entries
+
+
+def _export_as_transformers_4_reads_it(model: EncoderDecoderModel, folder: Path, tied: dict) -> dict[str, np.ndarray]:
+    """Exports ``model`` and returns its tensors, after checking the folder against ``tied``, what transformers 4
+    recorded loading a folder that holds its own save of the tied model plus each shared tensor under its encoder
+    name too (tied, nothing missing or unexpected): the export holds exactly those names; the names that share one
+    tensor there hold one value here (whichever transformers 4 reads, it gets the same); ``config.json`` has each
+    entry that transformers 4 writes for the model, and no entry with another value than the one transformers 4
+    holds (so it builds the same config, tied)."""
+    model.export_pytorch(folder)
+    tensors = load_file(folder / "model.safetensors")
+    assert sorted(tensors) == tied["keys"]
+    for names in tied["shared"]:
+        values = [tensors[name] for name in names if name in tensors]
+        for value in values[1:]:
+            np.testing.assert_array_equal(value, values[0], err_msg=str(names))
+    ours = _config_entries(json.loads((folder / "config.json").read_text()))
+    held = _config_entries(tied["config"])
+    written = _config_entries(json.loads((FOLDER / "tied" / "config.json").read_text()))
+    assert {path: held.get(path, "(absent)") for path in ours} == ours
+    assert {path: ours.get(path, "(absent)") for path in written} == written
+    return tensors
+
+
+def test_tied_bert2bert_trains_and_reloads_tied_in_transformers_4(reference, tmp_path):
+    """A tied relative bert2bert saved by transformers 4 loads with its shared tensors stored once and gives its
+    logits; three SGD steps here equal transformers 4's (each shared tensor, distance tables included, gets the sum
+    of both uses' gradients); saved and reloaded it is unchanged.
+
+    That transformers 4 loads our export tied, with our logits and beams, is checked against the reference
+    (``_export_as_transformers_4_reads_it``): our export has exactly the tensor names of a folder transformers 4
+    loaded tied, with nothing missing or unexpected, one value per shared tensor, and a config transformers 4 reads
+    as its own. Exported as loaded, the model gives back transformers 4's saved tensors bit for bit (a tensor put
+    under another name, or transposed, shows here, where a round trip through our own loader would hide it).
+    Trained, the export passes the same checks and reloads here with our trained logits (those transformers 4
+    computed after the same training), and beam search on it gives the beams transformers 4 generated from its
+    reload of its trained model.
+    """
+    metadata, outputs = reference
+    expected, tied = outputs["tied"], metadata["tied"]
+    saved = FOLDER / "tied"
+    ours = EncoderDecoderModel.from_pretrained(saved)
     assert ours.config.tie_encoder_decoder
     assert ours.load_report.missing == [] and ours.load_report.unexpected == []
     paths = set(traverse_util.flatten_dict(ours.params, sep="/"))
@@ -281,9 +200,13 @@ def test_tied_bert2bert_trains_and_reloads_tied_in_transformers_4(reference, tra
     ids, mask, labels = FORWARD
     np.testing.assert_allclose(np.asarray(ours(ids, mask, labels=labels).logits), expected["logits"], atol=1e-4,
                                rtol=0)
+    exported = _export_as_transformers_4_reads_it(ours, tmp_path / "export", tied)
+    for name, tensor in load_file(saved / "model.safetensors").items():
+        assert exported[name].dtype == tensor.dtype, name
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
 
     train_ids, train_mask, train_labels = TRAIN
-    train_decoder_ids = np.asarray(shift_tokens_right(jnp.asarray(train_labels), PAD, START))
+    train_decoder_ids = decoder_inputs(train_labels)
     train_batch = {"input_ids": train_ids, "attention_mask": train_mask, "decoder_input_ids": train_decoder_ids,
                    "decoder_attention_mask": np.ones_like(train_decoder_ids), "labels": train_labels}
     optimizer = optax.sgd(LEARNING_RATE)
@@ -305,14 +228,12 @@ def test_tied_bert2bert_trains_and_reloads_tied_in_transformers_4(reference, tra
     reloaded = EncoderDecoderModel.from_pretrained(tmp_path / "saved")
     np.testing.assert_array_equal(np.asarray(reloaded(ids, mask, labels=labels).logits), trained)
 
-    ours.export_pytorch(tmp_path / "export")
-    (tmp_path / "settings.json").write_text(json.dumps([GENERATE, BEAMS]))
-    got = transformers4.run(RELOAD_SCRIPT, tmp_path, **_inputs())
-    assert got["tie_encoder_decoder"] and got["same_tensor"].all() and got["same_storage"].all()
-    assert got["missing"] == 0 and got["unexpected"] == 0
-    assert got["shared"] == got["encoder_tensors"] - 2  # every encoder tensor but the pooler's weight and bias
-    np.testing.assert_allclose(got["logits"], trained, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(np.asarray(ours.generate(*GENERATION, **GENERATE, **BEAMS)), got["beams"])
+    _export_as_transformers_4_reads_it(ours, tmp_path / "trained", tied)
+    reloaded = EncoderDecoderModel.from_pretrained(tmp_path / "trained")
+    assert reloaded.config.tie_encoder_decoder
+    np.testing.assert_array_equal(np.asarray(reloaded(ids, mask, labels=labels).logits), trained)
+    np.testing.assert_array_equal(np.asarray(reloaded.generate(*GENERATION, **GENERATE, **BEAMS)),
+                                  expected["trained_beams"])
 
 
 def test_tying_stacks_with_different_position_schemes_is_a_config_error():
