@@ -7,20 +7,15 @@ The public names below are imported on first use (PEP 562), so that importing on
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("jaxencdec")
-except PackageNotFoundError:  # a source tree that was never installed (pip install -e . records the version)
-    __version__ = "0+unknown"
+from jaxencdec.version import __version__
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "CheckpointError": "jaxencdec.checkpoint.errors",
-    "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "ConfigError": "jaxencdec.config",
-    "EncoderDecoderConfig": "jaxencdec.config", "GPT2Config": "jaxencdec.config",
-    "RobertaConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.config",
+    "CheckpointError": "jaxencdec.errors", "ConfigError": "jaxencdec.errors",
+    "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "EncoderDecoderConfig": "jaxencdec.config",
+    "GPT2Config": "jaxencdec.config", "RobertaConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
     "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",
     "EncoderDecoderModel": "jaxencdec.modeling",
@@ -30,12 +25,12 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
-    from jaxencdec.checkpoint.errors import CheckpointError
-    from jaxencdec.config import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config,
-                                  RobertaConfig, TransformerSpec)
+    from jaxencdec.config import BartConfig, BertConfig, EncoderDecoderConfig, GPT2Config, RobertaConfig
+    from jaxencdec.errors import CheckpointError, ConfigError
     from jaxencdec.generation.api import GenerateOutput, make_generate_fn
     from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
     from jaxencdec.modeling import EncoderDecoderModel
+    from jaxencdec.spec import TransformerSpec
     from jaxencdec.tokenizer import Tokenizer
 
 

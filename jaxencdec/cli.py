@@ -40,7 +40,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxencdec import __version__  # the package is imported already: ``jaxencdec.cli`` lives in it
+    from jaxencdec.version import __version__
 
     parser = argparse.ArgumentParser(prog="jaxencdec", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,7 +281,7 @@ def cmd_export(args) -> int:
     import jax
     import numpy as np
 
-    from jaxencdec.checkpoint import io
+    from jaxencdec import storage
     from jaxencdec.generation.export import export_generate
     from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
     from jaxencdec.modeling import EncoderDecoderModel
@@ -292,7 +292,7 @@ def cmd_export(args) -> int:
         options["do_sample"] = True
     exported = export_generate(EncoderDecoderModel.from_pretrained(args.model), folder=args.out, **options)
     print(f"wrote {args.out}: {EXPORTED_NAME} {_mebibytes(os.path.join(args.out, EXPORTED_NAME))}")
-    manifest = io.read_json(os.path.join(args.out, MANIFEST_NAME))
+    manifest = storage.read_json(os.path.join(args.out, MANIFEST_NAME))
     print(f"weights: {manifest['weights_file']} {_mebibytes(os.path.join(args.out, manifest['weights_file']))}")
     print(f"platforms: {', '.join(exported.platforms)}")
     print(f"signature: {_signature(manifest)}")

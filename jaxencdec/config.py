@@ -2,168 +2,30 @@
 
 Each architecture config mirrors the Hugging Face class of the same name field for field (same names, same
 defaults), keeps every key it does not model in ``extra`` so that writing it back loses nothing, and reduces
-itself to a :class:`TransformerSpec`: the architecture-agnostic description that the shared ``nn`` blocks are
-built from. Architectures differ only in the spec they produce, never in module code.
+itself to a :class:`jaxencdec.spec.TransformerSpec`: the architecture-agnostic description that the shared ``nn``
+blocks are built from. Architectures differ only in the spec they produce, never in module code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
-import functools
 import math
 import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping
+from typing import Any, ClassVar, Iterator, Literal, Mapping
 
-from jaxencdec.checkpoint.io import read_json
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unsupported or inconsistent."""
-
+from jaxencdec import fields
+from jaxencdec.errors import ConfigError, require
+from jaxencdec.spec import TransformerSpec
+from jaxencdec.storage import read_json
 
 Role = Literal["encoder", "decoder"]
-
-# Hugging Face activation names -> the names our MLP understands.
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
-
-# The ``relative_attention`` of a ``TransformerSpec``: None, or relative position scores as transformers 4's BERT
-# computed them (query . distance embedding, and for "key_query" also key . distance embedding).
-RELATIVE_ATTENTION = (None, "key", "key_query")
 
 # ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;
 # "full" keeps only the layer's input and recomputes the rest; the others are ``jax.checkpoint_policies`` that keep
 # matmul outputs (all of them, or those without batch dimensions: not the attention scores and probabilities).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-@dataclass(frozen=True)
-class TransformerSpec:
-    """What the shared building blocks need to know about one stack (encoder or decoder).
-
-    Attributes:
-      vocab_size: rows of the word embedding table.
-      hidden_size: model width ``D``.
-      num_layers, num_heads, intermediate_size: depth, heads (``D % num_heads == 0``), MLP width.
-      activation: a Hugging Face activation name from ``ACTIVATIONS``.
-      layer_norm_eps: epsilon of every layer norm.
-      max_positions: rows of the position table (``0``: no learned positions); with ``relative_attention``, the
-        longest distance embedded is ``max_positions - 1``.
-      position_offset: added to positions before the lookup (BART: 2).
-      positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
-      pad_token_id: needed by the RoBERTa scheme.
-      type_vocab_size: rows of the token-type table (``0``: none); we always use type 0.
-      embed_scale: multiplier on word embeddings (BART's ``scale_embedding``).
-      embedding_norm: layer norm after the embedding sum (BERT, RoBERTa, BART).
-      pre_norm: pre-layer-norm residual blocks with a final norm (GPT-2) instead of post-norm (BERT, BART).
-      pooler: a tanh pooler over the first token (BERT/RoBERTa encoders).
-      is_decoder: causal self-attention; add_cross_attention: a cross-attention block per layer.
-      lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa).
-      lm_head_bias: a bias on the vocabulary logits.
-      tie_word_embeddings: logits use the word embedding table instead of a separate matrix.
-      relative_attention: one of ``RELATIVE_ATTENTION``: self-attention scores get relative position terms from a
-        per-layer table ``[2 * max_positions - 1, head_dim]``, and the position table is kept (checkpoints hold
-        it) but not added to the embeddings. Cross-attention never has them.
-      hidden_dropout, attention_dropout, activation_dropout, embedding_dropout: dropout rates.
-      initializer_range: standard deviation of the normal initializer.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    activation: str
-    layer_norm_eps: float
-    max_positions: int
-    position_offset: int = 0
-    positions_from_padding: bool = False
-    pad_token_id: int | None = None
-    type_vocab_size: int = 0
-    embed_scale: float = 1.0
-    embedding_norm: bool = True
-    pre_norm: bool = False
-    pooler: bool = False
-    is_decoder: bool = False
-    add_cross_attention: bool = False
-    lm_head_transform: bool = False
-    lm_head_bias: bool = False
-    tie_word_embeddings: bool = True
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    embedding_dropout: float = 0.1
-    initializer_range: float = 0.02
-    relative_attention: str | None = None
-
-    def __post_init__(self):
-        _check(self.hidden_size % self.num_heads == 0,
-               f"hidden size {self.hidden_size} is not divisible by the number of attention heads {self.num_heads}")
-        _check(self.activation in ACTIVATIONS, f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            _check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        _check(not self.positions_from_padding or self.pad_token_id is not None,
-               "RoBERTa-style positions need pad_token_id")
-        _check(self.relative_attention in RELATIVE_ATTENTION,
-               f"relative_attention must be one of {RELATIVE_ATTENTION}, got {self.relative_attention!r}")
-        _check(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
-                                               and self.position_offset == 0),
-               "relative_attention needs max_positions > 0 (the distance table's size) and plain positions")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def max_length(self) -> int:
-        """The longest sequence the position table can embed."""
-        if self.positions_from_padding:
-            return self.max_positions - self.pad_token_id - 1
-        return self.max_positions - self.position_offset
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """``field name -> annotated type`` of a config dataclass (annotations resolved once per class)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _has_type(value: Any, expected: Any) -> bool:
-    """Whether ``value`` fits the annotation ``expected``, as JSON values map to Python: ``int`` excludes bool,
-    ``float`` accepts ints (exact), ``X | None`` accepts None, ``list[int]`` a list or tuple of ints."""
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin in (types.UnionType, typing.Union):
-        return any(_has_type(value, arg) for arg in args)
-    if origin is list:
-        return isinstance(value, (list, tuple)) and all(_has_type(item, args[0]) for item in value)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is Any:
-        return True
-    return isinstance(value, origin or expected)
-
-
-def _type_name(expected: Any) -> str:
-    return expected.__name__ if isinstance(expected, type) and not typing.get_args(expected) else str(expected)
-
-
-def _check_field_types(config: Any) -> None:
-    """Raises ConfigError naming the first field of a config dataclass whose value has the wrong type."""
-    for name, expected in _field_types(type(config)).items():
-        value = getattr(config, name)
-        _check(_has_type(value, expected),
-               f"field {name} must be of type {_type_name(expected)}, got {value!r} ({type(value).__name__})")
 
 
 # transformers ``PretrainedConfig`` settings that choose what a forward pass returns or how it runs, never the
@@ -173,27 +35,16 @@ RUNTIME_FLAGS = frozenset({"use_cache", "return_dict", "output_attentions", "out
                            "use_return_dict", "output_scores", "chunk_size_feed_forward"})
 
 
-def _replace_keeping_runtime_flags(config, hint: str, changes: Mapping[str, Any]):
-    """``dataclasses.replace(config, **changes)`` with the ``RUNTIME_FLAGS`` that are not fields put in ``extra``."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    flags = {k: v for k, v in changes.items() if k in RUNTIME_FLAGS and k not in fields}
-    changes = {k: v for k, v in changes.items() if k not in flags}
-    check_field_names(type(config), changes, hint)
-    if flags:
-        changes["extra"] = {**config.extra, **flags}
-    return dataclasses.replace(config, **changes)
-
-
-def check_field_names(cls: type, names: Iterable[str], hint: str = "") -> None:
-    """Raises ConfigError listing each of ``names`` that is not a field of the config class ``cls``, with its
-    closest field names (and ``hint``): a programmatic override with a typo must not be kept as an unknown key."""
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-    unknown = [name for name in names if name not in fields]
+def _replace(config, changes: Mapping[str, Any], hint: str = ""):
+    """``config.replace``: ``changes`` applied, the ``RUNTIME_FLAGS`` that are no field kept in ``extra``; an unknown
+    name is a ConfigError listing its closest field names (and ``hint``), since an override with a typo must not be
+    kept as an unknown key."""
+    names = [f.name for f in dataclasses.fields(config) if f.name != "extra"]
+    unknown = fields.unknown_names(changes, [*names, *RUNTIME_FLAGS])
     if unknown:
-        guesses = [f"{name!r} (did you mean {' or '.join(map(repr, difflib.get_close_matches(name, fields)))}?)"
-                   if difflib.get_close_matches(name, fields) else repr(name) for name in unknown]
-        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(guesses)}; its fields: {', '.join(fields)}"
-                          + (f"; {hint}" if hint else ""))
+        raise ConfigError(f"{type(config).__name__} has no field(s) {', '.join(unknown)}; its fields: "
+                          f"{', '.join(names)}" + (f"; {hint}" if hint else ""))
+    return fields.replace(config, changes, RUNTIME_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -214,10 +65,8 @@ class HFConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_field_types(self)
-        # A list of eos ids is stored as a tuple so that configs stay hashable (they are static jit arguments).
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        fields.check_types(self, ConfigError)
+        object.__setattr__(self, "eos_token_id", fields.frozen(self.eos_token_id))  # hashable: a static jit argument
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HFConfig":
@@ -236,7 +85,7 @@ class HFConfig:
         return target(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        values = {f.name: fields.to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values, "model_type": self.model_type}
 
     @classmethod
@@ -248,7 +97,7 @@ class HFConfig:
     def replace(self, **changes) -> "HFConfig":
         """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches
         (transformers' ``RUNTIME_FLAGS``, e.g. ``use_cache``, are kept in ``extra``)."""
-        return _replace_keeping_runtime_flags(self, "", changes)
+        return _replace(self, changes)
 
     def spec(self, role: Role) -> TransformerSpec:
         raise NotImplementedError
@@ -257,10 +106,6 @@ class HFConfig:
     def hidden(self) -> int:
         """Model width, whatever the architecture calls it."""
         raise NotImplementedError
-
-
-def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -292,9 +137,9 @@ class BertConfig(HFConfig):
         return self.hidden_size
 
     def spec(self, role: Role) -> TransformerSpec:
-        _check(self.position_embedding_type in self.POSITION_EMBEDDING_TYPES,
-               f"position_embedding_type {self.position_embedding_type!r} is not supported; use one of "
-               f"{', '.join(map(repr, self.POSITION_EMBEDDING_TYPES))}")
+        require(self.position_embedding_type in self.POSITION_EMBEDDING_TYPES,
+                f"position_embedding_type {self.position_embedding_type!r} is not supported; use one of "
+                f"{', '.join(map(repr, self.POSITION_EMBEDDING_TYPES))}")
         relative = self.POSITION_EMBEDDING_TYPES[self.position_embedding_type]
         decoder = role == "decoder"
         return TransformerSpec(
@@ -352,10 +197,10 @@ class GPT2Config(HFConfig):
         return self.n_embd
 
     def spec(self, role: Role) -> TransformerSpec:
-        _check(self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx,
-               "GPT-2 attention scaling variants (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) "
-               "are not supported")
-        _check(role == "decoder", "GPT-2 is supported as a decoder only")
+        require(self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx,
+                "GPT-2 attention scaling variants (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) "
+                "are not supported")
+        require(role == "decoder", "GPT-2 is supported as a decoder only")
         return TransformerSpec(
             vocab_size=self.vocab_size, hidden_size=self.n_embd, num_layers=self.n_layer, num_heads=self.n_head,
             intermediate_size=self.n_inner or 4 * self.n_embd, activation=self.activation_function,
@@ -446,16 +291,16 @@ class EncoderDecoderConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        _check_field_types(self)
-        _check(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        _check(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),
-               "the decoder config must have is_decoder=True and add_cross_attention=True "
-               "(EncoderDecoderConfig.from_encoder_decoder_configs sets both)")
+        fields.check_types(self, ConfigError)
+        require(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        object.__setattr__(self, "eos_token_id", fields.frozen(self.eos_token_id))
+        require(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),
+                "the decoder config must have is_decoder=True and add_cross_attention=True "
+                "(EncoderDecoderConfig.from_encoder_decoder_configs sets both)")
         cross = self.decoder.cross_attention_hidden_size
-        _check(cross is None or cross == self.encoder.hidden,
-               f"decoder cross_attention_hidden_size {cross} must equal the encoder's hidden size {self.encoder.hidden}")
+        require(cross is None or cross == self.encoder.hidden,
+                f"decoder cross_attention_hidden_size {cross} must equal the encoder's hidden size "
+                f"{self.encoder.hidden}")
         self.encoder.spec("encoder")
         self.decoder.spec("decoder")
         if self.tie_encoder_decoder:
@@ -466,20 +311,20 @@ class EncoderDecoderConfig:
         (embeddings, self-attention, MLP, norms). BERT and RoBERTa stacks share those names; the shared tensors
         must have one shape, and every decoder layer needs an encoder layer of the same index."""
         kinds = (self.encoder.model_type, self.decoder.model_type)
-        _check(set(kinds) <= {"bert", "roberta"},
-               f"tie_encoder_decoder=True needs a BERT or RoBERTa encoder and decoder (transformers ties modules by "
-               f"name, and only those share their names); got encoder {kinds[0]!r} and decoder {kinds[1]!r}")
+        require(set(kinds) <= {"bert", "roberta"},
+                f"tie_encoder_decoder=True needs a BERT or RoBERTa encoder and decoder (transformers ties modules by "
+                f"name, and only those share their names); got encoder {kinds[0]!r} and decoder {kinds[1]!r}")
         encoder, decoder = self.encoder_spec, self.decoder_spec
         sizes = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_positions", "type_vocab_size",
                  "relative_attention")
         differ = [f"{name} {getattr(encoder, name)} vs {getattr(decoder, name)}" for name in sizes
                   if getattr(encoder, name) != getattr(decoder, name)]
-        _check(not differ, "tie_encoder_decoder=True shares the encoder's embeddings and layers with the decoder, "
-                           "so their sizes and position schemes must agree; encoder vs decoder: "
-                           f"{', '.join(differ)}")
-        _check(decoder.num_layers <= encoder.num_layers,
-               f"tie_encoder_decoder=True ties decoder layer i to encoder layer i, but the decoder has "
-               f"{decoder.num_layers} layers and the encoder only {encoder.num_layers}")
+        require(not differ, "tie_encoder_decoder=True shares the encoder's embeddings and layers with the decoder, "
+                            "so their sizes and position schemes must agree; encoder vs decoder: "
+                            f"{', '.join(differ)}")
+        require(decoder.num_layers <= encoder.num_layers,
+                f"tie_encoder_decoder=True ties decoder layer i to encoder layer i, but the decoder has "
+                f"{decoder.num_layers} layers and the encoder only {encoder.num_layers}")
 
     @classmethod
     def from_encoder_decoder_configs(cls, encoder: HFConfig, decoder: HFConfig, **kwargs) -> "EncoderDecoderConfig":
@@ -524,7 +369,7 @@ class EncoderDecoderConfig:
         return {
             **self.extra, "encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict(),
             "decoder_start_token_id": self.decoder_start_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": _jsonable(self.eos_token_id), "tie_encoder_decoder": self.tie_encoder_decoder,
+            "eos_token_id": fields.to_json(self.eos_token_id), "tie_encoder_decoder": self.tie_encoder_decoder,
             "is_encoder_decoder": True, "model_type": self.model_type,
         }
 
@@ -537,9 +382,8 @@ class EncoderDecoderConfig:
     def replace(self, **changes) -> "EncoderDecoderConfig":
         """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches. A part's
         field is changed through the part: ``config.replace(decoder=config.decoder.replace(vocab_size=...))``."""
-        return _replace_keeping_runtime_flags(
-            self, "the encoder's and decoder's own fields are set through the part: "
-                  "config.replace(decoder=config.decoder.replace(field=value))", changes)
+        return _replace(self, changes, "the encoder's and decoder's own fields are set through the part: "
+                                       "config.replace(decoder=config.decoder.replace(field=value))")
 
 
 @contextlib.contextmanager

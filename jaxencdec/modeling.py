@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import re
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,24 +13,24 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxencdec import paths
-from jaxencdec.checkpoint import io, names
-from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
-from jaxencdec.config import REMAT_POLICIES, RUNTIME_FLAGS, ConfigError, EncoderDecoderConfig, HFConfig
+from jaxencdec import loading, paths, storage
+from jaxencdec.checkpoint import names
+from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict
+from jaxencdec.checkpoint.formats import write_msgpack, write_safetensors
+from jaxencdec.checkpoint.hub import hub_upload_error
+from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
+from jaxencdec.errors import ConfigError
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
+from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
                                               Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
                                               shift_tokens_right, stack_records)
 from jaxencdec.models.transformer import cache_rows_and_length
 
-logger = logging.getLogger("jaxencdec")
-
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "flax_model.msgpack"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.msgpack", "*.bin", "*.txt", "*.model"]
 
 Params = dict[str, Any]
 
@@ -134,45 +131,9 @@ class EncoderDecoderModel:
         ``torch_dtype`` (transformers' name) or ``param_dtype``: the dtype of the loaded weights, see
         ``from_pretrained``; with ``"auto"`` both checkpoints must agree.
         """
-        requested_dtype = _requested_weights_dtype(param_dtype, torch_dtype)
-        parts = {}
-        for role, source in (("encoder", encoder_pretrained_model_name_or_path),
-                             ("decoder", decoder_pretrained_model_name_or_path)):
-            folder = io.resolve_model_folder(source, HUB_PATTERNS)
-            overrides = {k[len(role) + 1:]: kwargs.pop(k) for k in list(kwargs)
-                         if k.startswith(role + "_") and k not in TOP_LEVEL_FIELDS}
-            parts[role] = (folder, _with_overrides(HFConfig.from_json_file(folder / CONFIG_NAME), overrides))
-        unknown = set(kwargs) - TOP_LEVEL_FIELDS - RUNTIME_FLAGS
-        if unknown:
-            raise ConfigError(f"unknown option(s) {sorted(unknown)}: use encoder_<field> / decoder_<field> for the "
-                              f"parts' config fields, or one of {sorted(TOP_LEVEL_FIELDS)}")
-        config = EncoderDecoderConfig.from_encoder_decoder_configs(parts["encoder"][1], parts["decoder"][1], **kwargs)
-        param_dtype = requested_dtype if requested_dtype != "auto" else _agreed_dtype(
-            {role: _checkpoint_dtype(part.extra, partial(io.read_state_dict, folder))
-             for role, (folder, part) in parts.items()})
-        model = cls(config, seed=seed, dtype=dtype, param_dtype=param_dtype)
-        flat = traverse_util.flatten_dict(layout.to_layout(model.params, scanned=False), sep="/")
-        shapes = {k: v.shape for k, v in flat.items()}
-        report = LoadReport()
-        for role, (folder, part) in parts.items():
-            spec = config.encoder_spec if role == "encoder" else config.decoder_spec
-            rules = names.stack_rules(part.model_type, spec, role, "", role, tied=config.tie_encoder_decoder)
-            loaded, part_report = state_dict_to_params(
-                rules, io.read_state_dict(folder), shapes, partial(names.alternative_names, part.model_type, role))
-            part_report.raise_for_mismatch(str(folder))
-            flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()})
-            report.missing += part_report.missing
-            report.unexpected += [f"{role}: {n}" for n in part_report.unexpected]
-        if config.needs_projection:
-            report.missing += [k for k in flat if k.startswith("enc_to_dec_proj/")]
-        if report.missing:
-            logger.warning("Newly initialized parameters (not in the checkpoints; train them): %s",
-                           summarize_paths(report.missing))
-        if report.unexpected:
-            logger.warning("Checkpoint tensors not used by the model: %s", ", ".join(report.unexpected))
-        model.params = layout.to_layout(traverse_util.unflatten_dict(flat, sep="/"), config.scan_layers)
-        model.load_report = report
-        return model
+        return loading.load_encoder_decoder_pretrained(
+            cls, encoder_pretrained_model_name_or_path, decoder_pretrained_model_name_or_path, seed=seed, dtype=dtype,
+            param_dtype=param_dtype, torch_dtype=torch_dtype, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype=None, param_dtype=None, torch_dtype=None,
@@ -187,34 +148,8 @@ class EncoderDecoderModel:
         (the ``dtype`` / ``torch_dtype`` of its config.json, else that of its first floating-point tensor), as in
         transformers. The compute dtype ``dtype`` follows it unless given.
         """
-        requested_dtype = _requested_weights_dtype(param_dtype, torch_dtype)
-        folder = io.resolve_model_folder(pretrained_model_name_or_path, HUB_PATTERNS)
-        config = EncoderDecoderConfig.from_json_file(folder / CONFIG_NAME)
-        if config_overrides:
-            config = config.replace(**config_overrides)
-        generation_path = folder / GENERATION_CONFIG_FILE
-        generation_config = (GenerationConfig.from_json_file(generation_path) if paths.exists(generation_path)
-                             else GenerationConfig.from_model_config(config))
-        # shapes do not depend on the dtypes; files hold the unrolled layout
-        shapes = cls(config.replace(scan_layers=False), params={}).param_shapes()
-        kind, files = io.find_weights(folder)
-        tree = io.read_msgpack(files[0]) if kind == "flax" and len(files) == 1 else None
-        if tree is not None and _is_own_tree(tree):
-            flat = traverse_util.flatten_dict(tree, sep="/")
-            report = _compare_tree(flat, shapes)
-        else:
-            state_dict = io.read_state_dict(folder) if tree is None else io.hf_flax_to_state_dict(tree, files[0])
-            flat, report = state_dict_to_params(names.encoder_decoder_rules(config), state_dict, shapes)
-        report.raise_for_mismatch(str(folder))
-        report.raise_for_missing(str(folder))
-        if report.unexpected:
-            logger.warning("%s: checkpoint tensors not used by the model: %s", folder, ", ".join(report.unexpected))
-        param_dtype = requested_dtype if requested_dtype != "auto" else _checkpoint_dtype(config.extra, flat.values)
-        params = layout.to_layout(traverse_util.unflatten_dict(
-            {k: jnp.asarray(v, param_dtype) for k, v in flat.items() if k in shapes}, sep="/"), config.scan_layers)
-        model = cls(config, params=params, dtype=dtype, param_dtype=param_dtype, generation_config=generation_config)
-        model.load_report = report
-        return model
+        return loading.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, param_dtype=param_dtype,
+                                       torch_dtype=torch_dtype, **config_overrides)
 
     # ------------------------------------------------------------------ saving
 
@@ -222,15 +157,15 @@ class EncoderDecoderModel:
         """Writes ``config.json``, ``generation_config.json`` and ``flax_model.msgpack`` into a local folder or a
         bucket URL (``gs://bucket/model``); returns the folder as a path object (``epath.Path`` for a URL).
 
-        A local folder is replaced as a whole (``checkpoint.io.atomic_folder``): if any file fails to write, the
+        A local folder is replaced as a whole (``storage.atomic_folder``): if any file fails to write, the
         folder keeps the previous model, weights and config together. Other files in it (a tokenizer, a
         README) are kept; weight files of an earlier save (``model.safetensors``, ...) are removed, as they
         would shadow or contradict the new weights. On a bucket each file is one object and ``config.json`` is
         written last (``atomic_folder`` says what that guarantees).
         """
         self.generation_config.check_savable()
-        with io.atomic_folder(save_directory) as staging:
-            io.write_msgpack(jax.tree.map(np.asarray, self.unrolled_params()), staging / WEIGHTS_NAME)
+        with storage.atomic_folder(save_directory) as staging:
+            write_msgpack(jax.tree.map(np.asarray, self.unrolled_params()), staging / WEIGHTS_NAME)
             self._write_configs(staging)
         return paths.as_path(save_directory)
 
@@ -241,7 +176,7 @@ class EncoderDecoderModel:
         self.generation_config.save(folder / GENERATION_CONFIG_FILE)
         floating = (x for x in jax.tree.leaves(self.params) if jnp.issubdtype(x.dtype, jnp.floating))
         weights_dtype = next(floating, np.zeros((), np.float32)).dtype
-        io.write_json({**self.config.to_dict(), "dtype": jnp.dtype(weights_dtype).name,
+        storage.write_json({**self.config.to_dict(), "dtype": jnp.dtype(weights_dtype).name,
                        "architectures": ["EncoderDecoderModel"]}, folder / CONFIG_NAME)
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
@@ -254,15 +189,15 @@ class EncoderDecoderModel:
         """Writes a folder transformers' ``EncoderDecoderModel.from_pretrained`` loads: ``model.safetensors``,
         ``config.json``, ``generation_config.json``; local or on a bucket, replaced as ``save_pretrained`` does."""
         self.generation_config.check_savable()
-        with io.atomic_folder(save_directory) as staging:
-            io.write_safetensors(self.pytorch_state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
+        with storage.atomic_folder(save_directory) as staging:
+            write_safetensors(self.pytorch_state_dict(), staging / "model.safetensors", metadata={"format": "pt"})
             self._write_configs(staging)
         return paths.as_path(save_directory)
 
     def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
         """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then
         ``huggingface_hub.upload_folder``). Takes transformers' arguments so that any such call gets that message."""
-        raise io.hub_upload_error("model", repo_id)
+        raise hub_upload_error("model", repo_id)
 
     # ------------------------------------------------------------------ forward
 
@@ -563,94 +498,3 @@ def _cast_floating(params: Params, dtype, mask: Params | None) -> Params:
         raise ValueError("mask must be a tree of bools with the structure of params (e.g. built with "
                          "flax.traverse_util.flatten_dict / unflatten_dict over params)")
     return jax.tree.map(cast, params, mask)
-
-
-def summarize_paths(paths: list[str]) -> str:
-    """``a/layers_0/x/kernel, a/layers_1/x/kernel`` -> ``a/layers_{0,1}/x/kernel``: one entry per layer pattern."""
-    groups: dict[str, list[str]] = {}
-    for path in paths:
-        layer = re.search(r"layers_(\d+)", path)
-        key = re.sub(r"layers_\d+", "layers_{}", path, count=1)
-        groups.setdefault(key, []).append(layer.group(1) if layer else "")
-    return ", ".join(k.replace("{}", "{" + ",".join(v) + "}") if "{}" in k else k for k, v in groups.items())
-
-
-TOP_LEVEL_FIELDS = {f.name for f in dataclasses.fields(EncoderDecoderConfig)} - {"encoder", "decoder", "extra"}
-
-
-def _with_overrides(config: HFConfig, overrides: Mapping[str, Any]) -> HFConfig:
-    """``config`` with the fields of ``encoder_<field>`` / ``decoder_<field>`` keyword arguments replaced; an
-    unknown field is a ConfigError listing the close matches, a value of the wrong type one naming the field."""
-    return config.replace(**overrides)
-
-
-# Floating dtypes the weights may be loaded in; torch's other names for them.
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-TORCH_DTYPE_ALIASES = {"float": "float32", "half": "float16", "double": "float64"}
-
-
-def _float_dtype(value: Any, argument: str) -> jnp.dtype:
-    """``value`` (a JAX / numpy / torch dtype or its name) as a JAX floating dtype; ConfigError naming
-    ``argument`` otherwise, or for float64 without ``jax_enable_x64`` (JAX would store float32)."""
-    if type(value).__module__ == "torch":  # torch.bfloat16 prints as "torch.bfloat16"
-        spelled = str(value).removeprefix("torch.")
-    else:  # a name as transformers takes it ("bfloat16", "half"), or a JAX / numpy dtype
-        spelled = TORCH_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
-    try:
-        dtype = jnp.dtype(spelled)
-    except (TypeError, ValueError):
-        dtype = None
-    if dtype is None or dtype.name not in WEIGHT_DTYPES:
-        raise ConfigError(f"{argument}={value!r} is not a floating-point dtype for the weights; use jnp.float32, "
-                          "jnp.bfloat16 or jnp.float16 (torch dtypes and their names are accepted too), or 'auto'")
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ConfigError(f"{argument}={value!r}: float64 weights need jax.config.update('jax_enable_x64', True) "
-                          "first (without it JAX stores float32)")
-    return dtype
-
-
-def _requested_weights_dtype(param_dtype: Any, torch_dtype: Any) -> jnp.dtype | str:
-    """The weights' dtype from ``param_dtype`` or transformers' ``torch_dtype`` (float32 when neither is given), or
-    "auto" (the checkpoint's, resolved once it is read)."""
-    if param_dtype is not None and torch_dtype is not None:
-        raise ConfigError(f"pass torch_dtype ({torch_dtype!r}) or param_dtype ({param_dtype!r}), not both: both set "
-                          "the dtype of the loaded weights")
-    argument, value = ("torch_dtype", torch_dtype) if torch_dtype is not None else ("param_dtype", param_dtype)
-    if value is None:
-        return jnp.dtype(jnp.float32)
-    if isinstance(value, str) and value == "auto":
-        return "auto"
-    return _float_dtype(value, argument)
-
-
-def _checkpoint_dtype(config_extra: Mapping[str, Any], weights: Callable[[], Iterable[Any]]) -> jnp.dtype:
-    """``torch_dtype="auto"`` as transformers resolves it: the ``dtype`` (transformers 5) or ``torch_dtype``
-    (transformers 4) of config.json, else the dtype of the first floating-point tensor of ``weights()``."""
-    recorded = config_extra.get("dtype") or config_extra.get("torch_dtype")
-    if recorded is not None:
-        return _float_dtype(recorded, "the dtype in the checkpoint's config.json")
-    for array in weights():
-        if jnp.issubdtype(array.dtype, jnp.floating):
-            return _float_dtype(array.dtype, "the dtype of the checkpoint's weights")
-    return jnp.dtype(jnp.float32)
-
-
-def _agreed_dtype(dtypes: Mapping[str, jnp.dtype]) -> jnp.dtype:
-    """The one dtype of ``{"encoder": ..., "decoder": ...}``; a ConfigError when the checkpoints differ."""
-    if len(set(dtypes.values())) > 1:
-        found = ", ".join(f"{role} {dtype.name}" for role, dtype in dtypes.items())
-        raise ConfigError(f"torch_dtype='auto': the checkpoints differ ({found}); pass the dtype to load them in, "
-                          "e.g. torch_dtype=jnp.float32")
-    return next(iter(dtypes.values()))
-
-
-def _is_own_tree(tree: Mapping) -> bool:
-    """Our msgpack trees name layers ``layers_{i}``; transformers' Flax trees use ``layer/{i}`` or ``h/{i}``."""
-    return any("/layers_0/" in k for k in traverse_util.flatten_dict(tree, sep="/"))
-
-
-def _compare_tree(flat: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> LoadReport:
-    report = LoadReport(missing=sorted(set(shapes) - set(flat)), unexpected=sorted(set(flat) - set(shapes)))
-    report.mismatched = [f"{k} {tuple(np.shape(v))} vs expected {shapes[k]}" for k, v in flat.items()
-                         if k in shapes and tuple(np.shape(v)) != tuple(shapes[k])]
-    return report

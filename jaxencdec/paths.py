@@ -10,7 +10,7 @@ install or set when the store cannot be used (:class:`StorageError`, never a tra
 for ``gs://`` a check before the first request that credentials or an emulator are configured.
 
 A bucket has no folders and no rename: a "folder" is a name prefix, a file is one object, and writing one object is
-the only atomic step (an object becomes visible only once its upload is complete). ``checkpoint.io.atomic_folder``
+the only atomic step (an object becomes visible only once its upload is complete). ``storage.atomic_folder``
 says what a whole save guarantees on a bucket.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from etils import epath
 
-__all__ = ["SCHEMES", "AnyPath", "StorageError", "is_url", "as_path", "existing_folder", "exists", "is_file",
-           "is_dir", "list_names", "read_bytes", "read_text", "write_bytes", "remove"]
+__all__ = ["SCHEMES", "PathLike", "AnyPath", "StorageError", "is_url", "as_path", "existing_folder", "exists",
+           "is_file", "is_dir", "list_names", "read_bytes", "read_text", "write_bytes", "remove"]
 
 PathLike = str | os.PathLike
 AnyPath = Path | epath.Path  # what as_path returns: pathlib for a local path, epath for a URL
@@ -136,7 +136,7 @@ def read_text(path: PathLike) -> str:
 
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Writes ``data`` as the whole file. On a bucket this is one object upload, visible only once complete; a
-    local file is written in place (``checkpoint.io`` writes local files atomically through a temporary file)."""
+    local file is written in place (``storage`` writes local files atomically through a temporary file)."""
     with _storage_errors(path):
         as_path(path).write_bytes(data)
 

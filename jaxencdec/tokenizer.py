@@ -17,8 +17,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from jaxencdec import paths
-from jaxencdec.checkpoint.io import hub_upload_error, write_json, write_text
+from jaxencdec import paths, storage
+from jaxencdec.checkpoint.hub import hub_upload_error
 
 SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' registration order
 TOKENIZER_FILES = (
@@ -158,8 +158,8 @@ class Tokenizer:
             raise ValueError(f"save_directory {folder} is a file; pass a folder")
         self._backend.no_truncation()  # __call__ leaves its last truncation setting on the backend
         pipeline, config = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        write_text(self._backend.to_str(pretty=True), pipeline)  # the bytes Backend.save writes
-        write_json(self._config_to_save(), config)
+        storage.write_text(self._backend.to_str(pretty=True), pipeline)  # the bytes Backend.save writes
+        storage.write_json(self._config_to_save(), config)
         return str(pipeline), str(config)
 
     def _config_to_save(self) -> dict[str, Any]:

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
 
-# Before anything imports jax: the test extra installs libtpu (tests/test_tpu_*.py compile for TPU slices ahead of
-# time), and without these jax would look for TPU chips in every process, the two test workers would contend for
-# libtpu's lock, and libtpu would log into /tmp instead of the run's temporary folder.
+sys.path.insert(0, os.path.dirname(__file__))
+import testing  # noqa: E402  (no jax import)
+
+# Before anything imports jax, in this process and in every child it starts (the xdist workers, the `jaxencdec`
+# commands, the notebook kernels):
+# - XLA:CPU compiles with fewer optimization passes: the tests' tiny models spend far more time compiling than
+#   running (results stay well inside the tests' tolerances; benchmarks live in tools/, without these flags);
+# - one persistent compilation cache for the whole run, so that a program compiled by one test, worker or child
+#   is loaded, not compiled again, by the next (a folder of the run's temporary directory, gone with it);
+# - the test extra installs libtpu (tests/test_tpu_*.py compile for TPU slices ahead of time): without these jax
+#   would look for TPU chips in every process, the two test workers would contend for libtpu's lock, and libtpu
+#   would log into /tmp instead of the run's temporary folder.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), testing.FAST_COMPILE_FLAGS]))
+CREATED_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="jaxencdec-xla-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CREATED_CACHE or "")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_LOG_DIR", os.path.join(tempfile.gettempdir(), "tpu_logs"))
@@ -19,7 +34,6 @@ import pytest  # noqa: E402
 
 from jaxencdec import assets  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -27,6 +41,11 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 # The longest test files run first: with `-n 2` each file goes whole to a worker, in collection order, and the
 # demo (several minutes of training) then overlaps the rest of the suite instead of running alone at its end.
 LONGEST_FIRST = ("test_demo.py", "test_cli.py", "test_notebooks.py", "test_tpu_configs.py", "test_layer_execution.py")
+
+
+def pytest_unconfigure(config):
+    if CREATED_CACHE and not hasattr(config, "workerinput"):  # the process that made the cache, after its workers
+        shutil.rmtree(CREATED_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
@@ -43,13 +62,3 @@ def minilm_path() -> str:
 @pytest.fixture(scope="session")
 def aclsum_path() -> str:
     return assets.aclsum_path()
-
-
-@pytest.fixture(scope="module")
-def fast_compiles():
-    """XLA:CPU compiles with fewer optimization passes for the tiny in-process training tests."""
-    import testing
-
-    with pytest.MonkeyPatch.context() as mp:
-        testing.fast_jit(mp)
-        yield

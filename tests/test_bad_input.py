@@ -13,8 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from hf_reference import VOCAB, batch, hf_encoder_decoder
-from jaxencdec import CheckpointError, ConfigError, EncoderDecoderModel
-from jaxencdec.checkpoint import io
+from jaxencdec import CheckpointError, ConfigError, EncoderDecoderModel, storage
 
 
 @pytest.fixture(scope="module")
@@ -256,21 +255,21 @@ def test_failed_save_keeps_previous_model_whole(ours, tmp_path, monkeypatch, sav
     folder = tmp_path / "model"
     getattr(ours, save)(folder)
     (folder / "vocab.txt").write_text("[PAD]\n")
-    real_write_json = io.write_json
+    real_write_json = storage.write_json
 
     def config_write_fails(obj, path):
         if os.path.basename(path) == "config.json":
             raise OSError("disk full (simulated)")
         real_write_json(obj, path)
 
-    monkeypatch.setattr(io, "write_json", config_write_fails)
+    monkeypatch.setattr(storage, "write_json", config_write_fails)
     other = _other_model(ours)
     with pytest.raises(OSError, match="simulated"):
         getattr(other, save)(folder)
     _assert_same_model(EncoderDecoderModel.from_pretrained(folder), ours)
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no staging folder left behind
 
-    monkeypatch.setattr(io, "write_json", real_write_json)
+    monkeypatch.setattr(storage, "write_json", real_write_json)
     getattr(other, save)(folder)
     _assert_same_model(EncoderDecoderModel.from_pretrained(folder), other)
     assert (folder / "vocab.txt").read_text() == "[PAD]\n"  # files the save does not write are kept
@@ -288,7 +287,7 @@ def test_failed_swap_restores_previous_model(ours, tmp_path, monkeypatch):
             raise OSError("rename failed (simulated)")
         real_rename(src, dst)
 
-    monkeypatch.setattr(io.os, "rename", second_rename_fails)
+    monkeypatch.setattr(storage.os, "rename", second_rename_fails)
     with pytest.raises(OSError, match="simulated"):
         _other_model(ours).save_pretrained(folder)
     monkeypatch.undo()

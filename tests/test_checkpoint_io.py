@@ -1,4 +1,5 @@
-"""Tests for jaxencdec.checkpoint.io: real files in every format, no format mocks."""
+"""Tests for the files of a checkpoint (``storage``, ``checkpoint.formats``, ``checkpoint.weights``,
+``checkpoint.hub``): real files in every format, no format mocks."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from flax.serialization import msgpack_serialize
 from safetensors.torch import save_file as torch_save_safetensors
 
-from jaxencdec.checkpoint import io
-from jaxencdec.checkpoint.errors import CheckpointError
+from jaxencdec import storage
+from jaxencdec.checkpoint import formats, hub, weights
+from jaxencdec.errors import CheckpointError
 
 
 def _rng_state_dict() -> dict[str, np.ndarray]:
@@ -49,10 +51,10 @@ def _only_files(folder: Path) -> list[str]:
 
 def test_safetensors_round_trip_bit_identical(tmp_path):
     sd = _rng_state_dict()
-    io.write_safetensors(sd, tmp_path / "model.safetensors")
+    formats.write_safetensors(sd, tmp_path / "model.safetensors")
     assert _only_files(tmp_path) == ["model.safetensors"]
-    assert_bit_identical(io.read_safetensors(tmp_path / "model.safetensors"), sd)
-    assert_bit_identical(io.read_state_dict(tmp_path), sd)
+    assert_bit_identical(formats.read_safetensors(tmp_path / "model.safetensors"), sd)
+    assert_bit_identical(weights.read_state_dict(tmp_path), sd)
 
 
 def test_written_safetensors_readable_by_reference_libraries(tmp_path):
@@ -62,7 +64,7 @@ def test_written_safetensors_readable_by_reference_libraries(tmp_path):
 
     sd = _rng_state_dict()
     path = tmp_path / "model.safetensors"
-    io.write_safetensors(sd, path)
+    formats.write_safetensors(sd, path)
     assert_bit_identical(safetensors.numpy.load_file(str(path)), sd)
     tsd = safetensors.torch.load_file(str(path))
     assert tsd["decoder.cls.predictions.bias"].dtype == torch.bfloat16
@@ -82,7 +84,7 @@ def test_reads_safetensors_written_by_torch(tmp_path):
         "bf": torch.randn(6, dtype=torch.bfloat16),
     }
     torch_save_safetensors(t, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     assert got["bf"].dtype == ml_dtypes.bfloat16
     assert got["bf"].tobytes() == t["bf"].view(torch.int16).numpy().tobytes()
     np.testing.assert_array_equal(got["w"], t["w"].numpy())
@@ -99,7 +101,7 @@ def test_transformers_save_pretrained_reads_back(tmp_path):
     )
     model = BertModel(cfg)
     model.save_pretrained(tmp_path)
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     ref = model.state_dict()
     assert "embeddings.word_embeddings.weight" in got
     assert "encoder.layer.0.attention.self.query.weight" in got
@@ -111,8 +113,8 @@ def _write_two_shards(folder: Path, sd: dict) -> dict:
     names = sorted(sd)
     part1 = {k: sd[k] for k in names[:3]}
     part2 = {k: sd[k] for k in names[3:]}
-    io.write_safetensors(part1, folder / "model-00001-of-00002.safetensors")
-    io.write_safetensors(part2, folder / "model-00002-of-00002.safetensors")
+    formats.write_safetensors(part1, folder / "model-00001-of-00002.safetensors")
+    formats.write_safetensors(part2, folder / "model-00002-of-00002.safetensors")
     index = {
         "metadata": {"total_size": int(sum(a.nbytes for a in sd.values()))},
         "weight_map": {
@@ -127,13 +129,13 @@ def _write_two_shards(folder: Path, sd: dict) -> dict:
 def test_sharded_safetensors_reads_union(tmp_path):
     sd = _rng_state_dict()
     _write_two_shards(tmp_path, sd)
-    kind, files = io.find_weights(tmp_path)
+    kind, files = weights.find_weights(tmp_path)
     assert kind == "safetensors"
     assert [f.name for f in files] == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
     ]
-    assert_bit_identical(io.read_state_dict(tmp_path), sd)
+    assert_bit_identical(weights.read_state_dict(tmp_path), sd)
 
 
 def test_index_naming_missing_shard(tmp_path):
@@ -141,10 +143,10 @@ def test_index_naming_missing_shard(tmp_path):
     _write_two_shards(tmp_path, sd)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors") as ei:
-        io.find_weights(tmp_path)
+        weights.find_weights(tmp_path)
     assert "missing" in str(ei.value)
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
 
 
 def test_index_listing_tensor_absent_from_shard(tmp_path):
@@ -153,16 +155,16 @@ def test_index_listing_tensor_absent_from_shard(tmp_path):
     index["weight_map"]["decoder.ghost"] = "model-00001-of-00002.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="decoder.ghost"):
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
 
 
 def test_truncated_safetensors(tmp_path):
-    io.write_safetensors(_rng_state_dict(), tmp_path / "model.safetensors")
+    formats.write_safetensors(_rng_state_dict(), tmp_path / "model.safetensors")
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt safetensors") as ei:
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
     assert str(path) in str(ei.value)
 
 
@@ -170,13 +172,13 @@ def test_garbage_safetensors(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError, match="truncated or corrupt safetensors") as ei:
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
     assert str(path) in str(ei.value)
 
 
 def test_find_weights_order_and_nothing_found(tmp_path):
     with pytest.raises(CheckpointError) as ei:
-        io.find_weights(tmp_path)
+        weights.find_weights(tmp_path)
     msg = str(ei.value)
     for name in (
         "model.safetensors", "model.safetensors.index.json", "flax_model.msgpack",
@@ -186,12 +188,12 @@ def test_find_weights_order_and_nothing_found(tmp_path):
     assert str(tmp_path) in msg
 
     torch.save({"x": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
-    assert io.find_weights(tmp_path) == ("pytorch", [tmp_path / "pytorch_model.bin"])
+    assert weights.find_weights(tmp_path) == ("pytorch", [tmp_path / "pytorch_model.bin"])
     (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize({"x": {"bias": np.ones(2)}}))
-    assert io.find_weights(tmp_path) == ("flax", [tmp_path / "flax_model.msgpack"])
-    io.write_safetensors({"x": np.full(2, 3.0)}, tmp_path / "model.safetensors")
-    assert io.find_weights(tmp_path) == ("safetensors", [tmp_path / "model.safetensors"])
-    np.testing.assert_array_equal(io.read_state_dict(tmp_path)["x"], [3.0, 3.0])
+    assert weights.find_weights(tmp_path) == ("flax", [tmp_path / "flax_model.msgpack"])
+    formats.write_safetensors({"x": np.full(2, 3.0)}, tmp_path / "model.safetensors")
+    assert weights.find_weights(tmp_path) == ("safetensors", [tmp_path / "model.safetensors"])
+    np.testing.assert_array_equal(weights.read_state_dict(tmp_path)["x"], [3.0, 3.0])
 
 
 # ------------------------------------------------------------------ pytorch .bin
@@ -211,7 +213,7 @@ def test_malicious_pytorch_bin_is_refused_not_executed(tmp_path):
     torch.save({"w": torch.zeros(2), "evil": _RunsCode(marker)}, path)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="refused") as ei:
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
     assert "execute code" in str(ei.value)
     assert str(path) in str(ei.value)
     assert not marker.exists()
@@ -231,7 +233,7 @@ def test_pytorch_bin_round_trip(tmp_path):
     # tied weights share storage in real checkpoints
     t["decoder.cls.predictions.decoder.weight"] = t["encoder.embeddings.word_embeddings.weight"]
     torch.save(t, tmp_path / "pytorch_model.bin")
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     assert set(got) == set(t)
     for k, v in t.items():
         if v.dtype == torch.bfloat16:
@@ -254,7 +256,7 @@ def test_sharded_pytorch_bin(tmp_path):
         "a.weight": "pytorch_model-00001-of-00002.bin",
         "b.bias": "pytorch_model-00002-of-00002.bin",
     }}))
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     np.testing.assert_array_equal(got["a.weight"], a["a.weight"].numpy())
     np.testing.assert_array_equal(got["b.bias"], b["b.bias"].numpy())
 
@@ -265,7 +267,7 @@ def test_truncated_pytorch_bin(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt") as ei:
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
     assert str(path) in str(ei.value)
 
 
@@ -273,7 +275,7 @@ def test_pytorch_bin_without_torch(tmp_path, monkeypatch):
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(CheckpointError, match=r"jaxencdec\[convert\]") as ei:
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
     assert "safetensors" in str(ei.value)
 
 
@@ -293,7 +295,7 @@ def test_hf_flax_msgpack_reads_as_pytorch_names(tmp_path):
         "word_embeddings": {"embedding": E},
     }}
     (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(tree))
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     assert set(got) == {
         "encoder.layer.0.dense.weight", "encoder.layer.0.dense.bias",
         "encoder.LayerNorm.weight", "encoder.LayerNorm.bias",
@@ -317,7 +319,7 @@ def test_sharded_hf_flax_msgpack(tmp_path):
         "h/0/attn/c_attn/kernel": "flax_model-00001-of-00002.msgpack",
         "h/0/attn/c_attn/bias": "flax_model-00002-of-00002.msgpack",
     }}))
-    got = io.read_state_dict(tmp_path)
+    got = weights.read_state_dict(tmp_path)
     np.testing.assert_array_equal(got["h.0.attn.c_attn.weight"], K.T)
     np.testing.assert_array_equal(got["h.0.attn.c_attn.bias"], np.ones(3))
 
@@ -328,9 +330,9 @@ def test_msgpack_round_trip(tmp_path):
                                 "bias": np.array([1, 2], dtype=ml_dtypes.bfloat16)}},
         "step": np.array(7, dtype=np.int32),
     }
-    io.write_msgpack(tree, tmp_path / "params.msgpack")
+    formats.write_msgpack(tree, tmp_path / "params.msgpack")
     assert _only_files(tmp_path) == ["params.msgpack"]
-    got = io.read_msgpack(tmp_path / "params.msgpack")
+    got = formats.read_msgpack(tmp_path / "params.msgpack")
     assert set(got) == {"encoder", "step"}
     assert_bit_identical(got["encoder"]["layer_0"], tree["encoder"]["layer_0"])
     assert got["step"].shape == () and int(got["step"]) == 7
@@ -338,19 +340,19 @@ def test_msgpack_round_trip(tmp_path):
 
 def test_truncated_and_garbage_msgpack(tmp_path):
     path = tmp_path / "params.msgpack"
-    io.write_msgpack({"a": {"kernel": np.ones((32, 32), np.float32)}}, path)
+    formats.write_msgpack({"a": {"kernel": np.ones((32, 32), np.float32)}}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt msgpack") as ei:
-        io.read_msgpack(path)
+        formats.read_msgpack(path)
     assert str(path) in str(ei.value)
     path.write_bytes(b"\x07 definitely not msgpack of a dict")
     with pytest.raises(CheckpointError, match="truncated or corrupt msgpack"):
-        io.read_msgpack(path)
+        formats.read_msgpack(path)
     # same through the HF-Flax path
     (tmp_path / "flax_model.msgpack").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="flax_model.msgpack"):
-        io.read_state_dict(tmp_path)
+        weights.read_state_dict(tmp_path)
 
 
 # ------------------------------------------------------------------ json
@@ -358,10 +360,10 @@ def test_truncated_and_garbage_msgpack(tmp_path):
 
 def test_json_round_trip_and_format(tmp_path):
     path = tmp_path / "config.json"
-    io.write_json({"b": 1, "a": {"y": [1, 2], "x": None}}, path)
+    storage.write_json({"b": 1, "a": {"y": [1, 2], "x": None}}, path)
     text = path.read_text()
     assert text == json.dumps({"a": {"x": None, "y": [1, 2]}, "b": 1}, indent=2) + "\n"
-    assert io.read_json(path) == {"a": {"x": None, "y": [1, 2]}, "b": 1}
+    assert storage.read_json(path) == {"a": {"x": None, "y": [1, 2]}, "b": 1}
 
 
 @pytest.mark.parametrize(
@@ -380,7 +382,7 @@ def test_invalid_json(tmp_path, content, fragment):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(CheckpointError, match=fragment) as ei:
-        io.read_json(path)
+        storage.read_json(path)
     assert str(path) in str(ei.value)
 
 
@@ -388,9 +390,9 @@ def test_invalid_json(tmp_path, content, fragment):
 
 
 _WRITERS = {
-    "safetensors": lambda p: io.write_safetensors({"w": np.arange(1000, dtype=np.float32)}, p),
-    "msgpack": lambda p: io.write_msgpack({"w": {"kernel": np.arange(1000, dtype=np.float32)}}, p),
-    "json": lambda p: io.write_json({"key": "x" * 1000}, p),
+    "safetensors": lambda p: formats.write_safetensors({"w": np.arange(1000, dtype=np.float32)}, p),
+    "msgpack": lambda p: formats.write_msgpack({"w": {"kernel": np.arange(1000, dtype=np.float32)}}, p),
+    "json": lambda p: storage.write_json({"key": "x" * 1000}, p),
 }
 
 
@@ -398,7 +400,7 @@ _WRITERS = {
 def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch, fmt):
     path = tmp_path / f"target.{fmt}"
     path.write_bytes(b"previous content")
-    real_write = io._write_bytes
+    real_write = storage._write_bytes
     calls = []
 
     def half_then_fail(f, data):
@@ -407,14 +409,14 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch, fmt):
         real_write(f, mv[: len(mv) // 2])
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(io, "_write_bytes", half_then_fail)
+    monkeypatch.setattr(storage, "_write_bytes", half_then_fail)
     with pytest.raises(OSError, match="simulated"):
         _WRITERS[fmt](path)
-    assert calls, "the writer did not go through io._write_bytes"
+    assert calls, "the writer did not go through storage._write_bytes"
     assert path.read_bytes() == b"previous content"
     assert _only_files(tmp_path) == [path.name]
 
-    monkeypatch.setattr(io, "_write_bytes", real_write)
+    monkeypatch.setattr(storage, "_write_bytes", real_write)
     _WRITERS[fmt](path)
     assert path.read_bytes() != b"previous content"
     assert _only_files(tmp_path) == [path.name]
@@ -422,16 +424,16 @@ def test_atomic_write_failure_keeps_previous_file(tmp_path, monkeypatch, fmt):
 
 def test_atomic_write_failure_at_replace_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
-    io.write_json({"v": 1}, path)
+    storage.write_json({"v": 1}, path)
 
     def boom(src, dst):
         raise OSError("replace failed (simulated)")
 
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(storage.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
-        io.write_json({"v": 2}, path)
+        storage.write_json({"v": 2}, path)
     monkeypatch.undo()
-    assert io.read_json(path) == {"v": 1}
+    assert storage.read_json(path) == {"v": 1}
     assert _only_files(tmp_path) == ["config.json"]
 
 
@@ -448,8 +450,8 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_resolve_local_folder(tmp_path, offline_hub):
-    assert io.resolve_model_folder(str(tmp_path)) == tmp_path
-    assert io.resolve_model_folder(tmp_path) == tmp_path
+    assert hub.resolve_model_folder(str(tmp_path)) == tmp_path
+    assert hub.resolve_model_folder(tmp_path) == tmp_path
 
 
 @pytest.mark.parametrize("kind", ["absolute", "dot", "home", "nested"])
@@ -462,7 +464,7 @@ def test_resolve_nonexistent_local_path(tmp_path, offline_hub, monkeypatch, kind
         "nested": "runs/exp1/checkpoint",
     }[kind]
     with pytest.raises(CheckpointError, match="neither a local folder nor a reachable hub repo") as ei:
-        io.resolve_model_folder(p)
+        hub.resolve_model_folder(p)
     assert p in str(ei.value)
     assert "\n" not in str(ei.value)
 
@@ -471,11 +473,11 @@ def test_resolve_file_is_not_a_folder(tmp_path, offline_hub):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file"):
-        io.resolve_model_folder(str(f))
+        hub.resolve_model_folder(str(f))
 
 
 def test_resolve_unreachable_hub_repo(offline_hub):
     with pytest.raises(CheckpointError, match="neither a local folder nor a reachable hub repo") as ei:
-        io.resolve_model_folder("jaxencdec-test-org/no-such-model")
+        hub.resolve_model_folder("jaxencdec-test-org/no-such-model")
     assert "jaxencdec-test-org/no-such-model" in str(ei.value)
     assert "\n" not in str(ei.value)

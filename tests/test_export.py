@@ -77,8 +77,8 @@ def exported(tmp_path_factory, hf_folders):
     meanwhile computes ``expected["<model>-<mode>/BxS"]``, the ids of ``make_generate_fn`` on the same inputs and
     key. Returns ``(root, models, expected, served)``, ``served`` the serving process's ``CompletedProcess``.
 
-    Both processes compile with ``testing.FAST_COMPILE_OPTIONS`` (here through ``testing.fast_jit``, there through
-    ``XLA_FLAGS``), so that they run the same XLA passes."""
+    Both processes compile with the test run's ``XLA_FLAGS`` (``testing.FAST_COMPILE_FLAGS``), so that they run the
+    same XLA passes."""
     root = tmp_path_factory.mktemp("exported")
     inputs = _inputs()
     np.savez(root / "inputs.npz", **{f"{shape}/{part}": array for shape, (ids, mask) in inputs.items()
@@ -96,14 +96,11 @@ def exported(tmp_path_factory, hf_folders):
                                   env=_fresh_python_env())
     try:
         expected = {}
-        with pytest.MonkeyPatch.context() as patch:
-            testing.fast_jit(patch)
-            for case, config in configs.items():
-                model = models[case.split("-")[0]]
-                generate_fn = make_generate_fn(model.config, config)
-                for shape, (ids, mask) in inputs.items():
-                    expected[f"{case}/{shape}"] = np.asarray(
-                        generate_fn(model.params, ids, mask, jax.random.key(SEED)))
+        for case, config in configs.items():
+            model = models[case.split("-")[0]]
+            generate_fn = make_generate_fn(model.config, config)
+            for shape, (ids, mask) in inputs.items():
+                expected[f"{case}/{shape}"] = np.asarray(generate_fn(model.params, ids, mask, jax.random.key(SEED)))
         server.wait(timeout=600)
     finally:
         server.kill()  # only if the test failed before it finished
@@ -112,7 +109,7 @@ def exported(tmp_path_factory, hf_folders):
 
 
 def _fresh_python_env() -> dict[str, str]:
-    """The environment for a child on the CPU, compiling as ``testing.fast_jit`` does, that finds this checkout
+    """The environment for a child on the CPU, compiling as this process does, that finds this checkout
     even when it is not installed."""
     path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO]))
     return testing.subprocess_env(None, PYTHONPATH=path)

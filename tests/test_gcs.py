@@ -15,9 +15,9 @@ from flax import traverse_util
 
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from hf_reference import PAD, SMALL, START, batch, hf_encoder_decoder, torch_forward
-from jaxencdec import EncoderDecoderModel, GenerationConfig, Tokenizer, paths
-from jaxencdec.checkpoint import io
-from jaxencdec.checkpoint.errors import CheckpointError
+from jaxencdec import EncoderDecoderModel, GenerationConfig, Tokenizer, paths, storage
+from jaxencdec.checkpoint import formats, weights
+from jaxencdec.errors import CheckpointError
 
 TEXTS = ["JAX compiles numerical programs for accelerators.", "Flax is a neural network library, isn't it?"]
 
@@ -83,10 +83,10 @@ def test_a_new_save_replaces_the_weights_of_an_earlier_one_and_keeps_other_files
     assert gcs_emulator.object_names(gcs_bucket, "replaced/") == [
         "replaced/config.json", "replaced/generation_config.json", "replaced/model.safetensors",
         "replaced/tokenizer.json", "replaced/tokenizer_config.json"]
-    assert io.find_weights(url)[0] == "safetensors"
+    assert weights.find_weights(url)[0] == "safetensors"
 
 
-def test_warm_start_from_bucket_folders(gcs_bucket, tmp_path, fast_compiles):
+def test_warm_start_from_bucket_folders(gcs_bucket, tmp_path):
     import fsspec
     import transformers
 
@@ -103,14 +103,14 @@ def test_warm_start_from_bucket_folders(gcs_bucket, tmp_path, fast_compiles):
 
 def test_a_save_that_fails_leaves_the_bucket_untouched(gcs_bucket, gcs_emulator):
     url = f"{gcs_bucket}/failed"
-    io.write_json({"kept": True}, f"{url}/config.json")
+    storage.write_json({"kept": True}, f"{url}/config.json")
     with pytest.raises(RuntimeError, match="while saving"):
-        with io.atomic_folder(url) as staging:
-            io.write_json({"kept": False}, staging / "config.json")
-            io.write_msgpack({"w": np.ones(3)}, staging / "flax_model.msgpack")
+        with storage.atomic_folder(url) as staging:
+            storage.write_json({"kept": False}, staging / "config.json")
+            formats.write_msgpack({"w": np.ones(3)}, staging / "flax_model.msgpack")
             raise RuntimeError("while saving")
     assert gcs_emulator.object_names(gcs_bucket, "failed/") == ["failed/config.json"]
-    assert io.read_json(f"{url}/config.json") == {"kept": True}
+    assert storage.read_json(f"{url}/config.json") == {"kept": True}
 
 
 def test_tokenizer_round_trip_through_the_bucket(minilm_path, gcs_bucket, gcs_emulator):
@@ -135,7 +135,7 @@ def test_tokenizer_round_trip_through_the_bucket(minilm_path, gcs_bucket, gcs_em
 def test_a_subprocess_reads_the_bucket_with_the_fixture_settings(model, gcs_bucket):
     url = f"{gcs_bucket}/for-a-subprocess"
     model.save_pretrained(url)
-    script = f"from jaxencdec.checkpoint import io; print(io.find_weights({url!r})[1][0])"
+    script = f"from jaxencdec.checkpoint import weights; print(weights.find_weights({url!r})[1][0])"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]

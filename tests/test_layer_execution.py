@@ -198,7 +198,7 @@ def test_gradient_checkpointing_enable_is_transformers_switch(saved_pair):
 
 
 def test_unknown_remat_policy_names_the_choices():
-    from jaxencdec.config import ConfigError
+    from jaxencdec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="remat must be one of .*'full'"):
         OWN["tied"].replace(remat="selective")
@@ -207,7 +207,6 @@ def test_unknown_remat_policy_names_the_choices():
 # ---------------------------------------------------------------------- in training
 
 
-@pytest.mark.usefixtures("fast_compiles")
 def test_a_checkpoint_written_unrolled_resumes_scanned_and_ends_where_the_unrolled_run_ends(tmp_path):
     from jaxencdec.train.config import RunConfig
     from jaxencdec.train.loop import Trainer

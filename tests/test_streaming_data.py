@@ -12,7 +12,8 @@ import pytest
 import testing
 from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import data
-from jaxencdec.train.data import DataConfig, DataError, PairEncoder, ShardLoader, read_pairs, read_shard
+from jaxencdec.train.batches import PairEncoder, PairLoader, ShardLoader
+from jaxencdec.train.data import DataConfig, DataError, read_pairs, read_shard
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_resume_refuses_another_process_count_or_loader(tmp_path, encoder):
     one = ShardLoader(read_shard(config, "train", 0, 1), encoder, 4)
     with pytest.raises(DataError, match="saved by 2 processes, this run has 1"):
         one.set_state(state)
-    whole = data.PairLoader(read_pairs(config, "train"), encoder, 4)
+    whole = PairLoader(read_pairs(config, "train"), encoder, 4)
     with pytest.raises(DataError, match="data.streaming to true"):
         whole.set_state(state)
     with pytest.raises(DataError, match="data.streaming to false"):

@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from hf_reference import EOS, PAD, START, SMALL, batch, hf_encoder_decoder, torch_forward
 from jaxencdec import EncoderDecoderModel
-from jaxencdec.config import ConfigError, EncoderDecoderConfig, HFConfig
+from jaxencdec.config import EncoderDecoderConfig, HFConfig
+from jaxencdec.errors import ConfigError
 from jaxencdec.models.encoder_decoder import DecoderCache, EncoderOutput, shift_tokens_right
 from jaxencdec.train import step as st
 from jaxencdec.visualize import cross_attention_matrix, plot_cross_attention

@@ -23,9 +23,10 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 
 def tpu_env(folder) -> dict[str, str]:
-    """A child's environment for compiling with libtpu: no TPU looked for, XLA's flags left as they are, libtpu's
-    logs in ``folder`` (not /tmp/tpu_logs)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_ENABLE_X64"}
+    """A child's environment for compiling with libtpu: no TPU looked for, XLA's flags as a user has them (the test
+    run's faster XLA:CPU flags taken out), libtpu's logs in ``folder`` (not /tmp/tpu_logs)."""
+    env = {k: v for k, v in testing.without_fast_compile_flags(os.environ).items()
+           if not k.startswith("JAX_") or k == "JAX_ENABLE_X64"}
     env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
                TPU_LOG_DIR=str(folder / "tpu_logs"), PYTHONUNBUFFERED="1")
     return env
@@ -200,7 +201,6 @@ def test_train_compile_only_on_the_local_devices(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.usefixtures("fast_compiles")
 def test_compile_run_returns_the_numbers(tmp_path):
     """The function behind both commands, in this process on its CPU device: numbers, not text."""
     from jaxencdec.train.config import RunConfig

@@ -8,7 +8,8 @@ import pytest
 
 import testing
 from jaxencdec.tokenizer import Tokenizer
-from jaxencdec.train.data import DataConfig, DataError, PairEncoder, PairLoader, aclsum_dir, read_pairs
+from jaxencdec.train.batches import PairEncoder, PairLoader
+from jaxencdec.train.data import DataConfig, DataError, aclsum_dir, read_pairs
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixture
 
 import testing
 from jaxencdec import paths
-from jaxencdec.checkpoint import io
+from jaxencdec.checkpoint.formats import read_msgpack
 from jaxencdec.modeling import EncoderDecoderModel
 
 STEPS = 8
@@ -52,12 +52,12 @@ def _kill_after_checkpoint(workers, emulator, bucket, run_prefix, deadline_s=300
 
 
 def _params(folder):
-    tree = io.read_msgpack(paths.as_path(folder) / "flax_model.msgpack")
+    tree = read_msgpack(paths.as_path(folder) / "flax_model.msgpack")
     return traverse_util.flatten_dict(tree, sep="/")
 
 
 def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulator, gcs_bucket):  # noqa: F811
-    env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"), JAX_NUM_CPU_DEVICES="4",
+    env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4",
                                  TMPDIR=str(tmp_path))
     shared = tmp_path / "shared"
     reference = _write_config(tmp_path, "local", str(tmp_path / "local"), str(shared))
@@ -136,7 +136,7 @@ def _scalars(events: bytes) -> list[tuple[int, float, str]]:
 
 
 def test_checkpoint_steps_and_moving_a_step_aside_on_a_bucket(gcs_emulator, gcs_bucket):  # noqa: F811
-    from jaxencdec.train.loop import checkpoint_steps
+    from jaxencdec.train.checkpoints import checkpoint_steps
 
     ckpt = f"{gcs_bucket}/steps-run/checkpoints"
     for name in ("2/commit_success.txt", "2/state/data", "4/state/data", "6/commit_success.txt", "6/meta/x"):

@@ -1,7 +1,8 @@
 """The loop end to end on a tiny model (in this process, one device): eval with beam search and ROUGE,
-metrics files, exports; NaN stops the run with the last good checkpoint intact; bad configs fail before
-any compile."""
+metrics files, exports; the model handed to the Trainer is left as it was; NaN stops the run with the last good
+checkpoint intact; bad configs fail before any compile."""
 
+import dataclasses
 import json
 import os
 
@@ -13,11 +14,11 @@ from flax import traverse_util
 
 import testing
 from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.train import loop, model_bundle
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,25 @@ def test_freeze_trains_only_the_rest(tmp_path):
     assert all(not np.array_equal(end[n], start[n]) for n in start if n.endswith("kernel") and n not in frozen)
 
 
+def test_the_given_model_is_left_as_it_was(tmp_path, monkeypatch):
+    """The Trainer trains on devices from its own copy: the model of the bundle it is handed keeps its config and
+    its very param arrays, values included, through a run."""
+    config = RunConfig.from_dict(testing.tiny_run_config(
+        str(tmp_path), train={"num_steps": 2}, checkpoint={"every": 2, "keep": 1, "export_final": False}))
+    built = model_bundle.build_model(config)  # a random init: give it params, as a loaded model has
+    given = dataclasses.replace(built, model=EncoderDecoderModel(built.model.config, seed=0))
+    model_config, leaves = given.model.config, jax.tree.leaves(given.model.params)
+    values = [np.array(x) for x in leaves]
+    monkeypatch.setattr(loop, "build_model", lambda _: given)
+    trainer = Trainer(config, log=lambda s: None)
+    trainer.run()
+    assert given.model.config is model_config and given.model.module.config is model_config
+    after = jax.tree.leaves(given.model.params)
+    assert len(after) == len(leaves) and all(a is b for a, b in zip(after, leaves))
+    assert all(np.array_equal(np.asarray(a), v) for a, v in zip(after, values))
+    assert not all(np.array_equal(np.asarray(a), v) for a, v in zip(jax.tree.leaves(trainer.state.params), values))
+
+
 def test_nan_stops_with_last_good_checkpoint(tmp_path):
     config = RunConfig.from_dict(testing.tiny_run_config(
         str(tmp_path), train={"num_steps": 6}, checkpoint={"every": 2, "keep": 3, "export_final": True}))
@@ -100,14 +120,14 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
                                                     r".*: step 0 \(start\) [\d.]+, step 2 [\d.]+, step 4 [\d.]+; no "
                                                     r"norm jumps, so step 4 looks sound"):
         trainer.run()
-    trainer.manager.close()
+    trainer.checkpoints.close()
     ckpt = os.path.join(trainer.out_dir, "checkpoints")
     assert sorted(os.listdir(ckpt)) == ["2", "4"]
     assert not os.path.exists(os.path.join(trainer.out_dir, "final_model"))
     again = Trainer(config, log=lambda s: None)
     assert again.resumed_from == 4
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(again.state.params))
-    again.manager.close()
+    again.checkpoints.close()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -116,7 +136,7 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
     ({"mesh": {"data": -1, "model": -1}}, "at most one mesh axis may be -1"),
     ({"train": {"batch_size": 8, "micro_batches": 3}}, "not divisible by train.micro_batches"),
     ({"data": {"train_file": "/nonexistent/train.jsonl"}}, "data.train_file /nonexistent/train.jsonl does not exist"),
-    ({"optim": {"learning_rate": "fast"}}, "optim.learning_rate must be a number"),
+    ({"optim": {"learning_rate": "fast"}}, r"optim.learning_rate must be of type float, got 'fast' \(str\)"),
     ({"data": {"format": "parquet"}}, "data.format must be one of"),
     ({"optim": {"freeze": ["^encodr/"]}}, r"optim.freeze: \['\^encodr/'\] match no parameter"),
 ])

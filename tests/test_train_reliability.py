@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 import testing
+from jaxencdec.errors import CheckpointError
+from jaxencdec.train.checkpoints import schedule_changes
 from jaxencdec.train.config import RunConfig, RunConfigError
-from jaxencdec.train.loop import CheckpointError, Trainer, TrainingDivergedError, schedule_changes
+from jaxencdec.train.loop import Trainer, TrainingDivergedError
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 STEPS = 6
 

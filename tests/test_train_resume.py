@@ -63,7 +63,7 @@ def _step_of(line: str) -> int:
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-    env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"))
+    env = testing.subprocess_env(None)
     reference = _write_config(tmp_path, "reference")
     _run(reference, env)
     expected = testing.final_params(str(tmp_path / "reference"))
@@ -122,7 +122,7 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 def test_rerun_after_completion_does_nothing_more(tmp_path):
     # a finished run restarted resumes at the last step and trains no further
-    env = testing.subprocess_env(None, cache_dir=str(tmp_path / "xla_cache"))
+    env = testing.subprocess_env(None)
     config = _write_config(tmp_path, "done")
     cfg = json.loads(config.read_text())
     cfg["train"]["num_steps"] = 2

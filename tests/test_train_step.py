@@ -10,7 +10,7 @@ from flax import traverse_util
 import testing
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.modeling import EncoderDecoderModel
-from jaxencdec.models.encoder_decoder import cross_entropy_loss
+from jaxencdec.models.encoder_decoder import cross_entropy_loss, token_loss_sum
 from jaxencdec.parallel import shard
 from jaxencdec.parallel.mesh import MeshConfig, make_mesh
 from jaxencdec.train import step as st
@@ -19,7 +19,6 @@ from jaxencdec.train.config import OptimConfig
 VOCAB = 64
 
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +69,31 @@ def test_accumulating_4x2_equals_one_batch_of_8(setup):
     assert abs(float(cross_entropy_loss(out.logits, batch["labels"])) - float(m1["loss"])) <= 1e-5
 
 
-def test_label_smoothing_matches_optax():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_and_its_gradient_match_optax(smoothing):
+    """The one loss (its own derivative rule) against optax's smoothed softmax cross-entropy, -100 ignored: value,
+    gradient, forward mode (``jax.jvp``) and second order (a Hessian-vector product)."""
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(2, 3, 11)), jnp.float32)
     labels = jnp.asarray([[1, 4, -100], [0, 10, 3]])
-    total, count = st.token_loss_sum(logits, labels, 0.1)
+    valid = labels != -100
+
+    def reference(logits):
+        targets = optax.smooth_labels(jax.nn.one_hot(jnp.where(valid, labels, 0), 11), smoothing)
+        return jnp.sum(optax.softmax_cross_entropy(logits, targets) * valid) / jnp.sum(valid)
+
+    total, count = token_loss_sum(logits, labels, smoothing)
     assert float(count) == 5
-    assert abs(float(total / count) - float(cross_entropy_loss(logits, labels, 0.1))) <= 1e-5
-    plain, _ = st.token_loss_sum(logits, labels, 0.0)
-    assert abs(float(plain / count) - float(cross_entropy_loss(logits, labels))) <= 1e-6
+    np.testing.assert_allclose(float(total / count), float(reference(logits)), rtol=1e-6)
+    np.testing.assert_allclose(float(cross_entropy_loss(logits, labels, smoothing)), float(reference(logits)),
+                               rtol=1e-6)
+    loss = lambda x: cross_entropy_loss(x, labels, smoothing)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.grad(loss)(logits)), np.asarray(jax.grad(reference)(logits)), atol=1e-6)
+    direction = jnp.asarray(rng.normal(size=logits.shape), jnp.float32)
+    np.testing.assert_allclose(float(jax.jvp(loss, (logits,), (direction,))[1]),
+                               float(jax.jvp(reference, (logits,), (direction,))[1]), rtol=1e-5)
+    hvp = lambda f: jax.jvp(jax.grad(f), (logits,), (direction,))[1]  # noqa: E731
+    np.testing.assert_allclose(np.asarray(hvp(loss)), np.asarray(hvp(reference)), atol=1e-6)
 
 
 def test_no_weight_decay_on_biases_and_norms(setup):

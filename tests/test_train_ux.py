@@ -23,7 +23,6 @@ from jaxencdec.train.config import EvalSection, RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer
 from jaxencdec.train.metrics import MetricsWriter, text_metrics
 
-pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _no_compile(*args, **kwargs):

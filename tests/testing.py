@@ -93,19 +93,29 @@ def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- subprocesses with N host devices
 
-# Faster XLA:CPU compiles for tests (the tiny models spend far more time compiling than running).
+# Faster XLA:CPU compiles for tests (the tiny models spend far more time compiling than running): tests/conftest.py
+# puts them in XLA_FLAGS before jax is imported, for the test processes and every child they start.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **extra: str) -> dict[str, str]:
-    """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax) and can
-    import this module (the tests folder is on its ``PYTHONPATH``).
+def without_fast_compile_flags(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with ``FAST_COMPILE_FLAGS`` taken out of its XLA_FLAGS: for a child that must compile what a user's
+    process compiles (the demo, TPU programs)."""
+    flags = env.get("XLA_FLAGS", "").replace(FAST_COMPILE_FLAGS, "").split()
+    env = dict(env)
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
 
-    ``cache_dir``: a persistent compilation cache shared by children that compile the same programs.
-    """
+
+def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax) and can
+    import this module (the tests folder is on its ``PYTHONPATH``); it compiles as the tests do (conftest's flags
+    and compilation cache)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    flags.append(FAST_COMPILE_FLAGS)
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
@@ -116,10 +126,6 @@ def subprocess_env(devices: int | None = None, cache_dir: str | None = None, **e
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     env.pop("JAX_NUM_PROCESSES", None)
     env.pop("JAX_PROCESS_ID", None)
-    if cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env.update(extra)
     return env
 
@@ -158,35 +164,13 @@ def finish_workers(workers: list[subprocess.Popen], timeout: float = 400) -> lis
     return outputs
 
 
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def fast_jit(monkeypatch) -> None:
-    """Makes ``jax.jit`` (looked up at call time) compile with ``FAST_COMPILE_OPTIONS``: in-process tests of
-    tiny models spend most of their time in XLA:CPU's optimizer otherwise. Results stay float32-exact enough
-    for the tests; do not use for benchmarks."""
-    import functools
-
-    import jax
-
-    real = jax.jit
-
-    def jit(fun=None, **kwargs):
-        kwargs.setdefault("compiler_options", FAST_COMPILE_OPTIONS)
-        if fun is None:
-            return functools.partial(real, **kwargs)
-        return real(fun, **kwargs)
-
-    monkeypatch.setattr(jax, "jit", jit)
-
-
 def final_params(run_dir: str) -> dict:
     """The exported ``final_model`` params of a finished run, flat (``/``-joined paths) numpy arrays."""
     from flax import traverse_util
 
-    from jaxencdec.checkpoint import io
+    from jaxencdec.checkpoint.formats import read_msgpack
 
-    tree = io.read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
+    tree = read_msgpack(os.path.join(run_dir, "final_model", "flax_model.msgpack"))
     return traverse_util.flatten_dict(tree, sep="/")
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jaxencdec.checkpoint.errors import CheckpointError
+from jaxencdec.errors import CheckpointError
 from jaxencdec.checkpoint.names import IGNORED_SUFFIXES, Rule
 
 

@@ -1,7 +1,7 @@
 """The one place that knows Hugging Face parameter names: per-architecture tables, ours <-> HF PyTorch.
 
 A table is a list of :class:`Rule`: one Hugging Face tensor, the parameter path(s) of ours it holds, and how
-its layout differs. HF Flax checkpoints are first renamed to PyTorch names by ``checkpoint.io``, so one table
+its layout differs. HF Flax checkpoints are first renamed to PyTorch names by ``checkpoint.formats``, so one table
 serves both. Our paths are ``/``-joined (``decoder/layers_0/self_attention/query/kernel``).
 
 Layouts: PyTorch ``nn.Linear`` weights are ``[out, in]`` (ours ``[in, out]``, with attention projections
@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jaxencdec.config import TransformerSpec
+from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.encoder_decoder import is_tied_decoder_path
 
 Shape = tuple[int, ...]

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from jaxencdec import paths
-from jaxencdec.checkpoint.io import read_json, resolve_model_folder, write_json
+from jaxencdec import fields, paths, storage
+from jaxencdec.checkpoint.hub import resolve_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +38,6 @@ NOT_IMPLEMENTED = {
 
 class GenerationConfigError(ValueError):
     """A generation setting is out of range or inconsistent."""
-
-
-def _tuple(value):
-    """Lists (JSON) -> tuples (hashable: the config is a static jit argument)."""
-    if isinstance(value, list):
-        return tuple(_tuple(v) for v in value)
-    return value
-
-
-def _list(value):
-    if isinstance(value, tuple):
-        return [_list(v) for v in value]
-    return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +92,13 @@ class GenerationConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        # None means unset, as in transformers 5 (GenerationConfig(temperature=None), null in a JSON file): a field
+        # with a default keeps it.
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None and f.default is not None and f.default is not dataclasses.MISSING:
+                object.__setattr__(self, f.name, f.default)
         for name in ("eos_token_id", "bad_words_ids", "forced_eos_token_id"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
+            object.__setattr__(self, name, fields.frozen(getattr(self, name)))  # hashable: a static jit argument
         self.validate()
 
     def validate(self, strict: bool = False) -> None:
@@ -154,22 +142,22 @@ class GenerationConfig:
         return ignored
 
     def _check_values(self) -> None:
-        """Raises GenerationConfigError for a value transformers would reject or that makes no sense."""
+        """Raises GenerationConfigError for a value of the wrong type, one transformers would reject, or one that
+        makes no sense."""
         def check(ok, message):
             if not ok:
                 raise GenerationConfigError(message)
 
-        check(self.max_new_tokens is None or (_is_int(self.max_new_tokens) and self.max_new_tokens > 0),
+        fields.check_types(self, GenerationConfigError)
+        check(self.max_new_tokens is None or self.max_new_tokens > 0,
               f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        check(self.max_length is None or (_is_int(self.max_length) and self.max_length > 1),
+        check(self.max_length is None or self.max_length > 1,
               f"max_length counts the decoder start token and must be an integer > 1, got {self.max_length!r}")
-        check(_is_int(self.min_length) and self.min_length >= 0,
-              f"min_length must be an integer >= 0, got {self.min_length!r}")
-        check(self.min_new_tokens is None or (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0),
+        check(self.min_length >= 0, f"min_length must be an integer >= 0, got {self.min_length!r}")
+        check(self.min_new_tokens is None or self.min_new_tokens >= 0,
               f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
-        check(_is_int(self.num_beams) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
-        check(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
-              f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
+        check(self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams!r}")
+        check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences!r}")
         if self.num_beams > 1:
             check(self.num_return_sequences <= self.num_beams,
                   f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")
@@ -181,47 +169,41 @@ class GenerationConfig:
               f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         for name in ("repetition_penalty", "encoder_repetition_penalty"):
             value = getattr(self, name)
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                  f"{name} must be > 0, got {value!r}")
+            check(value > 0, f"{name} must be > 0, got {value!r}")
         for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
             value = getattr(self, name)
-            check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
-        check(isinstance(self.length_penalty, (int, float)) and math.isfinite(self.length_penalty),
+            check(value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        check(math.isfinite(self.length_penalty),
               f"length_penalty must be a finite number (the exponent of the length in beam scores), got "
               f"{self.length_penalty!r}")
         if self.do_sample:
-            check(isinstance(self.temperature, (int, float)) and self.temperature > 0,
+            check(self.temperature > 0,
                   f"temperature must be > 0 when sampling (for greedy decoding set do_sample=False), "
                   f"got {self.temperature!r}")
-            check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-                  f"top_p must be in (0, 1], got {self.top_p!r}")
-            check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+            check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+            check(self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.bad_words_ids is not None:
-            check(isinstance(self.bad_words_ids, tuple) and len(self.bad_words_ids) > 0
-                  and all(isinstance(w, tuple) and len(w) > 0 and all(_is_int(t) and t >= 0 for t in w)
-                          for w in self.bad_words_ids),
+            check(len(self.bad_words_ids) > 0
+                  and all(len(words) > 0 and all(t >= 0 for t in words) for words in self.bad_words_ids),
                   f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {self.bad_words_ids!r}")
         for name in ("eos_token_id", "forced_eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, tuple) else () if value is None else (value,)
-            check(all(_is_int(t) and t >= 0 for t in ids), f"{name} must be token id(s) >= 0, got {value!r}")
+            check(all(t >= 0 for t in ids), f"{name} must be token id(s) >= 0, got {value!r}")
         for name in ("decoder_start_token_id", "bos_token_id", "pad_token_id", "forced_bos_token_id"):
             value = getattr(self, name)
-            check(value is None or (_is_int(value) and value >= 0), f"{name} must be a token id >= 0, got {value!r}")
+            check(value is None or value >= 0, f"{name} must be a token id >= 0, got {value!r}")
 
     def replace(self, **changes) -> "GenerationConfig":
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = set(changes) - known - set(NOT_IMPLEMENTED)
+        """A copy with ``changes``; an unknown option is a GenerationConfigError naming its closest options.
+        transformers options this library does not implement are kept in ``extra``: ``resolve`` refuses them unless
+        they are neutral."""
+        names = sorted(f.name for f in dataclasses.fields(self) if f.name != "extra")
+        unknown = fields.unknown_names(sorted(changes), [*names, *NOT_IMPLEMENTED])
         if unknown:
-            raise GenerationConfigError(
-                f"unknown generation option(s): {sorted(unknown)}; known options: "
-                f"{sorted(f.name for f in dataclasses.fields(self) if f.name != 'extra')}")
-        # transformers options we do not implement are kept aside; resolve() rejects them unless neutral
-        kept_aside = {k: v for k, v in changes.items() if k not in known}
-        fields = {k: v for k, v in changes.items() if k in known}
-        if kept_aside:
-            fields["extra"] = {**self.extra, **kept_aside}
-        return dataclasses.replace(self, **fields)
+            raise GenerationConfigError(f"unknown generation option(s) {', '.join(unknown)}; known options: "
+                                        f"{', '.join(names)}")
+        return fields.replace(self, changes, NOT_IMPLEMENTED)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -274,29 +256,27 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-        # transformers 5 writes unset fields as null; ours with a non-None default keep that default.
-        known = {k: v for k, v in data.items()
-                 if k in fields and not (v is None and fields[k].default is not None)}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in fields})
+        declared = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        return cls(**{k: v for k, v in data.items() if k in declared},
+                   extra={k: v for k, v in data.items() if k not in declared})
 
     def to_dict(self) -> dict[str, Any]:
         """Set fields only (``None`` means unset, as in transformers 5), plus the keys kept in ``extra``."""
-        values = {f.name: _list(getattr(self, f.name)) for f in dataclasses.fields(self)
+        values = {f.name: fields.to_json(getattr(self, f.name)) for f in dataclasses.fields(self)
                   if f.name != "extra" and getattr(self, f.name) is not None}
         return {**self.extra, **values}
 
     @classmethod
     def from_json_file(cls, path) -> "GenerationConfig":
         """Reads a ``generation_config.json`` file (transformers' or ours)."""
-        config = cls.from_dict(read_json(path))
+        config = cls.from_dict(storage.read_json(path))
         # transformers lets a config that is unchanged since loading be saved back despite ignored settings.
         object.__setattr__(config, "_unchanged_since_loading", True)
         return config
 
     def save(self, path) -> None:
         """Writes the JSON file ``path`` as is (``save_pretrained`` checks the settings first)."""
-        write_json(self.to_dict(), path)
+        storage.write_json(self.to_dict(), path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, config_file_name: str | None = None,

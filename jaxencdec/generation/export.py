@@ -19,12 +19,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxencdec import __version__
-from jaxencdec.checkpoint import io
+from jaxencdec import storage
+from jaxencdec.checkpoint.weights import find_weights
 from jaxencdec.generation.api import check_against_model, make_generate_fn, merge_config
 from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.generation.serving import (EXPORTED_NAME, FORMAT, FORMAT_VERSION, KEY_IMPL, KEY_SHAPE,
                                           MANIFEST_NAME)
+from jaxencdec.version import __version__
 
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -142,8 +143,8 @@ def _manifest(model, config: GenerationConfig, exported: jax.export.Exported, mi
 def _write_artifact(folder: str | os.PathLike, model, exported: jax.export.Exported, manifest: dict) -> None:
     """``model.save_pretrained`` files + the serialized program + the manifest (naming the weights file that
     ``save_pretrained`` wrote), replacing ``folder`` as a whole."""
-    with io.atomic_folder(folder) as staging:
+    with storage.atomic_folder(folder) as staging:
         model.save_pretrained(staging)
-        _, weights = io.find_weights(staging)
+        _, weights = find_weights(staging)
         (staging / EXPORTED_NAME).write_bytes(exported.serialize())
-        io.write_json({**manifest, "weights_file": weights[0].name}, staging / MANIFEST_NAME)
+        storage.write_json({**manifest, "weights_file": weights[0].name}, staging / MANIFEST_NAME)

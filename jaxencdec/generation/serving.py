@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxencdec import paths
-from jaxencdec.checkpoint import io
+from jaxencdec import paths, storage
+from jaxencdec.checkpoint.formats import read_msgpack
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
 
 EXPORTED_NAME = "generate.jax_export"
@@ -118,7 +118,7 @@ def _read_manifest(folder: paths.AnyPath) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no exported generate function in {folder}; write one with "
                                 "jaxencdec.generation.export.export_generate(model, ..., folder=...) or "
                                 "`jaxencdec export MODEL OUT`")
-    manifest = io.read_json(path)
+    manifest = storage.read_json(path)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a {FORMAT} manifest of version {FORMAT_VERSION} (got format "
                          f"{manifest.get('format')!r}, version {manifest.get('format_version')!r}); export again "
@@ -150,7 +150,7 @@ def _check_platform(exported: jax.export.Exported, folder: paths.AnyPath) -> Non
 
 def _read_params(path: paths.AnyPath, exported: jax.export.Exported) -> Any:
     """The parameter tree in ``path``, checked against the exported program's first argument."""
-    params = io.read_msgpack(path)
+    params = read_msgpack(path)
     expected_tree = exported.in_tree.children()[0].children()[0]  # in_tree: ((params, ids, mask, key), {})
     if jax.tree.structure(params) != expected_tree:
         raise ValueError(f"{path}: its parameter tree is not the one the exported program was traced with; the "

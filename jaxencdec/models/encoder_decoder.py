@@ -18,12 +18,12 @@ them back in transformers' order. When neither is requested nothing is recorded 
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 from flax import linen as nn
 from flax import struct
 
@@ -237,18 +237,62 @@ def shift_tokens_right(labels: jax.Array, pad_token_id: int, decoder_start_token
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean token cross-entropy over labels != -100, as ``torch.nn.CrossEntropyLoss`` (float32 scalar).
+def token_loss_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy and the number of counted tokens (labels != -100), float32 scalars.
 
-    ``logits [batch, tgt_len, vocab]``, ``labels [batch, tgt_len]`` int.
+    ``logits [batch, tgt_len, vocab]`` (any float dtype; computed in float32), ``labels [batch, tgt_len]`` int.
+    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / vocab`` (optax.smooth_labels, PyTorch's
+    ``label_smoothing``), computed without materializing the one-hot.
     """
     chex.assert_equal(logits.shape[:-1], labels.shape)
     valid = labels != -100
-    safe_labels = jnp.where(valid, labels, 0)
-    logits = logits.astype(jnp.float32)
+    total = _masked_cross_entropy(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid, label_smoothing)
+    return total, counted_tokens(labels)
+
+
+def counted_tokens(labels: jax.Array) -> jax.Array:
+    """float32 scalar: the label positions the loss counts (labels != -100)."""
+    return jnp.sum(labels != -100).astype(jnp.float32)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean token cross-entropy over labels != -100, as ``torch.nn.CrossEntropyLoss`` (float32 scalar; 0 when no
+    label counts). Shapes as ``token_loss_sum``."""
+    total, count = token_loss_sum(logits, labels, label_smoothing)
+    return total / jnp.maximum(count, 1.0)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _masked_cross_entropy(logits, labels, valid, label_smoothing):
+    """``sum over valid tokens of CE(logits, labels)``: float32 scalar from float32 ``[..., vocab]`` logits.
+
+    Its own derivative, ``softmax - target`` in one pass over the logits from the exponentials of the forward pass
+    (a JVP rule, so that forward mode works too and reverse mode is its transpose). Autodiff of log_softmax +
+    gather took several passes, exponentials twice, a scatter into a zero array, and the gradient built twice
+    (once transposed for the LM head's weight gradient): 20% of a bert2gpt2-small train step (50257-word
+    vocabulary) on CPU.
+    """
+    return _masked_cross_entropy_parts(logits, labels, valid, label_smoothing)[0]
+
+
+def _masked_cross_entropy_parts(logits, labels, valid, label_smoothing):
+    """The summed loss, and its gradient with respect to ``logits`` (``[..., vocab]``)."""
+    shift = jnp.max(logits, axis=-1, keepdims=True)  # [..., 1]
+    exps = jnp.exp(logits - shift)  # [..., vocab]
+    sums = jnp.sum(exps, axis=-1)  # [...]
+    log_normalizer = jnp.log(sums) + shift[..., 0]
+    losses = log_normalizer - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     if label_smoothing:
-        targets = optax.smooth_labels(jax.nn.one_hot(safe_labels, logits.shape[-1]), label_smoothing)
-        losses = optax.softmax_cross_entropy(logits, targets)
-    else:
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
-    return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normalizer - jnp.mean(logits, axis=-1))
+    vocab = logits.shape[-1]
+    is_label = jnp.arange(vocab, dtype=labels.dtype) == labels[..., None]
+    target = jnp.where(is_label, 1.0 - label_smoothing + label_smoothing / vocab, label_smoothing / vocab)
+    gradient = jnp.where(valid[..., None], exps / sums[..., None] - target, 0.0)
+    return jnp.sum(jnp.where(valid, losses, 0.0)), gradient
+
+
+@_masked_cross_entropy.defjvp
+def _masked_cross_entropy_jvp(label_smoothing, primals, tangents):
+    logits, labels, valid = primals
+    total, gradient = _masked_cross_entropy_parts(logits, labels, valid, label_smoothing)
+    return total, jnp.sum(gradient * tangents[0])

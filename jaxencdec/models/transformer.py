@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxencdec.config import TransformerSpec
+from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
 from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, layer_of, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,

@@ -110,7 +110,7 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     """This process's rows ``[local_batch, ...]`` -> global arrays ``[global_batch, ...]`` split on data+fsdp.
 
     Process ``p`` must pass rows ``p * local_batch ... (p + 1) * local_batch`` of the global batch (see
-    ``jaxencdec.train.data``), which is the order ``make_array_from_process_local_data`` assembles.
+    ``jaxencdec.train.batches``), which is the order ``make_array_from_process_local_data`` assembles.
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

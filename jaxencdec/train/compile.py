@@ -127,38 +127,30 @@ class CompileReport:
 # ---------------------------------------------------------------------- building the run's programs
 
 
-def _first(*values):
-    return next((v for v in values if v is not None), None)
-
-
 def model_config(config: RunConfig):
     """The run's ``EncoderDecoderConfig`` from ``config.json`` files only (no weights, no tokenizer), with the
     run's token ids and ``model.remat`` / ``model.scan_layers`` applied; and notes on what was assumed."""
-    from jaxencdec.checkpoint import io
+    from jaxencdec.checkpoint.hub import resolve_model_folder
     from jaxencdec.config import EncoderDecoderConfig, HFConfig
+    from jaxencdec.train.model_bundle import token_ids
 
     m = config.model
-    overrides = {k: getattr(m, k) for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")
-                 if getattr(m, k) is not None}
 
     def read(source: str):
-        return io.resolve_model_folder(source, ["config.json"]) / "config.json"
+        return resolve_model_folder(source, ["config.json"]) / "config.json"
 
     if m.pretrained:
         mc = EncoderDecoderConfig.from_json_file(read(m.pretrained))
-        mc = mc.replace(**overrides) if overrides else mc
     elif m.encoder:
         mc = EncoderDecoderConfig.from_encoder_decoder_configs(
-            HFConfig.from_json_file(read(m.encoder)), HFConfig.from_json_file(read(m.decoder)), **overrides)
+            HFConfig.from_json_file(read(m.encoder)), HFConfig.from_json_file(read(m.decoder)))
     else:
         mc = EncoderDecoderConfig.from_encoder_decoder_configs(
-            HFConfig.from_dict(dict(m.encoder_config)), HFConfig.from_dict(dict(m.decoder_config)), **overrides)
+            HFConfig.from_dict(dict(m.encoder_config)), HFConfig.from_dict(dict(m.decoder_config)))
     # The Trainer takes ids the config leaves unset from the tokenizer; they are constants of the programs, so
     # a placeholder compiles the same code.
-    eos = mc.eos_token_id[0] if isinstance(mc.eos_token_id, tuple) else mc.eos_token_id
-    ids = {"decoder_start_token_id": _first(mc.decoder_start_token_id, mc.decoder.bos_token_id),
-           "pad_token_id": _first(mc.pad_token_id, mc.decoder.pad_token_id),
-           "eos_token_id": _first(eos, mc.decoder.eos_token_id)}
+    ids = token_ids(m, mc, start=(mc.decoder.bos_token_id,), pad=(mc.decoder.pad_token_id,),
+                    eos=(mc.decoder.eos_token_id,))
     unset = [k for k, v in ids.items() if v is None]
     notes = (f"{', '.join(unset)} not in the configs (the Trainer takes them from the tokenizer): 0 compiled in "
              f"their place",) if unset else ()

@@ -18,13 +18,12 @@ import dataclasses
 import json
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
+from jaxencdec import fields
 from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
@@ -239,7 +238,7 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_jsonable(dataclasses.asdict(self))
+        return fields.to_json(dataclasses.asdict(self))
 
     # ------------------------------------------------------------------ reading
 
@@ -318,23 +317,22 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 def _build(cls, data: Mapping[str, Any], prefix: str):
     if not isinstance(data, Mapping):
         raise RunConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = fields.field_types(cls)
     data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document a config
-    unknown = sorted(set(data) - set(fields))
+    unknown = fields.unknown_names(sorted(data), hints, show=lambda name: prefix + name)
     if unknown:
-        raise RunConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                             f"known in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
+        raise RunConfigError(f"unknown config key(s) {', '.join(unknown)}; "
+                             f"known in {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(hints))}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_type(value, hint, prefix + name)
-            if name in PATH_KEYS:
-                kwargs[name] = resolve_path(kwargs[name])
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+            continue
+        if not fields.has_type(value, hint):
+            raise RunConfigError(fields.wrong_type(prefix + name, value, hint))
+        kwargs[name] = resolve_path(value) if name in PATH_KEYS else fields.frozen(value)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise RunConfigError(f"config is missing {', '.join(prefix + m for m in missing)}")
@@ -344,48 +342,6 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         raise RunConfigError(f"{prefix.rstrip('.')}: {e}") from None
     except TypeError as e:
         raise RunConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
-
-
-def _check_type(value, hint, key):
-    """A light check of JSON values against annotations (int, float, bool, str, None, tuples, mappings)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(value, option, key)
-            except RunConfigError as e:
-                errors.append(e)
-        raise errors[-1]
-    if hint is type(None):
-        if value is not None:
-            raise RunConfigError(f"{key} must be null")
-        return None
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise RunConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RunConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RunConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise RunConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    if origin in (tuple, list, Sequence, typing.Sequence) or hint in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise RunConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(value)
-    if origin in (Mapping, dict, typing.Mapping) or hint is dict:
-        if not isinstance(value, Mapping):
-            raise RunConfigError(f"{key} must be an object, got {value!r}")
-        return dict(value)
-    return value
 
 
 def resolve_path(path: str | None) -> str | None:
@@ -399,11 +355,3 @@ def resolve_path(path: str | None) -> str | None:
     if spec is None or spec.origin is None:
         raise RunConfigError(f"{path}: the Python package {name!r} is not installed")
     return os.path.join(os.path.dirname(spec.origin), rest)
-
-
-def _to_jsonable(x):
-    if isinstance(x, Mapping):
-        return {k: _to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_jsonable(v) for v in x]
-    return x

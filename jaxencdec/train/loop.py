@@ -1,4 +1,4 @@
-"""The training loop: model and data set-up, sharded state, orbax checkpoints with exact resume, eval, metrics.
+"""The training loop: data set-up, sharded state, the steps, checkpoints with exact resume, eval, metrics.
 
 ``Trainer(config).run()`` trains ``config.train.num_steps`` optimizer steps. Every process of a multi-host run
 executes the same code; each reads only its rows of every batch, all take part in checkpoint saves, and
@@ -9,15 +9,9 @@ credentials): orbax writes the checkpoints there through tensorstore, ``final_mo
 with ``config.json`` last, and ``metrics.jsonl``, the TensorBoard events and ``metrics.png`` are written in a
 local temporary folder and uploaded after each metrics row (see ``MetricsWriter``).
 
-Resume: a checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the
-run config and the global parameter norm of each save; rerunning the same command restores the latest complete
-one (orbax writes into a temporary folder and renames it when done, so a save cut short is never picked; on a
-bucket, which has no rename, a step folder counts once orbax has stored its ``commit_success.txt``) and continues
-bit-for-bit as if never stopped. A checkpoint that fails to restore (damaged files) is reported and
-moved aside to ``checkpoints/<step>.corrupt-<n>``, and the one before it is tried. ``checkpoint.resume_step``
-picks an older checkpoint; the newer ones are moved aside to ``checkpoints/<step>.discarded-<n>``. A resume
-whose learning-rate schedule settings differ from the checkpoint's is refused unless
-``checkpoint.allow_schedule_change`` is set.
+Resume: rerunning the same command restores the latest complete checkpoint and continues bit-for-bit as if
+never stopped; which checkpoint is chosen, and what happens to damaged or newer ones, is
+:mod:`jaxencdec.train.checkpoints`'s. The model and tokenizers come from :mod:`jaxencdec.train.model_bundle`.
 """
 
 from __future__ import annotations
@@ -27,52 +21,34 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from jaxencdec import paths
-from jaxencdec.checkpoint import io
-from jaxencdec.config import EncoderDecoderConfig, HFConfig
+from jaxencdec import paths, storage
 from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
-from jaxencdec.tokenizer import Tokenizer
+from jaxencdec.tokenizer import TOKENIZER_FILES
 from jaxencdec.train import step as steps
+from jaxencdec.train.batches import HOST_ONLY_KEYS, PairEncoder, PairLoader, ShardLoader
+from jaxencdec.train.checkpoints import RunCheckpoints, check_resumable, check_schedule, run_folder
 from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, check_shapes
-from jaxencdec.train.data import (HOST_ONLY_KEYS, DataError, PairEncoder, PairLoader, ShardLoader, read_pairs,
-                                   read_shard)
+from jaxencdec.train.data import DataError, read_pairs, read_shard
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
+from jaxencdec.train.model_bundle import build_model
 
 logger = logging.getLogger("jaxencdec")
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json")
-
-
-# The settings that define the learning rate of every step; a resume that changes one changes the schedule.
-SCHEDULE_KEYS = ("optim.learning_rate", "optim.warmup_steps", "optim.schedule", "optim.end_lr_ratio",
-                 "train.num_steps")
-# A checkpoint whose parameter norm is this many times the previous one's is reported as a jump.
-NORM_JUMP = 4.0
-# The file orbax writes last into a checkpoint's step folder on a bucket (where it cannot rename a finished one).
-ORBAX_COMMIT_FILE = "commit_success.txt"
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of output_dir can be restored, or the chosen one cannot."""
 
 
 # ---------------------------------------------------------------------- checks before any compile
@@ -98,115 +74,11 @@ def validate(config: RunConfig, num_devices: int, num_processes: int) -> tuple[i
     return shape
 
 
-def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax's step folders), ascending; no orbax call.
-
-    On a bucket, where orbax writes a step's folder in place, a step is complete once its ``commit_success.txt``
-    is stored (orbax's own test)."""
-    if not paths.is_dir(ckpt_dir):
-        return []
-    numbered = [int(name) for name in paths.list_names(ckpt_dir) if name.isdigit()]
-    if paths.is_url(ckpt_dir):
-        return sorted(s for s in numbered if paths.is_file(os.path.join(ckpt_dir, str(s), ORBAX_COMMIT_FILE)))
-    return sorted(s for s in numbered if os.path.isdir(os.path.join(ckpt_dir, str(s))))
-
-
-def run_folder(output_dir: str) -> str:
-    """``output_dir`` as the run's folder: a bucket URL as given, a local path made absolute."""
-    return output_dir if paths.is_url(output_dir) else os.path.abspath(output_dir)
-
-
-def schedule_changes(saved: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
-    """``key -> (saved value, value now)`` for the ``SCHEDULE_KEYS`` where ``config`` differs from ``saved`` (a
-    run config dict stored with a checkpoint). ``train.num_steps`` counts only when the decay depends on it."""
-    now = config.to_dict()
-    changes = {}
-    for key in SCHEDULE_KEYS:
-        section, name = key.split(".")
-        if name in saved.get(section, {}) and saved[section][name] != now[section][name]:
-            changes[key] = (saved[section][name], now[section][name])
-    schedules = {saved.get("optim", {}).get("schedule"), config.optim.schedule}
-    if schedules == {"constant"}:
-        changes.pop("train.num_steps", None)
-    return changes
-
-
-def summarize_error(error: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message``, cut to about ``limit`` characters (tensorstore's spec dump dropped)."""
-    lines = str(error).strip().splitlines()
-    text = lines[0].split(" See full TensorStore details")[0] if lines else ""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def norm_jump(norms: dict[int, float]) -> int | None:
-    """The first step (ascending) whose parameter norm is not finite or ``NORM_JUMP`` x the previous one's."""
-    ordered = sorted(norms.items())
-    for (_, before), (step, norm) in zip(ordered, ordered[1:]):
-        if not np.isfinite(norm) or norm > NORM_JUMP * before:
-            return step
-    return None
-
-
-# ---------------------------------------------------------------------- model and tokenizers
-
-
-@dataclass
-class ModelBundle:
-    model: EncoderDecoderModel  # params empty for a random init (they are born sharded later)
-    tokenizer: Tokenizer
-    decoder_tokenizer: Tokenizer
-    tokenizer_dir: str
-    decoder_tokenizer_dir: str
-    decoder_start_token_id: int
-    pad_token_id: int
-    eos_token_id: int | None
-
-
-def build_model(config: RunConfig) -> ModelBundle:
-    m = config.model
-    overrides = {k: getattr(m, k) for k in ("decoder_start_token_id", "pad_token_id", "eos_token_id")
-                 if getattr(m, k) is not None}
-    if m.pretrained:
-        model = EncoderDecoderModel.from_pretrained(m.pretrained, **overrides)
-        tok_dir = m.tokenizer or m.pretrained
-        dec_dir = m.decoder_tokenizer or (os.path.join(m.pretrained, "decoder_tokenizer")
-                                          if os.path.isdir(os.path.join(m.pretrained, "decoder_tokenizer"))
-                                          else tok_dir)
-    elif m.encoder:
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, m.decoder, **overrides)
-        tok_dir = m.tokenizer or m.encoder
-        dec_dir = m.decoder_tokenizer or (m.decoder if m.decoder != m.encoder and not m.tokenizer else tok_dir)
-    else:
-        cfg = EncoderDecoderConfig.from_encoder_decoder_configs(
-            HFConfig.from_dict(dict(m.encoder_config)), HFConfig.from_dict(dict(m.decoder_config)), **overrides)
-        model = EncoderDecoderModel(cfg, params={})
-        tok_dir = m.tokenizer
-        dec_dir = m.decoder_tokenizer or tok_dir
-    tokenizer = Tokenizer.from_pretrained(tok_dir)
-    decoder_tokenizer = tokenizer if dec_dir == tok_dir else Tokenizer.from_pretrained(dec_dir)
-    mc = model.config
-    start = _first(mc.decoder_start_token_id, decoder_tokenizer.cls_token_id, decoder_tokenizer.bos_token_id)
-    pad = _first(mc.pad_token_id, decoder_tokenizer.pad_token_id, decoder_tokenizer.eos_token_id)
-    eos = mc.eos_token_id[0] if isinstance(mc.eos_token_id, tuple) else mc.eos_token_id
-    eos = _first(eos, decoder_tokenizer.eos_token_id, decoder_tokenizer.sep_token_id)
-    if start is None or pad is None:
-        raise RunConfigError("set model.decoder_start_token_id and model.pad_token_id (the model config and the "
-                             "tokenizer name neither)")
-    model.config = mc.replace(decoder_start_token_id=start, pad_token_id=pad, eos_token_id=eos)
-    model.configure_layers(remat=m.remat, scan_layers=m.scan_layers)
-    return ModelBundle(model, tokenizer, decoder_tokenizer, tok_dir, dec_dir, start, pad, eos)
-
-
 def _looks_local(path: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else is a local path."""
     if paths.is_url(path):
         return False
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -216,7 +88,7 @@ class Trainer:
     """Everything one run needs, built in dependency order; ``run()`` trains.
 
     Attributes of interest: ``mesh``, ``specs`` (``TrainState`` of ``PartitionSpec``), ``state`` (the live
-    sharded ``TrainState``), ``train_step`` (jitted; replaceable in tests), ``manager`` (orbax).
+    sharded ``TrainState``), ``train_step`` (jitted; replaceable in tests), ``checkpoints`` (``RunCheckpoints``).
 
     ``evaluate_only``: for ``evaluate`` alone (``jaxencdec eval``): output_dir must hold a checkpoint (checked
     before anything is built) unless ``restore`` is False, and nothing is written there (no folders, metrics
@@ -235,7 +107,7 @@ class Trainer:
         self.out_dir = run_folder(config.output_dir)
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         if restore:
-            self._check_checkpoints_exist()
+            check_resumable(self.ckpt_dir, config.checkpoint.resume_step, evaluate_only)
         if not evaluate_only and not paths.is_url(self.out_dir):  # a bucket has no folders to create
             os.makedirs(self.out_dir, exist_ok=True)
         self.mesh = make_mesh(config.mesh)
@@ -243,8 +115,9 @@ class Trainer:
         self._report_devices()
 
         bundle = build_model(config)
-        self.bundle = bundle
-        self.model = bundle.model
+        host_params = bundle.model.params  # placed on the devices below; the Trainer keeps no host copy
+        self.model = EncoderDecoderModel(bundle.model.config, params={})  # its own: the bundle's stays as it is
+        self.bundle = dataclasses.replace(bundle, model=self.model)
 
         data = config.data
         self.encoder = PairEncoder(bundle.tokenizer, bundle.decoder_tokenizer, data.max_source_length,
@@ -259,16 +132,15 @@ class Trainer:
         self.logical = logical
         # Checked here, before any compile: a pattern matching no parameter is a RunConfigError.
         frozen = steps.frozen_mask(logical, config.optim.freeze) if config.optim.freeze else None
-        if self.model.params:
-            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), self.model.params)
+        if host_params:
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32), host_params)
             pspecs = param_specs(logical, shapes, self.mesh, self.rules)
-            params = put_sharded(jax.tree.map(lambda x: np.asarray(x, np.float32), self.model.params), self.mesh,
-                                 pspecs)
-            self.model.params = {}  # the host copy is no longer needed
+            params = put_sharded(jax.tree.map(lambda x: np.asarray(x, np.float32), host_params), self.mesh, pspecs)
         else:
             init = lambda rng: nn.unbox(self.model._init_fn(rng))["params"]
             params, pspecs = init_sharded(init, jax.random.key(config.model.init_seed), logical, self.mesh,
                                           self.rules)
+        del bundle, host_params  # the host copy is freed here unless another holder of the bundle keeps it
         self._report_parameters(params, frozen)
         self.sharding_report = check_sharding(params, pspecs, self.mesh, logical, self.rules)
         if not self.sharding_report.ok:
@@ -278,13 +150,14 @@ class Trainer:
             self.info(self.sharding_report.summary())
 
         run_steps = steps.make_run_steps(config, self.model.config, params, pspecs, self.mesh, frozen)
-        self.schedule, self.optimizer, self.specs = run_steps.schedule, run_steps.optimizer, run_steps.specs
+        self.optimizer, self.specs = run_steps.optimizer, run_steps.specs
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
         self.train_step, self.eval_step = run_steps.train_step, run_steps.eval_step
         self._generate_fn = None
         self._param_norm = jax.jit(optax.tree.norm)
 
-        self.manager = self._checkpoint_manager() if restore or not evaluate_only else None
+        self.checkpoints = (RunCheckpoints(self.ckpt_dir, config.checkpoint, read_only=evaluate_only, info=self.info,
+                                           warn=self.warn) if restore or not evaluate_only else None)
         self.best: dict[str, Any] = {"value": None, "step": None}
         self.param_norms: dict[int, float] = {}  # step -> global parameter norm: the start and every save
         self.resumed_from = self._restore() if restore else None
@@ -314,17 +187,6 @@ class Trainer:
         with self._bar.external_write_mode():
             self._log(message)
 
-    def _check_checkpoints_exist(self) -> None:
-        """Fails at once when ``evaluate_only`` finds no checkpoint or ``checkpoint.resume_step`` is not kept."""
-        kept = checkpoint_steps(self.ckpt_dir)
-        if self.evaluate_only and not kept:
-            raise FileNotFoundError(f"no checkpoint in {self.ckpt_dir}: train first (jaxencdec train CONFIG) or "
-                                    f"pass --model FOLDER")
-        chosen = self.config.checkpoint.resume_step
-        if chosen is not None and chosen not in kept:
-            raise RunConfigError(f"checkpoint.resume_step {chosen}: there is no such checkpoint in {self.ckpt_dir} "
-                                 f"(kept steps: {', '.join(map(str, kept)) or 'none'})")
-
     def warn(self, message: str) -> None:
         if self.is_main:
             logger.warning(message)
@@ -346,21 +208,10 @@ class Trainer:
                                                      frozen)))
         self.info(f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} frozen by optim.freeze)")
 
-    def _checkpoint_manager(self) -> ocp.CheckpointManager:
-        ck = self.config.checkpoint
-        if self.evaluate_only:
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                                   save_interval_steps=0, cleanup_tmp_directories=False)
-        else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=ck.keep, enable_async_checkpointing=ck.async_save,
-                                                   cleanup_tmp_directories=True, create=True)
-        return ocp.CheckpointManager(self.ckpt_dir, options=options, item_names=("state", "data", "meta"))
-
     def close(self) -> None:
         """Waits for a save in flight and closes the checkpoint manager and the metrics writers."""
-        if self.manager is not None:
-            self.manager.wait_until_finished()
-            self.manager.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
         self.metrics.close()
 
     def _abstract_state(self):
@@ -369,95 +220,22 @@ class Trainer:
 
     def _restore(self) -> int | None:
         """Restores the newest checkpoint that restores, or ``checkpoint.resume_step``; returns its step (None:
-        there is none). Newer checkpoints are moved aside (see the module docstring) unless ``evaluate_only``."""
-        kept = sorted(self.manager.all_steps(), reverse=True)
-        chosen = self.config.checkpoint.resume_step  # a kept step: checked in __init__
-        if not kept:
+        there is none). Newer checkpoints are moved aside unless ``evaluate_only``."""
+        found = self.checkpoints.restore(self._abstract_state(), self.model.config.scan_layers,
+                                         self.config.checkpoint.resume_step)
+        if found is None:
             return None
-        restored, failed = None, {}
-        for step in [chosen] if chosen is not None else kept:
-            try:
-                restored = self._read_checkpoint(step)
-                break
-            except Exception as error:  # damaged files: tensorstore, JSON and pytree-structure errors alike
-                failed[step] = summarize_error(error)
-                if chosen is not None:
-                    raise CheckpointError(f"checkpoint step {step} in {self.ckpt_dir} cannot be restored "
-                                          f"({failed[step]}); choose another checkpoint.resume_step (kept steps: "
-                                          f"{', '.join(map(str, sorted(kept)))})") from error
-                self.warn(f"checkpoint step {step} in {self.ckpt_dir} cannot be restored ({failed[step]}); "
-                          f"trying the one before it")
-        if restored is None:
-            reasons = "; ".join(f"step {s}: {why}" for s, why in failed.items())
-            raise CheckpointError(f"no checkpoint in {self.ckpt_dir} can be restored ({reasons}). If the model, "
-                                  f"mesh or data settings changed since they were written, restore those; to start "
-                                  f"over, use a new output_dir or move {self.ckpt_dir} away")
-        meta = restored["meta"]
-        self.loader.set_state(restored["data"])  # a changed data file fails here, before anything is moved
+        self.loader.set_state(found.data)  # a changed data file fails here, before anything is moved
         if not self.evaluate_only:
-            self._check_schedule(step, meta.get("config", {}))
-            for newer in (s for s in kept if s > step):
-                self._move_aside(newer, "corrupt" if newer in failed else "discarded")
-        self.state = restored["state"]
-        best = meta.get("best", self.best)
+            check_schedule(found.step, found.meta.get("config", {}), self.config, self.ckpt_dir, self.warn)
+            self.checkpoints.move_newer_aside(found)
+        self.state = found.state
+        best = found.meta.get("best", self.best)
         self.best = {**best, "metric": metric_name(best["metric"])} if "metric" in best else best
-        self.param_norms = {int(k): v for k, v in meta.get("param_norms", {}).items()}
-        self.info(f"{'evaluating' if self.evaluate_only else 'resumed from'} checkpoint step {step} in "
+        self.param_norms = {int(k): v for k, v in found.meta.get("param_norms", {}).items()}
+        self.info(f"{'evaluating' if self.evaluate_only else 'resumed from'} checkpoint step {found.step} in "
                   f"{self.ckpt_dir}")
-        return step
-
-    def _read_checkpoint(self, step: int) -> dict[str, Any]:
-        """Checkpoint ``step``'s state, data position and metadata; a state saved in the other layer layout
-        (``model.scan_layers``, recorded in the metadata's config) is read in its own layout and converted."""
-        target = self._abstract_state()
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved_scanned = bool(meta.get("config", {}).get("model", {}).get("scan_layers", False))
-        scanned = self.model.config.scan_layers
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(steps.state_in_layout(target, saved_scanned)),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        state = restored["state"]
-        if saved_scanned != scanned:
-            self.info(f"checkpoint step {step} holds {'scanned' if saved_scanned else 'unrolled'} layers: converted")
-            shardings = jax.tree.map(lambda x: x.sharding, target)
-            state = jax.device_put(steps.state_in_layout(state, scanned), shardings)
-        return {"state": state, "data": restored["data"], "meta": restored["meta"]}
-
-    def _move_aside(self, step: int, label: str) -> None:
-        """Renames checkpoint ``step`` to ``<step>.<label>-<n>`` (orbax no longer sees it; the step can be saved
-        again). Process 0 renames; every process waits for it."""
-        if self.is_main:
-            n = 1
-            while paths.exists(os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")):
-                n += 1
-            target = os.path.join(self.ckpt_dir, f"{step}.{label}-{n}")
-            paths.as_path(os.path.join(self.ckpt_dir, str(step))).rename(target)  # on a bucket: copy, then delete
-            self.info(f"checkpoint step {step} moved aside to {target}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"jaxencdec: checkpoint {step} moved aside")
-        self.manager.reload()
-
-    def _check_schedule(self, step: int, saved_config: dict[str, Any]) -> None:
-        """Refuses (``RunConfigError``) a resume whose learning-rate schedule differs from the checkpoint's, unless
-        ``checkpoint.allow_schedule_change``; then it warns."""
-        changes = schedule_changes(saved_config, self.config)
-        if not changes:
-            return
-        old_optim = dataclasses.replace(self.config.optim, **{k.split(".")[1]: old for k, (old, _) in changes.items()
-                                                              if k.startswith("optim.")})
-        old_steps = changes.get("train.num_steps", (self.config.train.num_steps,))[0]
-        old_lr = float(steps.learning_rate_schedule(old_optim, old_steps)(step))
-        what = (", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
-                + f": the learning rate of step {step + 1} becomes {float(self.schedule(step)):.3g} instead of "
-                  f"{old_lr:.3g}")
-        if self.config.checkpoint.allow_schedule_change:
-            self.warn(f"resuming from checkpoint step {step} with a changed learning-rate schedule ({what})")
-            return
-        raise RunConfigError(f"checkpoint step {step} in {self.ckpt_dir} was trained with another learning-rate "
-                             f"schedule ({what}). Use a new output_dir to train with the new settings, or pass "
-                             f"--set checkpoint.allow_schedule_change=true to continue with them from step {step}")
+        return found.step
 
     def save(self, step: int) -> None:
         """Saves the state, the data position, the best-so-far, the config and the parameter norms (async; all
@@ -465,34 +243,7 @@ class Trainer:
         self.param_norms[step] = float(self._param_norm(self.state.params))
         meta = {"best": self.best, "config": self.config.to_dict(),
                 "param_norms": {str(k): v for k, v in sorted(self.param_norms.items())}}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self.state), data=ocp.args.JsonSave(self.loader.get_state()),
-            meta=ocp.args.JsonSave(meta)))
-
-    def divergence_message(self, step: int, loss: float, grad_norm: float) -> str:
-        """One line: where training diverged, the global parameter norm of the start and of each kept
-        checkpoint, and which checkpoint to resume from."""
-        self.manager.wait_until_finished()
-        head = f"loss is {loss} (grad norm {grad_norm}) at step {step}: training stopped"
-        kept = sorted(self.manager.all_steps())
-        if not kept:
-            return f"{head}; no checkpoint was written yet"
-        norms = {s: n for s, n in self.param_norms.items() if s in kept or s == 0}
-        listing = ", ".join(f"step {s}{' (start)' if s == 0 else ''} {norms[s]:.4g}" if s in norms else
-                            f"step {s} not recorded" for s in sorted(set(norms) | set(kept)))
-        jump = norm_jump(norms)
-        before = [s for s in kept if jump is None or s < jump]
-        if jump is None:
-            advice = (f"no norm jumps, so step {kept[-1]} looks sound: rerunning resumes from it (an earlier "
-                      f"one: --set checkpoint.resume_step=STEP)")
-        elif before:
-            advice = (f"the norm jumps at step {jump}, so that checkpoint already holds diverged params: resume "
-                      f"from step {before[-1]} with --set checkpoint.resume_step={before[-1]}")
-        else:
-            advice = (f"the norm jumps at step {jump}: no kept checkpoint predates it; start over with a new "
-                      f"output_dir")
-        return (f"{head}. Global parameter norm of the kept checkpoints in {self.ckpt_dir}: {listing}; {advice} "
-                f"(with a lower optim.learning_rate, add --set checkpoint.allow_schedule_change=true)")
+        self.checkpoints.save(step, self.state, self.loader.get_state(), meta)
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch({k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}, self.mesh)
@@ -511,7 +262,7 @@ class Trainer:
         gen = GenerationConfig.from_model_config(self.model.config).replace(
             num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, no_repeat_ngram_size=ev.no_repeat_ngram_size,
             **beam_settings)
-        with io.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
+        with storage.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
             EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(staging)
             _copy_tokenizer(self.bundle.tokenizer_dir, str(staging))
             if self.bundle.decoder_tokenizer_dir != self.bundle.tokenizer_dir:
@@ -608,8 +359,9 @@ class Trainer:
             step_no, metrics = item
             host = jax.device_get(metrics)
             if not host["finite"]:
-                raise TrainingDivergedError(self.divergence_message(step_no, float(host["loss"]),
-                                                                    float(host["grad_norm"])))
+                raise TrainingDivergedError(self.checkpoints.divergence_message(
+                    f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step {step_no}: "
+                    f"training stopped", self.param_norms))
             window.append(host)
             if step_no % log_every == 0 or step_no == total:
                 now = time.perf_counter()
@@ -656,7 +408,7 @@ class Trainer:
             if pending is not None:
                 consume(pending)
         finally:
-            self.manager.wait_until_finished()
+            self.checkpoints.wait()
             if bar is not None:
                 bar.close()
                 self._bar = None

@@ -1,4 +1,5 @@
-"""Loss, optimizer, train state, and the jitted (sharded, donated) train and eval steps.
+"""Optimizer, train state, the batch loss (the model's ``token_loss_sum``), and the jitted (sharded, donated)
+train and eval steps.
 
 Traced vs static: ``train_step(state, batch)`` and ``eval_step(params, batch)`` trace every array argument;
 the module, optimizer, mesh, micro-batch count, label smoothing and dropout switch are closed over (static).
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.models import layout
-from jaxencdec.models.encoder_decoder import EncoderDecoderModule
+from jaxencdec.models.encoder_decoder import EncoderDecoderModule, counted_tokens, token_loss_sum
 from jaxencdec.nn.layers import activation_constraints
 from jaxencdec.parallel.mesh import BATCH_AXES, DEFAULT_RULES, Rules
 from jaxencdec.parallel.shard import activation_constraint, batch_sharding, constrain, named, replicated
@@ -129,58 +129,6 @@ def state_specs(param_specs: PyTree, state_shapes: TrainState) -> TrainState:
 
 
 # ---------------------------------------------------------------------- loss
-
-
-def token_loss_sum(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy and the number of counted tokens (labels != -100).
-
-    ``logits [batch, tgt_len, vocab]`` (any float dtype; computed in float32), ``labels [batch, tgt_len]`` int.
-    With smoothing ``a`` the target is ``(1 - a) * one_hot + a / vocab`` (optax.smooth_labels), computed without
-    materializing the one-hot.
-    """
-    valid = labels != -100
-    total = _masked_cross_entropy(logits.astype(jnp.float32), jnp.where(valid, labels, 0), valid, label_smoothing)
-    return total, counted_tokens(labels)
-
-
-def counted_tokens(labels: jax.Array) -> jax.Array:
-    """float32 scalar: the label positions the loss counts (labels != -100)."""
-    return jnp.sum(labels != -100).astype(jnp.float32)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _masked_cross_entropy(logits, labels, valid, label_smoothing):
-    """``sum over valid tokens of CE(logits, labels)``: float32 scalar from float32 ``[..., vocab]`` logits.
-
-    Its own backward pass: ``softmax - target`` in one pass over the logits, from the exponentials the forward
-    pass kept. Autodiff of log_softmax + gather took several passes, exponentials twice, a scatter into a zero
-    array, and the gradient built twice (once transposed for the LM head's weight gradient): 20% of a
-    bert2gpt2-small train step (50257-word vocabulary) on CPU.
-    """
-    return _masked_cross_entropy_fwd(logits, labels, valid, label_smoothing)[0]
-
-
-def _masked_cross_entropy_fwd(logits, labels, valid, label_smoothing):
-    shift = jnp.max(logits, axis=-1, keepdims=True)  # [..., 1]
-    exps = jnp.exp(logits - shift)  # [..., vocab], kept for the backward pass
-    sums = jnp.sum(exps, axis=-1)  # [...]
-    log_normalizer = jnp.log(sums) + shift[..., 0]
-    losses = log_normalizer - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_normalizer - jnp.mean(logits, axis=-1))
-    return jnp.sum(jnp.where(valid, losses, 0.0)), (exps, sums, labels, valid)
-
-
-def _masked_cross_entropy_bwd(label_smoothing, residuals, cotangent):
-    exps, sums, labels, valid = residuals
-    vocab = exps.shape[-1]
-    is_label = jnp.arange(vocab, dtype=labels.dtype) == labels[..., None]
-    target = jnp.where(is_label, 1.0 - label_smoothing + label_smoothing / vocab, label_smoothing / vocab)
-    scale = jnp.where(valid, cotangent, 0.0)[..., None]
-    return (exps / sums[..., None] - target) * scale, None, None
-
-
-_masked_cross_entropy.defvjp(_masked_cross_entropy_fwd, _masked_cross_entropy_bwd)
 
 
 def _micro_split(batch: dict[str, jax.Array], micro_batches: int, mesh: Mesh | None) -> dict[str, jax.Array]:

@@ -1,0 +1,105 @@
+"""``TransformerSpec``: what the shared building blocks need to know about one stack, whatever the architecture.
+
+Every architecture config of :mod:`jaxencdec.config` reduces itself to one spec per stack; the transformer stack of
+``models.transformer`` is built from a spec, and ``checkpoint.names`` reads from one the sizes of the tensors it
+maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxencdec.errors import require
+
+# Hugging Face activation names -> the names our MLP understands.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
+
+# The ``relative_attention`` of a ``TransformerSpec``: None, or relative position scores as transformers 4's BERT
+# computed them (query . distance embedding, and for "key_query" also key . distance embedding).
+RELATIVE_ATTENTION = (None, "key", "key_query")
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """What the shared building blocks need to know about one stack (encoder or decoder).
+
+    Attributes:
+      vocab_size: rows of the word embedding table.
+      hidden_size: model width ``D``.
+      num_layers, num_heads, intermediate_size: depth, heads (``D % num_heads == 0``), MLP width.
+      activation: a Hugging Face activation name from ``ACTIVATIONS``.
+      layer_norm_eps: epsilon of every layer norm.
+      max_positions: rows of the position table (``0``: no learned positions); with ``relative_attention``, the
+        longest distance embedded is ``max_positions - 1``.
+      position_offset: added to positions before the lookup (BART: 2).
+      positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
+      pad_token_id: needed by the RoBERTa scheme.
+      type_vocab_size: rows of the token-type table (``0``: none); we always use type 0.
+      embed_scale: multiplier on word embeddings (BART's ``scale_embedding``).
+      embedding_norm: layer norm after the embedding sum (BERT, RoBERTa, BART).
+      pre_norm: pre-layer-norm residual blocks with a final norm (GPT-2) instead of post-norm (BERT, BART).
+      pooler: a tanh pooler over the first token (BERT/RoBERTa encoders).
+      is_decoder: causal self-attention; add_cross_attention: a cross-attention block per layer.
+      lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa).
+      lm_head_bias: a bias on the vocabulary logits.
+      tie_word_embeddings: logits use the word embedding table instead of a separate matrix.
+      relative_attention: one of ``RELATIVE_ATTENTION``: self-attention scores get relative position terms from a
+        per-layer table ``[2 * max_positions - 1, head_dim]``, and the position table is kept (checkpoints hold
+        it) but not added to the embeddings. Cross-attention never has them.
+      hidden_dropout, attention_dropout, activation_dropout, embedding_dropout: dropout rates.
+      initializer_range: standard deviation of the normal initializer.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    activation: str
+    layer_norm_eps: float
+    max_positions: int
+    position_offset: int = 0
+    positions_from_padding: bool = False
+    pad_token_id: int | None = None
+    type_vocab_size: int = 0
+    embed_scale: float = 1.0
+    embedding_norm: bool = True
+    pre_norm: bool = False
+    pooler: bool = False
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    lm_head_transform: bool = False
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    embedding_dropout: float = 0.1
+    initializer_range: float = 0.02
+    relative_attention: str | None = None
+
+    def __post_init__(self):
+        require(self.hidden_size % self.num_heads == 0,
+                f"hidden size {self.hidden_size} is not divisible by the number of attention heads {self.num_heads}")
+        require(self.activation in ACTIVATIONS,
+                f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        require(not self.positions_from_padding or self.pad_token_id is not None,
+                "RoBERTa-style positions need pad_token_id")
+        require(self.relative_attention in RELATIVE_ATTENTION,
+                f"relative_attention must be one of {RELATIVE_ATTENTION}, got {self.relative_attention!r}")
+        require(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
+                                                and self.position_offset == 0),
+                "relative_attention needs max_positions > 0 (the distance table's size) and plain positions")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table can embed."""
+        if self.positions_from_padding:
+            return self.max_positions - self.pad_token_id - 1
+        return self.max_positions - self.position_offset
