@@ -39,8 +39,9 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 # The longest test files run first: with `-n 2` each file goes whole to a worker, in collection order, and the
-# demo (several minutes of training) then overlaps the rest of the suite instead of running alone at its end.
-LONGEST_FIRST = ("test_demo.py", "test_cli.py", "test_notebooks.py", "test_tpu_configs.py", "test_layer_execution.py")
+# TPU slice compiles (several minutes) then overlap the rest of the suite instead of running alone at its end.
+LONGEST_FIRST = ("test_tpu_configs.py", "test_layer_execution.py", "test_notebooks.py", "test_demo.py", "test_cli.py",
+                 "test_generation_equivalence.py")
 
 
 def pytest_unconfigure(config):

@@ -54,6 +54,7 @@ def test_bad_override_one_line_then_traceback_with_debug(tmp_path, capsys):
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "needs 3 devices" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tiny_config_learns_enough_to_evaluate_and_generate(tmp_path):
     """configs/aclsum_tiny_cpu.json as a user runs it: the start-up lines, ROUGE above 0, a read-only eval and a
     non-empty generated title."""

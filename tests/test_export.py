@@ -23,6 +23,8 @@ from jaxencdec.generation.api import make_generate_fn
 from jaxencdec.generation.export import export_generate
 from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
 
+pytestmark = pytest.mark.slow  # a serving process in a child, and exports for three platforms
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"greedy": {}, "beam4": {"num_beams": 4}, "sampling": {"do_sample": True}}
 SHAPES = ((1, 5), (3, 9), (8, 13))  # (batch, source length): every one served by the same export

@@ -21,6 +21,7 @@ def _config(tmp_path, name):
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_8_devices(tmp_path):
     single = _config(tmp_path, "single")
     proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(single)],

@@ -72,6 +72,7 @@ def test_finetune_notebook_full_run_batches_divide_over_the_devices(devices):
     assert validate(config, devices, 1) == (devices, 1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 8])  # 8: as many cores as a Colab TPU v2-8
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_from_an_installed_wheel(name, devices, installed_wheel, tmp_path, monkeypatch):

@@ -160,6 +160,7 @@ def test_topology_needs_compile_only(tmp_path, capsys):
 # ---------------------------------------------------------------------- compiles
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_compile_for_v5e_2x2_prints_the_three_programs(tmp_path):
     result = jaxencdec("compile", write_config(tmp_path), "--topology", "v5e:2x2", env=tpu_env(tmp_path))
@@ -176,6 +177,7 @@ def test_compile_for_v5e_2x2_prints_the_three_programs(tmp_path):
     assert not (tmp_path / "run").exists()  # compiling writes nothing
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_run_that_does_not_fit_fails_with_the_levers(tmp_path):
     """A tiny model at a batch no chip holds: XLA's RESOURCE_EXHAUSTED comes early in the compile (seconds)."""
@@ -190,6 +192,7 @@ def test_a_run_that_does_not_fit_fails_with_the_levers(tmp_path):
         assert lever in err, err
 
 
+@pytest.mark.slow
 def test_train_compile_only_on_the_local_devices(tmp_path):
     """Without --topology: this machine's devices (here 4 CPU devices), nothing trained or written."""
     config = write_config(tmp_path, mesh={"data": 2, "fsdp": 2})
@@ -201,6 +204,7 @@ def test_train_compile_only_on_the_local_devices(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compile_run_returns_the_numbers(tmp_path):
     """The function behind both commands, in this process on its CPU device: numbers, not text."""
     from jaxencdec.train.config import RunConfig

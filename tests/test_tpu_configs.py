@@ -18,7 +18,7 @@ import pytest
 import testing
 from test_tpu_compile import needs_libtpu, table_rows, tpu_env, write_config
 
-pytestmark = needs_libtpu
+pytestmark = [needs_libtpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -32,6 +32,8 @@ import pytest
 
 import tpu_programs as tp
 
+pytestmark = pytest.mark.slow  # compiles eight programs for a TPU slice
+
 TRAIN = ("train", "train_scanned", "train_data_fsdp")
 GENERATE = ("greedy", "beam", "greedy_scanned", "beam_scanned")
 SCANNED = ("train_scanned", "greedy_scanned", "beam_scanned")

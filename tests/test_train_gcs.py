@@ -56,6 +56,7 @@ def _params(folder):
     return traverse_util.flatten_dict(tree, sep="/")
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulator, gcs_bucket):  # noqa: F811
     env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4",
                                  TMPDIR=str(tmp_path))

@@ -62,6 +62,7 @@ def _step_of(line: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
     env = testing.subprocess_env(None)
     reference = _write_config(tmp_path, "reference")
@@ -120,6 +121,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert [_step_of(line) for line in metrics.read_text().splitlines()] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_rerun_after_completion_does_nothing_more(tmp_path):
     # a finished run restarted resumes at the last step and trains no further
     env = testing.subprocess_env(None)
