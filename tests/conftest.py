@@ -18,6 +18,7 @@ import testing  # noqa: E402  (no jax import)
 #   running (results stay well inside the tests' tolerances; benchmarks live in tools/, without these flags);
 # - one persistent compilation cache for the whole run, so that a program compiled by one test, worker or child
 #   is loaded, not compiled again, by the next (a folder of the run's temporary directory, gone with it);
+# - pip may install local wheels (the notebook tests install jaxencdec's), never from a package index;
 # - the test extra installs libtpu (tests/test_tpu_*.py compile for TPU slices ahead of time): without these jax
 #   would look for TPU chips in every process, the two test workers would contend for libtpu's lock, and libtpu
 #   would log into /tmp instead of the run's temporary folder.
@@ -26,6 +27,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 CREATED_CACHE = None if "JAX_COMPILATION_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="jaxencdec-xla-cache-")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CREATED_CACHE or "")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ["PIP_NO_INDEX"] = "1"  # nothing is installed from a package index while the tests run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_LOG_DIR", os.path.join(tempfile.gettempdir(), "tpu_logs"))

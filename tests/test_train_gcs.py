@@ -12,6 +12,7 @@ import struct
 import time
 
 import numpy as np
+import pytest
 from flax import traverse_util
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 
