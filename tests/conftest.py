@@ -57,6 +57,29 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
+def hf_pair(tmp_path_factory):
+    """``hf_pair(name) -> (transformers model, its saved folder)`` for a pair of ``hf_reference.PAIRS``: each pair
+    built and saved once per test process, whichever test files use it. The model has eager attention (it returns
+    attention probabilities) and is in eval mode; a test that switches it to training mode switches it back."""
+    from hf_reference import PAIRS, hf_encoder_decoder
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            encoder, decoder, enc_hidden, dec_hidden = PAIRS[name]
+            hf = hf_encoder_decoder(encoder, decoder, seed=len(name), encoder_hidden=enc_hidden,
+                                    decoder_hidden=dec_hidden)
+            hf.set_attn_implementation("eager")
+            folder = tmp_path_factory.mktemp(name)
+            hf.save_pretrained(folder)
+            built[name] = hf, folder
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> str:
     """The real all-MiniLM-L6-v2 BERT (safetensors, vocab.txt, tokenizer.json)."""
     return assets.minilm_path()

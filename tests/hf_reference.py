@@ -38,6 +38,16 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.
     return model.eval()
 
 
+# The model pairs every equivalence test runs: name -> (encoder type, decoder type, encoder width, decoder width).
+PAIRS = {
+    "bert2bert": ("bert", "bert", 32, 32),
+    "roberta2roberta": ("roberta", "roberta", 32, 32),
+    "bert2gpt2": ("bert", "gpt2", 32, 32),
+    "bert2bart": ("bert", "bart", 32, 32),
+    "bert2gpt2-proj": ("bert", "gpt2", 32, 48),  # different hidden sizes: enc_to_dec_proj
+}
+
+
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,
                        decoder_hidden: int = 32) -> transformers.EncoderDecoderModel:
     config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(

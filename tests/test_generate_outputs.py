@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import PAD, START, batch
+from hf_reference import PAD, PAIRS, START, batch
 from jaxencdec import GenerationConfigError
 from jaxencdec.generation import api
 from test_generation_equivalence import _probe_tokens
-from test_models_equivalence import PAIRS
 from test_surface import RECORDED, _load_pair
 
 MAX_NEW = 5
@@ -27,10 +26,10 @@ OUTPUTS = dict(return_dict_in_generate=True, output_attentions=True, output_hidd
 DECODER_STEPS = ("decoder_attentions", "cross_attentions", "decoder_hidden_states")
 
 
-def _setup(name: str, tmp_path_factory):
+def _setup(name: str, hf_pair):
     """(transformers model, ours, ids, mask, options): ``eos_token_id`` is the token input 0 emits second, so that
     it ends while the others go on."""
-    _, hf, ours = _load_pair(name, tmp_path_factory)
+    _, hf, ours = _load_pair(name, hf_pair)
     ids, mask, _ = batch(seed=4)
     probe = _probe_tokens(hf, ids, mask, START, PAD)
     options = dict(max_new_tokens=MAX_NEW, decoder_start_token_id=START, pad_token_id=PAD,
@@ -39,14 +38,14 @@ def _setup(name: str, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
-def pair(request, tmp_path_factory):
-    return _setup(request.param, tmp_path_factory)
+def pair(request, hf_pair):
+    return _setup(request.param, hf_pair)
 
 
 @pytest.fixture(scope="module")
-def one_pair(tmp_path_factory):
+def one_pair(hf_pair):
     """For checks that one pair suffices for: bert2gpt2 with enc_to_dec_proj."""
-    return _setup("bert2gpt2-proj", tmp_path_factory)
+    return _setup("bert2gpt2-proj", hf_pair)
 
 
 def _hf_generate(hf, ids, mask, **options):

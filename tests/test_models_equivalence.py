@@ -11,28 +11,15 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from hf_reference import batch, hf_encoder_decoder, torch_forward
+from hf_reference import PAIRS, batch, torch_forward
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models.encoder_decoder import shift_tokens_right
 from jaxencdec.train import step
 
-PAIRS = {
-    "bert2bert": ("bert", "bert", 32, 32),
-    "roberta2roberta": ("roberta", "roberta", 32, 32),
-    "bert2gpt2": ("bert", "gpt2", 32, 32),
-    "bert2bart": ("bert", "bart", 32, 32),
-    "bert2gpt2-proj": ("bert", "gpt2", 32, 48),  # different hidden sizes: enc_to_dec_proj
-}
-
-
 @pytest.fixture(scope="module", params=list(PAIRS))
-def saved_pair(request, tmp_path_factory):
-    encoder, decoder, enc_hidden, dec_hidden = PAIRS[request.param]
-    hf = hf_encoder_decoder(encoder, decoder, seed=len(request.param), encoder_hidden=enc_hidden,
-                            decoder_hidden=dec_hidden)
-    folder = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(folder)
-    return request.param, hf, folder
+def saved_pair(request, hf_pair):
+    """(name, transformers model, its saved folder) of each pair."""
+    return request.param, *hf_pair(request.param)
 
 
 def assert_same_outputs(ours: EncoderDecoderModel, hf, seed: int = 0):

@@ -24,8 +24,9 @@ def installed_wheel(tmp_path_factory) -> Path:
     """jaxencdec built as a wheel and installed (without dependencies: the test venv has them) into a folder
     of its own, which the notebook kernels import it from instead of the checkout."""
     folder = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder / "dist"), str(ROOT)],
-                   check=True)
+    # built with this environment's setuptools (the test extra's): no package index is reached while tests run
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(folder / "dist"), str(ROOT)], check=True)
     wheel = next((folder / "dist").glob("jaxencdec-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder / "site"),
                     str(wheel)], check=True)

@@ -16,38 +16,33 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from hf_reference import EOS, PAD, START, SMALL, batch, hf_encoder_decoder, torch_forward
+from hf_reference import EOS, PAD, PAIRS, START, SMALL, batch, hf_encoder_decoder, torch_forward
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError
 from jaxencdec.models.encoder_decoder import DecoderCache, EncoderOutput, shift_tokens_right
 from jaxencdec.train import step as st
 from jaxencdec.visualize import cross_attention_matrix, plot_cross_attention
-from test_models_equivalence import PAIRS
 
 RECORDED = ("encoder_hidden_states", "encoder_attentions", "decoder_hidden_states", "decoder_attentions",
             "cross_attentions")
 
 
-def _load_pair(name: str, tmp_path_factory):
+def _load_pair(name: str, hf_pair):
     """(name, transformers model with eager attention, which returns attention probabilities, our model)."""
-    encoder, decoder, enc_hidden, dec_hidden = PAIRS[name]
-    hf = hf_encoder_decoder(encoder, decoder, seed=len(name), encoder_hidden=enc_hidden, decoder_hidden=dec_hidden)
-    hf.set_attn_implementation("eager")
-    folder = tmp_path_factory.mktemp(name)
-    hf.save_pretrained(folder)
+    hf, folder = hf_pair(name)
     return name, hf, EncoderDecoderModel.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
-def pair(request, tmp_path_factory):
-    return _load_pair(request.param, tmp_path_factory)
+def pair(request, hf_pair):
+    return _load_pair(request.param, hf_pair)
 
 
 @pytest.fixture(scope="module")
-def one_pair(tmp_path_factory):
+def one_pair(hf_pair):
     """For checks that one pair suffices for: bert2gpt2 with enc_to_dec_proj."""
-    return _load_pair("bert2gpt2-proj", tmp_path_factory)
+    return _load_pair("bert2gpt2-proj", hf_pair)
 
 
 def _decoder_batch(seed=5):
