@@ -15,8 +15,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
-from jaxencdec import fields
 from jaxencdec.errors import ConfigError, require
+from jaxencdec.fields import check_types, frozen, replace as replace_fields, to_json, unknown_names
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 
@@ -40,11 +40,11 @@ def _replace(config, changes: Mapping[str, Any], hint: str = ""):
     name is a ConfigError listing its closest field names (and ``hint``), since an override with a typo must not be
     kept as an unknown key."""
     names = [f.name for f in dataclasses.fields(config) if f.name != "extra"]
-    unknown = fields.unknown_names(changes, [*names, *RUNTIME_FLAGS])
+    unknown = unknown_names(changes, [*names, *RUNTIME_FLAGS])
     if unknown:
         raise ConfigError(f"{type(config).__name__} has no field(s) {', '.join(unknown)}; its fields: "
                           f"{', '.join(names)}" + (f"; {hint}" if hint else ""))
-    return fields.replace(config, changes, RUNTIME_FLAGS)
+    return replace_fields(config, changes, RUNTIME_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class HFConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        fields.check_types(self, ConfigError)
-        object.__setattr__(self, "eos_token_id", fields.frozen(self.eos_token_id))  # hashable: a static jit argument
+        check_types(self, ConfigError)
+        object.__setattr__(self, "eos_token_id", frozen(self.eos_token_id))  # hashable: a static jit argument
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HFConfig":
@@ -85,7 +85,7 @@ class HFConfig:
         return target(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: fields.to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
+        values = {f.name: to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values, "model_type": self.model_type}
 
     @classmethod
@@ -291,9 +291,9 @@ class EncoderDecoderConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        fields.check_types(self, ConfigError)
+        check_types(self, ConfigError)
         require(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        object.__setattr__(self, "eos_token_id", fields.frozen(self.eos_token_id))
+        object.__setattr__(self, "eos_token_id", frozen(self.eos_token_id))
         require(self.decoder.is_decoder and self.decoder.add_cross_attention or isinstance(self.decoder, BartConfig),
                 "the decoder config must have is_decoder=True and add_cross_attention=True "
                 "(EncoderDecoderConfig.from_encoder_decoder_configs sets both)")
@@ -369,7 +369,7 @@ class EncoderDecoderConfig:
         return {
             **self.extra, "encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict(),
             "decoder_start_token_id": self.decoder_start_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": fields.to_json(self.eos_token_id), "tie_encoder_decoder": self.tie_encoder_decoder,
+            "eos_token_id": to_json(self.eos_token_id), "tie_encoder_decoder": self.tie_encoder_decoder,
             "is_encoder_decoder": True, "model_type": self.model_type,
         }
 
