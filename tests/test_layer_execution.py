@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +54,7 @@ def _as(model: EncoderDecoderModel, scan_layers: bool, remat: str) -> EncoderDec
 
 def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
     """The train step's loss and its gradients (unrolled layout, flat) on ``batch(seed)``, with dropout when
-    ``train``."""
+    ``train``, computed by one jitted program."""
     ids, mask, labels = batch(seed)
     start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
     data = {"input_ids": ids, "attention_mask": mask, "labels": labels,
@@ -64,7 +62,7 @@ def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
             "decoder_attention_mask": np.ones_like(labels)}
     loss_fn = steps.make_loss_fn(model.module, 0.0, None, deterministic=not train)
     mean = lambda p: (lambda total, count: total / count)(*loss_fn(p, data, jax.random.key(3)))
-    loss, grads = jax.value_and_grad(mean)(model.params)
+    loss, grads = jax.jit(jax.value_and_grad(mean))(model.params)
     flat = traverse_util.flatten_dict(layout.to_layout(grads, scanned=False), sep="/")
     return float(loss), {k: np.asarray(v) for k, v in flat.items()}
 
@@ -112,45 +110,16 @@ def test_save_pretrained_writes_the_unrolled_layout_whatever_runs(saved_pair, tm
 # ---------------------------------------------------------------------- against the unrolled layout
 
 
-LOSSES_AND_GRADIENTS = """
-import sys
-import numpy as np
-from jaxencdec import EncoderDecoderModel
-from test_layer_execution import LAYOUTS, _as, _loss_and_grads
-folder, out = sys.argv[1:]
-plain = EncoderDecoderModel.from_pretrained(folder)
-# dropout draws per layer: the same draws unrolled with or without remat, other draws scanned (compared without)
-runs = {"plain-train": (plain, True), "plain-eval": (plain, False),
-        **{way: (_as(plain, scan, remat), not scan) for way, (scan, remat) in LAYOUTS.items()}}
-arrays = {}
-for way, (model, train) in runs.items():
-    loss, grads = _loss_and_grads(model, seed=4, train=train)
-    arrays.update({f"{way}|loss": np.asarray(loss), **{f"{way}|{k}": v for k, v in grads.items()}})
-np.savez(out, **arrays)
-"""
-
-
 @pytest.fixture(scope="module")
-def losses_and_gradients(saved_pair, tmp_path_factory) -> dict[str, tuple[float, dict[str, np.ndarray]]]:
+def losses_and_gradients(saved_pair) -> dict[str, tuple[float, dict[str, np.ndarray]]]:
     """``way -> (loss, gradients)`` of the pair's folder run each way of ``LAYOUTS`` and unrolled (``plain-train``
-    with dropout, ``plain-eval`` without), computed in a child that compiles with XLA's default passes: the 1e-6
-    agreement is that of the programs users run, not of the test run's faster, coarser XLA:CPU flags."""
+    with dropout, ``plain-eval`` without), each a jitted program as the train step is. Dropout draws per layer:
+    the same draws unrolled with or without remat, other draws scanned (compared without)."""
     _, _, folder = saved_pair
-    out = tmp_path_factory.mktemp("losses") / "losses.npz"
-    env = testing.without_fast_compile_flags(testing.subprocess_env())
-    done = subprocess.run([sys.executable, "-c", LOSSES_AND_GRADIENTS, str(folder), str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = {}
-    with np.load(out) as data:
-        for key in data.files:
-            way, name = key.split("|", 1)
-            loss, grads = results.setdefault(way, [None, {}])
-            if name == "loss":
-                results[way][0] = float(data[key])
-            else:
-                grads[name] = data[key]
-    return {way: (loss, grads) for way, (loss, grads) in results.items()}
+    plain = EncoderDecoderModel.from_pretrained(folder)
+    runs = {"plain-train": (plain, True), "plain-eval": (plain, False),
+            **{way: (_as(plain, scan, remat), not scan) for way, (scan, remat) in LAYOUTS.items()}}
+    return {way: _loss_and_grads(model, seed=4, train=train) for way, (model, train) in runs.items()}
 
 
 @pytest.mark.slow

@@ -71,6 +71,7 @@ def test_finetune_notebook_full_run_batches_divide_over_the_devices(devices):
     assert (config.train.batch_size, config.eval.batch_size) == (inlined["train"]["batch_size"] * devices,
                                                                  inlined["eval"]["batch_size"] * devices)
     assert validate(config, devices, 1) == (devices, 1, 1)
+    assert config.model.compute_dtype == "bfloat16" and config.model.scan_layers  # as test_tpu_configs compiles it
 
 
 @pytest.mark.slow

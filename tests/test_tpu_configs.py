@@ -1,5 +1,9 @@
 """The shipped pod-slice configs and the Colab fine-tune workload, compiled with libtpu for their TPU slices on this
-machine (``jaxencdec compile``): every program fits with at least 10% of HBM left; and what remat saves.
+machine (``jaxencdec compile --quick``): every program fits with at least 10% of HBM left; and what remat saves.
+
+``--quick`` compiles with XLA's least optimization effort, 2-4x faster than the full compile training runs; its
+programs' memory differs from the full ones' by up to 4.4% of a chip's HBM on these configs, either way (README,
+"Will it fit?"). The headroom asked of a quick compile is therefore 10% more: 20%.
 
 Each compile runs in a child process (libtpu is loaded there, not in the test worker). The hub models the configs
 name resolve from a Hugging Face cache holding only their ``config.json`` (``testing.write_hub_cache``).
@@ -22,7 +26,7 @@ pytestmark = [needs_libtpu, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-HEADROOM = 10.0  # percent of a device's HBM left at each program's peak
+HEADROOM = 10.0 + 10.0  # percent of a device's HBM left at each program's peak, plus the quick compile's allowance
 
 
 def slice_of(path: Path) -> str | None:
@@ -59,14 +63,14 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 def compile_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxencdec.cli", "compile", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
+    return subprocess.run([sys.executable, "-m", "jaxencdec.cli", "compile", "--quick", *args], capture_output=True,
+                          text=True, timeout=900, env=env)
 
 
 def assert_fits_with_headroom(result: subprocess.CompletedProcess) -> dict[str, list[str]]:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = table_rows(result.stdout)
-    assert list(rows) == ["train", "eval", "generate"], result.stdout
+    assert list(rows) == ["train", "eval", "generate"] and "compiled --quick" in result.stdout, result.stdout
     for program, cells in rows.items():
         headroom = float(cells[7].rstrip("%"))
         assert headroom >= HEADROOM, (program, cells, result.stdout)
@@ -97,15 +101,16 @@ def test_shipped_config_fits_its_slice(path, env):
 @pytest.mark.parametrize("topology, devices", [("v2-8", 8), ("v5e-1", 1)])
 def test_colab_finetune_workload_fits_a_colab_tpu(topology, devices, env):
     """configs/aclsum_minilm_cpu.json as colab/finetune_tpu.ipynb runs it on a TPU runtime: its batch sizes per
-    device, data parallel over every device, bfloat16 (a v2-8 has 8 devices, a v5e-1 runtime one chip; a v6e chip
-    has twice its HBM)."""
+    device, data parallel over every device, bfloat16, scanned layers (a v2-8 has 8 devices, a v5e-1 runtime one
+    chip; a v6e chip has twice its HBM)."""
     config = json.loads((CONFIGS / "aclsum_minilm_cpu.json").read_text())
     sets = ["mesh.data=-1", f"train.batch_size={config['train']['batch_size'] * devices}",
-            f"eval.batch_size={config['eval']['batch_size'] * devices}", "model.compute_dtype=bfloat16"]
+            f"eval.batch_size={config['eval']['batch_size'] * devices}", "model.compute_dtype=bfloat16",
+            "model.scan_layers=true"]
     result = compile_command(str(CONFIGS / "aclsum_minilm_cpu.json"), "--topology", topology,
                              *[item for s in sets for item in ("--set", s)], env=env)
     assert_fits_with_headroom(result)
-    assert f"mesh data {devices} x fsdp 1 x model 1" in result.stdout
+    assert f"mesh data {devices} x fsdp 1 x model 1" in result.stdout and "scan_layers true" in result.stdout
 
 
 REMAT_PROBE = """
