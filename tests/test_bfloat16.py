@@ -65,6 +65,7 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_bfloat16_train_loss_and_gradients_within_bound_of_float32(saved_pair):
     _, hf_config, folder = saved_pair
     model = EncoderDecoderModel.from_pretrained(folder)
@@ -84,6 +85,7 @@ def test_bfloat16_train_loss_and_gradients_within_bound_of_float32(saved_pair):
     assert g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)) >= 0.995
 
 
+@pytest.mark.slow
 def test_bfloat16_inference_within_bound_of_float32(saved_decoder_kind):
     name, _, folder = saved_decoder_kind
     fp32 = EncoderDecoderModel.from_pretrained(folder)
@@ -145,6 +147,7 @@ def _bf16_train_step_hlo(pair: str) -> tuple[str, int]:
     return jax.jit(train_step).lower(state, _train_batch(hf_config)).as_text(), config.decoder_spec.vocab_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", ["bert2bert", "bert2gpt2", "bert2bart"])
 def test_bfloat16_train_step_keeps_embedding_gradients_float32_and_matmuls_bfloat16(pair):
     """The lowered bfloat16 train step (float32 params): embedding rows are gathered from the float32 tables and

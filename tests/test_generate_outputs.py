@@ -83,6 +83,7 @@ def _assert_same_records(got, expected, fields=RECORDED):
             np.testing.assert_allclose(np.asarray(a), b, atol=1e-5 * scale, rtol=0, err_msg=f"{field}{path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search", [dict(), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beams"])
 def test_generate_returns_the_attentions_and_hidden_states_transformers_returns(pair, search):
     hf, ours, ids, mask, options = pair

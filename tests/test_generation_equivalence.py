@@ -108,6 +108,7 @@ def setup(request, minilm_path, tmp_path_factory):
     return _small(request.param, tmp_path_factory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_generate_matches_transformers(setup, case):
     kwargs = setup.resolve_case(case)

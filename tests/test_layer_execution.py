@@ -131,6 +131,7 @@ def test_loss_and_gradients_equal_the_unrolled_layers(losses_and_gradients, way)
     assert_relatively_close(other_grads, grads, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OWN))
 def test_relative_and_tied_pairs_run_scanned_and_rematerialized_as_unrolled(name):
     plain = EncoderDecoderModel(OWN[name], seed=1)
@@ -151,6 +152,7 @@ def test_relative_and_tied_pairs_run_scanned_and_rematerialized_as_unrolled(name
         assert set(scanned.params["decoder"]["layers"]) == {"cross_attention", "cross_attention_norm"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_k=20),
                                   dict(num_beams=2, do_sample=True)])
 def test_every_search_generates_the_same_ids_scanned(saved_pair, mode):
@@ -164,6 +166,7 @@ def test_every_search_generates_the_same_ids_scanned(saved_pair, mode):
                                   expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OWN))
 def test_scanned_generation_records_and_cached_decoding_equal_unrolled(name):
     plain = EncoderDecoderModel(OWN[name], seed=2)
@@ -187,6 +190,7 @@ def test_scanned_generation_records_and_cached_decoding_equal_unrolled(name):
     np.testing.assert_allclose(np.asarray(outputs[1].logits), np.asarray(outputs[0].logits), atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_enable_is_transformers_switch(saved_pair):
     _, _, folder = saved_pair
     model = EncoderDecoderModel.from_pretrained(folder)

@@ -128,6 +128,7 @@ def test_pytorch_export_loads_in_transformers_with_same_logits(saved_pair, tmp_p
         np.testing.assert_array_equal(tensor, original[name].numpy(), err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_training_loss_gradients_match_transformers(saved_pair, label_smoothing):
     """The train step's loss (its own cross-entropy backward pass) differentiates as PyTorch does."""

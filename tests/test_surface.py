@@ -185,6 +185,7 @@ def test_encode_then_call_with_encoder_outputs_equals_the_full_pass(pair):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_decode_with_a_cache_step_by_step_reproduces_the_forward_logits(pair):
     _, _, ours = pair
     ids, mask, decoder_ids, _ = _decoder_batch()
