@@ -15,9 +15,7 @@ import testing  # noqa: E402  (no jax import)
 # Before anything imports jax, in this process and in every child it starts (the xdist workers, the `jaxencdec`
 # commands, the notebook kernels):
 # - XLA:CPU compiles with fewer optimization passes: the tests' tiny models spend far more time compiling than
-#   running (results stay inside the tests' tolerances, but for the 1e-6 agreement of scanned and unrolled
-#   gradients, which tests/test_layer_execution.py computes in a child with XLA's default passes; benchmarks live in
-#   tools/, without these flags);
+#   running (results stay inside the tests' tolerances; benchmarks live in tools/, without these flags);
 # - one persistent compilation cache for the whole run, so that a program compiled by one test, worker or child
 #   is loaded, not compiled again, by the next (a folder of the run's temporary directory, gone with it);
 # - pip may install local wheels (the notebook tests install jaxencdec's), never from a package index;

@@ -217,4 +217,8 @@ def test_compile_run_returns_the_numbers(tmp_path):
     assert train.arguments_bytes > 3 * 4 * report.num_parameters // report.num_devices  # params + two moments
     assert train.alias_bytes > 0  # the state is donated
     assert train.model_flops > 0 and train.compile_seconds > 0
-    assert report.fits
+    assert report.fits and not report.quick and "--quick" not in aot.format_report(report)
+    # --quick: the same program built with XLA's least optimization effort, and the report says so
+    quick = aot.compile_run(config, programs=("eval",), quick=True)
+    assert quick.quick and quick.program("eval").arguments_bytes == report.program("eval").arguments_bytes
+    assert "note: compiled --quick" in aot.format_report(quick)
