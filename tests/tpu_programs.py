@@ -426,6 +426,22 @@ def collectives(hlo: Hlo, mesh_shape: tuple[int, ...]) -> list[Collective]:
     return list(found.values())
 
 
+def operand_sources(hlo: Hlo, instruction: Instruction) -> list[str]:
+    """The jax op name of each operand of ``instruction``: of the instruction that computes it, looked up at the
+    call site when the operand is a parameter of the fusion ``instruction`` sits in (XLA:TPU's reduce-scatter
+    fusions)."""
+    here = hlo.by_name(instruction.computation)
+    out = []
+    for name in instruction.operands:
+        source = here[name]
+        callers = hlo.callers.get(instruction.computation)
+        if source.op == "parameter" and callers:
+            caller = callers[0]
+            source = hlo.by_name(caller.computation)[caller.operands[int(source.line.split("parameter(")[1].split(")")[0])]]
+        out.append(source.op_name)
+    return out
+
+
 def squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
     """``shape`` without size-1 dimensions (a scanned layer's slice keeps its leading 1 in some loops)."""
     return tuple(d for d in shape if d != 1)

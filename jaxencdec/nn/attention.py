@@ -94,6 +94,47 @@ def dot_product_attention(
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim), probs.reshape(batch, heads, q_len, -1)
 
 
+class HeadsProjection(nn.Module):
+    """``y = x @ kernel + bias`` between a width and attention heads: ``split`` maps ``[..., D_in]`` to
+    ``[..., heads, head_dim]`` (kernel ``[D_in, heads, head_dim]``, bias ``[heads, head_dim]``), otherwise
+    ``[..., heads, head_dim]`` to ``[..., features]`` (kernel ``[heads, head_dim, features]``, bias
+    ``[features]``). Inputs, kernel and bias are cast to ``dtype`` (the compute dtype) first.
+
+    The kernel is stored 3-D (logical axes ``embed``, ``heads``, ``kv``) and multiplied as a 2-D matrix over
+    flattened heads. For query, key and value that keeps ``embed`` the major dimension of the kernel's gradient,
+    which XLA:TPU then reduce-scatters over ``fsdp``; the 3-D contraction's gradient gets ``embed`` as its
+    minor-most dimension and is all-reduced at full size instead (``tests/test_tpu_programs.py``). ``split``
+    also flattens the inputs' leading dimensions into rows: with them kept, libtpu 0.0.42 overflows its stack
+    compiling the scanned, rematerialized backward pass.
+    """
+
+    split: bool
+    num_heads: int
+    head_dim: int
+    features: int
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        heads = (self.num_heads, self.head_dim)
+        width = self.num_heads * self.head_dim
+        if self.split:
+            kernel = self.param("kernel", normal_init(self.std, ("embed", "heads", "kv")), (inputs.shape[-1], *heads),
+                                self.param_dtype).reshape(-1, width)
+            bias = self.param("bias", zeros_init(("heads", "kv")), heads, self.param_dtype).reshape(width)
+            rows = inputs.reshape(-1, inputs.shape[-1]).astype(self.dtype)
+            out = rows @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            return out.reshape(*inputs.shape[:-1], *heads)
+        chex.assert_shape(inputs, (..., *heads))
+        kernel = self.param("kernel", normal_init(self.std, ("heads", "kv", "embed")), (*heads, self.features),
+                            self.param_dtype).reshape(width, self.features)
+        bias = self.param("bias", zeros_init(("embed",)), (self.features,), self.param_dtype)
+        merged = inputs.reshape(*inputs.shape[:-2], width).astype(self.dtype)
+        return merged @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention ``[batch, q_len, D] -> [batch, q_len, D]``.
 
@@ -117,18 +158,13 @@ class Attention(nn.Module):
     max_distance: int = 0
 
     def setup(self):
-        project = partial(
-            nn.DenseGeneral, features=(self.num_heads, self.head_dim), dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=normal_init(self.std, ("embed", "heads", "kv")),
-            bias_init=zeros_init(("heads", "kv")),
-        )
-        self.query = project()
-        self.key = project()
-        self.value = project()
-        self.out = nn.DenseGeneral(
-            features=self.num_heads * self.head_dim, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=normal_init(self.std, ("heads", "kv", "embed")), bias_init=zeros_init(("embed",)),
-        )
+        project = partial(HeadsProjection, num_heads=self.num_heads, head_dim=self.head_dim,
+                          features=self.num_heads * self.head_dim, std=self.std, dtype=self.dtype,
+                          param_dtype=self.param_dtype)
+        self.query = project(split=True)
+        self.key = project(split=True)
+        self.value = project(split=True)
+        self.out = project(split=False)
         self.dropout = Dropout(self.dropout_rate)
         if self.relative:
             self.distance = nn.Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
