@@ -129,9 +129,11 @@ class EncoderDecoderModule(nn.Module):
         merged = {**own, **{name: {**own.get(name, {}), **subtree} for name, subtree in tied.items()}}
         return {**variables, "params": merged}
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True) -> jax.Array:
-        """``input_ids``/``attention_mask [batch, src_len]`` -> encoder states ``[batch, src_len, D_enc]``."""
-        return self.encoder.encode(input_ids, attention_mask, deterministic)[0]
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """``input_ids``/``attention_mask [batch, src_len]`` -> encoder states ``[batch, src_len, D_enc]``; packed
+        rows with ``segment_ids``/``positions`` (see ``TransformerStack.encode``)."""
+        return self.encoder.encode(input_ids, attention_mask, deterministic, segment_ids, positions)[0]
 
     def cross_kv(self, encoder_hidden: jax.Array) -> tuple[KeyValue, ...]:
         """Encoder states -> per decoder layer cross-attention keys/values ``[batch, heads, src_len, head_dim]``."""
@@ -140,45 +142,62 @@ class EncoderDecoderModule(nn.Module):
         return self.decoder.cross_kv(encoder_hidden)
 
     def decode(self, decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask=None, cache=None,
-               cache_index=0, cache_slots=None, deterministic: bool = True, encoder_hidden=None):
+               cache_index=0, cache_slots=None, deterministic: bool = True, encoder_hidden=None, segment_ids=None,
+               encoder_segment_ids=None, positions=None):
         """See ``TransformerStack.decode`` (``encoder_hidden`` already projected by ``enc_to_dec_proj``): returns
         ``(logits [batch, q_len, vocab] float32, cache)``."""
         return self.decoder.decode(decoder_input_ids, cross_kv, encoder_attention_mask, decoder_attention_mask,
-                                   cache, cache_index, cache_slots, deterministic, encoder_hidden)
+                                   cache, cache_index, cache_slots, deterministic, encoder_hidden, segment_ids,
+                                   encoder_segment_ids, positions)
 
     def decode_states(self, decoder_input_ids: jax.Array, encoder_hidden: jax.Array,
                       encoder_attention_mask: jax.Array, decoder_attention_mask: jax.Array | None = None,
-                      cache: DecoderCache | None = None, deterministic: bool = True):
+                      cache: DecoderCache | None = None, deterministic: bool = True,
+                      segment_ids: jax.Array | None = None, encoder_segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None):
         """Decodes ``decoder_input_ids [batch, q_len]`` against encoder states ``[enc_batch, src_len, D_enc]``.
 
         ``batch`` may be a multiple of ``enc_batch`` (rows ``b * k ... b * k + k - 1`` read input ``b``): many
         candidates scored against one encoded input share its cross-attention keys/values. With ``cache`` the
         tokens sit at positions ``cache.index ...`` and ``decoder_attention_mask`` covers the cache's
-        ``max_length`` keys (else the ``q_len`` inputs).
+        ``max_length`` keys (else the ``q_len`` inputs). Packed rows (no cache): ``segment_ids``,
+        ``encoder_segment_ids``, ``positions`` as ``TransformerStack.decode`` takes them.
         Returns ``(logits [batch, q_len, vocab] float32, the cache advanced by q_len or None)``.
         """
         layers, index = (None, 0) if cache is None else (cache.layers, cache.index)
         if self.config.needs_projection:
             encoder_hidden = self.enc_to_dec_proj(encoder_hidden)
         logits, layers = self.decode(decoder_input_ids, None, encoder_attention_mask, decoder_attention_mask, layers,
-                                     index, deterministic=deterministic, encoder_hidden=encoder_hidden)
+                                     index, deterministic=deterministic, encoder_hidden=encoder_hidden,
+                                     segment_ids=segment_ids, encoder_segment_ids=encoder_segment_ids,
+                                     positions=positions)
         return logits, None if cache is None else DecoderCache(layers, index + decoder_input_ids.shape[1])
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                 deterministic: bool = True, encoder_hidden_states: jax.Array | None = None) -> Seq2SeqOutput:
+                 deterministic: bool = True, encoder_hidden_states: jax.Array | None = None,
+                 encoder_segment_ids: jax.Array | None = None, encoder_positions: jax.Array | None = None,
+                 decoder_segment_ids: jax.Array | None = None,
+                 decoder_positions: jax.Array | None = None) -> Seq2SeqOutput:
         """Teacher-forced forward pass: ``[batch, src_len]`` sources, ``[batch, tgt_len]`` decoder inputs.
 
         With ``encoder_hidden_states [batch, src_len, D_enc]`` the encoder is skipped (``input_ids`` is not read)
         and ``attention_mask`` masks those states.
+
+        Packed rows (T5X's and MaxText's names): int32 ``encoder_segment_ids``/``encoder_positions [batch,
+        src_len]`` and ``decoder_segment_ids``/``decoder_positions [batch, tgt_len]``. The decoder sequence with
+        id ``k`` reads the source sequence with id ``k``, each sequence's positions count from 0, and a token sees
+        only its own sequence: each sequence gets the logits it has alone in a row.
         """
         chex.assert_rank(decoder_input_ids, 2)
         hidden = encoder_hidden_states
         if hidden is None:
             chex.assert_rank(input_ids, 2)
-            hidden = self.encoder.encode(input_ids, attention_mask, deterministic)[0]
+            hidden = self.encoder.encode(input_ids, attention_mask, deterministic, encoder_segment_ids,
+                                         encoder_positions)[0]
         chex.assert_equal(hidden.shape[0], decoder_input_ids.shape[0])
         logits, _ = self.decode_states(decoder_input_ids, hidden, attention_mask, decoder_attention_mask,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, segment_ids=decoder_segment_ids,
+                                       encoder_segment_ids=encoder_segment_ids, positions=decoder_positions)
         return Seq2SeqOutput(logits=logits, encoder_last_hidden_state=hidden)
 
 

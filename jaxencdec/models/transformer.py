@@ -46,8 +46,16 @@ from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtyp
 HIDDEN_STATES = "hidden_states"
 
 
-def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int) -> jax.Array:
-    """Position-table rows for ``input_ids [batch, length]`` whose first token sits at ``offset``."""
+def positions_for(spec: TransformerSpec, input_ids: jax.Array, offset: jax.Array | int,
+                  positions: jax.Array | None = None) -> jax.Array:
+    """Position-table rows for ``input_ids [batch, length]`` whose first token sits at ``offset``; or, for packed
+    rows, at ``positions`` (int32 ``[batch, length]``: each token's position in its own sequence, counting from 0
+    in every segment; ``offset`` unused)."""
+    if positions is not None:
+        chex.assert_equal_shape([input_ids, positions])
+        if spec.positions_from_padding:
+            return (positions + 1) * (input_ids != spec.pad_token_id) + spec.pad_token_id
+        return positions + spec.position_offset
     length = input_ids.shape[1]
     if spec.positions_from_padding:
         # RoBERTa: non-pad tokens count up from pad_token_id + 1; pads sit on pad_token_id.
@@ -86,6 +94,13 @@ def relative_distances(query_pos: jax.Array, num_keys: int, cache_slots: jax.Arr
     max_length = num_keys if cache_slots is None else cache_slots.shape[1]
     key_pos = jnp.arange(num_keys, dtype=jnp.int32) % max_length
     return query_pos.astype(jnp.int32)[:, None] - key_pos[None, :]
+
+
+def same_segment(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """Bool ``[batch, 1, q_len, kv_len]``: which keys share each query's segment (packed rows: int32 segment ids
+    ``[batch, q_len]`` and ``[batch, kv_len]``, one id per packed sequence)."""
+    chex.assert_equal(query_segments.shape[0], key_segments.shape[0])
+    return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
 
 
 def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
@@ -296,20 +311,27 @@ class TransformerStack(nn.Module):
         self.sow(HIDDEN_STATES, "states", x)
         return x, new_cache
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True):
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array, deterministic: bool = True,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
         """Bidirectional encoding.
 
         Args:
           input_ids: int ``[batch, length]``; attention_mask: ``[batch, length]``, nonzero = real token.
+          segment_ids, positions: packed rows (several sequences per row), int32 ``[batch, length]``: which
+            sequence each token belongs to (tokens attend within their own) and its position in it (see
+            ``positions_for``). Relative attention needs no positions: within a sequence the distance of two
+            tokens of a packed row is the distance in the row.
         Returns:
           ``(hidden [batch, length, D], pooled [batch, D] or None)`` in the compute dtype.
         """
         chex.assert_equal_shape([input_ids, attention_mask])
         mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, keys]
+        if segment_ids is not None:
+            mask = mask & same_segment(segment_ids, segment_ids)
         length = input_ids.shape[1]
         distance = relative_distances(jnp.arange(length), length, None) if self.spec.relative_attention else None
-        hidden, _ = self._stack(input_ids, mask, positions_for(self.spec, input_ids, 0), None, None, None, 0,
-                                deterministic, distance)
+        hidden, _ = self._stack(input_ids, mask, positions_for(self.spec, input_ids, 0, positions), None, None,
+                                None, 0, deterministic, distance)
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.spec.pooler else None
         return hidden, pooled
 
@@ -331,6 +353,8 @@ class TransformerStack(nn.Module):
         encoder_attention_mask: jax.Array, attention_mask: jax.Array | None = None,
         cache: Sequence[KeyValue] | KeyValue | None = None, cache_index: jax.Array | int = 0,
         cache_slots: jax.Array | None = None, deterministic: bool = True, encoder_hidden: jax.Array | None = None,
+        segment_ids: jax.Array | None = None, encoder_segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ):
         """Causal decoding of ``input_ids [batch, q_len]`` placed at positions ``cache_index ...``.
 
@@ -347,6 +371,10 @@ class TransformerStack(nn.Module):
             ``[batch // slots, heads, slots * max_length, head_dim]``. ``cache_index``: int32 scalar, traced.
           cache_slots: with a shared cache, int32 ``[batch, max_length]``: which slot holds each row's key at each
             position (see ``self_attention_mask``); the row writes its new keys into its own slot.
+          segment_ids, encoder_segment_ids, positions: packed rows, without a cache and with ``batch ==
+          kv_batch``: the sequence of each decoder token (it attends to earlier tokens of its own sequence and
+          to the source tokens of the same id), of each source token, and each decoder token's position in its
+          sequence (see ``TransformerStack.encode``).
         Returns:
           ``(logits [batch, q_len, vocab] float32, updated cache or None)``.
         """
@@ -361,8 +389,13 @@ class TransformerStack(nn.Module):
             chex.assert_shape(attention_mask, (input_ids.shape[0], num_keys))
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cross_mask = encoder_attention_mask.astype(bool)[:, None, None, :]  # [kv_batch, 1, 1, src_len]
+        if segment_ids is not None or encoder_segment_ids is not None:
+            if cache is not None or segment_ids is None or encoder_segment_ids is None:
+                raise ValueError("packed rows need segment_ids and encoder_segment_ids, and no cache")
+            mask = mask & same_segment(segment_ids, segment_ids)
+            cross_mask = cross_mask & same_segment(segment_ids, encoder_segment_ids)
         if cross_kv is None and not self.scan_layers:
             cross_kv = self.cross_kv(encoder_hidden)
-        hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index), cross_kv,
-                                    cross_mask, cache, cache_index, deterministic, distance, encoder_hidden)
+        hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index, positions),
+                                    cross_kv, cross_mask, cache, cache_index, deterministic, distance, encoder_hidden)
         return self.lm_head(hidden, self.embeddings), cache
