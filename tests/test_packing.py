@@ -14,7 +14,7 @@ from flax import traverse_util
 from hf_reference import PAD, START, VOCAB
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models import layout
-from jaxencdec.models.encoder_decoder import token_loss_sum
+from jaxencdec.models.encoder_decoder import apply_recording, stack_records, token_loss_sum
 from test_layer_execution import OWN, _as, assert_relatively_close
 from test_models_equivalence import saved_pair  # noqa: F401 (a fixture, used by name)
 
@@ -108,6 +108,31 @@ def test_relative_and_tied_pairs_pack_the_same_way(name, scan_layers, remat):
     """Relative position scores read distances within the row, which within a sequence are its own."""
     plain = EncoderDecoderModel(OWN[name], seed=3)
     assert_packing_changes_nothing(_as(plain, scan_layers, remat), seed=12)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_no_token_attends_to_another_sequence(saved_pair, scan_layers):
+    """On the attention probabilities themselves: encoder self-attention, decoder causal self-attention and
+    cross-attention give every key outside the query's own sequence (or, causal, after it) weight 0."""
+    _, _, folder = saved_pair
+    model = EncoderDecoderModel.from_pretrained(folder, scan_layers=scan_layers)
+    batch = packed(sequences(14))
+    inputs = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items() if k != "labels"}
+    _, records = apply_recording(model.module, {"params": model.params}, **inputs, output_attentions=True)
+    src, tgt = batch["encoder_segment_ids"], batch["decoder_segment_ids"]
+    allowed = {  # [rows, queries, keys]: where a query may put weight
+        "encoder": src[:, :, None] == src[:, None, :],
+        "decoder": (tgt[:, :, None] == tgt[:, None, :]) & np.tril(np.ones((tgt.shape[1],) * 2, bool))[None],
+        "cross": tgt[:, :, None] == src[:, None, :]}
+    encoder = stack_records(records, "encoder", model.config.encoder_spec.num_layers)
+    decoder = stack_records(records, "decoder", model.config.decoder_spec.num_layers)
+    for name, layers in (("encoder", encoder["attentions"]), ("decoder", decoder["attentions"]),
+                         ("cross", decoder["cross_attentions"])):
+        real = (src if name == "encoder" else tgt)[:, :, None] > 0  # padded queries attend somewhere; unused
+        for probs in layers:  # [rows, heads, queries, keys]
+            probs = np.asarray(probs)
+            assert (probs[np.broadcast_to((~allowed[name] & real)[:, None], probs.shape)] == 0).all(), name
+            assert (probs[np.broadcast_to((allowed[name] & real)[:, None], probs.shape)] > 0).all(), name
 
 
 def test_packed_decoding_needs_both_segment_ids_and_no_cache():

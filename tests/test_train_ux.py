@@ -48,6 +48,8 @@ def test_start_up_lines_eval_above_the_bar_and_one_naming_scheme(tmp_path):
                 "compiling the train step..."]
     assert shown[:4] == start_up, lines[:6]
     assert re.fullmatch(r"train step compiled in \d+\.\d s", shown[4]), lines[:6]
+    assert re.fullmatch(r"token efficiency: \d+\.\d% of this process's token slots hold tokens in the first batch "
+                        r"\(data.packing false; logged as train/token_efficiency\)", shown[5]), lines[:6]
 
     # the eval line is written above the bar (the bar's line is cleared first), not appended to it
     eval_line = next(line for line in lines if "eval/loss" in line)
@@ -59,7 +61,8 @@ def test_start_up_lines_eval_above_the_bar_and_one_naming_scheme(tmp_path):
     assert [set(r) for r in eval_rows] == [{"step", "eval/loss", "eval/tokens", "eval/bleu"}]
     assert isinstance(eval_rows[0]["eval/tokens"], int)
     assert {k for r in rows if "train/loss" in r for k in r} == {
-        "step", "train/loss", "train/grad_norm", "train/learning_rate", "train/step_time", "train/tokens_per_s"}
+        "step", "train/loss", "train/grad_norm", "train/learning_rate", "train/step_time", "train/tokens_per_s",
+        "train/token_efficiency"}
     # the final JSON's eval is the last one, labelled with its step (4, the run ended at 6)
     assert result["eval"] == eval_rows[0]
     assert result["best"]["metric"] == "eval/bleu" and result["best"]["step"] == 4

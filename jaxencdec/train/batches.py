@@ -51,6 +51,21 @@ class PairEncoder:
         out = self.tokenizer(list(sources), max_length=self.max_source_length, truncation=True, padding=False)
         return out["input_ids"]
 
+    def target_ids(self, targets: Sequence[str]) -> list[list[int]]:
+        """Each target's labels: its tokens without a leading decoder-start token, ending in ``end_token_id``,
+        at most ``max_target_length``."""
+        t_len, out = self.max_target_length, []
+        for seq in self.decoder_tokenizer(list(targets), padding=False)["input_ids"]:
+            seq = list(seq)
+            if seq and seq[0] == self.decoder_start_token_id:
+                seq = seq[1:]
+            if self.end_token_id is not None:
+                if not seq or seq[-1] != self.end_token_id:
+                    seq.append(self.end_token_id)
+                seq = seq[:t_len - 1] + [self.end_token_id] if len(seq) > t_len else seq
+            out.append(seq[:t_len])
+        return out
+
     def __call__(self, sources: Sequence[str], targets: Sequence[str], source_length: int | None = None,
                  source_ids: list[list[int]] | None = None) -> dict[str, np.ndarray]:
         """Returns int32 ``input_ids``/``attention_mask [batch, source_length]`` and ``decoder_input_ids``/
@@ -65,17 +80,8 @@ class PairEncoder:
             input_ids[row, :len(seq)] = seq
             attention_mask[row, :len(seq)] = 1
         t_len = self.max_target_length
-        raw = self.decoder_tokenizer(list(targets), padding=False)["input_ids"]
         labels = np.full((batch, t_len), -100, np.int32)
-        for row, seq in enumerate(raw):
-            seq = list(seq)
-            if seq and seq[0] == self.decoder_start_token_id:
-                seq = seq[1:]
-            if self.end_token_id is not None:
-                if not seq or seq[-1] != self.end_token_id:
-                    seq.append(self.end_token_id)
-                seq = seq[:t_len - 1] + [self.end_token_id] if len(seq) > t_len else seq
-            seq = seq[:t_len]
+        for row, seq in enumerate(self.target_ids(targets)):
             labels[row, :len(seq)] = seq
         decoder_input_ids = np.concatenate(
             [np.full((batch, 1), self.decoder_start_token_id, np.int32), labels[:, :-1]], axis=1)
@@ -136,6 +142,9 @@ class PairLoader:
         return {"epoch": self.epoch, "batch": self.batch, "num_examples": len(self.pairs)}
 
     def set_state(self, state: dict[str, int]) -> None:
+        if "packed" in state:
+            raise DataError("the checkpoint's data position is one of packed rows (data.packing was true); set "
+                            "data.packing to true again to resume from it")
         if "processes" in state:
             raise DataError("the checkpoint's data position is one per process (data.streaming was true); set "
                             "data.streaming to true again to resume from it")

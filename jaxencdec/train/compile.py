@@ -247,10 +247,11 @@ def compile_run(config: RunConfig, topology: str | Topology | None = None, *,
     data, train, ev = config.data, config.train, config.eval
     source, target_len = data.max_source_length, data.max_target_length
 
-    def batch(rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+    def batch(rows: int, keys=steps.MODEL_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
         sharding = batch_sharding(mesh)
-        return {k: jax.ShapeDtypeStruct((rows, source if k in ("input_ids", "attention_mask") else target_len),
-                                        jnp.int32, sharding=sharding) for k in steps.MODEL_KEYS}
+        on_source = ("input_ids", "attention_mask", "encoder_segment_ids", "encoder_positions")
+        return {k: jax.ShapeDtypeStruct((rows, source if k in on_source else target_len), jnp.int32,
+                                        sharding=sharding) for k in keys}
 
     skipped = {}
     if ev.every < 0:
@@ -265,7 +266,7 @@ def compile_run(config: RunConfig, topology: str | Topology | None = None, *,
         if name == "train":
             state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  steps.state_shapes(shapes, run_steps.optimizer), named(mesh, run_steps.specs))
-            jitted, args = run_steps.train_step, (state, batch(train.batch_size))
+            jitted, args = run_steps.train_step, (state, batch(train.batch_size, steps.input_keys(data.packing)))
             words = f"{train.batch_size} x ({source}+{target_len})" + (
                 f", {train.micro_batches} micro-batches" if train.micro_batches > 1 else "")
             model_flops = train_flops(mc, train.batch_size, source, target_len) / len(devices)

@@ -45,6 +45,9 @@ class DataConfig:
     max_examples: keep only the first N examples of each file (smoke runs).
     streaming: JSONL training data read per process: each process reads only the lines that start in its
       1/P byte range of the file (see ``read_shard`` and ``batches.ShardLoader``); the eval file is read whole.
+    packing: training rows hold several examples each (``max_source_length`` source and ``max_target_length``
+      target tokens per row, first-fit, with segment ids and per-example positions; see ``packing.PackedLoader``)
+      instead of one example padded; eval batches stay unpacked.
     """
 
     format: str = "jsonl"
@@ -59,6 +62,7 @@ class DataConfig:
     shuffle: bool = True
     max_examples: int | None = None
     streaming: bool = False
+    packing: bool = False
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -75,6 +79,12 @@ class DataConfig:
                             f"convert the file to JSONL or set data.streaming to false")
         if self.streaming and self.max_examples:
             raise DataError("data.max_examples needs the whole file, data.streaming reads a share of it: set one")
+        if self.packing and self.streaming:
+            raise DataError("data.packing packs the whole file's examples, data.streaming reads a share of it per "
+                            "process: set one of them to false")
+        if self.packing and self.source_buckets:
+            raise DataError("packed rows are max_source_length long: data.source_buckets does not apply; remove it "
+                            "or set data.packing to false")
         if self.source_buckets is not None:
             buckets = tuple(int(b) for b in self.source_buckets)
             if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] > self.max_source_length:

@@ -43,6 +43,7 @@ from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, che
 from jaxencdec.train.data import DataError, read_pairs, read_shard
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
 from jaxencdec.train.model_bundle import build_model
+from jaxencdec.train.packing import PackedLoader, token_efficiency
 
 logger = logging.getLogger("jaxencdec")
 
@@ -167,10 +168,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _train_loader(self) -> PairLoader:
-        """The whole file's loader, or with ``data.streaming`` this process's shard's (``ShardLoader``)."""
+    def _train_loader(self) -> PairLoader | PackedLoader:
+        """The whole file's loader, its packed rows with ``data.packing``, or with ``data.streaming`` this
+        process's shard's (``ShardLoader``)."""
         data, batch = self.config.data, self.config.train.batch_size
         index, count = jax.process_index(), jax.process_count()
+        if data.packing:
+            return PackedLoader(read_pairs(data, "train"), self.encoder, batch, index, count, seed=data.seed,
+                                shuffle=data.shuffle)
         if data.streaming:
             return ShardLoader(read_shard(data, "train", index, count), self.encoder, batch, index, count,
                                seed=data.seed, shuffle=data.shuffle, buckets=data.source_buckets)
@@ -371,6 +376,7 @@ class Trainer:
                 tok = sum(float(w["tokens"]) + float(w["source_tokens"]) for w in window)
                 row["step_time"] = elapsed / len(window)
                 row["tokens_per_s"] = tok / max(elapsed, 1e-9)
+                row["token_efficiency"] = tok / sum(float(w["slots"]) for w in window)
                 window.clear()
                 self.metrics.write(step_no, {f"train/{k}": v for k, v in row.items()})
                 if bar is not None:
@@ -389,6 +395,9 @@ class Trainer:
                 self.state, metrics = self.train_step(self.state, self.device_batch(local))
                 if step_no == start + 1:  # jit compiles before it dispatches: the call's time is the compile's
                     self.info(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
+                    self.info(f"token efficiency: {token_efficiency(local):.1%} of this process's token slots "
+                              f"hold tokens in the first batch (data.packing {str(cfg.data.packing).lower()}; "
+                              f"logged as train/token_efficiency)")
                     last_time = time.perf_counter()
                 if pending is not None:
                     consume(pending)

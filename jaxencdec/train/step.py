@@ -29,6 +29,13 @@ from jaxencdec.train.config import OptimConfig, RunConfig, RunConfigError
 
 PyTree = Any
 MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels")
+# Packed rows (``data.packing``) add these int32 arrays: each token's sequence (0: padding) and its position in it.
+PACKED_KEYS = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids", "decoder_positions")
+
+
+def input_keys(packed: bool) -> tuple[str, ...]:
+    """The arrays of a train or eval batch: ``MODEL_KEYS``, and ``PACKED_KEYS`` for packed rows."""
+    return MODEL_KEYS + PACKED_KEYS if packed else MODEL_KEYS
 
 
 @struct.dataclass
@@ -149,11 +156,13 @@ def make_loss_fn(module, label_smoothing: float, mesh: Mesh | None, deterministi
 
     def loss_fn(params, batch, rng):
         params = stop_frozen_gradients(params, frozen)
-        batch = {k: constrain(batch[k], mesh, P(BATCH_AXES)) for k in MODEL_KEYS}
+        batch = {k: constrain(v, mesh, P(BATCH_AXES)) for k, v in batch.items()}
+        packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
         with activation_constraints(pin):
             out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                                batch["decoder_input_ids"], batch["decoder_attention_mask"],
-                               deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+                               deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+                               **packed)
         # [batch, tgt_len, vocab]: vocab follows the LM head's split on `model`, rows the data split.
         logits = constrain(out.logits, mesh, P(BATCH_AXES, None, "model"))
         return token_loss_sum(logits, batch["labels"], label_smoothing)
@@ -170,11 +179,13 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure train step ``(state, batch) -> (state, metrics)`` (not jitted; see ``jit_train_step``).
 
-    ``batch``: int32 ``[B, src_len]`` / ``[B, tgt_len]`` arrays named as in ``MODEL_KEYS``. The loss is the mean
+    ``batch``: int32 ``[B, src_len]`` / ``[B, tgt_len]`` arrays named as in ``input_keys`` (packed rows: with
+    ``PACKED_KEYS``; other keys are dropped). The loss is the mean
     over all counted tokens of the whole batch, also with ``micro_batches > 1`` (each micro-batch's summed loss
     is divided by the whole batch's token count), so accumulation over M micro-batches equals one step on the
     full batch.
-    Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens, finite (1.0 when loss and gradients
+    Metrics (float32 scalars): loss, grad_norm, learning_rate, tokens (counted labels), source_tokens, slots
+    (``B * (src_len + tgt_len)``: the token slots the tokens filled), finite (1.0 when loss and gradients
     are finite). ``frozen``: a bool tree like the params (``frozen_mask``); those leaves get no gradient (pair it
     with an optimizer built from the same ``OptimConfig.freeze``, which leaves them unchanged).
     """
@@ -188,7 +199,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step_rng = jax.random.fold_in(state.rng, state.step)
-        batch = {k: batch[k] for k in MODEL_KEYS}
+        batch = {k: batch[k] for k in MODEL_KEYS + PACKED_KEYS if k in batch}
         count = counted_tokens(batch["labels"])
         denom = jnp.maximum(count, 1.0)
         if micro_batches == 1:
@@ -209,6 +220,7 @@ def make_train_step(module, optimizer: optax.GradientTransformation, schedule: o
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count,
                    "source_tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+                   "slots": jnp.float32(batch["input_ids"].size + batch["labels"].size),
                    "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -276,7 +288,7 @@ def make_run_steps(config: RunConfig, model_config: EncoderDecoderConfig, params
     train_step = jit_train_step(
         make_train_step(module, optimizer, schedule, micro_batches=config.train.micro_batches,
                         label_smoothing=config.optim.label_smoothing, dropout=config.train.dropout, mesh=mesh,
-                        rules=rules, frozen=frozen), mesh, specs)
+                        rules=rules, frozen=frozen), mesh, specs, input_keys(config.data.packing))
     eval_step = jit_eval_step(make_eval_step(module, mesh, rules), mesh, param_specs)
     return RunSteps(optimizer, schedule, specs, train_step, eval_step)
 
