@@ -1,8 +1,10 @@
 """Two processes on 127.0.0.1 (jax.distributed, CPU collectives, 4 devices each) train 5 steps on a
-data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8 devices."""
+data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8 devices; with packed rows, a
+run checkpointed on two processes resumes on one and ends where the uninterrupted runs end."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,10 +14,10 @@ import pytest
 import testing
 
 
-def _config(tmp_path, name):
+def _config(tmp_path, name, **sections):
     config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": 5, "dropout": True},
                                      mesh={"data": 2, "fsdp": 2, "model": 2},
-                                     checkpoint={"every": 0, "keep": 1})
+                                     **{"checkpoint": {"every": 0, "keep": 1}, **sections})
     config["output_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -38,7 +40,38 @@ def test_two_processes_equal_one_process_with_8_devices(tmp_path):
     assert not results[1]  # (gloo's own connection lines aside)
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["5"]
 
-    want, got = testing.final_params(str(tmp_path / "single")), testing.final_params(str(tmp_path / "multi"))
+    _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))
+
+
+def _assert_same_params(run_a, run_b):
+    want, got = testing.final_params(run_a), testing.final_params(run_b)
     assert want.keys() == got.keys()
     diff = max(float(np.max(np.abs(want[k] - got[k]))) for k in want)
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.slow
+def test_packed_rows_resume_from_two_processes_on_one(tmp_path):
+    """data.packing: every process packs the same global batches, and the checkpoint's position (grain's) holds
+    for any process count. Two processes train 5 steps (checkpoints at 3 and 5); with step 5 removed, one process
+    with 8 devices resumes at 3: it ends with the params of the two-process run and of one uninterrupted
+    one-process run, which it could not if any of the three had seen other batches."""
+    packed = dict(data={"packing": True, "max_source_length": 48, "max_target_length": 16},
+                  checkpoint={"every": 3, "keep": 2})
+    single = _config(tmp_path, "single", **packed)
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(single)],
+                          env=testing.subprocess_env(8), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = _config(tmp_path, "multi", **packed)
+    env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4")
+    testing.finish_workers(testing.start_train_workers(multi, 2, env))
+    _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))
+
+    shutil.rmtree(tmp_path / "multi" / "checkpoints" / "5")
+    shutil.rmtree(tmp_path / "multi" / "final_model")
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(multi)],
+                          env=testing.subprocess_env(8), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from checkpoint step 3" in proc.stdout and json.loads(proc.stdout.splitlines()[-1])["step"] == 5
+    _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))

@@ -440,13 +440,15 @@ def test_mlp_gradients_are_reduce_scattered(compiled, name):
     for name in ("train", "train_scanned")])
 def test_attention_gradients_are_reduce_scattered(compiled, name, kind):
     """FSDP as designed: the query, key and value gradients (``kind`` "qkv") and the out gradients reduce-scattered
-    over fsdp, like the MLP's (found: the out gradients only on 2 x 2 x 1). The projections multiply their kernels as 2-D matrices (``HeadsProjection``): a
-    3-D contraction gives the query/key/value gradients a layout that XLA:TPU all-reduces instead."""
+    over fsdp, like the MLP's (found: the out gradients only on 2 x 2 x 1). The projections multiply their kernels
+    as 2-D matrices (``HeadsProjection``): a 3-D contraction gives the query/key/value gradients a layout that
+    XLA:TPU all-reduces instead."""
     program = compiled(name)
     for stack, (scopes, kernels) in reduction_scopes(program).items():
         expected = collections.Counter(k.kind for k in kernels if k.kind == kind)
         found = gradient_reductions(program, kernels, scopes)["fsdp"]
-        scattered = collections.Counter({k: n for (op, _, k), n in found.items() if op == "reduce-scatter" and k == kind})
+        scattered = collections.Counter({k: n for (op, _, k), n in found.items()
+                                         if op == "reduce-scatter" and k == kind})
         assert scattered == expected, (stack, found)
 
 

@@ -437,7 +437,8 @@ def operand_sources(hlo: Hlo, instruction: Instruction) -> list[str]:
         callers = hlo.callers.get(instruction.computation)
         if source.op == "parameter" and callers:
             caller = callers[0]
-            source = hlo.by_name(caller.computation)[caller.operands[int(source.line.split("parameter(")[1].split(")")[0])]]
+            index = int(source.line.split("parameter(")[1].split(")")[0])
+            source = hlo.by_name(caller.computation)[caller.operands[index]]
         out.append(source.op_name)
     return out
 

@@ -3,8 +3,8 @@ with its source buckets if it has them) and packed (``data.packing``), over one 
 
     python tools/token_efficiency.py configs/aclsum_minilm_cpu.json [--set data.max_source_length=256 ...]
 
-Reads the tokenizers and the training file only (no compile). Prints one line per way of batching: batches,
-real tokens, slots, efficiency.
+Loads the run's tokenizers (with its model, as training does) and reads the training file; compiles nothing.
+Prints one line per way of batching: batches, real tokens, slots, efficiency.
 """
 
 from __future__ import annotations
