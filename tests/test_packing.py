@@ -102,6 +102,7 @@ def test_a_packed_sequence_computes_what_it_computes_alone(saved_pair):
     assert_packing_changes_nothing(EncoderDecoderModel.from_pretrained(folder), seed=11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OWN))
 @pytest.mark.parametrize("scan_layers, remat", [(False, "none"), (True, "full")])
 def test_relative_and_tied_pairs_pack_the_same_way(name, scan_layers, remat):
@@ -110,6 +111,7 @@ def test_relative_and_tied_pairs_pack_the_same_way(name, scan_layers, remat):
     assert_packing_changes_nothing(_as(plain, scan_layers, remat), seed=12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_no_token_attends_to_another_sequence(saved_pair, scan_layers):
     """On the attention probabilities themselves: encoder self-attention, decoder causal self-attention and
