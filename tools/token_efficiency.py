@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from jaxencdec.train.batches import PairEncoder, PairLoader
+from jaxencdec.train.batches import PairLoader
 from jaxencdec.train.config import RunConfig, apply_overrides
 from jaxencdec.train.data import read_pairs
 from jaxencdec.train.model_bundle import build_model
-from jaxencdec.train.packing import PackedLoader
+from jaxencdec.train.packing import PackedLoader, token_counts
 
 
 def one_epoch(loader, num_examples: int) -> tuple[int, int, int]:
@@ -26,8 +26,8 @@ def one_epoch(loader, num_examples: int) -> tuple[int, int, int]:
         batch = next(loader)
         packed = batch.get("encoder_segment_ids")
         seen += len(batch["input_ids"]) if packed is None else int(packed.max(axis=1).sum())
-        real += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        slots += batch["input_ids"].size + batch["labels"].size
+        tokens, cells = token_counts(batch)
+        real, slots = real + tokens, slots + cells
         batches += 1
     return batches, real, slots
 
@@ -40,9 +40,7 @@ def main() -> None:
     with open(args.config, encoding="utf-8") as f:
         config = RunConfig.from_dict(apply_overrides(json.load(f), args.set))
     data, batch = config.data, config.train.batch_size
-    bundle = build_model(config)
-    encoder = PairEncoder(bundle.tokenizer, bundle.decoder_tokenizer, data.max_source_length, data.max_target_length,
-                          bundle.decoder_start_token_id, bundle.pad_token_id, bundle.eos_token_id)
+    encoder = build_model(config).pair_encoder(data)
     pairs = read_pairs(data, "train")
     ways = {"unpacked" + (f", buckets {list(data.source_buckets)}" if data.source_buckets else ""):
             PairLoader(pairs, encoder, batch, seed=data.seed, buckets=data.source_buckets)}
@@ -53,6 +51,7 @@ def main() -> None:
     for name, loader in ways.items():
         batches, real, slots = one_epoch(loader, len(pairs))
         print(f"{name:34s} {batches:5d} batches  {real:9,d} tokens  {slots:9,d} slots  {real / slots:6.1%}")
+
 
 if __name__ == "__main__":
     main()

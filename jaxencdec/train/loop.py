@@ -37,7 +37,7 @@ from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded
                                       to_host)
 from jaxencdec.tokenizer import TOKENIZER_FILES
 from jaxencdec.train import step as steps
-from jaxencdec.train.batches import HOST_ONLY_KEYS, PairEncoder, PairLoader, ShardLoader
+from jaxencdec.train.batches import HOST_ONLY_KEYS, PairLoader, ShardLoader
 from jaxencdec.train.checkpoints import RunCheckpoints, check_resumable, check_schedule, run_folder
 from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, check_shapes
 from jaxencdec.train.data import DataError, read_pairs, read_shard
@@ -121,9 +121,7 @@ class Trainer:
         self.bundle = dataclasses.replace(bundle, model=self.model)
 
         data = config.data
-        self.encoder = PairEncoder(bundle.tokenizer, bundle.decoder_tokenizer, data.max_source_length,
-                                   data.max_target_length, bundle.decoder_start_token_id, bundle.pad_token_id,
-                                   bundle.eos_token_id)
+        self.encoder = bundle.pair_encoder(data)
         check_lengths(config, self.model.config)
         self.loader = self._train_loader()
         self.eval_pairs = read_pairs(data, "eval") if config.eval.every >= 0 else None

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.tokenizer import Tokenizer
+from jaxencdec.train.batches import PairEncoder
 from jaxencdec.train.config import ModelSection, RunConfig, RunConfigError
+from jaxencdec.train.data import DataConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class ModelBundle:
     decoder_start_token_id: int
     pad_token_id: int
     eos_token_id: int | None
+
+    def pair_encoder(self, data: DataConfig) -> PairEncoder:
+        """The run's ``PairEncoder``: these tokenizers and token ids, ``data``'s length budgets."""
+        return PairEncoder(self.tokenizer, self.decoder_tokenizer, data.max_source_length, data.max_target_length,
+                           self.decoder_start_token_id, self.pad_token_id, self.eos_token_id)
 
 
 def token_ids(section: ModelSection, config: EncoderDecoderConfig, *, start=(), pad=(),

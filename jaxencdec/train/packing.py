@@ -96,7 +96,13 @@ class PackedLoader:
                 "decoder_positions": rows["labels_positions"].astype(np.int32)}
 
 
-def token_efficiency(batch: dict[str, np.ndarray]) -> float:
-    """Real tokens / token slots of a batch: source tokens plus counted labels over ``rows * (src + tgt)``."""
+def token_counts(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of a batch: source tokens plus counted labels, and ``rows * (src + tgt)``."""
     real = int(np.sum(batch["attention_mask"])) + int(np.sum(batch["labels"] != -100))
-    return real / (batch["input_ids"].size + batch["labels"].size)
+    return real, batch["input_ids"].size + batch["labels"].size
+
+
+def token_efficiency(batch: dict[str, np.ndarray]) -> float:
+    """Real tokens / token slots of a batch (``token_counts``)."""
+    real, slots = token_counts(batch)
+    return real / slots
