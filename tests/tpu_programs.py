@@ -49,16 +49,18 @@ MAX_NEW_TOKENS = 8
 @dataclass(frozen=True)
 class Program:
     """kind: "train", "generate" or "control" (a program the partitioner must fully rematerialize: it proves the
-    log capture sees the message). mesh: (data, fsdp, model). beams: generate's num_beams."""
+    log capture sees the message). mesh: (data, fsdp, model) over the devices of ``topology`` (jax's name).
+    beams: generate's num_beams."""
 
     kind: str
     mesh: tuple[int, int, int] = (1, 2, 2)
     scan: bool = False
     beams: int = 1
+    topology: str = TOPOLOGY
 
 
 PROGRAMS = {
-    "train": Program("train"),
+    "train": Program("train", mesh=(1, 4, 2), topology="v5e:2x4"),  # the v5e-64 configs' fsdp x model
     "train_scanned": Program("train", scan=True),
     "train_data_fsdp": Program("train", mesh=(2, 2, 1)),
     "greedy": Program("generate"),
@@ -170,9 +172,9 @@ def compile_all(out_dir: str, names: list[str]) -> None:
     """Compiles ``names`` one after the other, writing ``NAME.hlo``, ``NAME.log`` and ``programs.json``."""
     from jax.experimental import topologies
 
-    devices = topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu").devices
     described = {}
     for name in names:
+        devices = topologies.get_topology_desc(topology_name=PROGRAMS[name].topology, platform="tpu").devices
         jitted, args, description = build(PROGRAMS[name], devices)
         lowered = jitted.lower(*args)
         log_path = os.path.join(out_dir, f"{name}.log")
