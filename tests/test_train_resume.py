@@ -1,6 +1,7 @@
 """Kill -9 at random moments (one of them in the middle of an orbax save), rerun the same command: the run
 resumes from the last complete checkpoint and ends with exactly the params of an uninterrupted run, and
-metrics.jsonl holds one row per step."""
+metrics.jsonl holds one row per step; with bucketed rows and with packed rows (``data.packing``: the grain
+iterator's state is the checkpoint's data position)."""
 
 import json
 import os
@@ -23,9 +24,14 @@ def _command(config_path):
     return [sys.executable, "-m", "jaxencdec.cli", "train", str(config_path)]
 
 
-def _write_config(folder, name):
+# packed: rows of two to four of the tiny run's pairs
+PACKED = {"packing": True, "max_source_length": 48, "max_target_length": 16}
+
+
+def _write_config(folder, name, packing=False):
     config = testing.tiny_run_config(str(folder / "shared"), train={"num_steps": STEPS, "dropout": True},
-                                     checkpoint={"every": 2, "keep": 2, "async_save": True})
+                                     checkpoint={"every": 2, "keep": 2, "async_save": True},
+                                     data=PACKED if packing else {})
     config["output_dir"] = str(folder / name)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -64,13 +70,14 @@ def _step_of(line: str) -> int:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["bucketed", "packed"])
+def test_kill_and_resume_is_exact(tmp_path, packing):
     env = testing.subprocess_env(None)
-    reference = _write_config(tmp_path, "reference")
+    reference = _write_config(tmp_path, "reference", packing)
     _run(reference, env)
     expected = testing.final_params(str(tmp_path / "reference"))
 
-    victim = _write_config(tmp_path, "victim")
+    victim = _write_config(tmp_path, "victim", packing)
     ckpt = tmp_path / "victim" / "checkpoints"
 
     # 1. kill in the middle of a checkpoint save: once a complete checkpoint exists, as soon as orbax's
