@@ -223,6 +223,7 @@ def cmd_generate(args) -> int:
     import jax
     import numpy as np
 
+    from jaxencdec import paths
     from jaxencdec.modeling import EncoderDecoderModel
     from jaxencdec.tokenizer import Tokenizer
 
@@ -232,7 +233,7 @@ def cmd_generate(args) -> int:
     model = EncoderDecoderModel.from_pretrained(args.model)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     dec_dir = args.decoder_tokenizer or os.path.join(args.model, "decoder_tokenizer")
-    decoder_tokenizer = Tokenizer.from_pretrained(dec_dir) if os.path.isdir(dec_dir) else tokenizer
+    decoder_tokenizer = Tokenizer.from_pretrained(dec_dir) if paths.is_dir(dec_dir) else tokenizer
     options = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "length_penalty", "no_repeat_ngram_size") if getattr(args, k) is not None}
     if args.do_sample:

@@ -3,14 +3,18 @@ the hub)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+import testing
 from hf_reference import batch, hf_encoder_decoder, torch_forward
+from jaxencdec import Tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -46,3 +50,29 @@ print(warm.config.encoder.hidden_size, Tokenizer.from_pretrained("acme/minilm")(
     assert result.stdout.split("\n")[-2] == "384 [[101, 7592, 102]]"
     expected, _ = torch_forward(hf, ids, mask, labels)
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_run_whose_tokenizer_is_a_hub_id_exports_it_with_the_model(tmp_path):
+    """``model.tokenizer`` names a hub repo (resolved offline from the cache): ``final_model/`` holds the
+    tokenizer the run used, and ``jaxencdec generate`` runs on that folder alone."""
+    config = testing.tiny_run_config(str(tmp_path / "data"), train={"num_steps": 2},
+                                     checkpoint={"every": 2, "keep": 1})
+    cache = tmp_path / "hub"
+    _put_in_hub_cache(cache, "acme/tiny-tokenizer", config["model"]["tokenizer"])
+    local = Tokenizer.from_pretrained(config["model"]["tokenizer"])
+    config["model"]["tokenizer"] = "acme/tiny-tokenizer"
+    config["output_dir"] = str(tmp_path / "run")
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    env = {**testing.subprocess_env(None), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    command = [sys.executable, "-m", "jaxencdec.cli"]
+    train = subprocess.run([*command, "train", str(tmp_path / "run.json")], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    final = tmp_path / "run" / "final_model"
+    assert (final / "tokenizer.json").is_file() and (final / "tokenizer_config.json").is_file()
+    text = "the cat sat on the mat"
+    assert Tokenizer.from_pretrained(final)(text)["input_ids"].tolist() == local(text)["input_ids"].tolist()
+    generate = subprocess.run([*command, "generate", "--model", str(final), "--text", text, "--max-new-tokens", "3"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert generate.returncode == 0, generate.stderr[-3000:]

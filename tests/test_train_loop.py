@@ -14,6 +14,7 @@ from flax import traverse_util
 
 import testing
 from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.tokenizer import Tokenizer
 from jaxencdec.train import loop, model_bundle
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError, validate
@@ -63,7 +64,10 @@ def test_exported_model_loads_and_matches(finished):
     loaded = traverse_util.flatten_dict(jax.tree.map(np.asarray, model.params), sep="/")
     assert all(np.array_equal(live[k], loaded[k]) for k in live)
     assert model.generation_config.num_beams == 2
-    assert os.path.isfile(os.path.join(result["final_model"], "vocab.txt"))
+    assert os.path.isfile(os.path.join(result["final_model"], "tokenizer.json"))  # Tokenizer.save_pretrained's
+    text = "the quick brown fox"
+    assert Tokenizer.from_pretrained(result["final_model"])(text)["input_ids"].tolist() == \
+        trainer.bundle.tokenizer(text)["input_ids"].tolist()
     assert os.path.isfile(os.path.join(trainer.out_dir, "best_model", "flax_model.msgpack"))
 
 

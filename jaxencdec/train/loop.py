@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -35,7 +34,6 @@ from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
-from jaxencdec.tokenizer import TOKENIZER_FILES
 from jaxencdec.train import step as steps
 from jaxencdec.train.batches import HOST_ONLY_KEYS, PairLoader, ShardLoader
 from jaxencdec.train.checkpoints import RunCheckpoints, check_resumable, check_schedule, run_folder
@@ -267,9 +265,10 @@ class Trainer:
             **beam_settings)
         with storage.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
             EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(staging)
-            _copy_tokenizer(self.bundle.tokenizer_dir, str(staging))
-            if self.bundle.decoder_tokenizer_dir != self.bundle.tokenizer_dir:
-                _copy_tokenizer(self.bundle.decoder_tokenizer_dir, os.path.join(staging, "decoder_tokenizer"))
+            # written from the loaded tokenizers, wherever they came from (a folder, a hub id, a bucket)
+            self.bundle.tokenizer.save_pretrained(staging)
+            if self.bundle.decoder_tokenizer is not self.bundle.tokenizer:
+                self.bundle.decoder_tokenizer.save_pretrained(os.path.join(staging, "decoder_tokenizer"))
         return folder
 
     # ------------------------------------------------------------------ eval
@@ -427,15 +426,6 @@ class Trainer:
         self.close()
         return {"step": int(jax.device_get(self.state.step)), "resumed_from": self.resumed_from,
                 "final_model": final, "best": self.best, "eval": last_eval}
-
-
-def _copy_tokenizer(src: str, dst: str) -> None:
-    if not os.path.isdir(src):
-        return
-    os.makedirs(dst, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 def train(config: RunConfig) -> dict[str, Any]:

@@ -17,13 +17,11 @@ from jaxencdec.train.data import DataConfig
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """A run's model with its tokenizers, the folders they came from, and the token ids the run uses."""
+    """A run's model with its tokenizers and the token ids the run uses."""
 
     model: EncoderDecoderModel  # params empty for a random init (they are born sharded later)
     tokenizer: Tokenizer
     decoder_tokenizer: Tokenizer
-    tokenizer_dir: str
-    decoder_tokenizer_dir: str
     decoder_start_token_id: int
     pad_token_id: int
     eos_token_id: int | None
@@ -79,4 +77,4 @@ def build_model(config: RunConfig) -> ModelBundle:
                              "tokenizer name neither)")
     model.config = model.config.replace(**ids)  # a model of its own: loaded just now
     model.configure_layers(remat=m.remat, scan_layers=m.scan_layers)
-    return ModelBundle(model, tokenizer, decoder_tokenizer, tok_dir, dec_dir, **ids)
+    return ModelBundle(model, tokenizer, decoder_tokenizer, **ids)
