@@ -437,9 +437,7 @@ def test_mlp_gradients_are_reduce_scattered(compiled, name):
     pytest.param("train_scanned", "out", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
         "the out kernel's fsdp dimension (embed) is the minor-most one of its gradient; libtpu relays such a "
         "gradient out and reduce-scatters it over a group of 4 (train, the pod configs' fsdp) but, by default, "
-        "not over a group of 2 with the heads split over model: there it all-reduces at full size and slices. "
-        "LIBTPU_INIT_ARGS=--xla_tpu_relayout_group_size_threshold_for_reduce_scatter=2 makes it reduce-scatter "
-        "there too")))])
+        "not over a group of 2 with the heads split over model: there it all-reduces at full size and slices")))])
 def test_attention_gradients_are_reduce_scattered(compiled, name, kind):
     """FSDP as designed: the query, key and value gradients (``kind`` "qkv") and the out gradients reduce-scattered
     over fsdp, like the MLP's. The projections multiply their kernels as 2-D matrices (``HeadsProjection``): a 3-D

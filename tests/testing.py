@@ -94,14 +94,8 @@ def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------- subprocesses with N host devices
 
 # Faster XLA:CPU compiles for tests (the tiny models spend far more time compiling than running): tests/conftest.py
-# puts them in XLA_FLAGS before jax is imported, for the test processes and every child they start. The last flag
-# picks XLA:CPU's loop emitters over its MLIR fusion emitters: about 40% less compile time on the tests' programs,
-# results equal to the last bit or two. Two programs that compute the same thing (e.g. with and without remat) are
-# bitwise equal with the fusion emitters and may differ in those bits with the loop emitters: a test that asserts
-# such an equality to float32 precision compiles with ``FUSION_EMITTERS``, as a user's process does.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false")
-FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}  # compiler_options for .compile()
+# puts them in XLA_FLAGS before jax is imported, for the test processes and every child they start.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def without_fast_compile_flags(env: dict[str, str]) -> dict[str, str]:
