@@ -27,6 +27,25 @@ EPILOG = """examples:
 """
 
 
+# `jaxencdec generate`'s decoding flags: (transformers' generate keyword, type, help).
+GENERATE_OPTIONS = (
+    ("num_beams", int, "beam width"),
+    ("max_new_tokens", int, "tokens to generate at most"),
+    ("min_new_tokens", int, "tokens to generate at least (end of sequence is held back until then)"),
+    ("temperature", float, "sampling temperature"),
+    ("top_k", int, "sample from the k most likely tokens"),
+    ("top_p", float, "sample from the smallest set of tokens whose probability reaches p"),
+    ("length_penalty", float, "beam scores are divided by length ** this"),
+    ("no_repeat_ngram_size", int, "no n-gram of this size occurs twice in an output"),
+    ("encoder_no_repeat_ngram_size", int, "no n-gram of this size of the input occurs in the output"),
+    ("repetition_penalty", float, "> 1 penalizes tokens already generated"),
+    ("encoder_repetition_penalty", float, "> 1 favours the input's tokens"),
+    ("forced_bos_token_id", int, "the token forced first after the decoder start token"),
+    ("forced_eos_token_id", int, "the token forced when max_new_tokens is reached"),
+    ("num_return_sequences", int, "outputs per input (at most num_beams with beam search)"),
+)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a run config JSON file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -97,16 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "present, else the tokenizer)")
     gen.add_argument("--text", action="append", default=[], help="an input text; repeatable")
     gen.add_argument("--input-file", help="a file with one input text per line")
-    gen.add_argument("--max-source-length", type=int, default=512, help="inputs are cut to this many tokens")
+    gen.add_argument("--max-source-length", type=int,
+                     help="inputs are cut to this many tokens (default: the tokenizer's model_max_length, which a "
+                          "trained model's is its data.max_source_length, within the encoder's positions)")
     gen.add_argument("--batch-size", type=int, default=8, help="texts per generate call")
-    gen.add_argument("--num-beams", type=int, help="beam width (default: the model's generation config)")
-    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam search")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--length-penalty", type=float)
-    gen.add_argument("--no-repeat-ngram-size", type=int)
+    decoding = gen.add_argument_group("decoding (default: the model's generation_config.json; names as "
+                                      "transformers' generate keyword arguments)")
+    for name, kind, what in GENERATE_OPTIONS:
+        decoding.add_argument("--" + name.replace("_", "-"), type=kind, help=what)
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     gen.add_argument("--jsonl", action="store_true", help='print {"input", "output"} JSON lines')
     _add_export_parser(sub)
@@ -234,11 +252,11 @@ def cmd_generate(args) -> int:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     dec_dir = args.decoder_tokenizer or os.path.join(args.model, "decoder_tokenizer")
     decoder_tokenizer = Tokenizer.from_pretrained(dec_dir) if paths.is_dir(dec_dir) else tokenizer
-    options = {k: getattr(args, k) for k in ("num_beams", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "length_penalty", "no_repeat_ngram_size") if getattr(args, k) is not None}
+    options = {name: getattr(args, name) for name, _, _ in GENERATE_OPTIONS if getattr(args, name) is not None}
     if args.do_sample:
         options["do_sample"] = True
-    limit = min(args.max_source_length, model.config.encoder_spec.max_length)
+    limit = min(args.max_source_length or tokenizer.model_max_length or model.config.encoder_spec.max_length,
+                model.config.encoder_spec.max_length)
     key = jax.random.key(args.seed)
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start:start + args.batch_size]
@@ -267,7 +285,9 @@ def _warn_empty(index: int, ids, pad_token_id: int | None) -> None:
 
 
 def _mebibytes(path: str) -> str:
-    return f"{os.path.getsize(path) / 2**20:.2f} MiB"
+    from jaxencdec import paths
+
+    return f"{paths.size(path) / 2**20:.2f} MiB"
 
 
 def _signature(manifest: dict) -> str:
@@ -382,8 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         # orbax and absl log every save at INFO; keep the terminal for the progress bar
         logging.getLogger("absl").setLevel(logging.ERROR)
+    from jaxencdec.train.preemption import Preempted
+
     try:
         return COMMANDS[args.command](args)
+    except Preempted as stopped:  # SIGTERM or Ctrl-C during training: the step's checkpoint is saved
+        print(f"jaxencdec: {stopped}", file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         print("jaxencdec: interrupted", file=sys.stderr)
         return 130

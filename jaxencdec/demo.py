@@ -14,7 +14,9 @@ so a step costs ~40% less and more steps fit the budget):
 
 Titles are generated with beam search and transformers' ``encoder_repetition_penalty`` (favours tokens of the
 abstract), ``repetition_penalty`` and ``no_repeat_ngram_size``; ``DECODING`` holds the values, chosen on the
-validation split with the model trained on the train split only.
+validation split with the model trained on the train split only. The title run's config carries them as its eval
+decoding, so the exported model's ``generation_config.json`` holds them and its tokenizer truncates abstracts as
+training did: ``jaxencdec generate --model OUTPUT/titles/final_model`` writes the demo's titles.
 """
 
 from __future__ import annotations
@@ -94,7 +96,19 @@ def write_training_data(folder: str, task_token: str, seed: int = 0) -> tuple[st
                         titles * TITLE_REPEATS + [warmup[i] for i in sorted(kept)]))
 
 
-def run_config(model: dict, output_dir: str, train_file: str, steps: int, learning_rate: float) -> dict:
+def title_decoding(task_token_id: int, num_beams: int) -> dict:
+    """The ``eval`` section of the title run: ``DECODING`` with the task token forced first. The exported model's
+    ``generation_config.json`` holds it, so that the model generates titles the demo's way by default."""
+    from jaxencdec.train.config import OWN_GENERATION_KEYS
+
+    own = {**{k: v for k, v in DECODING.items() if k in OWN_GENERATION_KEYS}, "num_beams": num_beams,
+           "max_new_tokens": MAX_TARGET_LENGTH}
+    rest = {k: v for k, v in DECODING.items() if k not in OWN_GENERATION_KEYS}
+    return {"every": -1, **own, "generation": {**rest, "forced_bos_token_id": task_token_id}}
+
+
+def run_config(model: dict, output_dir: str, train_file: str, steps: int, learning_rate: float,
+               evaluation: dict | None = None) -> dict:
     """A run config of the demo (the same format as ``configs/*.json``)."""
     return {
         "output_dir": output_dir,
@@ -105,7 +119,7 @@ def run_config(model: dict, output_dir: str, train_file: str, steps: int, learni
                   "end_lr_ratio": 0.05, "weight_decay": 0.01, "freeze": ["^encoder/"]},
         "train": {"batch_size": 8, "num_steps": steps, "log_every": 10},
         "mesh": {"data": -1},
-        "eval": {"every": -1},
+        "eval": evaluation or {"every": -1},
         "checkpoint": {"every": 200, "keep": 1},
     }
 
@@ -141,8 +155,8 @@ def run(steps: int = 850, output_dir: str = "runs/demo", pretrained: str | None 
     warmed = warmup.run()["final_model"] or os.path.join(warmup.out_dir, "final_model")
     log(f"2/2 abstract -> title ({steps - warmup_steps} steps) from {warmed}, data {titles_file}")
     trainer = Trainer(RunConfig.from_dict(run_config({"pretrained": warmed}, os.path.join(output_dir, "titles"),
-                                                     titles_file, max(1, steps - warmup_steps),
-                                                     TITLES_LEARNING_RATE)), log=log)
+                                                     titles_file, max(1, steps - warmup_steps), TITLES_LEARNING_RATE,
+                                                     title_decoding(tokenizer.mask_token_id, num_beams))), log=log)
     result = trainer.run()
     final_model = result["final_model"] or os.path.join(trainer.out_dir, "final_model")
 
@@ -152,9 +166,9 @@ def run(steps: int = 850, output_dir: str = "runs/demo", pretrained: str | None 
     generated = []
     for start in range(0, len(test), 20):
         chunk = test[start:start + 20]
-        batch = tokenizer([p.abstract for p in chunk], max_length=MAX_SOURCE_LENGTH, truncation=True)
-        sequences = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_TARGET_LENGTH,
-                                   forced_bos_token_id=tokenizer.mask_token_id, **{**DECODING, "num_beams": num_beams})
+        # the exported tokenizer truncates to MAX_SOURCE_LENGTH, and generation_config.json holds the decoding
+        batch = tokenizer([p.abstract for p in chunk], truncation=True)
+        sequences = model.generate(batch["input_ids"], batch["attention_mask"])
         generated += tokenizer.batch_decode(np.asarray(sequences), skip_special_tokens=True)
     references = [p.title for p in test]
     lead_words = round(np.mean([len(p.title.split()) for p in read_papers("train")]))

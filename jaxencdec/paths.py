@@ -26,7 +26,7 @@ from pathlib import Path
 from etils import epath
 
 __all__ = ["SCHEMES", "PathLike", "AnyPath", "StorageError", "is_url", "as_path", "existing_folder", "exists",
-           "is_file", "is_dir", "list_names", "read_bytes", "read_text", "write_bytes", "remove"]
+           "is_file", "is_dir", "list_names", "size", "read_bytes", "read_text", "write_bytes", "remove"]
 
 PathLike = str | os.PathLike
 AnyPath = Path | epath.Path  # what as_path returns: pathlib for a local path, epath for a URL
@@ -119,6 +119,13 @@ def list_names(folder: PathLike) -> list[str]:
     """The names of the entries of ``folder`` (files and sub-folders, not their contents), sorted."""
     with _storage_errors(folder):
         return sorted(entry.name for entry in as_path(folder).iterdir())
+
+
+def size(path: PathLike) -> int:
+    """The file's size in bytes. Raises FileNotFoundError for a missing one."""
+    with _storage_errors(path):
+        stat = as_path(path).stat()
+        return stat.length if is_url(path) else stat.st_size  # etils' StatResult, os.stat_result
 
 
 def read_bytes(path: PathLike) -> bytes:

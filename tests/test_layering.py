@@ -42,6 +42,7 @@ FLOORS = (
     ("training", (
         "jaxencdec.train.config", "jaxencdec.train.data", "jaxencdec.train.batches", "jaxencdec.train.packing",
         "jaxencdec.train.metrics", "jaxencdec.train.flops", "jaxencdec.train.step", "jaxencdec.train.checkpoints",
+        "jaxencdec.train.preemption",
         "jaxencdec.train.model_bundle", "jaxencdec.train.compile", "jaxencdec.train.loop")),
     ("entry points: the package's public names, the command line, the demo", (
         "jaxencdec", "jaxencdec.cli", "jaxencdec.demo")),

@@ -1,7 +1,8 @@
 """Training on a bucket: two processes (jax.distributed on 127.0.0.1, 4 CPU devices each) stream their shares of
 the data from and write their run to ``gs://`` on a local GCS emulator, are killed with SIGKILL after a
-checkpoint, rerun, and end with exactly the params of the same run kept on local disk; the bucket's final model
-loads and generates the same ids as the local one. Metrics files, checkpoint listing and data reading on the
+checkpoint, rerun, and end with exactly the params of the same run kept on local disk (the run config itself
+read from the bucket); the bucket's final model loads and generates the same ids as the local one, and is exported
+to the bucket as a serving artifact that generates them too. Metrics files, checkpoint listing and data reading on the
 bucket are tested in this process."""
 
 import json
@@ -9,6 +10,8 @@ import os
 import re
 import signal
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -69,7 +72,8 @@ def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulat
     data_url, run_url = f"{gcs_bucket}/{prefix}/data", f"{gcs_bucket}/{prefix}/run"
     for name in ("train.jsonl", "val.jsonl"):
         paths.write_bytes(f"{data_url}/{name}", (shared / name).read_bytes())
-    victim = _write_config(tmp_path, "bucket", run_url, data_url)
+    victim = f"{gcs_bucket}/{prefix}/bucket.json"  # the run config itself read from the bucket
+    paths.write_bytes(victim, _write_config(tmp_path, "bucket", run_url, data_url).read_bytes())
 
     names = _kill_after_checkpoint(testing.start_train_workers(victim, PROCESSES, env), gcs_emulator, gcs_bucket, f"{prefix}/run")
     assert not any("final_model" in n for n in names)
@@ -94,6 +98,19 @@ def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulat
     want_ids = np.asarray(local.generate(input_ids, mask, max_new_tokens=6))
     got_ids = np.asarray(remote.generate(input_ids, mask, max_new_tokens=6))
     np.testing.assert_array_equal(got_ids, want_ids)
+
+    # the bucket's final model exported as a serving artifact onto the bucket
+    served = f"{gcs_bucket}/{prefix}/served"
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "export", f"{run_url}/final_model", served,
+                           "--max-new-tokens", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(rf"wrote {re.escape(served)}: \S+ \d+\.\d\d MiB", proc.stdout), proc.stdout
+    from jaxencdec.generation.api import make_generate_fn
+    from jaxencdec.generation.serving import load_generate
+
+    expected = make_generate_fn(remote.config, remote.generation_config.replace(max_new_tokens=6))(
+        remote.params, input_ids, mask, None)
+    np.testing.assert_array_equal(np.asarray(load_generate(served)(input_ids, mask)), np.asarray(expected))
 
 
 def test_metrics_on_a_bucket(gcs_emulator, gcs_bucket, tmp_path, monkeypatch):  # noqa: F811

@@ -28,7 +28,9 @@ def finished(tmp_path_factory):
     config = RunConfig.from_dict(testing.tiny_run_config(
         str(folder), train={"num_steps": 4, "tensorboard": True, "plot": True},
         eval={"every": 2, "batch_size": 4, "generate": True, "num_beams": 2, "max_new_tokens": 4,
-              "best_metric": "eval/loss", "best_mode": "min"},
+              "best_metric": "eval/loss", "best_mode": "min",
+              "generation": {"repetition_penalty": 1.3, "encoder_repetition_penalty": 2.0, "min_new_tokens": 2,
+                             "forced_bos_token_id": 7}},
         checkpoint={"every": 2, "keep": 1}))
     lines = []
     trainer = Trainer(config, log=lines.append)
@@ -69,6 +71,35 @@ def test_exported_model_loads_and_matches(finished):
     assert Tokenizer.from_pretrained(result["final_model"])(text)["input_ids"].tolist() == \
         trainer.bundle.tokenizer(text)["input_ids"].tolist()
     assert os.path.isfile(os.path.join(trainer.out_dir, "best_model", "flax_model.msgpack"))
+
+
+def test_the_exported_model_decodes_as_the_eval_did(finished, capsys):
+    """final_model's generation_config.json holds the eval's decoding and its tokenizer the source length: the
+    model's generate, and `jaxencdec generate` on its folder, give the eval's ids for the eval's inputs."""
+    from jaxencdec import cli
+    from jaxencdec.train.batches import PairLoader
+
+    trainer, result, _ = finished
+    model = EncoderDecoderModel.from_pretrained(result["final_model"])
+    assert model.generation_config == trainer.config.eval.generation_config(trainer.model.config)
+    assert (model.generation_config.repetition_penalty, model.generation_config.forced_bos_token_id) == (1.3, 7)
+    local = next(iter(PairLoader(trainer.eval_pairs, trainer.encoder, 4, 0, 1, train=False)))
+    batch = trainer.device_batch(local)
+    evaluated = np.asarray(trainer.generate_fn()(trainer.state.params, batch["input_ids"], batch["attention_mask"],
+                                                 jax.random.key(0)))
+    assert (evaluated[:, 1] == 7).all()  # the forced first token
+    sources = [trainer.eval_pairs[i][0] for i in local["example_index"]]
+    tokenizer = Tokenizer.from_pretrained(result["final_model"])
+    assert tokenizer.model_max_length == trainer.config.data.max_source_length
+    enc = tokenizer(sources, truncation=True, padding="longest")
+    generated = np.asarray(model.generate(enc["input_ids"], enc["attention_mask"]))
+    np.testing.assert_array_equal(generated, evaluated[:, :generated.shape[1]])
+    assert (evaluated[:, generated.shape[1]:] == trainer.model.config.pad_token_id).all()
+
+    assert cli.main(["generate", "--model", result["final_model"], "--batch-size", "4", "--jsonl",
+                     *(arg for source in sources for arg in ("--text", source))]) == 0
+    printed = [json.loads(line)["output"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == trainer.bundle.decoder_tokenizer.batch_decode(evaluated, skip_special_tokens=True)
 
 
 def test_freeze_trains_only_the_rest(tmp_path):

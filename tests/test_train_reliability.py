@@ -1,7 +1,7 @@
 """What a resume guarantees when things went wrong: a damaged newest checkpoint is skipped (and moved aside) and
 the run still ends bitwise equal to an uninterrupted one; an older checkpoint can be chosen; a diverged run
 says which kept checkpoint still holds sound params; metrics.jsonl keeps one row per step; a changed
-learning-rate schedule is refused unless allowed."""
+learning-rate schedule is refused unless allowed; a stop signal waits for the step boundary."""
 
 import dataclasses
 import glob
@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import time
 
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from jaxencdec.errors import CheckpointError
 from jaxencdec.train.checkpoints import schedule_changes
 from jaxencdec.train.config import RunConfig, RunConfigError
 from jaxencdec.train.loop import Trainer, TrainingDivergedError
+from jaxencdec.train.preemption import Preempted, StopSignals
 
 
 STEPS = 6
@@ -105,6 +108,54 @@ def test_corrupt_newest_checkpoint_is_skipped_and_the_run_ends_exact(reference, 
     result = trainer.run()
     assert result["step"] == STEPS and sorted(os.listdir(ckpt)) == ["2", "4", "6", "6.corrupt-1"]
     _assert_same_as_reference(reference, config.output_dir)
+
+
+def _failing_reads(monkeypatch, failures: int, error: Exception) -> list[int]:
+    """Makes the first ``failures`` checkpoint reads raise ``error`` (as a storage client does after its own
+    retries); returns the list of the steps read, which grows as they are tried."""
+    from jaxencdec.train import checkpoints
+
+    read, tried = checkpoints.RunCheckpoints._read, []
+
+    def flaky(self, step, target, scanned):
+        tried.append(step)
+        if len(tried) <= failures:
+            raise error
+        return read(self, step, target, scanned)
+
+    monkeypatch.setattr(checkpoints.RunCheckpoints, "_read", flaky)
+    monkeypatch.setattr(checkpoints, "RETRY_WAIT_S", 0.01)
+    return tried
+
+
+UNAVAILABLE = ValueError('UNAVAILABLE: Error reading "state/d/0" in OCDBT database: HTTP response code: 503')
+
+
+def test_a_transient_storage_error_is_retried_and_moves_nothing(reference, tmp_path, caplog, monkeypatch):
+    config = _copy(reference, tmp_path)
+    ckpt = os.path.join(config.output_dir, "checkpoints")
+    tried = _failing_reads(monkeypatch, 2, UNAVAILABLE)
+    with caplog.at_level(logging.WARNING, logger="jaxencdec"):
+        trainer = Trainer(config, log=lambda s: None)
+    assert trainer.resumed_from == 6 and tried == [6, 6, 6]  # the newest, read again: not taken for damage
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(w.startswith(f"checkpoint step 6 in {ckpt}: storage error (ValueError: "
+                                                   f"UNAVAILABLE") and "trying again in" in w for w in warnings)
+    assert sorted(os.listdir(ckpt)) == ["2", "4", "6"]
+    trainer.run()
+    _assert_same_as_reference(reference, config.output_dir)
+
+
+def test_a_storage_error_that_persists_stops_the_resume_and_moves_nothing(reference, tmp_path, monkeypatch):
+    config = _copy(reference, tmp_path)
+    ckpt = os.path.join(config.output_dir, "checkpoints")
+    tried = _failing_reads(monkeypatch, 100, TimeoutError("read timed out"))
+    with pytest.raises(CheckpointError, match=rf"checkpoint step 6 in {re.escape(ckpt)} could not be read: the "
+                                              r"store kept failing after 4 tries \(TimeoutError: read timed out\)\. "
+                                              r"Nothing was moved or deleted; rerun the same command"):
+        Trainer(config, log=lambda s: None)
+    assert tried == [6] * 4  # never fell back to an older step
+    assert sorted(os.listdir(ckpt)) == ["2", "4", "6"]
 
 
 def test_no_restorable_checkpoint_is_a_clear_error_that_moves_nothing(reference, tmp_path):
@@ -193,3 +244,23 @@ def test_schedule_changes_ignores_num_steps_for_a_constant_schedule(tmp_path):
     assert schedule_changes(saved, config) == {"optim.warmup_steps": (5, 2)}
     saved["optim"]["schedule"] = "linear"
     assert set(schedule_changes(saved, config)) == {"optim.warmup_steps", "optim.schedule", "train.num_steps"}
+
+
+def test_a_first_signal_is_recorded_for_the_step_boundary_and_a_second_interrupts_at_once():
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals(multi_process=False) as stop:
+        assert not stop.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded, nothing interrupted
+        assert stop.reached(1) and stop.received == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: Ctrl-C's own behaviour, at once
+            time.sleep(5)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+
+
+def test_preempted_names_the_step_the_folder_and_what_to_do():
+    stopped = Preempted("SIGTERM", 7, "gs://bucket/run/checkpoints")
+    assert stopped.exit_status == 143
+    assert str(stopped) == ("stopped by SIGTERM: checkpoint step 7 saved in gs://bucket/run/checkpoints; rerun the "
+                            "same command to resume")

@@ -1,7 +1,8 @@
 """Kill -9 at random moments (one of them in the middle of an orbax save), rerun the same command: the run
 resumes from the last complete checkpoint and ends with exactly the params of an uninterrupted run, and
 metrics.jsonl holds one row per step; with bucketed rows and with packed rows (``data.packing``: the grain
-iterator's state is the checkpoint's data position)."""
+iterator's state is the checkpoint's data position). SIGTERM between checkpoints (a preemption notice): a
+checkpoint of the next step, and the rerun ends as exactly."""
 
 import json
 import os
@@ -28,9 +29,9 @@ def _command(config_path):
 PACKED = {"packing": True, "max_source_length": 48, "max_target_length": 16}
 
 
-def _write_config(folder, name, packing=False):
-    config = testing.tiny_run_config(str(folder / "shared"), train={"num_steps": STEPS, "dropout": True},
-                                     checkpoint={"every": 2, "keep": 2, "async_save": True},
+def _write_config(folder, name, packing=False, steps=STEPS, every=2):
+    config = testing.tiny_run_config(str(folder / "shared"), train={"num_steps": steps, "dropout": True},
+                                     checkpoint={"every": every, "keep": 2, "async_save": True},
                                      data=PACKED if packing else {})
     config["output_dir"] = str(folder / name)
     path = folder / f"{name}.json"
@@ -44,21 +45,28 @@ def _run(config_path, env):
     return proc
 
 
-def _kill_when(config_path, env, condition, deadline_s=240):
-    """Starts the command, SIGKILLs it as soon as ``condition()`` holds; returns (killed, stdout)."""
+def _signal_when(config_path, env, condition, signum, deadline_s=240):
+    """Starts the command, sends it ``signum`` as soon as ``condition()`` holds; returns (sent, the process
+    finished: its ``returncode``, ``stdout`` and ``stderr``)."""
     proc = subprocess.Popen(_command(config_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     start = time.monotonic()
-    killed = False
+    sent = False
     while proc.poll() is None and time.monotonic() - start < deadline_s:
         if condition(time.monotonic() - start):
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
+            os.kill(proc.pid, signum)
+            sent = True
             break
         time.sleep(0.0005)
-    out, err = proc.communicate(timeout=60)
-    assert killed or proc.returncode == 0, err[-3000:]
-    return killed, out
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=120)
+    assert sent or proc.returncode == 0, proc.stderr_text[-3000:]
+    return sent, proc
+
+
+def _kill_when(config_path, env, condition):
+    """Starts the command, SIGKILLs it as soon as ``condition()`` holds; returns (killed, stdout)."""
+    killed, proc = _signal_when(config_path, env, condition, signal.SIGKILL)
+    return killed, proc.stdout_text
 
 
 def _step_of(line: str) -> int:
@@ -143,3 +151,37 @@ def test_rerun_after_completion_does_nothing_more(tmp_path):
     assert "resumed from checkpoint step 2" in proc.stdout
     second = testing.final_params(str(tmp_path / "done"))
     assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_sigterm_between_checkpoints_saves_the_next_step_and_the_rerun_is_exact(tmp_path):
+    steps = 30  # one checkpoint, at the end: a SIGTERM after step 3 falls between checkpoints
+    env = testing.subprocess_env(None)
+    reference = _write_config(tmp_path, "reference", steps=steps, every=steps)
+    _run(reference, env)
+    expected = testing.final_params(str(tmp_path / "reference"))
+
+    victim = _write_config(tmp_path, "victim", steps=steps, every=steps)
+    metrics = tmp_path / "victim" / "metrics.jsonl"
+
+    def past_step_3(_):
+        return metrics.exists() and any(_step_of(line) >= 3 for line in metrics.read_text().splitlines())
+
+    sent, proc = _signal_when(victim, env, past_step_3, signal.SIGTERM)
+    assert sent, "the run finished before it could be sent SIGTERM"
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr_text[-3000:]
+    saved = re.findall(r"jaxencdec: stopped by SIGTERM: checkpoint step (\d+) saved in (\S+); rerun the same "
+                       r"command to resume", proc.stderr_text)
+    assert len(saved) == 1, proc.stderr_text[-3000:]
+    step, folder = int(saved[0][0]), saved[0][1]
+    assert 3 <= step < steps and folder == str(tmp_path / "victim" / "checkpoints")
+    assert sorted(int(n) for n in os.listdir(folder) if n.isdigit()) == [step]  # complete, nothing half-written
+    assert [_step_of(line) for line in metrics.read_text().splitlines()] == list(range(1, step + 1))
+
+    rerun = _run(victim, env)
+    assert f"resumed from checkpoint step {step}" in rerun.stdout  # no step trained twice or lost
+    got = testing.final_params(str(tmp_path / "victim"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(got[key], expected[key]), key
+    assert [_step_of(line) for line in metrics.read_text().splitlines()] == list(range(1, steps + 1))

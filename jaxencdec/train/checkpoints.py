@@ -1,11 +1,13 @@
 """A run's orbax checkpoints: which are complete, saving one, and choosing, restoring and moving aside on resume.
 
 A checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the run config
-and the global parameter norm of each save. A resume restores the latest complete one (orbax writes into a
-temporary folder and renames it when done, so a save cut short is never picked; on a bucket, which has no
-rename, a step folder counts once orbax has stored its ``commit_success.txt``). One that fails to restore
-(damaged files) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>``, and the one before it is
-tried. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved aside to
+and the global parameter norm of each save. A resume restores the latest complete one (complete as orbax's
+``all_steps`` says: a save cut short is never picked). A read that fails with a storage error that may pass
+(a timeout, a dropped connection, HTTP 429/5xx, tensorstore's UNAVAILABLE / DEADLINE_EXCEEDED, after the storage
+client's own retries) is tried again with a growing wait, and if it keeps failing the resume stops with an
+error naming the checkpoint, having moved nothing. One that fails otherwise (damaged files: truncated or
+missing arrays, bad metadata, another tree) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>``
+(kept for inspection), and the one before it is tried. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved aside to
 ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
 checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A state saved
 in the other layer layout (``model.scan_layers``) is read in its own layout and converted.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,8 +36,13 @@ SCHEDULE_KEYS = ("optim.learning_rate", "optim.warmup_steps", "optim.schedule", 
                  "train.num_steps")
 # A checkpoint whose parameter norm is this many times the previous one's is reported as a jump.
 NORM_JUMP = 4.0
-# The file orbax writes last into a checkpoint's step folder on a bucket (where it cannot rename a finished one).
-ORBAX_COMMIT_FILE = "commit_success.txt"
+# A checkpoint read that failed with a transient storage error is tried this many more times, waiting
+# RETRY_WAIT_S, then twice as long each time.
+READ_RETRIES = 3
+RETRY_WAIT_S = 2.0
+# Storage failures that may pass: tensorstore's status codes, and HTTP statuses as storage clients report them.
+_TRANSIENT = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED)\b|"
+                        r"\b(?:HTTP|status|response code)\b\D{0,20}\b(?:408|429|500|502|503|504)\b", re.IGNORECASE)
 
 
 def run_folder(output_dir: str) -> str:
@@ -42,16 +51,23 @@ def run_folder(output_dir: str) -> str:
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax's step folders), ascending; no orbax call.
-
-    On a bucket, where orbax writes a step's folder in place, a step is complete once its ``commit_success.txt``
-    is stored (orbax's own test)."""
+    """The steps of the complete checkpoints in ``ckpt_dir``, ascending, as orbax lists them."""
     if not paths.is_dir(ckpt_dir):
         return []
-    numbered = [int(name) for name in paths.list_names(ckpt_dir) if name.isdigit()]
-    if paths.is_url(ckpt_dir):
-        return sorted(s for s in numbered if paths.is_file(os.path.join(ckpt_dir, str(s), ORBAX_COMMIT_FILE)))
-    return sorted(s for s in numbered if os.path.isdir(os.path.join(ckpt_dir, str(s))))
+    return sorted(ocp.utils.checkpoint_steps(ckpt_dir))
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a storage failure that may pass on a later try:
+    a timeout, a dropped connection, HTTP 408/429/5xx, tensorstore's UNAVAILABLE, DEADLINE_EXCEEDED or
+    RESOURCE_EXHAUSTED. Damaged files (truncated or missing data, bad JSON, another tree) are not."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (TimeoutError, ConnectionError)) or _TRANSIENT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def check_resumable(ckpt_dir: str, resume_step: int | None, evaluate_only: bool) -> None:
@@ -166,7 +182,9 @@ class RunCheckpoints:
         failed = {}
         for step in [chosen] if chosen is not None else kept:
             try:
-                return Restored(step, **self._read(step, target, scanned), failed=failed)
+                return Restored(step, **self._read_retrying(step, target, scanned), failed=failed)
+            except CheckpointError:
+                raise
             except Exception as error:  # damaged files: tensorstore, JSON and pytree-structure errors alike
                 failed[step] = summarize_error(error)
                 if chosen is not None:
@@ -179,6 +197,26 @@ class RunCheckpoints:
         raise CheckpointError(f"no checkpoint in {self.dir} can be restored ({reasons}). If the model, mesh or "
                               f"data settings changed since they were written, restore those; to start over, use "
                               f"a new output_dir or move {self.dir} away")
+
+    def _read_retrying(self, step: int, target: steps.TrainState, scanned: bool) -> dict[str, Any]:
+        """``_read``, tried again after a transient storage error (``READ_RETRIES`` times, the wait doubling);
+        ``CheckpointError`` naming the checkpoint when the errors persist. Other errors pass unchanged."""
+        wait = RETRY_WAIT_S
+        for attempt in range(READ_RETRIES + 1):
+            try:
+                return self._read(step, target, scanned)
+            except Exception as error:
+                if not is_transient(error):
+                    raise
+                if attempt == READ_RETRIES:
+                    raise CheckpointError(
+                        f"checkpoint step {step} in {self.dir} could not be read: the store kept failing after "
+                        f"{READ_RETRIES + 1} tries ({summarize_error(error)}). Nothing was moved or deleted; rerun "
+                        f"the same command once the store answers") from error
+                self.warn(f"checkpoint step {step} in {self.dir}: storage error ({summarize_error(error)}); "
+                          f"trying again in {wait:.0f} s")
+                time.sleep(wait)
+                wait *= 2
 
     def _read(self, step: int, target: steps.TrainState, scanned: bool) -> dict[str, Any]:
         """Checkpoint ``step``'s state, data position and metadata; a state saved in the other layer layout

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 
-from jaxencdec import fields
+from jaxencdec import fields, paths
 from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
-from jaxencdec.generation.config import GenerationConfig
+from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.parallel.mesh import DistributedConfig, MeshConfig, MeshError
 from jaxencdec.train.data import DataConfig, DataError
 from jaxencdec.train.metrics import TEXT_METRICS, metric_name
@@ -153,13 +153,23 @@ class TrainSection:
                                  f"train.micro_batches {self.micro_batches}")
 
 
+# The decoding settings that EvalSection holds as keys of its own, not in ``eval.generation``.
+OWN_GENERATION_KEYS = ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")
+
+
 @dataclass(frozen=True)
 class EvalSection:
     """Every ``every`` steps (0: only at the end; -1: never): loss on ``data.eval_file``, and when ``generate``
     is on, ``metric`` (``rouge``: ROUGE-1/2/L F1 x 100 via rouge-score; ``bleu``: sacreBLEU, 0-100) of beam-search
     outputs. ``best_metric`` (``eval/loss``, ``eval/rouge1``, ``eval/rouge2``, ``eval/rougeL`` or ``eval/bleu``;
     the older names ``eval_loss``, ``rougeL``, ... are accepted) picks the exported best model; ``best_mode`` min
-    or max."""
+    or max.
+
+    The decoding is ``num_beams``, ``max_new_tokens``, ``length_penalty``, ``no_repeat_ngram_size`` and
+    ``generation``: any other setting of transformers' ``GenerationConfig`` by its name (``repetition_penalty``,
+    ``encoder_repetition_penalty``, ``min_new_tokens``, ``forced_bos_token_id``, ``bad_words_ids``, ...). The
+    exported models' ``generation_config.json`` holds this decoding, so that ``generate`` on them decodes as the
+    eval did."""
 
     every: int = 0
     batch_size: int = 8
@@ -170,6 +180,7 @@ class EvalSection:
     max_new_tokens: int = 64
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    generation: Mapping[str, Any] = field(default_factory=dict)
     best_metric: str = "eval/loss"
     best_mode: str = "min"
 
@@ -185,15 +196,22 @@ class EvalSection:
             raise RunConfigError(f"eval.best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.batch_size < 1:
             raise RunConfigError("eval.batch_size must be >= 1")
+        own = sorted(set(self.generation) & set(OWN_GENERATION_KEYS))
+        if own:
+            raise RunConfigError(f"eval.generation: set {', '.join(own)} as eval.{own[0]} (a key of eval itself)")
+        try:
+            GenerationConfig().replace(**self.generation)
+        except (GenerationConfigError, TypeError) as e:
+            raise RunConfigError(f"eval.generation: {e}") from None
 
     def generation_config(self, model_config: EncoderDecoderConfig) -> GenerationConfig:
-        """The beam search of eval: these settings, the model's token ids."""
+        """The decoding of eval: these settings, the model's token ids."""
         eos = model_config.eos_token_id
         return GenerationConfig.from_model_config(model_config).replace(
             num_beams=self.num_beams, max_new_tokens=self.max_new_tokens, length_penalty=self.length_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size, early_stopping=True if self.num_beams > 1 else False,
             decoder_start_token_id=model_config.decoder_start_token_id, pad_token_id=model_config.pad_token_id,
-            eos_token_id=eos[0] if isinstance(eos, tuple) else eos)
+            eos_token_id=eos[0] if isinstance(eos, tuple) else eos, **self.generation)
 
 
 @dataclass(frozen=True)
@@ -253,8 +271,7 @@ class RunConfig:
         Relative file paths in ``data`` stay relative to the working directory (as on the command line).
         """
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(paths.read_text(path))  # a local file or a bucket URL
         except FileNotFoundError:
             raise RunConfigError(f"config file {path} does not exist") from None
         except json.JSONDecodeError as e:

@@ -9,13 +9,15 @@ credentials): orbax writes the checkpoints there through tensorstore, ``final_mo
 with ``config.json`` last, and ``metrics.jsonl``, the TensorBoard events and ``metrics.png`` are written in a
 local temporary folder and uploaded after each metrics row (see ``MetricsWriter``).
 
-Resume: rerunning the same command restores the latest complete checkpoint and continues bit-for-bit as if
-never stopped; which checkpoint is chosen, and what happens to damaged or newer ones, is
-:mod:`jaxencdec.train.checkpoints`'s. The model and tokenizers come from :mod:`jaxencdec.train.model_bundle`.
+SIGTERM (a TPU VM's preemption notice) or Ctrl-C saves a checkpoint at the next step boundary and raises
+``Preempted`` (:mod:`jaxencdec.train.preemption`). Resume: rerunning the same command restores the latest
+complete checkpoint and continues bit-for-bit as if never stopped; which checkpoint is chosen, and what happens
+to damaged or newer ones, is :mod:`jaxencdec.train.checkpoints`'s. The model and tokenizers come from :mod:`jaxencdec.train.model_bundle`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -29,7 +31,6 @@ import optax
 from flax import linen as nn
 
 from jaxencdec import paths, storage
-from jaxencdec.generation.config import GenerationConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
@@ -42,6 +43,7 @@ from jaxencdec.train.data import DataError, read_pairs, read_shard
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
 from jaxencdec.train.model_bundle import build_model
 from jaxencdec.train.packing import PackedLoader, token_efficiency
+from jaxencdec.train.preemption import Preempted, StopSignals
 
 logger = logging.getLogger("jaxencdec")
 
@@ -254,19 +256,19 @@ class Trainer:
         return to_host(self.state.params)
 
     def export(self, folder: str) -> str | None:
-        """``save_pretrained`` of the current params, plus tokenizer files and a generation config."""
+        """``save_pretrained`` of the current params, with the eval's decoding as ``generation_config.json``, and
+        the tokenizers (``decoder_tokenizer/`` when it is another), the encoder's truncating inputs to
+        ``data.max_source_length`` as training did (its ``model_max_length``)."""
         params = self.host_params()
         if not self.is_main:
             return None
-        ev = self.config.eval
-        beam_settings = dict(length_penalty=ev.length_penalty, early_stopping=True) if ev.num_beams > 1 else {}
-        gen = GenerationConfig.from_model_config(self.model.config).replace(
-            num_beams=ev.num_beams, max_new_tokens=ev.max_new_tokens, no_repeat_ngram_size=ev.no_repeat_ngram_size,
-            **beam_settings)
+        gen = self.config.eval.generation_config(self.model.config)
+        tokenizer = copy.copy(self.bundle.tokenizer)
+        tokenizer.model_max_length = self.config.data.max_source_length
         with storage.atomic_folder(folder) as staging:  # local: swapped in whole; bucket: uploaded, config.json last
             EncoderDecoderModel(self.model.config, params=params, generation_config=gen).save_pretrained(staging)
             # written from the loaded tokenizers, wherever they came from (a folder, a hub id, a bucket)
-            self.bundle.tokenizer.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
             if self.bundle.decoder_tokenizer is not self.bundle.tokenizer:
                 self.bundle.decoder_tokenizer.save_pretrained(os.path.join(staging, "decoder_tokenizer"))
         return folder
@@ -383,41 +385,54 @@ class Trainer:
                     self.info(f"step {step_no}: loss {row['loss']:.4f}, {row['step_time']:.3f} s/step, "
                               f"{row['tokens_per_s']:.0f} tokens/s")
 
-        try:
-            for step_no in range(start + 1, total + 1):
-                local = next(self.loader)
-                if step_no == start + 1:
-                    self.info("compiling the train step...")
-                    compile_start = time.perf_counter()
-                self.state, metrics = self.train_step(self.state, self.device_batch(local))
-                if step_no == start + 1:  # jit compiles before it dispatches: the call's time is the compile's
-                    self.info(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
-                    self.info(f"token efficiency: {token_efficiency(local):.1%} of this process's token slots "
-                              f"hold tokens in the first batch (data.packing {str(cfg.data.packing).lower()}; "
-                              f"logged as train/token_efficiency)")
-                    last_time = time.perf_counter()
+        preempted = None
+        with StopSignals() as stop:
+            try:
+                for step_no in range(start + 1, total + 1):
+                    local = next(self.loader)
+                    if step_no == start + 1:
+                        self.info("compiling the train step...")
+                        compile_start = time.perf_counter()
+                    self.state, metrics = self.train_step(self.state, self.device_batch(local))
+                    if step_no == start + 1:  # jit compiles before it dispatches: the call's time is the compile's
+                        self.info(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
+                        self.info(f"token efficiency: {token_efficiency(local):.1%} of this process's token slots "
+                                  f"hold tokens in the first batch (data.packing {str(cfg.data.packing).lower()}; "
+                                  f"logged as train/token_efficiency)")
+                        last_time = time.perf_counter()
+                    if pending is not None:
+                        consume(pending)
+                    pending = (step_no, metrics)
+                    if bar is not None:
+                        bar.update(1)
+                    is_last = step_no == total
+                    do_eval = ev_every > 0 and step_no % ev_every == 0 or (ev_every == 0 and is_last)
+                    do_save = (ck_every > 0 and step_no % ck_every == 0) or is_last
+                    if do_eval or do_save:
+                        consume(pending)  # never save or judge a state whose step diverged
+                        pending = None
+                    if do_eval:
+                        last_eval = {"step": step_no, **self._eval_and_track(step_no)}
+                    if do_save:
+                        self.save(step_no)
+                    if not is_last and stop.reached(step_no):  # SIGTERM/SIGINT: save this step, then stop
+                        if pending is not None:
+                            consume(pending)
+                            pending = None
+                        if not do_save:
+                            self.save(step_no)
+                        preempted = Preempted(stop.received, step_no, self.ckpt_dir)
+                        break
                 if pending is not None:
                     consume(pending)
-                pending = (step_no, metrics)
+            finally:
+                self.checkpoints.wait()
                 if bar is not None:
-                    bar.update(1)
-                is_last = step_no == total
-                do_eval = ev_every > 0 and step_no % ev_every == 0 or (ev_every == 0 and is_last)
-                do_save = (ck_every > 0 and step_no % ck_every == 0) or is_last
-                if do_eval or do_save:
-                    consume(pending)  # never save or judge a state whose step diverged
-                    pending = None
-                if do_eval:
-                    last_eval = {"step": step_no, **self._eval_and_track(step_no)}
-                if do_save:
-                    self.save(step_no)
-            if pending is not None:
-                consume(pending)
-        finally:
-            self.checkpoints.wait()
-            if bar is not None:
-                bar.close()
-                self._bar = None
+                    bar.close()
+                    self._bar = None
+        if preempted is not None:
+            self.close()  # the checkpoint is complete and the metrics flushed before the caller hears of it
+            raise preempted
         final = None
         if cfg.checkpoint.export_final:
             final = self.export(os.path.join(self.out_dir, "final_model"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from jaxencdec import paths
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.modeling import EncoderDecoderModel
 from jaxencdec.tokenizer import Tokenizer
@@ -55,7 +56,7 @@ def build_model(config: RunConfig) -> ModelBundle:
         model = EncoderDecoderModel.from_pretrained(m.pretrained)
         tok_dir = m.tokenizer or m.pretrained
         dec_dir = m.decoder_tokenizer or (os.path.join(m.pretrained, "decoder_tokenizer")
-                                          if os.path.isdir(os.path.join(m.pretrained, "decoder_tokenizer"))
+                                          if paths.is_dir(os.path.join(m.pretrained, "decoder_tokenizer"))
                                           else tok_dir)
     elif m.encoder:
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(m.encoder, m.decoder)
