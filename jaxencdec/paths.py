@@ -20,13 +20,14 @@ import contextlib
 import functools
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from etils import epath
 
 __all__ = ["SCHEMES", "PathLike", "AnyPath", "StorageError", "is_url", "as_path", "existing_folder", "exists",
-           "is_file", "is_dir", "list_names", "size", "read_bytes", "read_text", "write_bytes", "remove"]
+           "is_file", "is_dir", "list_names", "size", "read_bytes", "read_text", "write_bytes", "append_bytes", "remove"]
 
 PathLike = str | os.PathLike
 AnyPath = Path | epath.Path  # what as_path returns: pathlib for a local path, epath for a URL
@@ -146,6 +147,34 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     local file is written in place (``storage`` writes local files atomically through a temporary file)."""
     with _storage_errors(path):
         as_path(path).write_bytes(data)
+
+
+def append_bytes(path: PathLike, data: bytes) -> None:
+    """Adds ``data`` at the end of the file (created when missing). On ``gs://`` only ``data`` is uploaded: as an
+    object of its own, then composed onto the end of the file by Cloud Storage and removed (the file's new version
+    is visible once complete). Stores without such an operation (``s3://``, ``az://``) rewrite the whole file."""
+    with _storage_errors(path):
+        target = as_path(path)
+        if not is_url(path):
+            with open(target, "ab") as f:
+                f.write(data)
+            return
+        if not target.exists():
+            target.write_bytes(data)
+            return
+        if _URL.match(os.fspath(path)).group(1).lower() != "gs":
+            target.write_bytes(target.read_bytes() + data)
+            return
+        import fsspec
+
+        fs = fsspec.filesystem("gs", finalize_on_close=True)  # the instance etils' paths use
+        part = f"{os.fspath(path)}.part-{uuid.uuid4().hex[:12]}"
+        fs.pipe_file(part, data)
+        try:
+            fs.merge(os.fspath(path), [os.fspath(path), part])
+        finally:
+            fs.rm_file(part)
+        fs.invalidate_cache(os.fspath(path))
 
 
 def remove(path: PathLike) -> None:

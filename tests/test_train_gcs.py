@@ -122,7 +122,7 @@ def test_metrics_on_a_bucket(gcs_emulator, gcs_bucket, tmp_path, monkeypatch):  
     writer = MetricsWriter(run, tensorboard=True, keep_through_step=0)
     for step in (1, 2, 3):
         writer.write(step, {"train/loss": 4.0 - step})
-        # uploaded at each row: a run killed now keeps its rows so far
+        writer.flush()  # what the Trainer does before each checkpoint: a run killed then keeps its rows so far
         assert paths.read_text(f"{run}/metrics.jsonl").count("\n") == step
     assert writer.plot() == f"{run}/metrics.png"
     writer.close()
@@ -139,6 +139,38 @@ def test_metrics_on_a_bucket(gcs_emulator, gcs_bucket, tmp_path, monkeypatch):  
 
     first, second = (_scalars(paths.read_bytes(f"{gcs_bucket}/{name}")) for name in sorted(events))
     assert {first[0][:2], second[0][:2]} == {(1, 3.0), (3, 0.5)}  # names sort by the second, then at random
+
+
+def test_metrics_rows_upload_only_their_own_bytes(gcs_emulator, gcs_bucket, tmp_path, monkeypatch):  # noqa: F811
+    """Each row sends the store only itself (appended to the bucket's metrics.jsonl, TensorBoard events too), from
+    the writer's thread: bytes per row stay the same however long the file grows."""
+    from jaxencdec.train import metrics
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    sent = []  # (name, bytes) of every upload
+    for name in ("write_bytes", "append_bytes"):
+        real = getattr(paths, name)
+        monkeypatch.setattr(metrics.paths, name, lambda url, data, real=real: (sent.append((url, len(data))),
+                                                                                  real(url, data))[1])
+    run = f"{gcs_bucket}/metrics-bytes"
+    writer = metrics.MetricsWriter(run, tensorboard=True, keep_through_step=0)
+    per_row = []
+    for step in range(1, 41):
+        before = len(sent)
+        writer.write(step, {"train/loss": 1.0 / step, "train/grad_norm": 0.5})
+        writer.flush()
+        per_row.append(sum(n for _, n in sent[before:]))
+    writer.close()
+    row_bytes = len(json.dumps({"step": 40, "train/loss": 1.0 / 40, "train/grad_norm": 0.5})) + 1
+    assert max(per_row[1:]) <= 3 * row_bytes + 200, per_row  # a row, and its two TensorBoard events
+    assert max(per_row[20:]) <= max(per_row[1:20]) + 8, per_row  # not growing with the file
+    rows = [json.loads(line) for line in paths.read_text(f"{run}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41)) and rows[-1]["train/loss"] == 1.0 / 40
+    events = gcs_emulator.object_names(gcs_bucket, "metrics-bytes/tensorboard/")
+    assert len(events) == 1 and len(_scalars(paths.read_bytes(f"{gcs_bucket}/{events[0]}"))) == 80
+    assert gcs_emulator.object_names(gcs_bucket, "metrics-bytes/") == sorted(
+        ["metrics-bytes/metrics.jsonl", events[0]])  # no part objects left behind
 
 
 def _scalars(events: bytes) -> list[tuple[int, float, str]]:

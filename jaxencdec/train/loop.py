@@ -244,6 +244,7 @@ class Trainer:
         """Saves the state, the data position, the best-so-far, the config and the parameter norms (async; all
         processes take part)."""
         self.param_norms[step] = float(self._param_norm(self.state.params))
+        self.metrics.flush()  # the rows through this step are stored before its checkpoint exists
         meta = {"best": self.best, "config": self.config.to_dict(),
                 "param_norms": {str(k): v for k, v in sorted(self.param_norms.items())}}
         self.checkpoints.save(step, self.state, self.loader.get_state(), meta)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 from jaxencdec import paths
@@ -51,10 +52,13 @@ class MetricsWriter:
     was stopped after that checkpoint, are dropped from the file (rewritten atomically) and TensorBoard is told
     to purge its events from there on, so each step has one row however often the run was restarted.
 
-    ``out_dir`` may be a bucket URL (``gs://bucket/run``), where objects cannot be appended to: the files are
-    then written in a local temporary folder and uploaded whole after each ``write`` (``metrics.jsonl`` and
-    every TensorBoard events file that grew; an object is replaced only once its new upload is complete), and
-    ``metrics.jsonl`` is downloaded first to continue a resumed run's rows.
+    ``out_dir`` may be a bucket URL (``gs://bucket/run``): the files are then written in a local temporary folder
+    and, after each ``write``, what they gained since the last upload (the new row, the new TensorBoard events)
+    is appended to their objects (``paths.append_bytes``: on ``gs://`` only the new bytes travel) by a thread of
+    the writer's own, so that the training loop does not wait for the store; ``flush`` waits for it, and
+    ``close`` too. A file rewritten rather than grown (the plot; ``metrics.jsonl`` without a stopped run's rows)
+    is uploaded whole. ``metrics.jsonl`` is downloaded first to continue a resumed run's rows. An upload that
+    failed is raised by the next ``write``, ``flush`` or ``close``.
     """
 
     def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = True,
@@ -65,6 +69,8 @@ class MetricsWriter:
         self.local_dir = tempfile.mkdtemp(prefix="jaxencdec-metrics-") if self.remote else out_dir
         self.path = os.path.join(self.local_dir, "metrics.jsonl")
         self._uploaded: dict[str, int] = {}  # local file -> its size when last uploaded
+        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="jaxencdec-metrics") if self.remote else None
+        self._uploads: list[Future] = []  # submitted, in order
         self._tb = None
         if self.remote:
             self._download_rows()
@@ -91,22 +97,43 @@ class MetricsWriter:
                 f.write(paths.read_bytes(remote))
             self._uploaded[self.path] = os.path.getsize(self.path)
 
-    def _upload(self) -> None:
-        """On a bucket: uploads each local file (metrics.jsonl, TensorBoard events, the plot) whose size changed
-        since its last upload, under the same relative name below ``out_dir``."""
+    def _upload(self, rewritten: str | None = None) -> None:
+        """On a bucket: hands the uploader thread what each local file (metrics.jsonl, TensorBoard events, the
+        plot) gained since its last upload, to append under the same relative name below ``out_dir``; the whole
+        file when it shrank or is ``rewritten``."""
         if not self.remote:
             return
+        self._raise_failed_upload()
         if self._tb is not None:
             self._tb.flush()
         for folder, _, names in os.walk(self.local_dir):
             for name in names:
                 local = os.path.join(folder, name)
-                size = os.path.getsize(local)
-                if self._uploaded.get(local) != size:
-                    relative = os.path.relpath(local, self.local_dir).replace(os.sep, "/")
-                    with open(local, "rb") as f:
-                        paths.write_bytes(os.path.join(self.remote, relative), f.read())
-                    self._uploaded[local] = size
+                size, done = os.path.getsize(local), self._uploaded.get(local, 0)
+                if local == rewritten or size < done:
+                    done = 0
+                elif size == done:
+                    continue
+                with open(local, "rb") as f:
+                    f.seek(done)
+                    data = f.read(size - done)
+                remote = os.path.join(self.remote, os.path.relpath(local, self.local_dir).replace(os.sep, "/"))
+                send = paths.append_bytes if done else paths.write_bytes
+                self._uploads.append(self._uploader.submit(send, remote, data))
+                self._uploaded[local] = size
+
+    def _raise_failed_upload(self) -> None:
+        """Raises the error of the first finished upload that failed; forgets the finished ones."""
+        for future in [f for f in self._uploads if f.done()]:
+            self._uploads.remove(future)
+            future.result()
+
+    def flush(self) -> None:
+        """Waits until every row written so far is stored (on a bucket); raises an upload's error."""
+        self._upload()
+        for future in self._uploads:
+            future.result()
+        self._uploads.clear()
 
     def _lines(self) -> list[str]:
         if not os.path.isfile(self.path):
@@ -207,19 +234,23 @@ class MetricsWriter:
         fig.savefig(local, dpi=100)
         plt.close(fig)
         if path is None and self.remote:
-            self._upload()
+            self._upload(rewritten=local)
             return os.path.join(self.remote, "metrics.png")
         return local
 
     def close(self) -> None:
-        """Closes TensorBoard's writer; on a bucket, uploads what changed and removes the local folder."""
+        """Closes TensorBoard's writer; on a bucket, waits until everything is stored and removes the local
+        folder."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-        self._upload()
         if self.remote:
-            shutil.rmtree(self.local_dir, ignore_errors=True)
-            self.remote = None
+            try:
+                self.flush()
+            finally:
+                self._uploader.shutdown(wait=True)
+                shutil.rmtree(self.local_dir, ignore_errors=True)
+                self.remote = None
 
 
 def _parse_row(line: str) -> dict[str, Any] | None:
