@@ -15,9 +15,9 @@ import testing
 
 
 def _config(tmp_path, name, **sections):
-    config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": 5, "dropout": True},
-                                     mesh={"data": 2, "fsdp": 2, "model": 2},
-                                     **{"checkpoint": {"every": 0, "keep": 1}, **sections})
+    config = testing.tiny_run_config(str(tmp_path / "shared"), mesh={"data": 2, "fsdp": 2, "model": 2},
+                                     **{"train": {"num_steps": 5, "dropout": True},
+                                        "checkpoint": {"every": 0, "keep": 1}, **sections})
     config["output_dir"] = str(tmp_path / name)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))
@@ -75,3 +75,47 @@ def test_packed_rows_resume_from_two_processes_on_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from checkpoint step 3" in proc.stdout and json.loads(proc.stdout.splitlines()[-1])["step"] == 5
     _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))
+
+
+# Imported at start-up by the one process whose PYTHONPATH holds it: its reads of checkpoint step 4 fail as a
+# truncated array file does, while the other process reads that checkpoint fine.
+ONE_HOST_SEES_DAMAGE = '''
+from jaxencdec.train import checkpoints
+
+_read = checkpoints.RunCheckpoints._read
+
+
+def _damaged_step_4(self, step, target, scanned):
+    if step == 4:
+        raise ValueError("DATA_LOSS: Error reading local file: unexpected end of file")
+    return _read(self, step, target, scanned)
+
+
+checkpoints.RunCheckpoints._read = _damaged_step_4
+'''
+
+
+@pytest.mark.slow
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path):
+    """Checkpoint 4 is damaged for process 1 alone: both restore step 2 (one decision for all), process 0 moves
+    step 4 aside, and together they end where the uninterrupted run ended."""
+    config = _config(tmp_path, "run", train={"num_steps": 4, "dropout": True}, checkpoint={"every": 2, "keep": 2})
+    env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4")
+    testing.finish_workers(testing.start_train_workers(config, 2, env))
+    uninterrupted = testing.final_params(str(tmp_path / "run"))
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(ONE_HOST_SEES_DAMAGE)
+    envs = [env, {**env, "PYTHONPATH": os.pathsep.join([str(hook), env["PYTHONPATH"]])}]
+    port = testing.free_port()
+    workers = [subprocess.Popen([sys.executable, "-m", "jaxencdec.cli", "train", str(config), "--coordinator",
+                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)], env=envs[i],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    (out, err), _ = testing.finish_workers(workers)
+    assert "checkpoint step 4 in" in err and "cannot be restored (another process could not read it)" \
+        in err, err[-3000:]
+    assert "resumed from checkpoint step 2" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "4.corrupt-1"]
+    got = testing.final_params(str(tmp_path / "run"))
+    assert all(np.array_equal(got[k], uninterrupted[k]) for k in uninterrupted)

@@ -7,7 +7,9 @@ and the global parameter norm of each save. A resume restores the latest complet
 client's own retries) is tried again with a growing wait, and if it keeps failing the resume stops with an
 error naming the checkpoint, having moved nothing. One that fails otherwise (damaged files: truncated or
 missing arrays, bad metadata, another tree) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>``
-(kept for inspection), and the one before it is tried. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved aside to
+(kept for inspection), and the one before it is tried. With several processes each reads on its own and the
+outcome of every try is the worst of all processes' (one that sees damage, or a storage error, decides for all),
+so that every process restores the same step. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved aside to
 ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
 checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A state saved
 in the other layer layout (``model.scan_layers``) is read in its own layout and converted.
@@ -43,6 +45,32 @@ RETRY_WAIT_S = 2.0
 # Storage failures that may pass: tensorstore's status codes, and HTTP statuses as storage clients report them.
 _TRANSIENT = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED)\b|"
                         r"\b(?:HTTP|status|response code)\b\D{0,20}\b(?:408|429|500|502|503|504)\b", re.IGNORECASE)
+
+
+ITEMS = ("state", "data", "meta")  # what a checkpoint holds, each an orbax item of its own
+# What reading a checkpoint came to on one process, worst last: with several processes, the largest counts.
+READ, TRANSIENT, DAMAGED = 0, 1, 2
+
+
+def _agreed(outcome: int) -> int:
+    """The worst of every process's ``outcome`` (collective with several processes)."""
+    if jax.process_count() == 1:
+        return outcome
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _process_reader(ckpt_dir: str) -> ocp.CheckpointManager:
+    """A read-only manager of ``ckpt_dir`` that this process uses alone: its restores wait for no other process
+    (orbax's barriers among the active processes), so that one that fails cannot leave the others waiting before
+    the outcomes are compared (``_agreed``)."""
+    me = jax.process_index()
+    processes = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                   barrier_sync_key_prefix=f"jaxencdec-read-{me}")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                                           cleanup_tmp_directories=False, multiprocessing_options=processes)
+    return ocp.CheckpointManager(ckpt_dir, options=options, item_names=ITEMS)
 
 
 def run_folder(output_dir: str) -> str:
@@ -163,7 +191,8 @@ class RunCheckpoints:
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=section.keep, cleanup_tmp_directories=True,
                                                    enable_async_checkpointing=section.async_save, create=True)
-        self.manager = ocp.CheckpointManager(ckpt_dir, options=options, item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(ckpt_dir, options=options, item_names=ITEMS)
+        self.reader = self.manager if jax.process_count() == 1 else _process_reader(ckpt_dir)
 
     def save(self, step: int, state: steps.TrainState, data: dict[str, Any], meta: dict[str, Any]) -> None:
         """Saves ``state``, the data position and the JSON ``meta`` as step ``step`` (async; all processes)."""
@@ -181,49 +210,54 @@ class RunCheckpoints:
             return None
         failed = {}
         for step in [chosen] if chosen is not None else kept:
-            try:
-                return Restored(step, **self._read_retrying(step, target, scanned), failed=failed)
-            except CheckpointError:
-                raise
-            except Exception as error:  # damaged files: tensorstore, JSON and pytree-structure errors alike
-                failed[step] = summarize_error(error)
-                if chosen is not None:
-                    raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored "
-                                          f"({failed[step]}); choose another checkpoint.resume_step (kept steps: "
-                                          f"{', '.join(map(str, sorted(kept)))})") from error
-                self.warn(f"checkpoint step {step} in {self.dir} cannot be restored ({failed[step]}); trying the "
-                          f"one before it")
+            read, why = self._read_agreed(step, target, scanned)
+            if read is not None:
+                return Restored(step, **read, failed=failed)
+            failed[step] = why
+            if chosen is not None:
+                raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored ({why}); choose "
+                                      f"another checkpoint.resume_step (kept steps: "
+                                      f"{', '.join(map(str, sorted(kept)))})")
+            self.warn(f"checkpoint step {step} in {self.dir} cannot be restored ({why}); trying the one before it")
         reasons = "; ".join(f"step {s}: {why}" for s, why in failed.items())
         raise CheckpointError(f"no checkpoint in {self.dir} can be restored ({reasons}). If the model, mesh or "
                               f"data settings changed since they were written, restore those; to start over, use "
                               f"a new output_dir or move {self.dir} away")
 
-    def _read_retrying(self, step: int, target: steps.TrainState, scanned: bool) -> dict[str, Any]:
-        """``_read``, tried again after a transient storage error (``READ_RETRIES`` times, the wait doubling);
-        ``CheckpointError`` naming the checkpoint when the errors persist. Other errors pass unchanged."""
+    def _read_agreed(self, step: int, target: steps.TrainState,
+                     scanned: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """``(what _read returned, None)``, or ``(None, why)`` when checkpoint ``step`` is damaged (tensorstore,
+        JSON and pytree-structure errors alike). A transient storage error is tried again (``READ_RETRIES``
+        times, the wait doubling), then ``CheckpointError``. With several processes each try's outcome is the
+        worst of every process's, so that all of them restore the same step."""
         wait = RETRY_WAIT_S
         for attempt in range(READ_RETRIES + 1):
+            read, error = None, None
             try:
-                return self._read(step, target, scanned)
-            except Exception as error:
-                if not is_transient(error):
-                    raise
-                if attempt == READ_RETRIES:
-                    raise CheckpointError(
-                        f"checkpoint step {step} in {self.dir} could not be read: the store kept failing after "
-                        f"{READ_RETRIES + 1} tries ({summarize_error(error)}). Nothing was moved or deleted; rerun "
-                        f"the same command once the store answers") from error
-                self.warn(f"checkpoint step {step} in {self.dir}: storage error ({summarize_error(error)}); "
-                          f"trying again in {wait:.0f} s")
-                time.sleep(wait)
-                wait *= 2
+                read = self._read(step, target, scanned)
+            except Exception as e:
+                error = e
+            outcome = _agreed(READ if error is None else TRANSIENT if is_transient(error) else DAMAGED)
+            if outcome == READ:
+                return read, None
+            why = summarize_error(error) if error is not None else "another process could not read it"
+            if outcome == DAMAGED:
+                return None, why
+            if attempt == READ_RETRIES:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.dir} could not be read: the store kept failing after "
+                    f"{READ_RETRIES + 1} tries ({why}). Nothing was moved or deleted; rerun the same command once "
+                    f"the store answers") from error
+            self.warn(f"checkpoint step {step} in {self.dir}: storage error ({why}); trying again in {wait:.0f} s")
+            time.sleep(wait)
+            wait *= 2
 
     def _read(self, step: int, target: steps.TrainState, scanned: bool) -> dict[str, Any]:
         """Checkpoint ``step``'s state, data position and metadata; a state saved in the other layer layout
         (``model.scan_layers``, recorded in the metadata's config) is read in its own layout and converted."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = self.reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_scanned = bool(meta.get("config", {}).get("model", {}).get("scan_layers", False))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = self.reader.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(steps.state_in_layout(target, saved_scanned)),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         state = restored["state"]
@@ -254,6 +288,8 @@ class RunCheckpoints:
 
             multihost_utils.sync_global_devices(f"jaxencdec: checkpoint {step} moved aside")
         self.manager.reload()
+        if self.reader is not self.manager:
+            self.reader.reload()
 
     def divergence_message(self, head: str, param_norms: dict[int, float]) -> str:
         """``head`` (where training diverged), then the global parameter norm of the start (step 0) and of each
@@ -284,6 +320,8 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for a save in flight and closes the manager."""
+        """Waits for a save in flight and closes the managers."""
         self.manager.wait_until_finished()
         self.manager.close()
+        if self.reader is not self.manager:
+            self.reader.close()
