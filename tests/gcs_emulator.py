@@ -76,6 +76,81 @@ class Emulator:
                 return sorted(names)
 
 
+class FlakyProxy:
+    """An HTTP proxy in front of the emulator, served by a thread of this process, that answers ``503 Service
+    Unavailable`` to the first ``failures`` requests whose decoded path contains ``fragment`` and passes every other
+    request through: a store that fails for a while. Point a child's clients at it with
+    ``client_settings(proxy.url)``; ``failed`` counts the 503s it gave."""
+
+    def __init__(self, emulator: Emulator, fragment: str, failures: int):
+        import http.server
+        import threading
+
+        self.fragment, self.failures, self.failed = fragment, failures, 0
+        lock = threading.Lock()
+        upstream = urllib.parse.urlsplit(emulator.url)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that stopped reading
+                        self.wfile.write(body)
+
+            def _handle(self) -> None:
+                import http.client
+
+                body = self._body()
+                with lock:
+                    fail = proxy.failed < proxy.failures and proxy.fragment in urllib.parse.unquote(self.path)
+                    proxy.failed += fail
+                if fail:
+                    error = json.dumps({"error": {"code": 503, "message": "Service Unavailable"}}).encode()
+                    self._answer(503, [("Content-Type", "application/json")], error)
+                    return
+                connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+                connection.request(self.command, self.path, body=body or None, headers=headers)
+                response = connection.getresponse()
+                self._answer(response.status, response.getheaders(), response.read())
+                connection.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FlakyProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def client_settings(emulator_url: str) -> dict[str, str]:
     """The environment that points gcsfs, google-cloud-storage and tensorstore at the emulator at ``emulator_url``."""
     return {

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from flax import traverse_util
-from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
+from gcs_emulator import FlakyProxy, client_settings, gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 
 import testing
 from jaxencdec import paths
@@ -252,3 +252,29 @@ def test_bert2gpt2_with_its_tokenizers_on_a_bucket_exports_and_decodes_with_gpt2
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["output"] == gpt2.batch_decode(ids, skip_special_tokens=True)[0]
     assert (ids[:, 1:] > 200).any()  # ids past the BERT vocabulary's 200: only GPT-2's tokenizer reads them
+
+
+@pytest.mark.slow
+def test_a_store_failing_for_a_while_on_restore_is_retried_and_moves_nothing(tmp_path, gcs_emulator,  # noqa: F811
+                                                                             gcs_bucket):
+    """The bucket answers 503 to the first reads of the newest checkpoint when a finished run is rerun: the reads
+    are tried again (here by the storage clients themselves; the errors that outlast their retries are jaxencdec's
+    to retry, test_train_reliability.py), that checkpoint is restored, and nothing is moved aside."""
+    prefix = "flaky-run"
+    config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": 4},
+                                     checkpoint={"every": 2, "keep": 2})
+    config["output_dir"] = f"{gcs_bucket}/{prefix}"
+    path = tmp_path / "flaky.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "jaxencdec.cli", "train", str(path)]
+    env = testing.subprocess_env(None)
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with FlakyProxy(gcs_emulator, f"{prefix}/checkpoints/4/", failures=4) as proxy:
+        again = subprocess.run(command, env={**env, **client_settings(proxy.url)}, capture_output=True, text=True,
+                               timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert proxy.failed == 4  # the store did fail
+    assert "resumed from checkpoint step 4" in again.stdout, again.stdout[-2000:]
+    names = gcs_emulator.object_names(gcs_bucket, f"{prefix}/checkpoints/")
+    assert {n.split("/")[2] for n in names} == {"2", "4"}, names  # nothing moved aside
