@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,6 +88,7 @@ class Tokenizer:
     ):
         backend.no_padding()
         backend.no_truncation()
+        self._lock = threading.Lock()  # held while a call sets the backend's truncation and encodes
         added = {token.content for token in backend.get_added_tokens_decoder().values()}
         named = [special_tokens.get(name) for name in SPECIAL_TOKEN_NAMES]
         backend.add_special_tokens(
@@ -102,6 +104,13 @@ class Tokenizer:
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.model_max_length = model_max_length
         self.tokenizer_config = dict(tokenizer_config or {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **overrides) -> Tokenizer:
@@ -156,9 +165,11 @@ class Tokenizer:
         folder = paths.as_path(save_directory)
         if paths.is_file(folder):
             raise ValueError(f"save_directory {folder} is a file; pass a folder")
-        self._backend.no_truncation()  # __call__ leaves its last truncation setting on the backend
+        with self._lock:
+            self._backend.no_truncation()  # __call__ leaves its last truncation setting on the backend
+            pipeline_json = self._backend.to_str(pretty=True)  # the bytes Backend.save writes
         pipeline, config = folder / "tokenizer.json", folder / "tokenizer_config.json"
-        storage.write_text(self._backend.to_str(pretty=True), pipeline)  # the bytes Backend.save writes
+        storage.write_text(pipeline_json, pipeline)
         storage.write_json(self._config_to_save(), config)
         return str(pipeline), str(config)
 
@@ -246,11 +257,12 @@ class Tokenizer:
         if (truncation or padding == "max_length") and max_length is None:
             raise ValueError("max_length is required for truncation=True and padding='max_length' "
                              "(this tokenizer has no model_max_length)")
-        if truncation:
-            self._backend.enable_truncation(max_length)
-        else:
-            self._backend.no_truncation()
-        encodings = self._backend.encode_batch(batch, add_special_tokens=add_special_tokens)
+        with self._lock:  # the truncation setting lives on the backend, which other threads may share
+            if truncation:
+                self._backend.enable_truncation(max_length)
+            else:
+                self._backend.no_truncation()
+            encodings = self._backend.encode_batch(batch, add_special_tokens=add_special_tokens)
         ids = [encoding.ids for encoding in encodings]
 
         if padding in (False, "do_not_pad"):

@@ -326,3 +326,25 @@ def test_no_model_max_length_means_max_length_is_required(wordpiece_dir, tmp_pat
         ours(["hello"], truncation=True)
     with pytest.raises(ValueError, match="max_length is required"):
         ours(["hello"], padding="max_length")
+
+
+def test_threads_sharing_a_tokenizer_each_get_their_own_truncation(minilm_dir):
+    """Sources truncated and targets not, from threads at once (grain tokenizes in threads): the truncation one call
+    asks for is never another's."""
+    import copy
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokenizer = Tokenizer.from_pretrained(minilm_dir)
+    text = " ".join(["the"] * 300)
+
+    def call(i):
+        if i % 2:
+            return len(tokenizer([text], max_length=16, truncation=True)["input_ids"][0]) == 16
+        return len(tokenizer([text])["input_ids"][0]) == 302
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(call, range(400)))
+    for other in (copy.deepcopy(tokenizer), pickle.loads(pickle.dumps(tokenizer))):
+        np.testing.assert_array_equal(other([text], max_length=16, truncation=True)["input_ids"],
+                                      tokenizer([text], max_length=16, truncation=True)["input_ids"])

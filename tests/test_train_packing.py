@@ -76,6 +76,19 @@ def test_rows_hold_whole_examples_each_once_per_epoch(corpus):
     assert 0 < token_efficiency(batch) <= 1
 
 
+def test_sources_and_targets_longer_than_a_row_are_cut_to_it(corpus):
+    """Examples longer than the rows (each target tokenized untruncated while sources are truncated, by grain's
+    threads on one shared tokenizer) are cut to max_source_length / max_target_length, as unpacked rows are."""
+    pairs, encoder = corpus
+    long = [(" ".join([source] * 12), " ".join([target] * 12)) for source, target in pairs]
+    packed = PackedLoader(long, encoder, GLOBAL_BATCH, seed=7)
+    for _ in range(2 * len(long) // GLOBAL_BATCH):
+        batch = next(packed)
+        assert batch["input_ids"].shape == (GLOBAL_BATCH, 48) and batch["labels"].shape == (GLOBAL_BATCH, 16)
+        assert (batch["encoder_segment_ids"].max(axis=1) == 1).all()  # one example per row: each fills it
+        assert (batch["attention_mask"] == 1).all() and (batch["labels"] != -100).all()
+
+
 def test_two_processes_see_the_global_batches_of_one(corpus):
     one, halves = loader(corpus), [loader(corpus, i, 2) for i in range(2)]
     for _ in range(6):  # past an epoch boundary: 24 examples, 2-5 per row
