@@ -46,7 +46,8 @@ def test_run_writes_metrics_plots_and_models(finished):
     train_rows = [r for r in rows if "train/loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert all(r["train/tokens_per_s"] > 0 and r["train/step_time"] > 0 for r in train_rows)
+    assert all(r["train/tokens_per_s"] > 0 and r["train/step_time"] > 0 and r["train/data_time"] >= 0
+               for r in train_rows)
     assert [r["step"] for r in eval_rows] == [2, 4]
     assert all({"eval/rouge1", "eval/rouge2", "eval/rougeL"} <= set(r) for r in eval_rows)
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 1000  # the test extra installs both writers

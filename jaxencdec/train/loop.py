@@ -355,14 +355,14 @@ class Trainer:
             bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
         self._bar = bar
         window: list[dict] = []
-        pending = None  # (step, metrics) of the last dispatched step, read one step later
+        pending = None  # (step, metrics, data seconds) of the last dispatched step, read one step later
         last_time = time.perf_counter()
         last_eval: dict[str, Any] = self.metrics.last_eval(start)  # a resumed run's last eval so far
 
         def consume(item):
             nonlocal last_time
-            step_no, metrics = item
-            host = jax.device_get(metrics)
+            step_no, metrics, data_time = item
+            host = {**jax.device_get(metrics), "data_time": data_time}
             if not host["finite"]:
                 raise TrainingDivergedError(self.checkpoints.divergence_message(
                     f"loss is {float(host['loss'])} (grad norm {float(host['grad_norm'])}) at step {step_no}: "
@@ -377,6 +377,7 @@ class Trainer:
                 row["step_time"] = elapsed / len(window)
                 row["tokens_per_s"] = tok / max(elapsed, 1e-9)
                 row["token_efficiency"] = tok / sum(float(w["slots"]) for w in window)
+                row["data_time"] = float(np.mean([w["data_time"] for w in window]))
                 window.clear()
                 self.metrics.write(step_no, {f"train/{k}": v for k, v in row.items()})
                 if bar is not None:
@@ -390,11 +391,14 @@ class Trainer:
         with StopSignals() as stop:
             try:
                 for step_no in range(start + 1, total + 1):
+                    data_start = time.perf_counter()
                     local = next(self.loader)
+                    batch = self.device_batch(local)
+                    data_time = time.perf_counter() - data_start  # the host's reading and placing of the batch
                     if step_no == start + 1:
                         self.info("compiling the train step...")
                         compile_start = time.perf_counter()
-                    self.state, metrics = self.train_step(self.state, self.device_batch(local))
+                    self.state, metrics = self.train_step(self.state, batch)
                     if step_no == start + 1:  # jit compiles before it dispatches: the call's time is the compile's
                         self.info(f"train step compiled in {time.perf_counter() - compile_start:.1f} s")
                         self.info(f"token efficiency: {token_efficiency(local):.1%} of this process's token slots "
@@ -403,7 +407,7 @@ class Trainer:
                         last_time = time.perf_counter()
                     if pending is not None:
                         consume(pending)
-                    pending = (step_no, metrics)
+                    pending = (step_no, metrics, data_time)
                     if bar is not None:
                         bar.update(1)
                     is_last = step_no == total
