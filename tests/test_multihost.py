@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (jax.distributed, CPU collectives, 4 devices each) train 5 steps on a
 data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8 devices; with packed rows, a
-run checkpointed on two processes resumes on one and ends where the uninterrupted runs end."""
+run checkpointed on two processes resumes on one and ends where the uninterrupted runs end; a checkpoint on a bucket
+that one process cannot read is skipped by both."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 
 import testing
 
@@ -95,14 +97,27 @@ checkpoints.RunCheckpoints._read = _damaged_step_4
 '''
 
 
+def _bucket_params(run_url):
+    from flax import traverse_util
+
+    from jaxencdec import paths
+    from jaxencdec.checkpoint.formats import read_msgpack
+
+    return traverse_util.flatten_dict(read_msgpack(paths.as_path(f"{run_url}/final_model/flax_model.msgpack")),
+                                      sep="/")
+
+
 @pytest.mark.slow
-def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path):
-    """Checkpoint 4 is damaged for process 1 alone: both restore step 2 (one decision for all), process 0 moves
-    step 4 aside, and together they end where the uninterrupted run ended."""
+def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_path, gcs_emulator,  # noqa: F811
+                                                                          gcs_bucket):
+    """A run on a bucket whose checkpoint 4 is damaged for process 1 alone: both restore step 2 (one decision for
+    all), process 0 moves step 4 aside, and together they end where the uninterrupted run ended."""
     config = _config(tmp_path, "run", train={"num_steps": 4, "dropout": True}, checkpoint={"every": 2, "keep": 2})
+    run = f"{gcs_bucket}/two-process-damage"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "output_dir": run}))
     env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4")
     testing.finish_workers(testing.start_train_workers(config, 2, env))
-    uninterrupted = testing.final_params(str(tmp_path / "run"))
+    uninterrupted = _bucket_params(run)
 
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -116,6 +131,7 @@ def test_a_checkpoint_one_process_cannot_read_is_skipped_by_every_process(tmp_pa
     assert "checkpoint step 4 in" in err and "cannot be restored (another process could not read it)" \
         in err, err[-3000:]
     assert "resumed from checkpoint step 2" in out, out[-3000:]
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4", "4.corrupt-1"]
-    got = testing.final_params(str(tmp_path / "run"))
+    steps = {name.split("/")[2] for name in gcs_emulator.object_names(gcs_bucket, "two-process-damage/checkpoints/")}
+    assert steps == {"2", "4", "4.corrupt-1"}
+    got = _bucket_params(run)
     assert all(np.array_equal(got[k], uninterrupted[k]) for k in uninterrupted)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -259,7 +260,8 @@ def test_a_store_failing_for_a_while_on_restore_is_retried_and_moves_nothing(tmp
                                                                              gcs_bucket):
     """The bucket answers 503 to the first reads of the newest checkpoint when a finished run is rerun: the reads
     are tried again (here by the storage clients themselves; the errors that outlast their retries are jaxencdec's
-    to retry, test_train_reliability.py), that checkpoint is restored, and nothing is moved aside."""
+    to retry, test_train_reliability.py), that checkpoint is restored, and nothing is moved aside. Then its array
+    data is deleted: the next rerun warns, moves it aside and resumes from the one before."""
     prefix = "flaky-run"
     config = testing.tiny_run_config(str(tmp_path / "shared"), train={"num_steps": 4},
                                      checkpoint={"every": 2, "keep": 2})
@@ -278,3 +280,13 @@ def test_a_store_failing_for_a_while_on_restore_is_retried_and_moves_nothing(tmp
     assert "resumed from checkpoint step 4" in again.stdout, again.stdout[-2000:]
     names = gcs_emulator.object_names(gcs_bucket, f"{prefix}/checkpoints/")
     assert {n.split("/")[2] for n in names} == {"2", "4"}, names  # nothing moved aside
+
+    # and truly damaged: step 4's array data gone, a rerun warns, moves it aside and resumes from step 2
+    fs = fsspec.filesystem("gs")
+    fs.rm([f"{gcs_bucket}/{n}" for n in names if n.startswith(f"{prefix}/checkpoints/4/state/") and "ocdbt" in n])
+    damaged = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert damaged.returncode == 0, damaged.stderr[-3000:]
+    assert f"checkpoint step 4 in {gcs_bucket}/{prefix}/checkpoints cannot be restored (" in damaged.stderr
+    assert "resumed from checkpoint step 2" in damaged.stdout, damaged.stdout[-2000:]
+    names = gcs_emulator.object_names(gcs_bucket, f"{prefix}/checkpoints/")
+    assert {n.split("/")[2] for n in names} == {"2", "4", "4.corrupt-1"}, names  # step 4 trained and saved again
