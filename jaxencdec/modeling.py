@@ -22,7 +22,7 @@ from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
 from jaxencdec.errors import ConfigError
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
-from jaxencdec.inputs import check_pair_shapes, mask_or_ones, validate_labels, validate_token_ids
+from jaxencdec.inputs import check_pair_shapes, mask_or_ones, traced, validate_labels, validate_token_ids
 from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
@@ -276,12 +276,13 @@ class EncoderDecoderModel:
                              f"[batch, src_len] = {hidden.shape[:2]}: it masks their source positions")
         return hidden, mask_or_ones(attention_mask, np.zeros(hidden.shape[:2], np.int32), mask_name)
 
-    def _decoder_inputs_from_labels(self, labels: np.ndarray) -> np.ndarray:
+    def _decoder_inputs_from_labels(self, labels):
         """int32 ``[batch, tgt_len]``: ``labels`` shifted right behind ``decoder_start_token_id``, -100 -> pad."""
         for name in ("decoder_start_token_id", "pad_token_id"):
             if getattr(self.config, name) is None:
                 raise ConfigError(f"config.{name} must be set to build decoder inputs from labels")
-        shifted = np.asarray(shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id))
+        shifted = shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+        shifted = shifted if traced(shifted) else np.asarray(shifted)
         dec = self.config.decoder_spec
         return validate_token_ids(shifted, dec.vocab_size, dec.max_length,
                                   "decoder_input_ids (built from labels with config.decoder_start_token_id)")
