@@ -63,3 +63,17 @@ def test_the_readme_loop_on_a_2x2_mesh_gives_the_one_device_losses(one_device):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mesh"] == {"data": 2, "fsdp": 1, "model": 2}
     np.testing.assert_allclose(result["losses"], one_device["losses"], rtol=1e-5)
+
+
+def test_encode_and_decode_run_in_jit_and_grad_as_outside(one_device):
+    model, batch = one_device["model"], one_device["batch"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    decoder_ids = model._decoder_inputs_from_labels(batch["labels"])
+
+    def logits(params, ids, mask, decoder_ids):
+        return model.decode(decoder_ids, model.encode(ids, mask, params=params), mask, params=params).logits
+
+    np.testing.assert_allclose(np.asarray(jax.jit(logits)(model.params, ids, mask, decoder_ids)),
+                               np.asarray(logits(model.params, ids, mask, decoder_ids)), atol=1e-5, rtol=0)
+    grads = jax.grad(lambda p: logits(p, ids, mask, decoder_ids).sum())(model.params)
+    assert jax.tree.structure(grads) == jax.tree.structure(model.params)
