@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
 from jaxencdec.errors import ConfigError, require
-from jaxencdec.fields import check_types, frozen, replace as replace_fields, to_json, unknown_names
+from jaxencdec.fields import assigned_through_replace, check_types, frozen, replace as replace_fields, to_json, unknown_names
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 
@@ -47,6 +47,7 @@ def _replace(config, changes: Mapping[str, Any], hint: str = ""):
     return replace_fields(config, changes, RUNTIME_FLAGS)
 
 
+@assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class HFConfig:
     """Fields every Hugging Face ``PretrainedConfig`` has, and the ``config.json`` round trip."""
@@ -108,6 +109,7 @@ class HFConfig:
         raise NotImplementedError
 
 
+@assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class BertConfig(HFConfig):
     """Hugging Face ``BertConfig``."""
@@ -158,6 +160,7 @@ class BertConfig(HFConfig):
         )
 
 
+@assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class RobertaConfig(BertConfig):
     """Hugging Face ``RobertaConfig``: BERT with positions counted from ``pad_token_id + 1``."""
@@ -169,6 +172,7 @@ class RobertaConfig(BertConfig):
     eos_token_id: int | list[int] | None = 2
 
 
+@assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class GPT2Config(HFConfig):
     """Hugging Face ``GPT2Config``."""
@@ -212,6 +216,7 @@ class GPT2Config(HFConfig):
         )
 
 
+@assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class BartConfig(HFConfig):
     """Hugging Face ``BartConfig``; its encoder half serves as an encoder, its decoder half as a decoder."""
@@ -264,6 +269,7 @@ ARCHITECTURES: dict[str, type[HFConfig]] = {
 }
 
 
+@assigned_through_replace("model.config")
 @dataclass(frozen=True)
 class EncoderDecoderConfig:
     """Hugging Face ``EncoderDecoderConfig``: an encoder config, a decoder config and the shared token ids.

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["field_types", "has_type", "type_name", "wrong_type", "check_types", "unknown_names", "replace", "frozen",
-           "to_json"]
+           "to_json", "assigned_through_replace"]
 
 
 @functools.cache
@@ -118,3 +118,21 @@ def to_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_json(item) for item in value]
     return value
+
+
+def assigned_through_replace(holder: str) -> Callable[[type], type]:
+    """A class decorator for a frozen dataclass (placed above ``@dataclass``): assigning a field raises
+    ``dataclasses.FrozenInstanceError`` with the fix, ``<holder> = <holder>.replace(field=value)``, where
+    transformers' mutable configs would take the assignment."""
+
+    def refuse(self, name: str, value: Any) -> None:
+        kind = type(self).__name__
+        raise dataclasses.FrozenInstanceError(
+            f"cannot assign {kind}.{name}: jaxencdec's configs are frozen (hashable, so that jitted functions can take "
+            f"them as static arguments); use a changed copy: {holder} = {holder}.replace({name}={value!r})")
+
+    def decorate(cls: type) -> type:
+        cls.__setattr__ = refuse
+        return cls
+
+    return decorate

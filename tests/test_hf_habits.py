@@ -425,3 +425,34 @@ def test_version_from_package_metadata_and_on_the_command_line(capsys):
         cli.main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.strip() == f"jaxencdec {jaxencdec.__version__}"
+
+
+def test_assigning_a_config_field_names_the_replace_that_works_and_generate_reads_the_replaced_config():
+    """transformers' configs take `model.config.x = v`; ours are frozen (static jit arguments): the error gives the
+    line that works, and a model config replaced after loading is what generate reads (its token ids fill what
+    the generation config leaves unset, as transformers builds its defaults from the model's config)."""
+    import dataclasses
+
+    from jaxencdec.config import BertConfig, EncoderDecoderConfig
+
+    bert = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=20, max_position_embeddings=32)
+    model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert, pad_token_id=PAD,
+                                                                                  eos_token_id=EOS), seed=0)
+    with pytest.raises(dataclasses.FrozenInstanceError,
+                       match=r"model.generation_config = model.generation_config.replace\(num_beams=4\)"):
+        model.generation_config.num_beams = 4
+    with pytest.raises(dataclasses.FrozenInstanceError,
+                       match=r"model.config = model.config.replace\(decoder_start_token_id=1\)"):
+        model.config.decoder_start_token_id = 1
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"encoder_config.replace\(hidden_size=8\)"):
+        bert.hidden_size = 8
+    ids = np.array([[1, 5, 6, EOS]], np.int32)
+    start = 7
+    with pytest.raises(GenerationConfigError, match="decoder_start_token_id"):
+        model.generate(ids, max_new_tokens=3)
+    model.config = model.config.replace(decoder_start_token_id=start)
+    started = np.asarray(model.generate(ids, max_new_tokens=3))
+    np.testing.assert_array_equal(started, np.asarray(model.generate(ids, max_new_tokens=3,
+                                                                     decoder_start_token_id=start)))
+    assert started[0, 0] == start

@@ -269,6 +269,19 @@ def check_against_model(config: GenerationConfig, model_config: EncoderDecoderCo
                       UserWarning, stacklevel=3)
 
 
+# The token ids a model's config holds for generation.
+MODEL_CONFIG_TOKENS = ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+
+
+def model_defaults(model) -> GenerationConfig:
+    """``model.generation_config``, the ``MODEL_CONFIG_TOKENS`` it leaves unset taken from ``model.config`` as it
+    is now: a config replaced after loading (``model.config = model.config.replace(decoder_start_token_id=101)``)
+    counts, as transformers' generate reads the token ids of the model's config."""
+    unset = {name: getattr(model.config, name) for name in MODEL_CONFIG_TOKENS
+             if getattr(model.generation_config, name) is None and getattr(model.config, name) is not None}
+    return model.generation_config.replace(**unset) if unset else model.generation_config
+
+
 def merge_config(model_default: GenerationConfig, generation_config: GenerationConfig | None,
                  kwargs: dict[str, Any]) -> GenerationConfig:
     """transformers' precedence: keyword arguments > ``generation_config`` > the model's ``generation_config``."""
@@ -341,7 +354,7 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
     on the host side of JAX: under ``jax.jit`` / ``vmap`` it is a TypeError; jit ``make_generate_fn`` instead.
     """
     _refuse_tracers(input_ids=input_ids, attention_mask=attention_mask, prng_key=prng_key, params=params, **kwargs)
-    config = merge_config(model.generation_config, generation_config, kwargs).resolve()
+    config = merge_config(model_defaults(model), generation_config, kwargs).resolve()
     check_against_model(config, model.config)
     spec = model.config.encoder_spec
     ids = validate_token_ids(input_ids, spec.vocab_size, spec.max_length, "input_ids")

@@ -46,6 +46,7 @@ def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
+@fields.assigned_through_replace("model.generation_config")
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to generate; every field means what it means in transformers' ``GenerationConfig``.

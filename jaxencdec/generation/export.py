@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxencdec import storage
 from jaxencdec.checkpoint.weights import find_weights
-from jaxencdec.generation.api import check_against_model, make_generate_fn, merge_config
+from jaxencdec.generation.api import check_against_model, make_generate_fn, merge_config, model_defaults
 from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.generation.serving import (EXPORTED_NAME, FORMAT, FORMAT_VERSION, KEY_IMPL, KEY_SHAPE,
                                           MANIFEST_NAME)
@@ -58,7 +58,7 @@ def export_generate(model, generation_config: GenerationConfig | None = None, *,
     as in ``make_generate_fn`` (the generation config, ``max_length``, the beams, the dtypes). The program runs on
     one device; its parameters are not sharded.
     """
-    config = merge_config(model.generation_config, generation_config, kwargs).resolve()
+    config = merge_config(model_defaults(model), generation_config, kwargs).resolve()
     check_against_model(config, model.config)
     if config.return_dict_in_generate:
         raise GenerationConfigError("export_generate returns sequences only: set return_dict_in_generate=False")
