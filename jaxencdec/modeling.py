@@ -204,7 +204,8 @@ class EncoderDecoderModel:
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  labels=None, *, encoder_outputs=None, output_attentions: bool = False,
                  output_hidden_states: bool = False, params: Params | None = None,
-                 dropout_rng: jax.Array | None = None, train: bool = False) -> Seq2SeqOutput:
+                 dropout_rng: jax.Array | None = None, train: bool = False,
+                 return_dict: bool = True) -> Seq2SeqOutput | tuple:
         """Teacher-forced forward pass, as transformers' ``EncoderDecoderModel.forward``.
 
         With ``labels`` and no ``decoder_input_ids``, the decoder inputs are the labels shifted right with
@@ -221,7 +222,8 @@ class EncoderDecoderModel:
         attention dropout) and ``encoder_hidden_states``, ``decoder_hidden_states`` (layers + 1 arrays: the
         embeddings, then each layer's output), as transformers returns them; with ``encoder_outputs`` the encoder
         fields are those it carries.
-        Returns ``Seq2SeqOutput(logits [batch, tgt_len, vocab], encoder_last_hidden_state, loss, ...)``.
+        Returns ``Seq2SeqOutput(logits [batch, tgt_len, vocab], encoder_last_hidden_state, loss, ...)``; with
+        ``return_dict=False`` its set fields as a tuple in transformers' order (``loss`` first when computed).
         """
         enc, dec = self.config.encoder_spec, self.config.decoder_spec
         encoder_hidden = None
@@ -257,11 +259,18 @@ class EncoderDecoderModel:
         if isinstance(encoder_outputs, EncoderOutput):  # as transformers: the encoder fields it was given
             out = out.replace(encoder_hidden_states=encoder_outputs.hidden_states,
                               encoder_attentions=encoder_outputs.attentions)
-        return out
+        return out if return_dict else out.to_tuple()
 
     def _encoder_states(self, encoder_outputs, attention_mask, mask_name: str) -> tuple[Any, np.ndarray]:
         """The encoder's last hidden state ``[batch, src_len, D_enc]`` held by ``encoder_outputs`` (an
-        ``EncoderOutput``, a tuple whose first element it is, or the array), checked, and its int32 mask."""
+        ``EncoderOutput``, a mapping with ``"last_hidden_state"`` as transformers' ``BaseModelOutput``, a tuple
+        whose first element it is, or the array), checked, and its int32 mask."""
+        if isinstance(encoder_outputs, Mapping):
+            if "last_hidden_state" not in encoder_outputs:
+                raise ValueError(f"encoder_outputs is a mapping without 'last_hidden_state' (it has "
+                                 f"{', '.join(map(repr, encoder_outputs)) or 'no keys'}): pass model.encode(...)'s "
+                                 f"output or {{'last_hidden_state': states}}")
+            encoder_outputs = encoder_outputs["last_hidden_state"]
         hidden = (encoder_outputs.last_hidden_state if isinstance(encoder_outputs, EncoderOutput)
                   else encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs)
         hidden = hidden if isinstance(hidden, (jax.Array, np.ndarray)) else np.asarray(hidden)

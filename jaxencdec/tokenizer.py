@@ -206,6 +206,26 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
+    def __len__(self) -> int:
+        """``vocab_size``, as ``len(tokenizer)`` counts in transformers."""
+        return self.vocab_size
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """The token of each id (transformers' name); one id gives one token."""
+        if isinstance(ids, (int, np.integer)):
+            return self._backend.id_to_token(int(ids))
+        special = set()
+        if skip_special_tokens:
+            tokens = [*self._special_tokens.values(), *self.additional_special_tokens]
+            special = {self._backend.token_to_id(t) for t in tokens if t is not None}
+        return [self._backend.id_to_token(int(i)) for i in ids if int(i) not in special]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of each token (transformers' name); one token gives one id."""
+        if isinstance(tokens, str):
+            return self._backend.token_to_id(tokens)
+        return [self._backend.token_to_id(t) for t in tokens]
+
     def _special_id(self, name: str) -> int | None:
         token = self._special_tokens[name]
         return None if token is None else self._backend.token_to_id(token)
@@ -228,8 +248,10 @@ class Tokenizer:
         padding: bool | str = "longest",
         add_special_tokens: bool = True,
         return_tensors: str | None = None,
+        text_target: str | Sequence[str] | None = None,
     ) -> dict:
-        """Encode one text or a batch of texts.
+        """Encode one text or a batch of texts; with ``text_target`` also the targets, as ``labels`` encoded the
+        same way (transformers' seq2seq habit; pad ids stay pad ids, as there).
 
         Args:
             texts: a string (treated as a batch of one) or a sequence of strings.
@@ -245,8 +267,14 @@ class Tokenizer:
 
         Returns:
             ``{"input_ids", "attention_mask"}``: arrays of shape ``[batch, length]`` (attention_mask is 1 on
-            tokens, 0 on padding); without padding and tensor type, lists of ``batch`` int lists.
+            tokens, 0 on padding); without padding and tensor type, lists of ``batch`` int lists. With
+            ``text_target`` also ``"labels"``: the targets' ids, padded and truncated the same way.
         """
+        if text_target is not None:
+            encoded = self(texts, max_length, truncation, padding, add_special_tokens, return_tensors)
+            encoded["labels"] = self(text_target, max_length, truncation, padding, add_special_tokens,
+                                     return_tensors)["input_ids"]
+            return encoded
         if return_tensors not in RETURN_TENSORS:
             hint = " (PyTorch tensors: jaxencdec models take numpy or JAX arrays)" if return_tensors == "pt" else ""
             raise ValueError(f"return_tensors={return_tensors!r} is not supported{hint}; use 'np' (numpy int64, as "

@@ -456,3 +456,43 @@ def test_assigning_a_config_field_names_the_replace_that_works_and_generate_read
     np.testing.assert_array_equal(started, np.asarray(model.generate(ids, max_new_tokens=3,
                                                                      decoder_start_token_id=start)))
     assert started[0, 0] == start
+
+
+def test_return_dict_false_and_encoder_outputs_as_a_mapping_as_transformers():
+    """``return_dict=False`` gives the set fields as a tuple in transformers' order (loss first);
+    ``encoder_outputs={"last_hidden_state": states}`` (what a ``BaseModelOutput`` is) skips the encoder as an
+    ``EncoderOutput`` does."""
+    from jaxencdec.config import BertConfig, EncoderDecoderConfig
+
+    bert = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=20, max_position_embeddings=32)
+    model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(
+        bert, bert, decoder_start_token_id=1, pad_token_id=PAD, eos_token_id=EOS), seed=0)
+    ids, mask, labels = batch(3)
+    out = model(ids, mask, labels=labels)
+    as_tuple = model(ids, mask, labels=labels, return_dict=False)
+    assert len(as_tuple) == 3
+    for got, want in zip(as_tuple, (out.loss, out.logits, out.encoder_last_hidden_state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    encoded = model.encode(ids, mask)
+    via_mapping = model(attention_mask=mask, labels=labels, encoder_outputs={"last_hidden_state":
+                                                                              encoded.last_hidden_state})
+    np.testing.assert_array_equal(np.asarray(via_mapping.logits),
+                                  np.asarray(model(attention_mask=mask, labels=labels, encoder_outputs=encoded).logits))
+    with pytest.raises(ValueError, match="encoder_outputs is a mapping without 'last_hidden_state'"):
+        model(attention_mask=mask, labels=labels, encoder_outputs={"hidden": encoded.last_hidden_state})
+
+
+def test_generation_config_keeps_keys_it_does_not_model_as_transformers(tmp_path):
+    """``GenerationConfig(typical_p=0.9, my_key=1)`` constructs, as in transformers, which keeps both; the option
+    jaxencdec does not implement is refused when generating, and both go to generation_config.json and back."""
+    theirs = transformers.GenerationConfig(typical_p=0.9, my_key=1)
+    ours = GenerationConfig(typical_p=0.9, my_key=1, num_beams=2)
+    assert (theirs.typical_p, theirs.my_key) == (0.9, 1) and dict(ours.extra) == {"typical_p": 0.9, "my_key": 1}
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (saved["typical_p"], saved["my_key"], saved["num_beams"]) == (0.9, 1, 2)
+    assert dict(GenerationConfig.from_pretrained(tmp_path).extra) == {"typical_p": 0.9, "my_key": 1}
+    with pytest.raises(GenerationConfigError, match=r"does not implement .*typical_p=0.9"):
+        ours.replace(decoder_start_token_id=1).resolve()
+    assert GenerationConfig(typical_p=1.0, decoder_start_token_id=1).resolve().max_new_tokens == 20  # neutral

@@ -348,3 +348,28 @@ def test_threads_sharing_a_tokenizer_each_get_their_own_truncation(minilm_dir):
     for other in (copy.deepcopy(tokenizer), pickle.loads(pickle.dumps(tokenizer))):
         np.testing.assert_array_equal(other([text], max_length=16, truncation=True)["input_ids"],
                                       tokenizer([text], max_length=16, truncation=True)["input_ids"])
+
+
+def test_seq2seq_habits_match_transformers(pair):
+    """``text_target``, ``len``, ``convert_ids_to_tokens`` / ``convert_tokens_to_ids`` as transformers has them."""
+    ours, ref = pair
+    sources, targets = ["Hello world, this is a test.", "Short one"], ["A title", "Another, longer title here"]
+    got = ours(sources, text_target=targets, max_length=8, truncation=True, padding="max_length",
+               return_tensors="np")
+    want = ref(sources, text_target=targets, max_length=8, truncation=True, padding="max_length",
+               return_tensors="np")
+    assert set(got) == {"input_ids", "attention_mask", "labels"}
+    for key in ("input_ids", "attention_mask", "labels"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert len(ours) == len(ref)
+    ids = [int(i) for i in want["input_ids"][0]]
+    assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
+    ours_special = {ours.token_to_id(t) for t in ours.convert_ids_to_tokens(ids)} - {
+        ours.token_to_id(t) for t in ours.convert_ids_to_tokens(ids, skip_special_tokens=True)}
+    if ours_special <= set(ref.all_special_ids):  # (built from a bare tokenizer.json, the reference knows fewer)
+        assert ours.convert_ids_to_tokens(ids, skip_special_tokens=True) == \
+            ref.convert_ids_to_tokens(ids, skip_special_tokens=True)
+    assert ours.convert_ids_to_tokens(ids[1]) == ref.convert_ids_to_tokens(ids[1])
+    tokens = ref.convert_ids_to_tokens(ids)
+    assert ours.convert_tokens_to_ids(tokens) == ref.convert_tokens_to_ids(tokens)
+    assert ours.convert_tokens_to_ids(tokens[1]) == ref.convert_tokens_to_ids(tokens[1])

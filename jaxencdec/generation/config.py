@@ -327,3 +327,18 @@ class GenerationConfig:
 
         return cls(decoder_start_token_id=pick("decoder_start_token_id"), pad_token_id=pick("pad_token_id"),
                    eos_token_id=pick("eos_token_id"), bos_token_id=config.decoder.bos_token_id)
+
+
+_DATACLASS_INIT = GenerationConfig.__init__
+
+
+def _init_keeping_other_keys(self, *args, extra: Mapping[str, Any] | None = None, **kwargs) -> None:
+    """``GenerationConfig(**kwargs)``: as transformers' constructor, keyword arguments that are no field (an option
+    jaxencdec does not implement, such as ``typical_p``, or a key of the user's own) are kept in ``extra``, written
+    back to ``generation_config.json``; ``resolve`` refuses those of ``NOT_IMPLEMENTED`` unless neutral."""
+    others = {name: kwargs.pop(name) for name in list(kwargs) if name not in _FIELD_NAMES}
+    _DATACLASS_INIT(self, *args, extra={**(extra or {}), **others}, **kwargs)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
+GenerationConfig.__init__ = _init_keeping_other_keys

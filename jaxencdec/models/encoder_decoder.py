@@ -93,6 +93,14 @@ class Seq2SeqOutput:
     decoder_attentions: Layers | None = None  # decoder layers x [batch, heads, tgt_len, tgt_len]
     cross_attentions: Layers | None = None  # decoder layers x [batch, heads, tgt_len, src_len]
 
+    # transformers' Seq2SeqLMOutput order (its past_key_values: none here)
+    TUPLE_ORDER = ("loss", "logits", "decoder_hidden_states", "decoder_attentions", "cross_attentions",
+                   "encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions")
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, in transformers' order: what its ``return_dict=False`` returns."""
+        return tuple(getattr(self, name) for name in self.TUPLE_ORDER if getattr(self, name) is not None)
+
 
 class EncoderDecoderModule(nn.Module):
     """Encoder + cross-attending decoder. Methods: ``encode``, ``cross_kv``, ``decode``, ``decode_states``,
