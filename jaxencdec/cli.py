@@ -290,6 +290,24 @@ def _mebibytes(path: str) -> str:
     return f"{paths.size(path) / 2**20:.2f} MiB"
 
 
+def _export_tokenizers(model: str, out: str) -> str:
+    """Writes the model folder's tokenizer (and its ``decoder_tokenizer/``) into the served folder, so that a
+    server turns text into ids from that folder alone; says what it wrote."""
+    from jaxencdec import paths
+    from jaxencdec.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_pretrained(model)
+    except FileNotFoundError:
+        return f"none in {model}: the server needs one of its own"
+    tokenizer.save_pretrained(out)
+    decoder = os.path.join(model, "decoder_tokenizer")
+    if paths.is_dir(decoder):
+        Tokenizer.from_pretrained(decoder).save_pretrained(os.path.join(out, "decoder_tokenizer"))
+        return "tokenizer.json, decoder_tokenizer/tokenizer.json (Tokenizer.from_pretrained(OUT))"
+    return "tokenizer.json (Tokenizer.from_pretrained(OUT))"
+
+
 def _signature(manifest: dict) -> str:
     """``input_ids int32[batch, source_length], ... -> int32[batch, 65]; ...`` from the export's manifest."""
     def typed(spec):
@@ -320,6 +338,7 @@ def cmd_export(args) -> int:
     manifest = storage.read_json(os.path.join(args.out, MANIFEST_NAME))
     print(f"weights: {manifest['weights_file']} {_mebibytes(os.path.join(args.out, manifest['weights_file']))}")
     print(f"platforms: {', '.join(exported.platforms)}")
+    print(f"tokenizer: {_export_tokenizers(args.model, args.out)}")
     print(f"signature: {_signature(manifest)}")
     platform = jax.export.default_export_platform()
     if platform not in exported.platforms:

@@ -18,7 +18,7 @@ import pytest
 import testing
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
 from hf_reference import batch, hf_encoder_decoder
-from jaxencdec import EncoderDecoderModel, GenerationConfigError, paths
+from jaxencdec import EncoderDecoderModel, GenerationConfigError, Tokenizer, paths
 from jaxencdec.generation.api import make_generate_fn
 from jaxencdec.generation.export import export_generate
 from jaxencdec.generation.serving import EXPORTED_NAME, MANIFEST_NAME, load_generate
@@ -205,9 +205,13 @@ def test_bad_use_is_a_clear_error(exported, tmp_path):
                                   sampling(ids, mask, jax.random.key_data(jax.random.key(SEED))))
 
 
-def test_cli_export_prints_size_platforms_and_load_time(hf_folders, tmp_path):
+def test_cli_export_prints_size_platforms_and_load_time(hf_folders, tmp_path, minilm_path):
+    """... and writes the model's tokenizer beside the program, so that a server needs that folder alone."""
+    model = tmp_path / "model"
+    shutil.copytree(hf_folders["bert2gpt2"], model)
+    Tokenizer.from_pretrained(minilm_path).save_pretrained(model)  # a tokenizer exported with the model
     out = tmp_path / "served"
-    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "export", str(hf_folders["bert2gpt2"]), str(out),
+    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "export", str(model), str(out),
                            "--num-beams", "2", "--max-new-tokens", "3", "--max-source-length", "16"],
                           capture_output=True, text=True, timeout=600, env=_fresh_python_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -220,6 +224,10 @@ def test_cli_export_prints_size_platforms_and_load_time(hf_folders, tmp_path):
     assert re.fullmatch(r"load: \d+\.\d\d s, first call \(cpu, dummy batch of 1 x 1, compiles\): \d+\.\d\d s",
                         lines[-1]), lines
     assert load_generate(out).manifest["generation_config"]["num_beams"] == 2
+    assert "tokenizer: tokenizer.json (Tokenizer.from_pretrained(OUT))" in lines
+    text = "the served tokenizer"
+    np.testing.assert_array_equal(Tokenizer.from_pretrained(out)(text)["input_ids"],
+                                  Tokenizer.from_pretrained(minilm_path)(text)["input_ids"])
 
 
 def test_export_to_the_bucket_and_serve_from_it(hf_folders, gcs_bucket, gcs_emulator):
