@@ -256,23 +256,19 @@ class EncoderDecoderModel:
         out = _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
                        decoder_input_ids, decoder_attention_mask, labels, dropout_rng, not train, encoder_hidden,
                        output_attentions, output_hidden_states)
-        if isinstance(encoder_outputs, EncoderOutput):  # as transformers: the encoder fields it was given
-            out = out.replace(encoder_hidden_states=encoder_outputs.hidden_states,
-                              encoder_attentions=encoder_outputs.attentions)
+        if encoder_outputs is not None:  # as transformers: the encoder fields it was given
+            given = as_encoder_output(encoder_outputs)
+            if isinstance(given, EncoderOutput):
+                out = out.replace(encoder_hidden_states=given.hidden_states, encoder_attentions=given.attentions)
         return out if return_dict else out.to_tuple()
 
     def _encoder_states(self, encoder_outputs, attention_mask, mask_name: str) -> tuple[Any, np.ndarray]:
         """The encoder's last hidden state ``[batch, src_len, D_enc]`` held by ``encoder_outputs`` (an
         ``EncoderOutput``, a mapping with ``"last_hidden_state"`` as transformers' ``BaseModelOutput``, a tuple
         whose first element it is, or the array), checked, and its int32 mask."""
-        if isinstance(encoder_outputs, Mapping):
-            if "last_hidden_state" not in encoder_outputs:
-                raise ValueError(f"encoder_outputs is a mapping without 'last_hidden_state' (it has "
-                                 f"{', '.join(map(repr, encoder_outputs)) or 'no keys'}): pass model.encode(...)'s "
-                                 f"output or {{'last_hidden_state': states}}")
-            encoder_outputs = encoder_outputs["last_hidden_state"]
+        encoder_outputs = as_encoder_output(encoder_outputs)
         hidden = (encoder_outputs.last_hidden_state if isinstance(encoder_outputs, EncoderOutput)
-                  else encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs)
+                  else encoder_outputs)
         hidden = hidden if isinstance(hidden, (jax.Array, np.ndarray)) else np.asarray(hidden)
         width = self.config.encoder.hidden
         if hidden.ndim != 3 or hidden.shape[0] == 0 or hidden.shape[2] != width:
@@ -414,6 +410,26 @@ class EncoderDecoderModel:
         step), else ``batch * num_return_sequences``.
         """
         return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
+
+
+ENCODER_OUTPUT_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
+
+
+def as_encoder_output(encoder_outputs: Any) -> Any:
+    """``encoder_outputs`` as an ``EncoderOutput`` when it is one, a mapping with ``"last_hidden_state"`` (what
+    transformers' ``BaseModelOutput`` is) or a tuple / list of its fields in that order (as transformers reads
+    one); an array stays the array. A mapping without the last hidden state is a ValueError."""
+    if isinstance(encoder_outputs, EncoderOutput):
+        return encoder_outputs
+    if isinstance(encoder_outputs, Mapping):
+        if "last_hidden_state" not in encoder_outputs:
+            raise ValueError(f"encoder_outputs is a mapping without 'last_hidden_state' (it has "
+                             f"{', '.join(map(repr, encoder_outputs)) or 'no keys'}): pass model.encode(...)'s "
+                             f"output or {{'last_hidden_state': states}}")
+        return EncoderOutput(**{k: encoder_outputs.get(k) for k in ENCODER_OUTPUT_FIELDS})
+    if isinstance(encoder_outputs, (tuple, list)):
+        return EncoderOutput(*encoder_outputs[:len(ENCODER_OUTPUT_FIELDS)])
+    return encoder_outputs
 
 
 @partial(jax.jit, static_argnums=(0, 8, 10, 11))

@@ -479,6 +479,13 @@ def test_return_dict_false_and_encoder_outputs_as_a_mapping_as_transformers():
                                                                               encoded.last_hidden_state})
     np.testing.assert_array_equal(np.asarray(via_mapping.logits),
                                   np.asarray(model(attention_mask=mask, labels=labels, encoder_outputs=encoded).logits))
+    recorded = model.encode(ids, mask, output_attentions=True, output_hidden_states=True)
+    for given in ((recorded.last_hidden_state, recorded.hidden_states, recorded.attentions),  # BaseModelOutput(*t)
+                  {"last_hidden_state": recorded.last_hidden_state, "hidden_states": recorded.hidden_states,
+                   "attentions": recorded.attentions}):
+        carried = model(attention_mask=mask, labels=labels, encoder_outputs=given)
+        assert carried.encoder_attentions is recorded.attentions  # the given fields come back, as transformers
+        assert carried.encoder_hidden_states is recorded.hidden_states
     with pytest.raises(ValueError, match="encoder_outputs is a mapping without 'last_hidden_state'"):
         model(attention_mask=mask, labels=labels, encoder_outputs={"hidden": encoded.last_hidden_state})
 
