@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
 
 from jaxencdec.errors import ConfigError, require
-from jaxencdec.fields import assigned_through_replace, check_types, frozen, replace as replace_fields, to_json, unknown_names
+from jaxencdec.fields import (assigned_through_replace, check_types, frozen, replace as replace_fields, to_json,
+                              unknown_names)
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from etils import epath
 
 __all__ = ["SCHEMES", "PathLike", "AnyPath", "StorageError", "is_url", "as_path", "existing_folder", "exists",
-           "is_file", "is_dir", "list_names", "size", "read_bytes", "read_text", "write_bytes", "append_bytes", "remove"]
+           "is_file", "is_dir", "list_names", "size", "read_bytes", "read_text", "write_bytes", "append_bytes",
+           "remove"]
 
 PathLike = str | os.PathLike
 AnyPath = Path | epath.Path  # what as_path returns: pathlib for a local path, epath for a URL

@@ -3,8 +3,9 @@
 Every stage of the default run goes through the same code: the warm start from the packaged MiniLM, the copy
 warm-up run and the title run of the training stack (checkpoints, export), save and reload, beam search with the
 demo's decoding settings for the 100 held-out abstracts, ROUGE beside the lead baseline, and the files and report
-it leaves; ``jaxencdec generate`` on the title model writes the same titles with the decoding it carries. What the full 850 steps reach (ROUGE-L above the lead baseline, distinct titles) takes ~7 minutes on 2
-cores: the README reports it, measured with the command it names, and is not asserted here.
+it leaves; ``jaxencdec generate`` on the title model writes the same titles with the decoding it carries. What the
+full 850 steps reach (ROUGE-L above the lead baseline, distinct titles) takes ~7 minutes on 2 cores: the README
+reports it, measured with the command it names, and is not asserted here.
 """
 
 from __future__ import annotations

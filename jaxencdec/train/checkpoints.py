@@ -1,18 +1,18 @@
 """A run's orbax checkpoints: which are complete, saving one, and choosing, restoring and moving aside on resume.
 
-A checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the run config
-and the global parameter norm of each save. A resume restores the latest complete one (complete as orbax's
-``all_steps`` says: a save cut short is never picked). A read that fails with a storage error that may pass
-(a timeout, a dropped connection, HTTP 429/5xx, tensorstore's UNAVAILABLE / DEADLINE_EXCEEDED, after the storage
-client's own retries) is tried again with a growing wait, and if it keeps failing the resume stops with an
-error naming the checkpoint, having moved nothing. One that fails otherwise (damaged files: truncated or
-missing arrays, bad metadata, another tree) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>``
-(kept for inspection), and the one before it is tried. With several processes each reads on its own and the
-outcome of every try is the worst of all processes' (one that sees damage, or a storage error, decides for all),
-so that every process restores the same step. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved aside to
-``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
-checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A state saved
-in the other layer layout (``model.scan_layers``) is read in its own layout and converted.
+A checkpoint holds the ``TrainState`` (params, optimizer state, step, rng), the data position, the run config and
+the global parameter norm of each save. A resume restores the latest complete one (complete as orbax's
+``all_steps`` says: a save cut short is never picked). A read that fails with a storage error that may pass (a
+timeout, a dropped connection, HTTP 429/5xx, tensorstore's UNAVAILABLE / DEADLINE_EXCEEDED, after the storage
+client's own retries) is tried again with a growing wait, and if it keeps failing the resume stops with an error
+naming the checkpoint, having moved nothing. One that fails otherwise (damaged files: truncated or missing arrays,
+bad metadata, another tree) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>`` (kept for
+inspection), and the one before it is tried. With several processes each reads on its own and the outcome of every
+try is the worst of all processes' (one that sees damage, or a storage error, decides for all), so that every
+process restores the same step. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved
+aside to ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
+checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A state saved in
+the other layer layout (``model.scan_layers``) is read in its own layout and converted.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@ process 0 alone prints, writes metrics and exports models.
 ``output_dir`` and the data files may be bucket URLs (``gs://bucket/run``; see :mod:`jaxencdec.paths` for the
 credentials): orbax writes the checkpoints there through tensorstore, ``final_model``/``best_model`` are uploaded
 with ``config.json`` last, and ``metrics.jsonl``, the TensorBoard events and ``metrics.png`` are written in a
-local temporary folder and uploaded after each metrics row (see ``MetricsWriter``).
+local temporary folder, what they gained appended to the bucket's objects after each metrics row by the metrics
+writer's thread (see ``MetricsWriter``).
 
 SIGTERM (a TPU VM's preemption notice) or Ctrl-C saves a checkpoint at the next step boundary and raises
-``Preempted`` (:mod:`jaxencdec.train.preemption`). Resume: rerunning the same command restores the latest
-complete checkpoint and continues bit-for-bit as if never stopped; which checkpoint is chosen, and what happens
-to damaged or newer ones, is :mod:`jaxencdec.train.checkpoints`'s. The model and tokenizers come from :mod:`jaxencdec.train.model_bundle`.
+``Preempted`` (:mod:`jaxencdec.train.preemption`). Resume: rerunning the same command restores the latest complete
+checkpoint and continues bit-for-bit as if never stopped; which checkpoint is chosen, and what happens to damaged
+or newer ones, is :mod:`jaxencdec.train.checkpoints`'s. The model and tokenizers come from
+:mod:`jaxencdec.train.model_bundle`.
 """
 
 from __future__ import annotations
