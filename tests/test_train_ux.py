@@ -62,7 +62,7 @@ def test_start_up_lines_eval_above_the_bar_and_one_naming_scheme(tmp_path):
     assert isinstance(eval_rows[0]["eval/tokens"], int)
     assert {k for r in rows if "train/loss" in r for k in r} == {
         "step", "train/loss", "train/grad_norm", "train/learning_rate", "train/step_time", "train/tokens_per_s",
-        "train/token_efficiency"}
+        "train/token_efficiency", "train/data_time"}
     # the final JSON's eval is the last one, labelled with its step (4, the run ended at 6)
     assert result["eval"] == eval_rows[0]
     assert result["best"]["metric"] == "eval/bleu" and result["best"]["step"] == 4
