@@ -195,3 +195,43 @@ def test_hugging_face_datasets(tmp_path):
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="bad.parquet: not a Parquet file"):
         pairs(tmp_path / "bad.parquet")
+
+
+class _Counting:
+    """A loader of batches 0, 1, 2, ... whose position is the next batch; batch ``fail_at`` raises."""
+
+    def __init__(self, fail_at=None):
+        self.next_batch, self.fail_at = 0, fail_at
+
+    def __next__(self):
+        if self.next_batch == self.fail_at:
+            raise ValueError(f"batch {self.fail_at} is unreadable")
+        self.next_batch += 1
+        return self.next_batch - 1
+
+    def get_state(self):
+        return {"next": self.next_batch}
+
+    def set_state(self, state):
+        self.next_batch = state["next"]
+
+
+def test_batches_read_ahead_count_in_the_position_only_once_returned():
+    from jaxencdec.train.batches import Prefetched
+
+    batches = Prefetched(_Counting(), prepare=lambda b: b * 10)
+    assert next(batches) == (0, 0) and next(batches) == (1, 10)
+    assert batches.get_state() == {"next": 2}  # batch 2 is being read ahead: it does not count
+    batches.set_state({"next": 7})  # the batch read ahead is dropped
+    assert next(batches) == (7, 70) and batches.get_state() == {"next": 8}
+    batches.close()
+
+    failing = Prefetched(_Counting(fail_at=1), prepare=lambda b: b)
+    assert next(failing) == (0, 0)  # batch 1 fails while read ahead, and is raised where it is asked for
+    with pytest.raises(ValueError, match="batch 1 is unreadable"):
+        next(failing)
+    failing.close()
+
+    in_turn = Prefetched(_Counting(), prepare=lambda b: b, ahead=False)
+    assert [next(in_turn) for _ in range(3)] == [(0, 0), (1, 1), (2, 2)] and in_turn.get_state() == {"next": 3}
+    in_turn.close()

@@ -265,3 +265,60 @@ def _global_max(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
+class Prefetched:
+    """``loader``'s batches, each read (and ``prepare``d, e.g. placed on the devices) on a thread of its own while
+    the caller works on the one before: ``next`` returns ``(batch, prepare(batch))``. With ``ahead`` False they are
+    read when asked for: with several processes, whose loaders may gather across processes (bucketing), so that
+    every process issues its collectives in the same order.
+
+    ``get_state`` is the position after the batches returned so far (the one read ahead does not count), so a
+    checkpoint taken between steps resumes exactly; ``set_state`` drops the batch read ahead. An error of a read
+    is raised by the ``next`` that would have returned its batch. ``close`` stops the thread.
+    """
+
+    def __init__(self, loader, prepare, ahead: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loader, self._prepare = loader, prepare
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="jaxencdec-data") if ahead else None
+        self._ahead = None  # (the loader's position before the batch being read, its future)
+
+    def _read(self):
+        batch = next(self.loader)
+        return batch, self._prepare(batch)
+
+    def _read_ahead(self) -> None:
+        self._ahead = (self.loader.get_state(), self._thread.submit(self._read))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return self._read()
+        if self._ahead is None:
+            self._read_ahead()
+        result = self._ahead[1].result()
+        self._read_ahead()
+        return result
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            future = self._ahead[1]
+            if not future.cancel():
+                future.exception()  # waits for the read in flight; its error no longer matters
+            self._ahead = None
+
+    def get_state(self) -> dict[str, Any]:
+        return self._ahead[0] if self._ahead is not None else self.loader.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._drop_ahead()
+        self.loader.set_state(state)
+
+    def close(self) -> None:
+        self._drop_ahead()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)

@@ -38,7 +38,7 @@ from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
 from jaxencdec.train import step as steps
-from jaxencdec.train.batches import HOST_ONLY_KEYS, PairLoader, ShardLoader
+from jaxencdec.train.batches import HOST_ONLY_KEYS, PairLoader, Prefetched, ShardLoader
 from jaxencdec.train.checkpoints import RunCheckpoints, check_resumable, check_schedule, run_folder
 from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, check_shapes
 from jaxencdec.train.data import DataError, read_pairs, read_shard
@@ -155,6 +155,7 @@ class Trainer:
         self.state = steps.init_state(params, self.optimizer, config.train.seed, self.mesh, self.specs)
         self.train_step, self.eval_step = run_steps.train_step, run_steps.eval_step
         self._generate_fn = None
+        self._batches = None  # while run() trains: Prefetched(self.loader)
         self._param_norm = jax.jit(optax.tree.norm)
 
         self.checkpoints = (RunCheckpoints(self.ckpt_dir, config.checkpoint, read_only=evaluate_only, info=self.info,
@@ -249,7 +250,8 @@ class Trainer:
         self.metrics.flush()  # the rows through this step are stored before its checkpoint exists
         meta = {"best": self.best, "config": self.config.to_dict(),
                 "param_norms": {str(k): v for k, v in sorted(self.param_norms.items())}}
-        self.checkpoints.save(step, self.state, self.loader.get_state(), meta)
+        position = (self._batches or self.loader).get_state()  # the batches read ahead do not count
+        self.checkpoints.save(step, self.state, position, meta)
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch({k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}, self.mesh)
@@ -390,13 +392,13 @@ class Trainer:
                               f"{row['tokens_per_s']:.0f} tokens/s")
 
         preempted = None
+        self._batches = Prefetched(self.loader, self.device_batch, ahead=jax.process_count() == 1)
         with StopSignals() as stop:
             try:
                 for step_no in range(start + 1, total + 1):
                     data_start = time.perf_counter()
-                    local = next(self.loader)
-                    batch = self.device_batch(local)
-                    data_time = time.perf_counter() - data_start  # the host's reading and placing of the batch
+                    local, batch = next(self._batches)  # read and placed while the step before ran
+                    data_time = time.perf_counter() - data_start  # what the step waited for its batch
                     if step_no == start + 1:
                         self.info("compiling the train step...")
                         compile_start = time.perf_counter()
@@ -433,6 +435,8 @@ class Trainer:
                 if pending is not None:
                     consume(pending)
             finally:
+                self._batches.close()
+                self._batches = None
                 self.checkpoints.wait()
                 if bar is not None:
                     bar.close()

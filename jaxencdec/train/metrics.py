@@ -4,7 +4,7 @@ transformers' ``run_summarization`` / ``run_translation`` report them.
 
 Metric names are one scheme in all three outputs and in the final JSON of ``jaxencdec train``: ``train/loss``,
 ``train/grad_norm``, ``train/learning_rate``, ``train/step_time``, ``train/tokens_per_s``,
-``train/token_efficiency``, ``train/data_time`` (seconds per step the host spends reading and placing the batch),
+``train/token_efficiency``, ``train/data_time`` (seconds a step waited for its batch),
 ``eval/loss``,
 ``eval/tokens``, ``eval/rouge1``, ``eval/rouge2``, ``eval/rougeL``, ``eval/bleu``.
 """
