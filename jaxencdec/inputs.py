@@ -11,7 +11,7 @@ refuse float tensors), and masks must hold only 0 and 1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -96,3 +96,21 @@ def check_pair_shapes(input_ids: np.ndarray, decoder_input_ids: np.ndarray | Non
         raise ValueError(f"labels has shape {labels.shape} but decoder_input_ids has shape {decoder_input_ids.shape}: "
                          "the loss compares them position by position; pass labels of the same shape, or labels "
                          "alone (the decoder inputs are then the labels shifted right)")
+
+
+def check_dropout_rng(train: bool, dropout_rng) -> None:
+    """ValueError when ``train`` asks for dropout without a ``dropout_rng``."""
+    if train and dropout_rng is None:
+        raise ValueError("train=True needs a dropout_rng")
+
+
+def check_decoder_batch(encoder_hidden, arrays: Mapping[str, Any], multiple: bool = False) -> None:
+    """ValueError unless each of ``arrays`` (name -> ``[batch, ...]`` or None) has as many rows as the encoder
+    states, or with ``multiple`` a multiple ``k`` of them (row ``i`` then reads source ``i // k``)."""
+    encoder_batch = encoder_hidden.shape[0]
+    for name, array in arrays.items():
+        rows = None if array is None else np.shape(array)[0]
+        if rows is not None and (rows % encoder_batch if multiple else rows != encoder_batch):
+            need = "equal it, or be a multiple k of it (rows b*k ... b*k+k-1 read source b)" if multiple else "equal it"
+            raise ValueError(f"{name} has {rows} rows but encoder_outputs has batch {encoder_batch}: the decoder "
+                             f"batch must {need}")

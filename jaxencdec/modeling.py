@@ -22,12 +22,13 @@ from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
 from jaxencdec.errors import ConfigError
 from jaxencdec.generation.api import generate
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
-from jaxencdec.inputs import check_pair_shapes, mask_or_ones, traced, validate_labels, validate_token_ids
+from jaxencdec.inputs import (check_decoder_batch, check_dropout_rng, check_pair_shapes, mask_or_ones, traced,
+                              validate_labels, validate_token_ids)
 from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
                                               Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
-                                              shift_tokens_right, stack_records)
+                                              as_encoder_output, shift_tokens_right, stack_records)
 from jaxencdec.models.transformer import cache_rows_and_length
 
 WEIGHTS_NAME = "flax_model.msgpack"
@@ -243,7 +244,7 @@ class EncoderDecoderModel:
         if encoder_hidden is None:
             check_pair_shapes(input_ids, decoder_input_ids, labels)
         else:
-            _check_decoder_batch(encoder_hidden, {"decoder_input_ids": decoder_input_ids, "labels": labels})
+            check_decoder_batch(encoder_hidden, {"decoder_input_ids": decoder_input_ids, "labels": labels})
             if decoder_input_ids is not None:  # the batches agree: only labels vs decoder_input_ids is left
                 check_pair_shapes(decoder_input_ids, decoder_input_ids, labels)
         if decoder_input_ids is None:
@@ -252,7 +253,7 @@ class EncoderDecoderModel:
                 decoder_attention_mask = (decoder_input_ids != self.config.pad_token_id).astype(np.int32)
         if decoder_attention_mask is not None:
             decoder_attention_mask = mask_or_ones(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask")
-        _check_dropout_rng(train, dropout_rng)
+        check_dropout_rng(train, dropout_rng)
         out = _forward(self.module, params if params is not None else self.params, input_ids, attention_mask,
                        decoder_input_ids, decoder_attention_mask, labels, dropout_rng, not train, encoder_hidden,
                        output_attentions, output_hidden_states)
@@ -310,7 +311,7 @@ class EncoderDecoderModel:
         spec = self.config.encoder_spec
         input_ids = validate_token_ids(input_ids, spec.vocab_size, spec.max_length, "input_ids")
         attention_mask = mask_or_ones(attention_mask, input_ids, "attention_mask")
-        _check_dropout_rng(train, dropout_rng)
+        check_dropout_rng(train, dropout_rng)
         return _encode(self.module, params if params is not None else self.params, input_ids, attention_mask,
                        dropout_rng, not train, output_attentions, output_hidden_states)
 
@@ -331,7 +332,7 @@ class EncoderDecoderModel:
                              "embeds")
         if encoder_outputs is not None:
             hidden, _ = self._encoder_states(encoder_outputs, None, "attention_mask")
-            _check_decoder_batch(hidden, {"init_cache(batch_size=...)": np.zeros((batch_size, 1))}, multiple=True)
+            check_decoder_batch(hidden, {"init_cache(batch_size=...)": np.zeros((batch_size, 1))}, multiple=True)
         return empty_cache(self.config, int(batch_size), int(max_length), self.module.dtype)
 
     def decode(self, decoder_input_ids, encoder_outputs, encoder_attention_mask=None, decoder_attention_mask=None,
@@ -362,7 +363,7 @@ class EncoderDecoderModel:
         ids = validate_token_ids(decoder_input_ids, spec.vocab_size, spec.max_length, "decoder_input_ids")
         hidden, encoder_mask = self._encoder_states(encoder_outputs, encoder_attention_mask,
                                                     "encoder_attention_mask")
-        _check_decoder_batch(hidden, {"decoder_input_ids": ids}, multiple=True)
+        check_decoder_batch(hidden, {"decoder_input_ids": ids}, multiple=True)
         keys = ids.shape[1]
         if past_key_values is not None:
             keys = _check_cache(past_key_values, ids)
@@ -373,7 +374,7 @@ class EncoderDecoderModel:
                                  "past_key_values, else the decoder_input_ids' length)")
             decoder_attention_mask = mask_or_ones(decoder_attention_mask, np.zeros((ids.shape[0], keys), np.int32),
                                                   "decoder_attention_mask")
-        _check_dropout_rng(train, dropout_rng)
+        check_dropout_rng(train, dropout_rng)
         return _decode(self.module, params if params is not None else self.params, ids, hidden, encoder_mask,
                        decoder_attention_mask, past_key_values, dropout_rng, not train, output_attentions,
                        output_hidden_states)
@@ -410,26 +411,6 @@ class EncoderDecoderModel:
         step), else ``batch * num_return_sequences``.
         """
         return generate(self, input_ids, attention_mask, generation_config, prng_key, params=params, **kwargs)
-
-
-ENCODER_OUTPUT_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
-
-
-def as_encoder_output(encoder_outputs: Any) -> Any:
-    """``encoder_outputs`` as an ``EncoderOutput`` when it is one, a mapping with ``"last_hidden_state"`` (what
-    transformers' ``BaseModelOutput`` is) or a tuple / list of its fields in that order (as transformers reads
-    one); an array stays the array. A mapping without the last hidden state is a ValueError."""
-    if isinstance(encoder_outputs, EncoderOutput):
-        return encoder_outputs
-    if isinstance(encoder_outputs, Mapping):
-        if "last_hidden_state" not in encoder_outputs:
-            raise ValueError(f"encoder_outputs is a mapping without 'last_hidden_state' (it has "
-                             f"{', '.join(map(repr, encoder_outputs)) or 'no keys'}): pass model.encode(...)'s "
-                             f"output or {{'last_hidden_state': states}}")
-        return EncoderOutput(**{k: encoder_outputs.get(k) for k in ENCODER_OUTPUT_FIELDS})
-    if isinstance(encoder_outputs, (tuple, list)):
-        return EncoderOutput(*encoder_outputs[:len(ENCODER_OUTPUT_FIELDS)])
-    return encoder_outputs
 
 
 @partial(jax.jit, static_argnums=(0, 8, 10, 11))
@@ -477,23 +458,6 @@ def _decode(module, params, decoder_input_ids, encoder_hidden, encoder_mask, dec
         deterministic, method="decode_states", rngs=rngs, output_attentions=output_attentions,
         output_hidden_states=output_hidden_states)
     return DecoderOutput(logits, cache, **stack_records(records, "decoder", module.config.decoder_spec.num_layers))
-
-
-def _check_dropout_rng(train: bool, dropout_rng) -> None:
-    if train and dropout_rng is None:
-        raise ValueError("train=True needs a dropout_rng")
-
-
-def _check_decoder_batch(encoder_hidden, arrays: Mapping[str, Any], multiple: bool = False) -> None:
-    """ValueError unless each of ``arrays`` (name -> ``[batch, ...]`` or None) has as many rows as the encoder
-    states, or with ``multiple`` a multiple ``k`` of them (row ``i`` then reads source ``i // k``)."""
-    encoder_batch = encoder_hidden.shape[0]
-    for name, array in arrays.items():
-        rows = None if array is None else np.shape(array)[0]
-        if rows is not None and (rows % encoder_batch if multiple else rows != encoder_batch):
-            need = "equal it, or be a multiple k of it (rows b*k ... b*k+k-1 read source b)" if multiple else "equal it"
-            raise ValueError(f"{name} has {rows} rows but encoder_outputs has batch {encoder_batch}: the decoder "
-                             f"batch must {need}")
 
 
 def _check_cache(cache: DecoderCache, ids: np.ndarray) -> int:

@@ -8,28 +8,21 @@ the vocabulary files are those transformers builds, so ids and decoded strings m
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, models
 from tokenizers import Tokenizer as Backend
 
 from jaxencdec import paths, storage
 from jaxencdec.checkpoint.hub import hub_upload_error
+from jaxencdec.tokenizer_files import (BYTE_LEVEL_DEFAULTS, ROBERTA_CLASSES, SPECIAL_TOKEN_NAMES, WORDPIECE_DEFAULTS,
+                                       add_listed_tokens, build_backend, read_json, resolve_folder, roberta_processing,
+                                       token_content)
 
-SPECIAL_TOKEN_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' registration order
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 OVERRIDABLE = {f"{name}_token" for name in SPECIAL_TOKEN_NAMES} | {
     "do_lower_case",
     "strip_accents",
@@ -40,19 +33,6 @@ OVERRIDABLE = {f"{name}_token" for name in SPECIAL_TOKEN_NAMES} | {
     "model_max_length",
     "additional_special_tokens",
 }
-# Conventional special-token spellings, tried in order; the first one in the vocabulary is used when no
-# config file names the token.
-WORDPIECE_DEFAULTS = {"pad": ["[PAD]"], "unk": ["[UNK]"], "cls": ["[CLS]"], "sep": ["[SEP]"], "mask": ["[MASK]"]}
-BYTE_LEVEL_DEFAULTS = {
-    "pad": ["<pad>"],
-    "unk": ["<unk>", "<|endoftext|>"],
-    "bos": ["<s>", "<|endoftext|>"],
-    "eos": ["</s>", "<|endoftext|>"],
-    "cls": ["<s>"],
-    "sep": ["</s>"],
-    "mask": ["<mask>"],
-}
-ROBERTA_CLASSES = ("RobertaTokenizer", "BartTokenizer")
 NO_LIMIT = 10**20  # a model_max_length at or above this means "no limit" (transformers writes int(1e30))
 WRITTEN_NO_LIMIT = int(1e30)
 # The class transformers' AutoTokenizer builds straight from tokenizer.json (transformers 4 and 5).
@@ -125,29 +105,29 @@ class Tokenizer:
         unknown = set(overrides) - OVERRIDABLE
         if unknown:
             raise TypeError(f"unknown tokenizer override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
-        folder = _resolve_folder(os.fspath(path_or_hub_id))
+        folder = resolve_folder(os.fspath(path_or_hub_id))
         config = {
-            **_read_json(os.path.join(folder, "tokenizer_config.json"), missing_ok=True),
-            **_read_json(os.path.join(folder, "special_tokens_map.json"), missing_ok=True),
+            **read_json(os.path.join(folder, "tokenizer_config.json"), missing_ok=True),
+            **read_json(os.path.join(folder, "special_tokens_map.json"), missing_ok=True),
             **overrides,
         }
-        backend = _build_backend(folder, config)
-        _add_listed_tokens(backend, config.get("added_tokens_decoder") or {})
+        backend = build_backend(folder, config)
+        add_listed_tokens(backend, config.get("added_tokens_decoder") or {})
         defaults = WORDPIECE_DEFAULTS if isinstance(backend.model, models.WordPiece) else BYTE_LEVEL_DEFAULTS
         special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
             key = f"{name}_token"
             if key in config:
-                special_tokens[name] = _token_content(config[key])
+                special_tokens[name] = token_content(config[key])
             else:
                 present = [t for t in defaults.get(name, []) if backend.token_to_id(t) is not None]
                 special_tokens[name] = present[0] if present else None
         if (config.get("tokenizer_class") or "").removesuffix("Fast") in ROBERTA_CLASSES:
-            backend.post_processor = _roberta_processing(backend, special_tokens, config)
+            backend.post_processor = roberta_processing(backend, special_tokens, config)
         # transformers writes a huge model_max_length (int(1e30)) for "no limit".
         max_length = config.get("model_max_length")
         max_length = int(max_length) if max_length is not None and max_length < NO_LIMIT else None
-        additional = [_token_content(token) for token in config.get("additional_special_tokens") or ()]
+        additional = [token_content(token) for token in config.get("additional_special_tokens") or ()]
         return cls(backend, special_tokens, bool(config.get("clean_up_tokenization_spaces", False)), max_length,
                    additional, config)
 
@@ -179,7 +159,7 @@ class Tokenizer:
         config.setdefault("tokenizer_class", GENERIC_CLASS)
         for name, token in self._special_tokens.items():
             key = f"{name}_token"
-            if token is not None and _token_content(config.get(key)) != token:  # keeps {"content", "lstrip"...}
+            if token is not None and token_content(config.get(key)) != token:  # keeps {"content", "lstrip"...}
                 config[key] = token
         config.pop("additional_special_tokens", None)
         if self.additional_special_tokens:
@@ -373,151 +353,6 @@ def _as_tensors(array: np.ndarray, return_tensors: str | None):
 
         return jnp.asarray(array)
     return array
-
-
-# ---------------------------------------------------------------------- loading helpers
-
-
-def _resolve_folder(path_or_hub_id: str) -> str:
-    if paths.is_url(path_or_hub_id):  # FileNotFoundError naming it when nothing is stored there
-        return os.fspath(paths.existing_folder(path_or_hub_id))
-    if os.path.isdir(path_or_hub_id):
-        return path_or_hub_id
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path_or_hub_id, allow_patterns=list(TOKENIZER_FILES))
-    except Exception as error:
-        raise OSError(
-            f"{path_or_hub_id!r} is not a local folder, and downloading its tokenizer files from the "
-            f"Hugging Face Hub failed: {type(error).__name__}: {error}"
-        ) from error
-
-
-def _read_json(path: str, missing_ok: bool = False) -> dict:
-    if missing_ok and not paths.is_file(path):
-        return {}
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
-
-
-def _read_text(path: str) -> str:
-    """A local file's or a bucket object's text; unreadable is a ValueError naming it (an unusable bucket URL, a
-    ``paths.StorageError``)."""
-    try:
-        return paths.read_text(path)
-    except paths.StorageError:
-        raise
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
-
-
-def _token_content(token) -> str | None:
-    """Special tokens are stored as plain strings or as AddedToken dicts {"content": ...}."""
-    return token["content"] if isinstance(token, dict) else token
-
-
-def _add_listed_tokens(backend: Backend, listed: dict) -> None:
-    """Adds ``tokenizer_config.json``'s ``added_tokens_decoder`` entries (``{"id": {"content", "special", ...}}``)
-    that the vocabulary files lack, in id order as transformers does; each must land on its listed id."""
-    for token_id, token in sorted(((int(i), t) for i, t in listed.items()), key=lambda item: item[0]):
-        content = _token_content(token)
-        if backend.token_to_id(content) is None:
-            special = bool(token.get("special", False))
-            added = AddedToken(content, special=special, normalized=bool(token.get("normalized", not special)),
-                               lstrip=bool(token.get("lstrip", False)), rstrip=bool(token.get("rstrip", False)),
-                               single_word=bool(token.get("single_word", False)))
-            (backend.add_special_tokens if special else backend.add_tokens)([added])
-        if backend.token_to_id(content) != token_id:
-            raise ValueError(f"tokenizer_config.json lists added token {content!r} with id {token_id}, but the "
-                             f"vocabulary gives it id {backend.token_to_id(content)} (ids must follow the vocabulary "
-                             f"without gaps)")
-
-
-def _build_backend(folder: str, config: dict) -> Backend:
-    path = {name: os.path.join(folder, name) for name in TOKENIZER_FILES}
-    if paths.is_file(path["tokenizer.json"]):
-        pipeline = _read_text(path["tokenizer.json"])
-        try:
-            return Backend.from_str(pipeline)
-        except Exception as error:
-            raise ValueError(f"cannot read tokenizer file {path['tokenizer.json']}: {error}") from error
-    if paths.is_file(path["vocab.txt"]):
-        return _wordpiece(path["vocab.txt"], config)
-    if paths.is_file(path["vocab.json"]) and paths.is_file(path["merges.txt"]):
-        return _byte_level_bpe(path["vocab.json"], path["merges.txt"], config)
-    raise FileNotFoundError(
-        f"no tokenizer files in {folder}: looked for tokenizer.json, vocab.txt (WordPiece) "
-        "and vocab.json + merges.txt (byte-level BPE)"
-    )
-
-
-def _wordpiece(vocab_path: str, config: dict) -> Backend:
-    """BERT's pipeline, as transformers' BertTokenizer(Fast) builds it."""
-    lines = _read_text(vocab_path).split("\n")
-    if lines[-1] == "":  # the newline that ends the last line
-        lines.pop()
-    vocab = {line: index for index, line in enumerate(lines)}
-    unk = _token_content(config.get("unk_token", "[UNK]"))
-    backend = Backend(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
-    backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True,
-        handle_chinese_chars=config.get("tokenize_chinese_chars", True),
-        strip_accents=config.get("strip_accents"),
-        lowercase=config.get("do_lower_case", True),
-    )
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls = _token_content(config.get("cls_token", "[CLS]"))
-    sep = _token_content(config.get("sep_token", "[SEP]"))
-    missing = [token for token in (cls, sep) if token not in vocab]
-    if missing:
-        raise ValueError(f"{vocab_path} lacks the special token(s) {missing}")
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{cls}:0 $A:0 {sep}:0",
-        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
-    )
-    backend.decoder = decoders.WordPiece(prefix="##")
-    return backend
-
-
-def _byte_level_bpe(vocab_path: str, merges_path: str, config: dict) -> Backend:
-    """GPT-2's pipeline, as transformers' GPT2Tokenizer(Fast) builds it."""
-    vocab = _read_json(vocab_path)
-    merges = []
-    lines = _read_text(merges_path).split("\n")
-    for number, line in enumerate(lines, 1):
-        if line.startswith("#version") or not line:
-            continue
-        pair = line.split(" ")
-        if len(pair) != 2:
-            raise ValueError(f"{merges_path} line {number}: expected two space-separated tokens, got {line!r}")
-        merges.append(tuple(pair))
-    backend = Backend(
-        models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
-    )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _roberta_processing(backend: Backend, special_tokens: dict, config: dict) -> processors.RobertaProcessing:
-    """``<s> $A </s>`` as transformers' RobertaTokenizer / BartTokenizer add it."""
-    cls, sep = special_tokens["cls"], special_tokens["sep"]
-    if cls is None or sep is None or backend.token_to_id(cls) is None or backend.token_to_id(sep) is None:
-        raise ValueError(
-            f"{config['tokenizer_class']} needs cls and sep tokens in the vocabulary, got {cls!r} and {sep!r}"
-        )
-    return processors.RobertaProcessing(
-        (sep, backend.token_to_id(sep)),
-        (cls, backend.token_to_id(cls)),
-        trim_offsets=True,
-        add_prefix_space=config.get("add_prefix_space", False),
-    )
 
 
 def _clean_up_tokenization(text: str) -> str:

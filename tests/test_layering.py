@@ -36,7 +36,7 @@ FLOORS = (
         "jaxencdec.checkpoint.names", "jaxencdec.checkpoint.convert",
         "jaxencdec.generation.config", "jaxencdec.generation.processors", "jaxencdec.generation.search",
         "jaxencdec.generation.api", "jaxencdec.generation.serving", "jaxencdec.generation.export",
-        "jaxencdec.tokenizer")),
+        "jaxencdec.tokenizer_files", "jaxencdec.tokenizer")),
     ("the model", (
         "jaxencdec.loading", "jaxencdec.modeling")),
     ("training", (

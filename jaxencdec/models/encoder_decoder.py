@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any
+from typing import Any, Mapping
 
 import chex
 import jax
@@ -77,6 +77,26 @@ class DecoderOutput:
     hidden_states: Layers | None = None  # num_layers + 1 x [batch, q_len, D_dec]
     attentions: Layers | None = None  # num_layers x [batch, heads, q_len, keys] (keys: q_len, or the cache length)
     cross_attentions: Layers | None = None  # num_layers x [batch, heads, q_len, src_len]
+
+
+ENCODER_OUTPUT_FIELDS = ("last_hidden_state", "hidden_states", "attentions")
+
+
+def as_encoder_output(encoder_outputs: Any) -> Any:
+    """``encoder_outputs`` as an ``EncoderOutput`` when it is one, a mapping with ``"last_hidden_state"`` (what
+    transformers' ``BaseModelOutput`` is) or a tuple / list of its fields in that order (as transformers reads
+    one); an array stays the array. A mapping without the last hidden state is a ValueError."""
+    if isinstance(encoder_outputs, EncoderOutput):
+        return encoder_outputs
+    if isinstance(encoder_outputs, Mapping):
+        if "last_hidden_state" not in encoder_outputs:
+            raise ValueError(f"encoder_outputs is a mapping without 'last_hidden_state' (it has "
+                             f"{', '.join(map(repr, encoder_outputs)) or 'no keys'}): pass model.encode(...)'s "
+                             f"output or {{'last_hidden_state': states}}")
+        return EncoderOutput(**{k: encoder_outputs.get(k) for k in ENCODER_OUTPUT_FIELDS})
+    if isinstance(encoder_outputs, (tuple, list)):
+        return EncoderOutput(*encoder_outputs[:len(ENCODER_OUTPUT_FIELDS)])
+    return encoder_outputs
 
 
 @struct.dataclass
