@@ -101,16 +101,34 @@ def _minilm(minilm_path, tmp_path_factory):
     return Setup(hf, EncoderDecoderModel.from_pretrained(folder), ids, mask, start=101, pad=0)
 
 
-@pytest.fixture(scope="module", params=["bert2bert-minilm", "bert2gpt2", "bert2bart"])
-def setup(request, minilm_path, tmp_path_factory):
-    if request.param == "bert2bert-minilm":
-        return _minilm(minilm_path, tmp_path_factory)
-    return _small(request.param, tmp_path_factory)
+MODELS = ["bert2bert-minilm", "bert2gpt2", "bert2bart"]
+# Greedy and beam search run each decoder with its cache (beams reorder it); the logits processors and stopping
+# criteria act on scores and ids alone, the same whatever the decoder: every case runs on one model.
+SEARCH_CASES = {"greedy", "beam4-lp0.6-early-true", "beam4-lp1.0-early-false", "beam4-lp2.0-never-nrs2"}
+EVERY_CASE_ON = "bert2gpt2"
+MODEL_CASES = [(model, case_id, kwargs) for model in MODELS for case_id, kwargs in CASES
+               if model == EVERY_CASE_ON or case_id in SEARCH_CASES]
+
+
+@pytest.fixture(scope="module")
+def setups(minilm_path, tmp_path_factory):
+    """``name -> Setup`` of the three models, each built once."""
+    built = {}
+
+    def get(name: str) -> Setup:
+        if name not in built:
+            built[name] = (_minilm(minilm_path, tmp_path_factory) if name == "bert2bert-minilm"
+                           else _small(name, tmp_path_factory))
+        return built[name]
+
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
-def test_generate_matches_transformers(setup, case):
+@pytest.mark.parametrize("model, case", [(m, kwargs) for m, _, kwargs in MODEL_CASES],
+                         ids=[f"{m}-{case_id}" for m, case_id, _ in MODEL_CASES])
+def test_generate_matches_transformers(setups, model, case):
+    setup = setups(model)
     kwargs = setup.resolve_case(case)
     ids = setup.echo_ids if "encoder_no_repeat_ngram_size" in case else setup.ids
     with torch.no_grad():

@@ -17,7 +17,7 @@ import transformers
 from flax import traverse_util
 
 import testing
-from hf_reference import VOCAB, batch
+from hf_reference import PAIRS, VOCAB, batch
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import BertConfig, EncoderDecoderConfig
 from jaxencdec.models import layout
@@ -54,7 +54,7 @@ def _as(model: EncoderDecoderModel, scan_layers: bool, remat: str) -> EncoderDec
 
 def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
     """The train step's loss and its gradients (unrolled layout, flat) on ``batch(seed)``, with dropout when
-    ``train``, computed by one jitted program."""
+    ``train``, computed by one jitted program compiled with XLA's default emitters (held to 1e-6 relative)."""
     ids, mask, labels = batch(seed)
     start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
     data = {"input_ids": ids, "attention_mask": mask, "labels": labels,
@@ -62,7 +62,7 @@ def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
             "decoder_attention_mask": np.ones_like(labels)}
     loss_fn = steps.make_loss_fn(model.module, 0.0, None, deterministic=not train)
     mean = lambda p: (lambda total, count: total / count)(*loss_fn(p, data, jax.random.key(3)))
-    loss, grads = jax.jit(jax.value_and_grad(mean))(model.params)
+    loss, grads = jax.jit(jax.value_and_grad(mean), compiler_options=testing.DEFAULT_EMITTERS)(model.params)
     flat = traverse_util.flatten_dict(layout.to_layout(grads, scanned=False), sep="/")
     return float(loss), {k: np.asarray(v) for k, v in flat.items()}
 
@@ -110,23 +110,41 @@ def test_save_pretrained_writes_the_unrolled_layout_whatever_runs(saved_pair, tm
 # ---------------------------------------------------------------------- against the unrolled layout
 
 
+# Scanning stacks each architecture's layers its own way: every pair runs scanned. Remat wraps the one layer block
+# that every architecture runs through in jax.checkpoint, whatever the pair: the remat ways run on one pair.
+ONE_PAIR = "bert2bart"
+WAYS = [(name, "scanned") for name in PAIRS] + [(ONE_PAIR, way) for way in LAYOUTS if way != "scanned"]
+
+
 @pytest.fixture(scope="module")
-def losses_and_gradients(saved_pair) -> dict[str, tuple[float, dict[str, np.ndarray]]]:
-    """``way -> (loss, gradients)`` of the pair's folder run each way of ``LAYOUTS`` and unrolled (``plain-train``
-    with dropout, ``plain-eval`` without), each a jitted program as the train step is. Dropout draws per layer:
-    the same draws unrolled with or without remat, other draws scanned (compared without)."""
-    _, _, folder = saved_pair
-    plain = EncoderDecoderModel.from_pretrained(folder)
-    runs = {"plain-train": (plain, True), "plain-eval": (plain, False),
-            **{way: (_as(plain, scan, remat), not scan) for way, (scan, remat) in LAYOUTS.items()}}
-    return {way: _loss_and_grads(model, seed=4, train=train) for way, (model, train) in runs.items()}
+def losses_and_gradients(hf_pair):
+    """``(pair, way) -> (loss, gradients)`` of a pair's folder run one way of ``LAYOUTS`` or unrolled
+    (``plain-train`` with dropout, ``plain-eval`` without), each a jitted program as the train step is, computed
+    once. Dropout draws per layer: the same draws unrolled with or without remat, other draws scanned (compared
+    without)."""
+    computed, models = {}, {}
+
+    def get(name: str, way: str):
+        if (name, way) not in computed:
+            if name not in models:
+                models[name] = EncoderDecoderModel.from_pretrained(hf_pair(name)[1])
+            plain = models[name]
+            if way.startswith("plain-"):
+                model, train = plain, way == "plain-train"
+            else:
+                scan, remat = LAYOUTS[way]
+                model, train = _as(plain, scan, remat), not scan
+            computed[name, way] = _loss_and_grads(model, seed=4, train=train)
+        return computed[name, way]
+
+    return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("way", list(LAYOUTS))
-def test_loss_and_gradients_equal_the_unrolled_layers(losses_and_gradients, way):
-    other_loss, other_grads = losses_and_gradients[way]
-    loss, grads = losses_and_gradients["plain-eval" if LAYOUTS[way][0] else "plain-train"]
+@pytest.mark.parametrize("name, way", WAYS, ids=[f"{name}-{way}" for name, way in WAYS])
+def test_loss_and_gradients_equal_the_unrolled_layers(losses_and_gradients, name, way):
+    other_loss, other_grads = losses_and_gradients(name, way)
+    loss, grads = losses_and_gradients(name, "plain-eval" if LAYOUTS[way][0] else "plain-train")
     np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
     assert_relatively_close(other_grads, grads, rtol=1e-6)
 
@@ -152,18 +170,23 @@ def test_relative_and_tied_pairs_run_scanned_and_rematerialized_as_unrolled(name
         assert set(scanned.params["decoder"]["layers"]) == {"cross_attention", "cross_attention_norm"}
 
 
+# Greedy search runs each pair's scanned decoder with its cache; the other searches differ from it in what they do
+# with the logits, the same for every pair: they run on one pair.
+SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3), "sample": dict(do_sample=True, top_k=20),
+            "beam-sample": dict(num_beams=2, do_sample=True)}
+PAIR_SEARCHES = [(name, "greedy") for name in PAIRS] + [(ONE_PAIR, mode) for mode in SEARCHES if mode != "greedy"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [dict(num_beams=1), dict(num_beams=3), dict(do_sample=True, top_k=20),
-                                  dict(num_beams=2, do_sample=True)])
-def test_every_search_generates_the_same_ids_scanned(saved_pair, mode):
-    _, _, folder = saved_pair
-    plain = EncoderDecoderModel.from_pretrained(folder)
+@pytest.mark.parametrize("name, mode", PAIR_SEARCHES, ids=[f"{name}-{mode}" for name, mode in PAIR_SEARCHES])
+def test_every_search_generates_the_same_ids_scanned(hf_pair, name, mode):
+    plain = EncoderDecoderModel.from_pretrained(hf_pair(name)[1])
     scanned = _as(plain, True, "full")
     ids, mask, _ = batch(seed=7)
     key = jax.random.key(5)
-    expected = np.asarray(plain.generate(ids, mask, prng_key=key, max_new_tokens=8, **mode))
-    np.testing.assert_array_equal(np.asarray(scanned.generate(ids, mask, prng_key=key, max_new_tokens=8, **mode)),
-                                  expected)
+    expected = np.asarray(plain.generate(ids, mask, prng_key=key, max_new_tokens=8, **SEARCHES[mode]))
+    got = scanned.generate(ids, mask, prng_key=key, max_new_tokens=8, **SEARCHES[mode])
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 @pytest.mark.slow
@@ -191,9 +214,8 @@ def test_scanned_generation_records_and_cached_decoding_equal_unrolled(name):
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_enable_is_transformers_switch(saved_pair):
-    _, _, folder = saved_pair
-    model = EncoderDecoderModel.from_pretrained(folder)
+def test_gradient_checkpointing_enable_is_transformers_switch(hf_pair):
+    model = EncoderDecoderModel.from_pretrained(hf_pair("bert2gpt2-proj")[1])  # a switch: one pair shows it
     loss, grads = _loss_and_grads(model, seed=9, train=True)
     assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()

@@ -94,8 +94,14 @@ def tiny_run_config(folder: str, **sections: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------- subprocesses with N host devices
 
 # Faster XLA:CPU compiles for tests (the tiny models spend far more time compiling than running): tests/conftest.py
-# puts them in XLA_FLAGS before jax is imported, for the test processes and every child they start.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# puts them in XLA_FLAGS before jax is imported, for the test processes and every child they start. XLA:CPU's
+# older loop emitters compile in about half the time of its fusion emitters; two different programs computing the
+# same values (with and without recorded attentions, say) then differ in float32's last bits rather than being
+# bitwise equal, and are compared to 1e-5. The checks held to 1e-6 relative (remat, scanned layers) compile their
+# programs with XLA's default emitters (``DEFAULT_EMITTERS``), as a user's process does.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                      "--xla_cpu_use_fusion_emitters=false")
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True}  # jax.jit(..., compiler_options=DEFAULT_EMITTERS)
 
 
 def without_fast_compile_flags(env: dict[str, str]) -> dict[str, str]:
