@@ -15,7 +15,8 @@ from jaxencdec.version import __version__
 _PUBLIC = {
     "CheckpointError": "jaxencdec.errors", "ConfigError": "jaxencdec.errors",
     "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "EncoderDecoderConfig": "jaxencdec.config",
-    "GPT2Config": "jaxencdec.config", "RobertaConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.spec",
+    "GPT2Config": "jaxencdec.config", "RobertaConfig": "jaxencdec.config", "XLMRobertaConfig": "jaxencdec.config",
+    "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
     "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",
     "EncoderDecoderModel": "jaxencdec.modeling",
@@ -25,7 +26,8 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
-    from jaxencdec.config import BartConfig, BertConfig, EncoderDecoderConfig, GPT2Config, RobertaConfig
+    from jaxencdec.config import (BartConfig, BertConfig, CamembertConfig, DistilBertConfig, EncoderDecoderConfig,
+                                  GPT2Config, RobertaConfig, XLMRobertaConfig)
     from jaxencdec.errors import CheckpointError, ConfigError
     from jaxencdec.generation.api import GenerateOutput, make_generate_fn
     from jaxencdec.generation.config import GenerationConfig, GenerationConfigError

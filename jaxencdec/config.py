@@ -151,7 +151,7 @@ class BertConfig(HFConfig):
             activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
             max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
             # relative attention: RoBERTa's padding-based positions are computed by transformers but never used
-            positions_from_padding=self.model_type == "roberta" and not relative,
+            positions_from_padding=isinstance(self, RobertaConfig) and not relative,
             type_vocab_size=self.type_vocab_size,
             pooler=not decoder, is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
             lm_head_transform=True, lm_head_bias=True, tie_word_embeddings=self.tie_word_embeddings,
@@ -171,6 +171,63 @@ class RobertaConfig(BertConfig):
     pad_token_id: int | None = 1
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 2
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class XLMRobertaConfig(RobertaConfig):
+    """Hugging Face ``XLMRobertaConfig``: RoBERTa's architecture under its own ``model_type`` (multilingual
+    checkpoints such as xlm-roberta-base, with a 250,002-token vocabulary)."""
+
+    model_type: ClassVar[str] = "xlm-roberta"
+    vocab_size: int = 30522
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class CamembertConfig(RobertaConfig):
+    """Hugging Face ``CamembertConfig``: RoBERTa's architecture under its own ``model_type`` (French)."""
+
+    model_type: ClassVar[str] = "camembert"
+    vocab_size: int = 30522
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class DistilBertConfig(HFConfig):
+    """Hugging Face ``DistilBertConfig``: BERT's post-norm layers without token types or pooler; an encoder only
+    (transformers has no DistilBERT causal LM to decode with)."""
+
+    model_type: ClassVar[str] = "distilbert"
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    sinusoidal_pos_embds: bool = False
+    n_layers: int = 6
+    n_heads: int = 12
+    dim: int = 768
+    hidden_dim: int = 3072
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation: str = "gelu"
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+
+    @property
+    def hidden(self) -> int:
+        return self.dim
+
+    def spec(self, role: Role) -> TransformerSpec:
+        require(role == "encoder", "DistilBERT is supported as an encoder only (transformers has no DistilBERT "
+                                   "causal LM); pair it with a BERT, RoBERTa, GPT-2 or BART decoder")
+        require(not self.sinusoidal_pos_embds, "DistilBERT with sinusoidal_pos_embds=True (fixed, untrained "
+                                               "positions) is not supported")
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.dim, num_layers=self.n_layers, num_heads=self.n_heads,
+            intermediate_size=self.hidden_dim, activation=self.activation, layer_norm_eps=1e-12,
+            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
+            hidden_dropout=self.dropout, attention_dropout=self.attention_dropout, embedding_dropout=self.dropout,
+            initializer_range=self.initializer_range,
+        )
 
 
 @assigned_through_replace("encoder_config")
@@ -266,7 +323,8 @@ class BartConfig(HFConfig):
 
 
 ARCHITECTURES: dict[str, type[HFConfig]] = {
-    c.model_type: c for c in (BertConfig, RobertaConfig, GPT2Config, BartConfig)
+    c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, DistilBertConfig,
+                              GPT2Config, BartConfig)
 }
 
 
@@ -315,12 +373,13 @@ class EncoderDecoderConfig:
 
     def _check_tieable(self) -> None:
         """``tie_encoder_decoder``: transformers ties each decoder module to the encoder module of the same name
-        (embeddings, self-attention, MLP, norms). BERT and RoBERTa stacks share those names; the shared tensors
-        must have one shape, and every decoder layer needs an encoder layer of the same index."""
+        (embeddings, self-attention, MLP, norms). BERT and RoBERTa-family stacks share those names; the shared
+        tensors must have one shape, and every decoder layer needs an encoder layer of the same index."""
         kinds = (self.encoder.model_type, self.decoder.model_type)
-        require(set(kinds) <= {"bert", "roberta"},
-                f"tie_encoder_decoder=True needs a BERT or RoBERTa encoder and decoder (transformers ties modules by "
-                f"name, and only those share their names); got encoder {kinds[0]!r} and decoder {kinds[1]!r}")
+        require(all(isinstance(part, BertConfig) for part in (self.encoder, self.decoder)),
+                f"tie_encoder_decoder=True needs a BERT or RoBERTa-family encoder and decoder (transformers ties "
+                f"modules by name, and only those share their names); got encoder {kinds[0]!r} and decoder "
+                f"{kinds[1]!r}")
         encoder, decoder = self.encoder_spec, self.decoder_spec
         sizes = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_positions", "type_vocab_size",
                  "relative_attention")

@@ -9,22 +9,33 @@ import transformers
 VOCAB = 120
 PAD, START, EOS = 0, 3, 2
 
-SMALL = dict(
-    bert=lambda hidden=32, layers=2: transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD),
-    roberta=lambda hidden=32, layers=2: transformers.RobertaConfig(
+def _roberta_shaped(config_class):
+    """A small config of RoBERTa's architecture (RoBERTa, XLM-RoBERTa, CamemBERT)."""
+    return lambda hidden=32, layers=2: config_class(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=37, max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=EOS,
-        type_vocab_size=1, layer_norm_eps=1e-5),
-    gpt2=lambda hidden=32, layers=2: transformers.GPT2Config(
+        type_vocab_size=1, layer_norm_eps=1e-5)
+
+
+# model_type -> small transformers config of that architecture (hidden width and layers as arguments)
+SMALL = {
+    "bert": lambda hidden=32, layers=2: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD),
+    "roberta": _roberta_shaped(transformers.RobertaConfig),
+    "xlm-roberta": _roberta_shaped(transformers.XLMRobertaConfig),
+    "camembert": _roberta_shaped(transformers.CamembertConfig),
+    "distilbert": lambda hidden=32, layers=2: transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=37, max_position_embeddings=64,
+        pad_token_id=PAD),
+    "gpt2": lambda hidden=32, layers=2: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=START,
         eos_token_id=EOS, pad_token_id=PAD),
-    bart=lambda hidden=32, layers=2: transformers.BartConfig(
+    "bart": lambda hidden=32, layers=2: transformers.BartConfig(
         vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
         pad_token_id=1, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS, scale_embedding=True),
-)
+}
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
@@ -45,6 +56,8 @@ PAIRS = {
     "bert2gpt2": ("bert", "gpt2", 32, 32),
     "bert2bart": ("bert", "bart", 32, 32),
     "bert2gpt2-proj": ("bert", "gpt2", 32, 48),  # different hidden sizes: enc_to_dec_proj
+    "xlmr2camembert": ("xlm-roberta", "camembert", 32, 32),  # RoBERTa's architecture under two other model types
+    "distilbert2xlmr": ("distilbert", "xlm-roberta", 32, 32),
 }
 
 

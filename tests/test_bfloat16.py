@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import batch, hf_encoder_decoder
+from hf_reference import PAIRS, batch, hf_encoder_decoder
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.generation.api import make_generate_fn
 from jaxencdec.models.encoder_decoder import EncoderDecoderModule, shift_tokens_right
 from jaxencdec.train import step as st
 from jaxencdec.train.config import OptimConfig
-
-PAIRS = {
-    "bert2bert": ("bert", "bert", 32, 32),
-    "roberta2roberta": ("roberta", "roberta", 32, 32),
-    "bert2gpt2": ("bert", "gpt2", 32, 32),
-    "bert2bart": ("bert", "bart", 32, 32),
-    "bert2gpt2-proj": ("bert", "gpt2", 32, 48),
-}
-
 
 def _saved(name, tmp_path_factory):
     encoder, decoder, enc_hidden, dec_hidden = PAIRS[name]

@@ -10,13 +10,15 @@ import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
-from jaxencdec import (BartConfig, BertConfig, ConfigError, EncoderDecoderConfig, GPT2Config, GenerationConfig,
-                       RobertaConfig)
+from jaxencdec import (BartConfig, BertConfig, CamembertConfig, ConfigError, DistilBertConfig, EncoderDecoderConfig,
+                       GPT2Config, GenerationConfig, RobertaConfig, XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
-OURS = {"bert": BertConfig, "roberta": RobertaConfig, "gpt2": GPT2Config, "bart": BartConfig}
-HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig, "gpt2": transformers.GPT2Config,
-      "bart": transformers.BartConfig}
+OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
+        "distilbert": DistilBertConfig, "gpt2": GPT2Config, "bart": BartConfig}
+HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+      "xlm-roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
+      "distilbert": transformers.DistilBertConfig, "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig}
 
 
 @pytest.mark.parametrize("arch", list(OURS))
@@ -78,6 +80,7 @@ def test_decoder_without_cross_attention_is_rejected():
     (BertConfig(position_embedding_type="rotary"), "position_embedding_type 'rotary' is not supported; use one of "
                                                    "'absolute', 'relative_key', 'relative_key_query'"),
     (GPT2Config(scale_attn_by_inverse_layer_idx=True), "scaling variants"),
+    (DistilBertConfig(sinusoidal_pos_embds=True), "sinusoidal_pos_embds=True"),
 ])
 def test_invalid_configs_are_rejected_clearly(config, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,6 +91,11 @@ def test_invalid_configs_are_rejected_clearly(config, message):
 def test_gpt2_cannot_be_an_encoder():
     with pytest.raises(ConfigError, match="decoder only"):
         EncoderDecoderConfig.from_encoder_decoder_configs(GPT2Config(), BertConfig())
+
+
+def test_distilbert_cannot_be_a_decoder():
+    with pytest.raises(ConfigError, match="DistilBERT is supported as an encoder only"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), DistilBertConfig())
 
 
 def test_configs_are_hashable_with_eos_lists():

@@ -480,7 +480,7 @@ def test_tied_warm_start_shares_the_checkpoint_values(tmp_path):
 
 
 @pytest.mark.parametrize("encoder, decoder, message", [
-    (SMALL["bert"](), SMALL["gpt2"](), "needs a BERT or RoBERTa encoder and decoder"),
+    (SMALL["bert"](), SMALL["gpt2"](), "needs a BERT or RoBERTa-family encoder and decoder"),
     (SMALL["bert"](), SMALL["bert"](hidden=48), "hidden_size 32 vs 48"),
     (SMALL["bert"](layers=1), SMALL["bert"](layers=2), "the decoder has 2 layers and the encoder only 1"),
 ])

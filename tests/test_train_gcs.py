@@ -164,9 +164,13 @@ def test_metrics_rows_upload_only_their_own_bytes(gcs_emulator, gcs_bucket, tmp_
         writer.flush()
         per_row.append(sum(n for _, n in sent[before:]))
     writer.close()
+    # TensorBoard's writer sends its events when its own buffer says so, sometimes two rows' at once: the bytes are
+    # compared over many rows, whichever upload carried them
     row_bytes = len(json.dumps({"step": 40, "train/loss": 1.0 / 40, "train/grad_norm": 0.5})) + 1
-    assert max(per_row[1:]) <= 3 * row_bytes + 200, per_row  # a row, and its two TensorBoard events
-    assert max(per_row[20:]) <= max(per_row[1:20]) + 8, per_row  # not growing with the file
+    assert sum(per_row[1:]) <= 39 * (3 * row_bytes + 200), per_row  # a row, and its two TensorBoard events
+    # not growing with the file (a whole file sent per row would be ~20x the first half); one row's events may
+    # cross from one half to the other
+    assert sum(per_row[21:]) <= sum(per_row[1:20]) + 3 * row_bytes + 200, per_row
     rows = [json.loads(line) for line in paths.read_text(f"{run}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41)) and rows[-1]["train/loss"] == 1.0 / 40
     events = gcs_emulator.object_names(gcs_bucket, "metrics-bytes/tensorboard/")

@@ -136,6 +136,23 @@ def _untied(spec: TransformerSpec, hf: str) -> list[Rule]:
     return [] if spec.tie_word_embeddings else _linear(hf, "lm_head/output", bias=False)
 
 
+def _distilbert_base(spec: TransformerSpec) -> list[Rule]:
+    rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
+             Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
+             *_norm("embeddings.LayerNorm", "embeddings/norm")]
+    for i in range(spec.num_layers):
+        hf, ours = f"transformer.layer.{i}", f"layers_{i}"
+        rules += _attention(f"{hf}.attention", f"{ours}/self_attention", "q_lin", "k_lin", "v_lin", "out_lin")
+        rules += _norm(f"{hf}.sa_layer_norm", f"{ours}/self_attention_norm")
+        rules += _linear(f"{hf}.ffn.lin1", f"{ours}/mlp/wi") + _linear(f"{hf}.ffn.lin2", f"{ours}/mlp/wo")
+        rules += _norm(f"{hf}.output_layer_norm", f"{ours}/mlp_norm")
+    return rules
+
+
+def _no_head(spec: TransformerSpec) -> list[Rule]:
+    return []  # an encoder-only architecture (its config refuses the decoder role)
+
+
 def _gpt2_base(spec: TransformerSpec) -> list[Rule]:
     rules = [Rule("wte.weight", ("embeddings/word/embedding",)), Rule("wpe.weight", ("embeddings/position/embedding",)),
              *_norm("ln_f", "final_norm")]
@@ -195,9 +212,15 @@ class Architecture:
     word_embedding_aliases: tuple[str, ...] = ()
 
 
+_ROBERTA = Architecture(_bert_base, _roberta_head, ("", "roberta."), ("roberta.", ""))
+
 ARCHITECTURES: Mapping[str, Architecture] = {
     "bert": Architecture(_bert_base, _bert_head, ("", "bert."), ("bert.", "")),
-    "roberta": Architecture(_bert_base, _roberta_head, ("", "roberta."), ("roberta.", "")),
+    "roberta": _ROBERTA,
+    # RoBERTa's modules under other model types: XLMRobertaForCausalLM and CamembertForCausalLM name them alike
+    "xlm-roberta": _ROBERTA,
+    "camembert": _ROBERTA,
+    "distilbert": Architecture(_distilbert_base, _no_head, ("", "distilbert."), ("distilbert.",)),
     "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
     "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                          ("shared.weight", "model.shared.weight")),
@@ -274,5 +297,6 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
     return aliases
 
 
-_WORD_EMBEDDING = {"bert": "embeddings.word_embeddings.weight", "roberta": "embeddings.word_embeddings.weight",
+_WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"),
+                                    "embeddings.word_embeddings.weight"),
                    "gpt2": "wte.weight", "bart": "embed_tokens.weight"}
