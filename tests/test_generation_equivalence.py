@@ -1,9 +1,9 @@
 """Our generate against transformers' PyTorch generate on the same weights: token-identical sequences, beam scores
 within 1e-4.
 
-Three models: the real all-MiniLM-L6-v2 warm-started as bert2bert, and small random bert2gpt2 / bert2bart whose
-weights are drawn large (tests/hf_reference.py) so that logits are far from ties. The EOS ids, bad words and forced
-tokens are picked from what each reference model actually generates, so that sequences really end early and the
+Five models: the real all-MiniLM-L6-v2 warm-started as bert2bert, and small random bert2gpt2, bert2bart,
+xlmr2camembert and distilbert2xlmr (tests/hf_reference.py's PAIRS) whose weights are drawn large so that logits
+are far from ties. The EOS ids, bad words and forced tokens are picked from what each reference model actually generates, so that sequences really end early and the
 constraints really bite (asserted below); a constraint the model never meets proves nothing.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from hf_reference import batch, hf_encoder_decoder
+from hf_reference import PAIRS, batch, hf_encoder_decoder
 from jaxencdec import EncoderDecoderModel
 
 MAX_NEW = 8
@@ -77,8 +77,8 @@ class Setup:
 
 
 def _small(name, tmp_path_factory):
-    decoder = name[len("bert2"):]
-    hf = hf_encoder_decoder("bert", decoder, seed=7)
+    encoder, decoder, _, _ = PAIRS[name]
+    hf = hf_encoder_decoder(encoder, decoder, seed=7)
     folder = tmp_path_factory.mktemp(name)
     hf.save_pretrained(folder)
     ids, mask, _ = batch(seed=3, batch_size=4, src_len=11)
@@ -101,7 +101,7 @@ def _minilm(minilm_path, tmp_path_factory):
     return Setup(hf, EncoderDecoderModel.from_pretrained(folder), ids, mask, start=101, pad=0)
 
 
-MODELS = ["bert2bert-minilm", "bert2gpt2", "bert2bart"]
+MODELS = ["bert2bert-minilm", "bert2gpt2", "bert2bart", "xlmr2camembert", "distilbert2xlmr"]  # the small ones: PAIRS
 # Greedy and beam search run each decoder with its cache (beams reorder it); the logits processors and stopping
 # criteria act on scores and ids alone, the same whatever the decoder: every case runs on one model.
 SEARCH_CASES = {"greedy", "beam4-lp0.6-early-true", "beam4-lp1.0-early-false", "beam4-lp2.0-never-nrs2"}
@@ -112,7 +112,7 @@ MODEL_CASES = [(model, case_id, kwargs) for model in MODELS for case_id, kwargs 
 
 @pytest.fixture(scope="module")
 def setups(minilm_path, tmp_path_factory):
-    """``name -> Setup`` of the three models, each built once."""
+    """``name -> Setup`` of the models, each built once."""
     built = {}
 
     def get(name: str) -> Setup:
