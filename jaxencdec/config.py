@@ -218,7 +218,7 @@ class DistilBertConfig(HFConfig):
 
     def spec(self, role: Role) -> TransformerSpec:
         require(role == "encoder", "DistilBERT is supported as an encoder only (transformers has no DistilBERT "
-                                   "causal LM); pair it with a BERT, RoBERTa, GPT-2 or BART decoder")
+                                   "causal LM); pair it with another architecture's decoder")
         require(not self.sinusoidal_pos_embds, "DistilBERT with sinusoidal_pos_embds=True (fixed, untrained "
                                                "positions) is not supported")
         return TransformerSpec(

@@ -10,6 +10,8 @@ model never meets proves nothing.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -114,13 +116,10 @@ MODEL_CASES = [(model, case_id, kwargs) for model in MODELS for case_id, kwargs 
 @pytest.fixture(scope="module")
 def setups(minilm_path, tmp_path_factory):
     """``name -> Setup`` of the models, each built once."""
-    built = {}
 
+    @functools.cache
     def get(name: str) -> Setup:
-        if name not in built:
-            built[name] = (_minilm(minilm_path, tmp_path_factory) if name == "bert2bert-minilm"
-                           else _small(name, tmp_path_factory))
-        return built[name]
+        return _minilm(minilm_path, tmp_path_factory) if name == "bert2bert-minilm" else _small(name, tmp_path_factory)
 
     return get
 

@@ -5,6 +5,7 @@ written unrolled resumes scanned with remat, and ends where the unrolled run end
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -122,20 +123,15 @@ def losses_and_gradients(hf_pair):
     (``plain-train`` with dropout, ``plain-eval`` without), each a jitted program as the train step is, computed
     once. Dropout draws per layer: the same draws unrolled with or without remat, other draws scanned (compared
     without)."""
-    computed, models = {}, {}
+    plain_model = functools.cache(lambda name: EncoderDecoderModel.from_pretrained(hf_pair(name)[1]))
 
+    @functools.cache
     def get(name: str, way: str):
-        if (name, way) not in computed:
-            if name not in models:
-                models[name] = EncoderDecoderModel.from_pretrained(hf_pair(name)[1])
-            plain = models[name]
-            if way.startswith("plain-"):
-                model, train = plain, way == "plain-train"
-            else:
-                scan, remat = LAYOUTS[way]
-                model, train = _as(plain, scan, remat), not scan
-            computed[name, way] = _loss_and_grads(model, seed=4, train=train)
-        return computed[name, way]
+        plain = plain_model(name)
+        if way.startswith("plain-"):
+            return _loss_and_grads(plain, seed=4, train=way == "plain-train")
+        scan, remat = LAYOUTS[way]
+        return _loss_and_grads(_as(plain, scan, remat), seed=4, train=not scan)
 
     return get
 
