@@ -194,6 +194,90 @@ class CamembertConfig(RobertaConfig):
 
 @assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
+class BertGenerationConfig(HFConfig):
+    """Hugging Face ``BertGenerationConfig``: BERT's layers without token types, pooler or LM-head transform (the
+    BertGenerationEncoder / BertGenerationDecoder of the BERT-to-BERT summarizers warm-started from BERT)."""
+
+    model_type: ClassVar[str] = "bert-generation"
+    vocab_size: int = 50358
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def spec(self, role: Role) -> TransformerSpec:
+        decoder = role == "decoder"
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
+            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention, lm_head_bias=True,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
+            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
+            initializer_range=self.initializer_range,
+        )
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class ElectraConfig(HFConfig):
+    """Hugging Face ``ElectraConfig``: BERT's layers under embeddings of their own width ``embedding_size``
+    (projected to ``hidden_size`` when they differ) and, as a decoder, ElectraForCausalLM's generator head (dense
+    to ``embedding_size``, gelu, norm, the tied word table). No pooler. The sequence-summary settings of its
+    classification heads stay in ``extra``."""
+
+    model_type: ClassVar[str] = "electra"
+    vocab_size: int = 30522
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def spec(self, role: Role) -> TransformerSpec:
+        decoder = role == "decoder"
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
+            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
+            type_vocab_size=self.type_vocab_size, embedding_size=self.embedding_size,
+            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
+            lm_head_transform=True, lm_head_activation="gelu", lm_head_bias=True,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
+            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
+            initializer_range=self.initializer_range,
+        )
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
 class DistilBertConfig(HFConfig):
     """Hugging Face ``DistilBertConfig``: BERT's post-norm layers without token types or pooler; an encoder only
     (transformers has no DistilBERT causal LM to decode with)."""
@@ -323,8 +407,8 @@ class BartConfig(HFConfig):
 
 
 ARCHITECTURES: dict[str, type[HFConfig]] = {
-    c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, DistilBertConfig,
-                              GPT2Config, BartConfig)
+    c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig,
+                              ElectraConfig, DistilBertConfig, GPT2Config, BartConfig)
 }
 
 
@@ -373,11 +457,13 @@ class EncoderDecoderConfig:
 
     def _check_tieable(self) -> None:
         """``tie_encoder_decoder``: transformers ties each decoder module to the encoder module of the same name
-        (embeddings, self-attention, MLP, norms). BERT and RoBERTa-family stacks share those names; the shared
-        tensors must have one shape, and every decoder layer needs an encoder layer of the same index."""
+        (embeddings, self-attention, MLP, norms). BERT, RoBERTa-family and BertGeneration stacks share those
+        names; the shared tensors must have one shape, and every decoder layer needs an encoder layer of the same
+        index."""
         kinds = (self.encoder.model_type, self.decoder.model_type)
-        require(all(isinstance(part, BertConfig) for part in (self.encoder, self.decoder)),
-                f"tie_encoder_decoder=True needs a BERT or RoBERTa-family encoder and decoder (transformers ties "
+        require(all(isinstance(part, (BertConfig, BertGenerationConfig)) for part in (self.encoder, self.decoder)),
+                f"tie_encoder_decoder=True needs a BERT, RoBERTa-family or BertGeneration encoder and decoder "
+                f"(transformers ties "
                 f"modules by name, and only those share their names); got encoder {kinds[0]!r} and decoder "
                 f"{kinds[1]!r}")
         encoder, decoder = self.encoder_spec, self.decoder_spec

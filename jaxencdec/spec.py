@@ -36,11 +36,14 @@ class TransformerSpec:
       pad_token_id: needed by the RoBERTa scheme.
       type_vocab_size: rows of the token-type table (``0``: none); we always use type 0.
       embed_scale: multiplier on word embeddings (BART's ``scale_embedding``).
+      embedding_size: width ``E`` of the embedding tables and of the LM head's transform when it is not ``D``
+        (ELECTRA): the embeddings are projected to ``D`` before the first layer. None: ``D``.
       embedding_norm: layer norm after the embedding sum (BERT, RoBERTa, BART).
       pre_norm: pre-layer-norm residual blocks with a final norm (GPT-2) instead of post-norm (BERT, BART).
       pooler: a tanh pooler over the first token (BERT/RoBERTa encoders).
       is_decoder: causal self-attention; add_cross_attention: a cross-attention block per layer.
-      lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa).
+      lm_head_transform: dense + activation + norm before the output projection (BERT, RoBERTa, ELECTRA).
+      lm_head_activation: the transform's activation when it is not ``activation`` (ELECTRA's generator: gelu).
       lm_head_bias: a bias on the vocabulary logits.
       tie_word_embeddings: logits use the word embedding table instead of a separate matrix.
       relative_attention: one of ``RELATIVE_ATTENTION``: self-attention scores get relative position terms from a
@@ -63,12 +66,14 @@ class TransformerSpec:
     pad_token_id: int | None = None
     type_vocab_size: int = 0
     embed_scale: float = 1.0
+    embedding_size: int | None = None
     embedding_norm: bool = True
     pre_norm: bool = False
     pooler: bool = False
     is_decoder: bool = False
     add_cross_attention: bool = False
     lm_head_transform: bool = False
+    lm_head_activation: str | None = None
     lm_head_bias: bool = False
     tie_word_embeddings: bool = True
     hidden_dropout: float = 0.1
@@ -81,9 +86,9 @@ class TransformerSpec:
     def __post_init__(self):
         require(self.hidden_size % self.num_heads == 0,
                 f"hidden size {self.hidden_size} is not divisible by the number of attention heads {self.num_heads}")
-        require(self.activation in ACTIVATIONS,
-                f"activation {self.activation!r} is not supported; use one of {ACTIVATIONS}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for activation in (self.activation, self.lm_head_activation or self.activation):
+            require(activation in ACTIVATIONS, f"activation {activation!r} is not supported; use one of {ACTIVATIONS}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "embedding_width"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(not self.positions_from_padding or self.pad_token_id is not None,
                 "RoBERTa-style positions need pad_token_id")
@@ -92,6 +97,11 @@ class TransformerSpec:
         require(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
                                                 and self.position_offset == 0),
                 "relative_attention needs max_positions > 0 (the distance table's size) and plain positions")
+
+    @property
+    def embedding_width(self) -> int:
+        """``E``: the width of the embedding tables (``D`` unless ``embedding_size`` says otherwise)."""
+        return self.embedding_size or self.hidden_size
 
     @property
     def head_dim(self) -> int:

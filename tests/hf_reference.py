@@ -25,6 +25,12 @@ SMALL = {
     "roberta": _roberta_shaped(transformers.RobertaConfig),
     "xlm-roberta": _roberta_shaped(transformers.XLMRobertaConfig),
     "camembert": _roberta_shaped(transformers.CamembertConfig),
+    "bert-generation": lambda hidden=32, layers=2: transformers.BertGenerationConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=START, eos_token_id=EOS),
+    "electra": lambda hidden=32, layers=2: transformers.ElectraConfig(  # embeddings narrower than the layers
+        vocab_size=VOCAB, embedding_size=24, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD, hidden_act="relu"),
     "distilbert": lambda hidden=32, layers=2: transformers.DistilBertConfig(
         vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=37, max_position_embeddings=64,
         pad_token_id=PAD),

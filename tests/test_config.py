@@ -10,15 +10,19 @@ import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
-from jaxencdec import (BartConfig, BertConfig, CamembertConfig, ConfigError, DistilBertConfig, EncoderDecoderConfig,
-                       GPT2Config, GenerationConfig, RobertaConfig, XLMRobertaConfig)
+from jaxencdec import (BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError, DistilBertConfig,
+                       ElectraConfig, EncoderDecoderConfig, GPT2Config, GenerationConfig, RobertaConfig,
+                       XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
 OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
-        "distilbert": DistilBertConfig, "gpt2": GPT2Config, "bart": BartConfig}
+        "bert-generation": BertGenerationConfig, "electra": ElectraConfig, "distilbert": DistilBertConfig,
+        "gpt2": GPT2Config, "bart": BartConfig}
 HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
       "xlm-roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
-      "distilbert": transformers.DistilBertConfig, "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig}
+      "bert-generation": transformers.BertGenerationConfig, "electra": transformers.ElectraConfig,
+      "distilbert": transformers.DistilBertConfig,
+      "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig}
 
 
 @pytest.mark.parametrize("arch", list(OURS))

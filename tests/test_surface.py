@@ -4,6 +4,7 @@ encode / decode / init_cache and ``encoder_outputs=``, attentions and hidden sta
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -335,24 +336,36 @@ def _tie_like_transformers_4(hf: transformers.EncoderDecoderModel) -> list[tuple
     return tied
 
 
+# BERT, and BertGeneration: the layout of the tied summarizers warm-started from BERT/RoBERTa (roberta2roberta_L-24_bbc)
+TIED_KINDS = ("bert", "bert-generation")
+
+
 @pytest.fixture(scope="module")
-def tied_bert2bert(tmp_path_factory):
-    """A transformers bert2bert tied as transformers 4 tied it, and its checkpoint as transformers 4 saved it
-    (safetensors keep one copy of each tied tensor: the decoder's)."""
-    hf = hf_encoder_decoder("bert", "bert", seed=3)
-    hf.set_attn_implementation("eager")
-    tied = _tie_like_transformers_4(hf)
-    assert len(tied) > 30
-    folder = tmp_path_factory.mktemp("tied")
-    hf.config.to_json_file(folder / "config.json")
-    # the LM head's output weight is the word table: transformers drops it from a save, tied or not
-    state = {k: v.numpy() for k, v in hf.state_dict().items() if ".cls.predictions.decoder." not in k}
-    save_file({k: v for k, v in state.items() if k not in {e for e, _ in tied}}, str(folder / "model.safetensors"))
-    return hf, tied, state, folder
+def tied_pairs(tmp_path_factory):
+    """``kind -> (model, tied names, state, folder)``: a transformers ``kind``2``kind`` tied as transformers 4 tied
+    it, and its checkpoint as transformers 4 saved it (safetensors keep one copy of each tied tensor: the
+    decoder's), built once per kind."""
+
+    @functools.cache
+    def get(kind: str):
+        hf = hf_encoder_decoder(kind, kind, seed=3)
+        hf.set_attn_implementation("eager")
+        tied = _tie_like_transformers_4(hf)
+        assert len(tied) > 30
+        folder = tmp_path_factory.mktemp(f"tied-{kind}")
+        hf.config.to_json_file(folder / "config.json")
+        # the LM head's output weight is the word table: transformers drops it from a save, tied or not
+        dropped = {f"decoder.{name}" for name in hf.decoder._tied_weights_keys}
+        state = {k: v.numpy() for k, v in hf.state_dict().items() if k not in dropped}
+        save_file({k: v for k, v in state.items() if k not in {e for e, _ in tied}}, str(folder / "model.safetensors"))
+        return hf, tied, state, folder
+
+    return get
 
 
-def test_tied_checkpoint_loads_with_shared_parameters_once(tied_bert2bert, tmp_path):
-    hf, tied, state, folder = tied_bert2bert
+@pytest.mark.parametrize("kind", TIED_KINDS)
+def test_tied_checkpoint_loads_with_shared_parameters_once(tied_pairs, kind, tmp_path):
+    hf, tied, state, folder = tied_pairs(kind)
     ours = EncoderDecoderModel.from_pretrained(folder)
     assert ours.config.tie_encoder_decoder
     paths = set(traverse_util.flatten_dict(ours.params, sep="/"))
@@ -375,9 +388,9 @@ def test_tied_checkpoint_loads_with_shared_parameters_once(tied_bert2bert, tmp_p
         np.testing.assert_array_equal(np.asarray(again(ids, mask, labels=labels).logits), np.asarray(out.logits))
 
 
-def test_tied_checkpoint_with_differing_copies_takes_the_decoders(tied_bert2bert, tmp_path):
+def test_tied_checkpoint_with_differing_copies_takes_the_decoders(tied_pairs, tmp_path):
     """transformers 4 loaded both copies into the one shared tensor, the decoder's last."""
-    _, tied, state, folder = tied_bert2bert
+    _, tied, state, folder = tied_pairs("bert")
     encoder_name, decoder_name = tied[0]
     changed = {**state, encoder_name: state[encoder_name] + 1.0}
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
@@ -395,11 +408,11 @@ def _step_batch(config):
             "decoder_attention_mask": np.ones_like(decoder_ids), "labels": labels}
 
 
-def test_tied_bert2bert_trains_saves_and_exports_as_pytorch_does(tied_bert2bert, tmp_path):
+def test_tied_bert2bert_trains_saves_and_exports_as_pytorch_does(tied_pairs, tmp_path):
     """Three SGD steps of the train step equal three PyTorch SGD steps on the tied model: each shared tensor
     gets the sum of its encoder and decoder gradients. Then save -> load is exact and the PyTorch export
     gives transformers the same logits."""
-    hf, _, _, folder = tied_bert2bert
+    hf, _, _, folder = tied_pairs("bert")
     ours = EncoderDecoderModel.from_pretrained(folder)
     train_batch = _step_batch(hf.config)
     learning_rate = 0.5
@@ -480,7 +493,8 @@ def test_tied_warm_start_shares_the_checkpoint_values(tmp_path):
 
 
 @pytest.mark.parametrize("encoder, decoder, message", [
-    (SMALL["bert"](), SMALL["gpt2"](), "needs a BERT or RoBERTa-family encoder and decoder"),
+    (SMALL["bert"](), SMALL["gpt2"](), "needs a BERT, RoBERTa-family or BertGeneration encoder and decoder"),
+    (SMALL["bert"](), SMALL["bert-generation"](), "type_vocab_size 2 vs 0"),
     (SMALL["bert"](), SMALL["bert"](hidden=48), "hidden_size 32 vs 48"),
     (SMALL["bert"](layers=1), SMALL["bert"](layers=2), "the decoder has 2 layers and the encoder only 1"),
 ])

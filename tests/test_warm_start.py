@@ -10,22 +10,25 @@ import transformers
 from hf_reference import SMALL, batch, randomize_
 from jaxencdec import EncoderDecoderModel
 
-# (architecture, transformers class saved as the standalone checkpoint)
+# name -> (architecture, transformers class saved as the standalone checkpoint)
 ENCODERS = {
-    "bert": transformers.BertModel,
-    "roberta-mlm": transformers.RobertaForMaskedLM,  # base model under "roberta.", an LM head to ignore
-    "bart": transformers.BartModel,  # the encoder half of a full BART
+    "bert": ("bert", transformers.BertModel),
+    "roberta-mlm": ("roberta", transformers.RobertaForMaskedLM),  # base model under "roberta.", an LM head to ignore
+    "bart": ("bart", transformers.BartModel),  # the encoder half of a full BART
+    "electra": ("electra", transformers.ElectraModel),
+    "bert-generation": ("bert-generation", transformers.BertGenerationEncoder),
 }
 DECODERS = {
-    "bert-base": transformers.BertModel,  # a base checkpoint: the LM head is new
-    "gpt2": transformers.GPT2LMHeadModel,
-    "bart-causal": transformers.BartForCausalLM,
-    "bart-seq2seq": transformers.BartForConditionalGeneration,  # decoder half of a full BART, shared embeddings
+    "bert-base": ("bert", transformers.BertModel),  # a base checkpoint: the LM head is new
+    "gpt2": ("gpt2", transformers.GPT2LMHeadModel),
+    "bart-causal": ("bart", transformers.BartForCausalLM),
+    "bart-seq2seq": ("bart", transformers.BartForConditionalGeneration),  # BART's decoder half, shared embeddings
+    "electra-causal": ("electra", transformers.ElectraForCausalLM),
+    "bert-generation": ("bert-generation", transformers.BertGenerationDecoder),
 }
 
 
-def _save(tmp_path_factory, name, cls):
-    arch = name.split("-")[0]
+def _save(tmp_path_factory, name, arch, cls):
     model = randomize_(cls(SMALL[arch]()), seed=len(name))
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
@@ -34,12 +37,12 @@ def _save(tmp_path_factory, name, cls):
 
 @pytest.fixture(scope="module")
 def bert_checkpoint(tmp_path_factory):
-    return _save(tmp_path_factory, "bert", transformers.BertModel)[1]
+    return _save(tmp_path_factory, "bert", *ENCODERS["bert"])[1]
 
 
 @pytest.fixture(scope="module")
 def gpt2_checkpoint(tmp_path_factory):
-    return _save(tmp_path_factory, "gpt2", transformers.GPT2LMHeadModel)[1]
+    return _save(tmp_path_factory, "gpt2", *DECODERS["gpt2"])[1]
 
 
 def _reference_encoder(name, model):
@@ -50,7 +53,7 @@ def _reference_encoder(name, model):
 
 @pytest.mark.parametrize("enc_name", list(ENCODERS))
 def test_encoder_states_match_the_standalone_encoder(enc_name, gpt2_checkpoint, tmp_path_factory):
-    enc_model, enc_folder = _save(tmp_path_factory, enc_name, ENCODERS[enc_name])
+    enc_model, enc_folder = _save(tmp_path_factory, enc_name, *ENCODERS[enc_name])
     ours = EncoderDecoderModel.from_encoder_decoder_pretrained(enc_folder, gpt2_checkpoint, decoder_start_token_id=3,
                                                                 pad_token_id=1)
     assert not [k for k in ours.load_report.missing if k.startswith("encoder/") and "pooler" not in k]
@@ -65,7 +68,7 @@ def test_encoder_states_match_the_standalone_encoder(enc_name, gpt2_checkpoint, 
 
 @pytest.mark.parametrize("dec_name", list(DECODERS))
 def test_decoder_tensors_come_from_the_checkpoint(dec_name, bert_checkpoint, tmp_path_factory):
-    dec_model, dec_folder = _save(tmp_path_factory, dec_name, DECODERS[dec_name])
+    dec_model, dec_folder = _save(tmp_path_factory, dec_name, *DECODERS[dec_name])
     ours = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, dec_folder, decoder_start_token_id=3,
                                                                 pad_token_id=1)
     new = set(ours.load_report.missing)

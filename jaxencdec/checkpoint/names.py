@@ -100,8 +100,9 @@ def _conv1d(hf: str, ours: tuple[str, ...], n_in: int = 1) -> list[Rule]:
 def _bert_base(spec: TransformerSpec) -> list[Rule]:
     rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
              Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
-             Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)),
              *_norm("embeddings.LayerNorm", "embeddings/norm")]
+    if spec.type_vocab_size:  # not BertGeneration's
+        rules.append(Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)))
     for i in range(spec.num_layers):
         hf, ours = f"encoder.layer.{i}", f"layers_{i}"
         blocks = [("attention", "self_attention")] + ([("crossattention", "cross_attention")]
@@ -130,6 +131,28 @@ def _bert_head(spec: TransformerSpec) -> list[Rule]:
 def _roberta_head(spec: TransformerSpec) -> list[Rule]:
     return [*_linear("lm_head.dense", "lm_head/transform"), *_norm("lm_head.layer_norm", "lm_head/transform_norm"),
             Rule("lm_head.bias", ("lm_head/bias",))] + _untied(spec, "lm_head.decoder")
+
+
+def _electra_base(spec: TransformerSpec) -> list[Rule]:
+    """BERT's, with the projection of E-wide embeddings to D when E != D."""
+    projection = _linear("embeddings_project", "embeddings_project") if spec.embedding_width != spec.hidden_size else []
+    return _bert_base(spec) + projection
+
+
+def _electra_head(spec: TransformerSpec) -> list[Rule]:
+    return [*_linear("generator_predictions.dense", "lm_head/transform"),
+            *_norm("generator_predictions.LayerNorm", "lm_head/transform_norm"),
+            Rule("generator_lm_head.bias", ("lm_head/bias",))] + _untied(spec, "generator_lm_head")
+
+
+def _bert_generation_head(spec: TransformerSpec) -> list[Rule]:
+    """BertGenerationOnlyLMHead: one linear layer. transformers adds ``decoder.bias`` to the logits and ties
+    ``bias`` to it; untied, ``bias`` is a separate tensor transformers never reads (written with the used one's
+    values)."""
+    if spec.tie_word_embeddings:
+        return [Rule("lm_head.bias", ("lm_head/bias",))]
+    return [Rule("lm_head.decoder.weight", ("lm_head/output/kernel",), "linear"),
+            Rule("lm_head.decoder.bias", ("lm_head/bias",), aliases=("lm_head.bias",))]
 
 
 def _untied(spec: TransformerSpec, hf: str) -> list[Rule]:
@@ -220,6 +243,8 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     # RoBERTa's modules under other model types: XLMRobertaForCausalLM and CamembertForCausalLM name them alike
     "xlm-roberta": _ROBERTA,
     "camembert": _ROBERTA,
+    "bert-generation": Architecture(_bert_base, _bert_generation_head, ("", "bert."), ("bert.", "")),
+    "electra": Architecture(_electra_base, _electra_head, ("", "electra."), ("electra.", "")),
     "distilbert": Architecture(_distilbert_base, _no_head, ("", "distilbert."), ("distilbert.",)),
     "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
     "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
@@ -297,6 +322,6 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
     return aliases
 
 
-_WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "distilbert"),
-                                    "embeddings.word_embeddings.weight"),
+_WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
+                                    "distilbert"), "embeddings.word_embeddings.weight"),
                    "gpt2": "wte.weight", "bart": "embed_tokens.weight"}

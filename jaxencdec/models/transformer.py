@@ -1,12 +1,13 @@
-"""One transformer stack, configured by a ``TransformerSpec`` into a BERT/RoBERTa/BART encoder or a
-BERT/RoBERTa/GPT-2/BART decoder with cross-attention and an LM head.
+"""One transformer stack, configured by a ``TransformerSpec`` into a BERT/RoBERTa/BertGeneration/DistilBERT/BART
+encoder or a BERT/RoBERTa/BertGeneration/GPT-2/BART decoder with cross-attention and an LM head.
 
 Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden)::
 
     embeddings/word/embedding            [vocab, D]
     embeddings/position/embedding        [max_positions, D]      (learned positions; unused when relative)
     embeddings/token_type/embedding      [type_vocab, D]         (BERT, RoBERTa)
-    embeddings/norm/{scale,bias}         [D]                     (BERT, RoBERTa, BART)
+    embeddings/norm/{scale,bias}         [D]                     (all but GPT-2)
+    embeddings_project/{kernel [E, D], bias [D]}                  (ELECTRA: E-wide embedding tables, E != D)
     layers_{i}/self_attention/{query,key,value}/{kernel [D, h, d], bias [h, d]}
     layers_{i}/self_attention/out/{kernel [h, d, D], bias [D]}
     layers_{i}/self_attention/distance/embedding [2 * max_positions - 1, d]   (relative attention)
@@ -19,7 +20,7 @@ Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D
     pooler/{kernel [D, D], bias [D]}                              (BERT/RoBERTa encoders)
     lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa decoders)
     lm_head/output/kernel [D, vocab]                              (untied decoders)
-    lm_head/bias [vocab]                                          (BERT/RoBERTa decoders)
+    lm_head/bias [vocab]                                          (BERT/RoBERTa/BertGeneration decoders)
 
 With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
 ``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
@@ -224,7 +225,8 @@ def _rematerialized(layer_class: type[TransformerLayer], remat: str) -> type[Tra
 
 
 class LMHead(nn.Module):
-    """Hidden states ``[batch, length, D]`` -> vocabulary logits ``[batch, length, vocab]`` (float32)."""
+    """Hidden states ``[batch, length, D]`` -> vocabulary logits ``[batch, length, vocab]`` (float32). Without a
+    transform the word table's width must be ``D``."""
 
     spec: TransformerSpec
     dtype: Dtype = jnp.float32
@@ -233,10 +235,10 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array, embeddings: Embeddings) -> jax.Array:
         s = self.spec
-        if s.lm_head_transform:
-            hidden = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype, self.param_dtype,
+        if s.lm_head_transform:  # to the embeddings' width E
+            hidden = dense(s.embedding_width, ("embed", "hidden"), s.initializer_range, self.dtype, self.param_dtype,
                            name="transform")(hidden)
-            hidden = ACTIVATION_FNS[s.activation](hidden)
+            hidden = ACTIVATION_FNS[s.lm_head_activation or s.activation](hidden)
             hidden = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype, name="transform_norm")(hidden)
             hidden = constrain(hidden, HIDDEN_AXES)
         if s.tie_word_embeddings:
@@ -261,10 +263,13 @@ class TransformerStack(nn.Module):
     def setup(self):
         s = self.spec
         self.embeddings = Embeddings(
-            s.vocab_size, s.hidden_size, s.max_positions, s.type_vocab_size, s.embed_scale,
+            s.vocab_size, s.embedding_width, s.max_positions, s.type_vocab_size, s.embed_scale,
             s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
             self.dtype, self.param_dtype, add_positions=not s.relative_attention,
         )
+        if s.embedding_width != s.hidden_size:  # ELECTRA: E-wide embeddings projected to D
+            self.embeddings_project = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
+                                            self.param_dtype)
         if self.scan_layers:
             scanned = nn.scan(
                 _rematerialized(ScannedLayer, self.remat),
@@ -292,6 +297,8 @@ class TransformerStack(nn.Module):
         ``distance``: the self-attention's query-key distances, for relative attention (else None).
         ``encoder_hidden``: scanned decoders without ``cross_kv`` project it in each layer."""
         x = self.embeddings(input_ids, positions, deterministic)
+        if self.spec.embedding_width != self.spec.hidden_size:
+            x = constrain(self.embeddings_project(x), HIDDEN_AXES)
         if self.scan_layers:
             layers = jnp.arange(self.spec.num_layers, dtype=jnp.int32)
             (x, new_cache), _ = self.layers((x, cache), (cross_kv, layers), mask, cross_mask, cache_index,
