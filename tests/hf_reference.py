@@ -28,9 +28,10 @@ SMALL = {
     "bert-generation": lambda hidden=32, layers=2: transformers.BertGenerationConfig(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=START, eos_token_id=EOS),
-    "electra": lambda hidden=32, layers=2: transformers.ElectraConfig(  # embeddings narrower than the layers
+    # embeddings narrower than the layers; the layers' activation other than the generator head's (gelu)
+    "electra": lambda hidden=32, layers=2: transformers.ElectraConfig(
         vocab_size=VOCAB, embedding_size=24, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD, hidden_act="relu"),
+        intermediate_size=37, max_position_embeddings=64, pad_token_id=PAD, hidden_act="silu"),
     "distilbert": lambda hidden=32, layers=2: transformers.DistilBertConfig(
         vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=37, max_position_embeddings=64,
         pad_token_id=PAD),
@@ -64,7 +65,16 @@ PAIRS = {
     "bert2gpt2-proj": ("bert", "gpt2", 32, 48),  # different hidden sizes: enc_to_dec_proj
     "xlmr2camembert": ("xlm-roberta", "camembert", 32, 32),  # RoBERTa's architecture under two other model types
     "distilbert2xlmr": ("distilbert", "xlm-roberta", 32, 32),
+    "electra2bertgen": ("electra", "bert-generation", 32, 32),  # ELECTRA's embeddings are 24 wide: projected
+    "bertgen2electra": ("bert-generation", "electra", 32, 32),
 }
+
+# Pairs that compute exactly what another pair computes, under other model types and tensor names (XLM-RoBERTa and
+# CamemBERT are RoBERTa's architecture): the checks of names, files and transformers' outputs run every pair, the
+# checks of our model against itself (layouts, dtypes, packing) run COMPUTED_PAIRS, where the pair repeated stands
+# for the pair that repeats it.
+REPEATS = {"xlmr2camembert": "roberta2roberta"}
+COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
 
 
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,

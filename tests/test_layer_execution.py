@@ -18,7 +18,7 @@ import transformers
 from flax import traverse_util
 
 import testing
-from hf_reference import PAIRS, VOCAB, batch
+from hf_reference import COMPUTED_PAIRS, VOCAB, batch
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import BertConfig, EncoderDecoderConfig
 from jaxencdec.models import layout
@@ -111,10 +111,12 @@ def test_save_pretrained_writes_the_unrolled_layout_whatever_runs(saved_pair, tm
 # ---------------------------------------------------------------------- against the unrolled layout
 
 
-# Scanning stacks each architecture's layers its own way: every pair runs scanned. Remat wraps the one layer block
-# that every architecture runs through in jax.checkpoint, whatever the pair: the remat ways run on one pair.
+# Scanning stacks each architecture's layers its own way: every pair that computes its own way runs scanned. Remat
+# wraps the one layer block that every architecture runs through in jax.checkpoint, whatever the pair: the remat
+# ways run on one pair.
 ONE_PAIR = "bert2bart"
-WAYS = [(name, "scanned") for name in PAIRS] + [(ONE_PAIR, way) for way in LAYOUTS if way != "scanned"]
+WAYS = [(name, "scanned") for name in COMPUTED_PAIRS] + [(ONE_PAIR, way) for way in LAYOUTS
+                                                         if way != "scanned"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,8 @@ def test_relative_and_tied_pairs_run_scanned_and_rematerialized_as_unrolled(name
 # with the logits, the same for every pair: they run on one pair.
 SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3), "sample": dict(do_sample=True, top_k=20),
             "beam-sample": dict(num_beams=2, do_sample=True)}
-PAIR_SEARCHES = [(name, "greedy") for name in PAIRS] + [(ONE_PAIR, mode) for mode in SEARCHES if mode != "greedy"]
+PAIR_SEARCHES = [(name, "greedy") for name in COMPUTED_PAIRS] + [(ONE_PAIR, mode) for mode in SEARCHES
+                                                                  if mode != "greedy"]
 
 
 @pytest.mark.slow

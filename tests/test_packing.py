@@ -1,7 +1,7 @@
 """Packed rows (several sequences per row, T5X's segment ids and positions) compute, for each sequence, what it
-computes alone in a padded row: logits, summed loss and gradients, for the five tested pairs (learned absolute
-positions, RoBERTa's padding-based ones, GPT-2's and BART's), relative position scores and a tied pair, unrolled
-and scanned with remat."""
+computes alone in a padded row: logits, summed loss and gradients, for the tested pairs (``COMPUTED_PAIRS``: learned
+absolute positions, RoBERTa's padding-based ones, GPT-2's and BART's, projected ELECTRA embeddings), relative
+position scores and a tied pair, unrolled and scanned with remat."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import PAD, START, VOCAB
+from hf_reference import COMPUTED_PAIRS, PAD, START, VOCAB
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import apply_recording, stack_records, token_loss_sum
 from test_layer_execution import OWN, _as, assert_relatively_close
-from test_models_equivalence import saved_pair  # noqa: F401 (a fixture, used by name)
 
 # (source length, target length) of each sequence, and how they are packed: rows of sequence indices.
 LENGTHS = [(5, 4), (7, 3), (4, 5), (2, 2)]
 ROWS = [[0, 1], [2, 3]]
+
+
+@pytest.fixture(scope="module", params=COMPUTED_PAIRS)
+def saved_pair(request, hf_pair):
+    """(name, transformers model, its saved folder) of each pair that computes its own way."""
+    return request.param, *hf_pair(request.param)
 
 
 def sequences(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

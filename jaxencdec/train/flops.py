@@ -18,7 +18,10 @@ def forward_flops(config: EncoderDecoderConfig, batch: int, source: int, target:
         decoder layer   8 B T h^2  +  4 B T^2 h          self-attention, causal but counted in full
                       + 4 B T h^2  +  4 B S h_e h        cross-attention q, out; k, v over the source
                       + 4 B T S h  +  4 B T h f          cross-attention scores, values; MLP
-        LM head         2 B T h V  (+ 2 B T h^2 where the head has a dense transform: BERT, RoBERTa)
+        LM head         2 B T e V  (+ 2 B T h e where the head has a dense transform: BERT, RoBERTa, ELECTRA)
+        projection      2 B S e h_e, 2 B T e h    ELECTRA's embeddings of width e != h, projected to h
+
+    with e the embedding width (h but for ELECTRA).
 
     Not counted: embeddings, layer norms, softmax, activations, the loss, the optimizer, BERT's pooler, and
     ``enc_to_dec_proj`` (encoder and decoder of different widths).
@@ -29,10 +32,12 @@ def forward_flops(config: EncoderDecoderConfig, batch: int, source: int, target:
     encoder = le * (8 * b * s * he**2 + 4 * b * s * s * he + 4 * b * s * he * fe)
     decoder = ld * (8 * b * t * hd**2 + 4 * b * t * t * hd + 4 * b * t * hd**2 + 4 * b * s * he * hd
                     + 4 * b * t * s * hd + 4 * b * t * hd * fd)
-    head = 2 * b * t * hd * dec.vocab_size
+    ee, ed = enc.embedding_width, dec.embedding_width
+    head = 2 * b * t * ed * dec.vocab_size
     if dec.lm_head_transform:
-        head += 2 * b * t * hd**2
-    return float(encoder + decoder + head)
+        head += 2 * b * t * hd * ed
+    projections = 2 * b * s * ee * he * (ee != he) + 2 * b * t * ed * hd * (ed != hd)
+    return float(encoder + decoder + head + projections)
 
 
 def train_flops(config: EncoderDecoderConfig, batch: int, source: int, target: int) -> float:
