@@ -1,5 +1,6 @@
 """The README's "Your own training loop": the block runs as written on one device and on a data 2 x model 2 mesh
-of four, the model called inside jax.jit / jax.grad with labels; its loss is the one `jaxencdec train` computes."""
+of four, the model called inside jax.jit / jax.grad / jax.vmap with labels; its loss is the one `jaxencdec train`
+computes."""
 
 from __future__ import annotations
 
@@ -77,3 +78,30 @@ def test_encode_and_decode_run_in_jit_and_grad_as_outside(one_device):
                                np.asarray(logits(model.params, ids, mask, decoder_ids)), atol=1e-5, rtol=0)
     grads = jax.grad(lambda p: logits(p, ids, mask, decoder_ids).sum())(model.params)
     assert jax.tree.structure(grads) == jax.tree.structure(model.params)
+
+
+def test_the_model_maps_over_examples_with_vmap(one_device):
+    """jax.vmap over the examples of a batch (one row each, as transformers 4's Flax models allowed): the logits of
+    the batched call, each row's own loss, per-example gradients, and encode / decode the same way."""
+    model, batch = one_device["model"], one_device["batch"]
+    ids, mask, labels = (np.asarray(batch[k])[:3] for k in ("input_ids", "attention_mask", "labels"))
+
+    def one(params, ids, mask, labels):
+        out = model(ids[None], mask[None], labels=labels[None], params=params)
+        return out.logits[0], out.loss
+
+    logits, losses = jax.vmap(one, in_axes=(None, 0, 0, 0))(model.params, ids, mask, labels)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(ids, mask, labels=labels).logits), atol=1e-5,
+                               rtol=0)
+    alone = [float(model(ids[i:i + 1], mask[i:i + 1], labels=labels[i:i + 1]).loss) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(losses), alone, rtol=1e-5)
+    assert len(set(alone)) == 3  # three rows, three different losses: the map really is per example
+    per_example = jax.vmap(jax.grad(lambda p, *row: one(p, *row)[1]), in_axes=(None, 0, 0, 0))(
+        model.params, ids, mask, labels)
+    first = jax.grad(lambda p: one(p, ids[0], mask[0], labels[0])[1])(model.params)
+    for stacked, alone_grad in zip(jax.tree.leaves(per_example), jax.tree.leaves(first)):
+        assert stacked.shape == (3, *alone_grad.shape)
+        np.testing.assert_allclose(np.asarray(stacked[0]), np.asarray(alone_grad), rtol=1e-5, atol=1e-7)
+    encoded = jax.vmap(lambda i, m: model.encode(i[None], m[None]).last_hidden_state[0])(ids, mask)
+    np.testing.assert_allclose(np.asarray(encoded), np.asarray(model.encode(ids, mask).last_hidden_state),
+                               atol=1e-5, rtol=0)
