@@ -1,19 +1,29 @@
 """Exported generate (``jaxencdec.generation.export`` / ``serving``): one export per model and mode, loaded in a
 fresh process that never imports the model code, gives the ids of ``make_generate_fn`` at every batch size and
-source length (both symbolic), and carries TPU and CUDA lowerings made on this CPU-only machine."""
+source length (both symbolic), and carries TPU and CUDA lowerings made on this CPU-only machine.
+
+The serving process runs in a virtualenv that holds only what the README's "Serving" section says to install
+(the distributions it names and what they require, linked from this environment, and jaxencdec without its
+dependencies): a missing dependency, or a sentence that names too few, fails here."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
+from importlib import metadata
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import testing
 from gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (pytest fixtures)
@@ -36,12 +46,16 @@ MODEL_CODE = ("jaxencdec.models.transformer", "jaxencdec.nn", "jaxencdec.generat
 
 # Runs in a fresh interpreter: loads every artifact, calls it on every input, saves the ids, and prints which
 # model modules got imported on the way.
-SERVER = """
+TEXT = "a served tokenizer turns text into ids"
+SERVER = f"TEXT = {TEXT!r}" + """
 import json, sys
 import jax, numpy as np
 from jaxencdec.generation.serving import load_generate
 
 root, names, seed, forbidden = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4].split(",")
+from jaxencdec.tokenizer import Tokenizer
+tokenizer = Tokenizer.from_pretrained(f"{root}/{names[0]}")  # the tokenizer exported beside the first program
+np.save(f"{root}/tokenized.npy", np.asarray(tokenizer(TEXT)["input_ids"]))
 inputs = np.load(f"{root}/inputs.npz")
 shapes = sorted({key.split("/")[0] for key in inputs.files})
 outputs = {}
@@ -73,14 +87,60 @@ def hf_folders(tmp_path_factory) -> dict:
     return {name: root / name for name in ("bert2bert", "bert2gpt2")}
 
 
+def serving_requirements() -> list[str]:
+    """What the README's "Serving" section says a serving environment installs (besides jaxencdec, --no-deps)."""
+    text = " ".join((Path(REPO) / "README.md").read_text().split("## Serving", 1)[1].split())
+    found = re.search(r"it needs `pip install ([^`]+)` and `pip install --no-deps jaxencdec`", text)
+    assert found, "README's Serving section no longer names what serving installs"
+    return shlex.split(found.group(1))
+
+
+def _required(requirements: list[str]) -> dict[str, metadata.Distribution]:
+    """The installed distributions ``requirements`` name and, recursively, those they require (extras and
+    environment markers evaluated as pip does); a requirement this environment does not satisfy is an error."""
+    found: dict[str, metadata.Distribution] = {}
+    extras: dict[str, set[str]] = {}
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found and requirement.extras <= extras[name]:
+            continue
+        distribution = metadata.distribution(requirement.name)
+        assert requirement.specifier.contains(distribution.version, prereleases=True), (requirement,
+                                                                                       distribution.version)
+        found[name], extras[name] = distribution, extras.get(name, set()) | requirement.extras
+        for line in distribution.requires or []:
+            needed = Requirement(line)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra})
+                                            for extra in extras[name] | {""}):
+                todo.append(needed)
+    return found
+
+
+def serving_venv(folder: Path) -> Path:
+    """A virtualenv at ``folder`` holding the README's serving requirements (linked from this environment's
+    site-packages) and the jaxencdec package of this checkout, nothing else. Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(folder), "platbase": str(folder)}))
+    for distribution in _required(serving_requirements()).values():
+        tops = {Path(str(f)).parts[0] for f in distribution.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            source = Path(str(distribution.locate_file(top)))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    (site / "jaxencdec").symlink_to(Path(REPO) / "jaxencdec")  # pip install --no-deps jaxencdec
+    return folder / "bin" / "python"
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, hf_folders):
+def exported(tmp_path_factory, hf_folders, minilm_path):
     """Exports every (model, mode) once into ``root/<model>-<mode>``, starts the serving process on them, and
     meanwhile computes ``expected["<model>-<mode>/BxS"]``, the ids of ``make_generate_fn`` on the same inputs and
     key. Returns ``(root, models, expected, served)``, ``served`` the serving process's ``CompletedProcess``.
 
     Both processes compile with the test run's ``XLA_FLAGS`` (``testing.FAST_COMPILE_FLAGS``), so that they run the
-    same XLA passes."""
+    same XLA passes. The serving process runs in ``serving_venv``; the first export also holds a tokenizer."""
     root = tmp_path_factory.mktemp("exported")
     inputs = _inputs()
     np.savez(root / "inputs.npz", **{f"{shape}/{part}": array for shape, (ids, mask) in inputs.items()
@@ -92,10 +152,12 @@ def exported(tmp_path_factory, hf_folders):
             configs[f"{name}-{mode}"] = config = model.generation_config.replace(max_new_tokens=MAX_NEW_TOKENS,
                                                                                  **options)
             export_generate(model, config, folder=root / f"{name}-{mode}")
+    Tokenizer.from_pretrained(minilm_path).save_pretrained(root / next(iter(configs)))
+    python = serving_venv(tmp_path_factory.mktemp("serving-venv"))
     with open(root / "server.out", "w") as stdout, open(root / "server.err", "w") as stderr:  # no pipe to fill up
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(root), ",".join(configs), str(SEED),
+        server = subprocess.Popen([str(python), "-c", SERVER, str(root), ",".join(configs), str(SEED),
                                    ",".join(MODEL_CODE)], stdout=stdout, stderr=stderr, cwd=root,
-                                  env=_fresh_python_env())
+                                  env=_serving_env())
     try:
         expected = {}
         for case, config in configs.items():
@@ -117,10 +179,18 @@ def _fresh_python_env() -> dict[str, str]:
     return testing.subprocess_env(None, PYTHONPATH=path)
 
 
+def _serving_env() -> dict[str, str]:
+    """A child's environment for the serving virtualenv: nothing added to its path (no PYTHONPATH, no user site)."""
+    env = {k: v for k, v in testing.subprocess_env(None).items() if k != "PYTHONPATH"}
+    return {**env, "PYTHONNOUSERSITE": "1"}
+
+
 def test_loaded_artifact_matches_make_generate_fn_without_model_code(exported):
     root, models, expected, served = exported
     assert served.returncode == 0, served.stderr[-3000:]
     assert json.loads(served.stdout.strip().splitlines()[-1]) == [], "the serving process imported model code"
+    served_tokenizer = Tokenizer.from_pretrained(root / f"{next(iter(models))}-{next(iter(MODES))}")
+    np.testing.assert_array_equal(np.load(root / "tokenized.npy"), served_tokenizer(TEXT)["input_ids"])
     outputs = np.load(root / "outputs.npz")
     assert sorted(outputs.files) == sorted(expected)
     for key, ids in expected.items():
