@@ -120,7 +120,7 @@ from jaxencdec.train import compile as aot
 temps = {}
 for remat in ("none", "full"):
     config = RunConfig.from_json_file(sys.argv[1], ["model.scan_layers=true", f"model.remat={remat}"])
-    report = aot.compile_run(config, "v5e:2x2", programs=("train",))
+    report = aot.compile_run(config, "v5e:2x2", programs=("train",), quick=True)
     temps[remat] = report.program("train").temp_bytes
 print(json.dumps(temps))
 """
@@ -128,7 +128,9 @@ print(json.dumps(temps))
 
 def test_remat_full_keeps_far_fewer_activations(tmp_path, env):
     """A 12 + 12-layer pair's train step on a v5e chip: with every layer rematerialized, the temporaries XLA plans
-    (mostly the activations kept for the backward pass) are at least 40% smaller."""
+    (mostly the activations kept for the backward pass) are at least 40% smaller. Compiled quick, as the other
+    programs here: remat keeps 14% of the temporaries there, 6% in the full compile (measured with
+    jax 0.10.2 and libtpu 0.0.42.1)."""
     layers = {"num_hidden_layers": 12, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
               "vocab_size": 1024, "max_position_embeddings": 256, "model_type": "bert"}
     path = write_config(tmp_path, model={"encoder_config": layers, "decoder_config": layers},
