@@ -17,7 +17,8 @@ _PUBLIC = {
     "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "EncoderDecoderConfig": "jaxencdec.config",
     "GPT2Config": "jaxencdec.config", "RobertaConfig": "jaxencdec.config", "XLMRobertaConfig": "jaxencdec.config",
     "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config",
-    "BertGenerationConfig": "jaxencdec.config", "ElectraConfig": "jaxencdec.config", "TransformerSpec": "jaxencdec.spec",
+    "BertGenerationConfig": "jaxencdec.config", "ElectraConfig": "jaxencdec.config", "MBartConfig": "jaxencdec.config",
+    "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
     "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",
     "EncoderDecoderModel": "jaxencdec.modeling",
@@ -28,7 +29,8 @@ __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
     from jaxencdec.config import (BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, DistilBertConfig,
-                                  ElectraConfig, EncoderDecoderConfig, GPT2Config, RobertaConfig, XLMRobertaConfig)
+                                  ElectraConfig, EncoderDecoderConfig, GPT2Config, MBartConfig, RobertaConfig,
+                                  XLMRobertaConfig)
     from jaxencdec.errors import CheckpointError, ConfigError
     from jaxencdec.generation.api import GenerateOutput, make_generate_fn
     from jaxencdec.generation.config import GenerationConfig, GenerationConfigError

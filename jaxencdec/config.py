@@ -406,9 +406,22 @@ class BartConfig(HFConfig):
         )
 
 
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class MBartConfig(BartConfig):
+    """Hugging Face ``MBartConfig``: BART with pre-norm layers and a final layer norm in each half (mBART-25/50's
+    multilingual checkpoints; MBartForCausalLM as a decoder)."""
+
+    model_type: ClassVar[str] = "mbart"
+    decoder_start_token_id: int | None = None
+
+    def spec(self, role: Role) -> TransformerSpec:
+        return dataclasses.replace(super().spec(role), pre_norm=True)
+
+
 ARCHITECTURES: dict[str, type[HFConfig]] = {
     c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig,
-                              ElectraConfig, DistilBertConfig, GPT2Config, BartConfig)
+                              ElectraConfig, DistilBertConfig, GPT2Config, BartConfig, MBartConfig)
 }
 
 

@@ -42,6 +42,10 @@ SMALL = {
         vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
         pad_token_id=1, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS, scale_embedding=True),
+    "mbart": lambda hidden=32, layers=2: transformers.MBartConfig(
+        vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS),
 }
 
 
@@ -67,6 +71,7 @@ PAIRS = {
     "distilbert2xlmr": ("distilbert", "xlm-roberta", 32, 32),
     "electra2bertgen": ("electra", "bert-generation", 32, 32),  # ELECTRA's embeddings are 24 wide: projected
     "bertgen2electra": ("bert-generation", "electra", 32, 32),
+    "roberta2mbart": ("roberta", "mbart", 32, 32),  # mBART's decoder: BART's, pre-norm, with a final norm
 }
 
 # Pairs that compute exactly what another pair computes, under other model types and tensor names (XLM-RoBERTa and

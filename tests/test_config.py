@@ -11,18 +11,18 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
 from jaxencdec import (BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError, DistilBertConfig,
-                       ElectraConfig, EncoderDecoderConfig, GPT2Config, GenerationConfig, RobertaConfig,
-                       XLMRobertaConfig)
+                       ElectraConfig, EncoderDecoderConfig, GPT2Config, GenerationConfig, MBartConfig,
+                       RobertaConfig, XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
 OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
         "bert-generation": BertGenerationConfig, "electra": ElectraConfig, "distilbert": DistilBertConfig,
-        "gpt2": GPT2Config, "bart": BartConfig}
+        "gpt2": GPT2Config, "bart": BartConfig, "mbart": MBartConfig}
 HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
       "xlm-roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
       "bert-generation": transformers.BertGenerationConfig, "electra": transformers.ElectraConfig,
       "distilbert": transformers.DistilBertConfig,
-      "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig}
+      "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig, "mbart": transformers.MBartConfig}
 
 
 @pytest.mark.parametrize("arch", list(OURS))

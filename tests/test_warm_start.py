@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from hf_reference import SMALL, batch, randomize_
+from hf_reference import SMALL, batch, hf_encoder_decoder, randomize_
 from jaxencdec import EncoderDecoderModel
 
 # name -> (architecture, transformers class saved as the standalone checkpoint)
@@ -15,6 +15,7 @@ ENCODERS = {
     "bert": ("bert", transformers.BertModel),
     "roberta-mlm": ("roberta", transformers.RobertaForMaskedLM),  # base model under "roberta.", an LM head to ignore
     "bart": ("bart", transformers.BartModel),  # the encoder half of a full BART
+    "mbart": ("mbart", transformers.MBartModel),
     "electra": ("electra", transformers.ElectraModel),
     "bert-generation": ("bert-generation", transformers.BertGenerationEncoder),
 }
@@ -23,6 +24,7 @@ DECODERS = {
     "gpt2": ("gpt2", transformers.GPT2LMHeadModel),
     "bart-causal": ("bart", transformers.BartForCausalLM),
     "bart-seq2seq": ("bart", transformers.BartForConditionalGeneration),  # BART's decoder half, shared embeddings
+    "mbart-causal": ("mbart", transformers.MBartForCausalLM),
     "electra-causal": ("electra", transformers.ElectraForCausalLM),
     "bert-generation": ("bert-generation", transformers.BertGenerationDecoder),
 }
@@ -46,7 +48,7 @@ def gpt2_checkpoint(tmp_path_factory):
 
 
 def _reference_encoder(name, model):
-    if name == "bart":
+    if name in ("bart", "mbart"):
         return model.get_encoder()
     return model.roberta if name == "roberta-mlm" else model
 
@@ -72,8 +74,9 @@ def test_decoder_tensors_come_from_the_checkpoint(dec_name, bert_checkpoint, tmp
     ours = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, dec_folder, decoder_start_token_id=3,
                                                                 pad_token_id=1)
     new = set(ours.load_report.missing)
-    assert any("cross_attention" in k for k in new) or dec_name.startswith("bart")
-    if dec_name.startswith("bart"):
+    bart = DECODERS[dec_name][0] in ("bart", "mbart")
+    assert any("cross_attention" in k for k in new) or bart
+    if bart:
         assert not [k for k in new if k.startswith("decoder/")]  # BART decoders carry cross-attention already
     if dec_name == "bert-base":
         assert {"decoder/lm_head/bias", "decoder/lm_head/transform/kernel"} <= new
@@ -101,3 +104,21 @@ def test_new_and_unused_parameters_are_listed_in_one_message_each(bert_checkpoin
     assert "decoder/layers_{0,1}/cross_attention/query/kernel" in new and "decoder/lm_head/bias" in new
     assert unused == "Checkpoint tensors not used by the model: decoder: pooler.dense.bias, " \
                      "decoder: pooler.dense.weight"
+
+
+@pytest.mark.parametrize("arch", ["bart", "mbart"])
+def test_a_bart_encoder_saved_by_transformers_reads_its_shared_word_table(arch, tmp_path):
+    """transformers' EncoderDecoderModel holds a BART-family encoder as the whole BartModel (whose forward cannot
+    run there: it returns a seq2seq output) and saves its tied word table once, as ``encoder.shared.weight``."""
+    hf = hf_encoder_decoder(arch, "gpt2", seed=2)
+    hf.save_pretrained(tmp_path)
+    ours = EncoderDecoderModel.from_pretrained(tmp_path)
+    assert ours.load_report.missing == [] and ours.load_report.mismatched == []
+    assert all(name.startswith("encoder.decoder.") for name in ours.load_report.unexpected)  # BartModel's other half
+    ids, mask, _ = batch()
+    ids = np.where(mask == 1, ids, 1)
+    with torch.no_grad():
+        expected = hf.encoder.get_encoder()(input_ids=torch.tensor(ids),
+                                            attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    got = ours.module.apply({"params": ours.params}, ids, mask, method="encode")
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)

@@ -214,6 +214,10 @@ def _bart_base(spec: TransformerSpec) -> list[Rule]:
     return rules
 
 
+def _mbart_base(spec: TransformerSpec) -> list[Rule]:
+    return _bart_base(spec) + _norm("layer_norm", "final_norm")  # pre-norm layers, then a final norm
+
+
 def _bart_head(spec: TransformerSpec) -> list[Rule]:
     return _untied(spec, "lm_head")
 
@@ -249,6 +253,8 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
     "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                          ("shared.weight", "model.shared.weight")),
+    "mbart": Architecture(_mbart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
+                          ("shared.weight", "model.shared.weight")),
 }
 
 # Non-persistent buffers and derived tensors some checkpoints carry; never weights, never reported.
@@ -280,7 +286,11 @@ def stack_rules(model_type: str, spec: TransformerSpec, role: str, hf_prefix: st
     prefixes = arch.encoder_prefixes if role == "encoder" else arch.decoder_prefixes
     rules = _prefixed(arch.base(spec), hf_prefix + prefixes[0], our_prefix)
     if role == "encoder":
-        return rules
+        # transformers' AutoModel of BART or mBART is the whole model: its word table is its `shared` tensor, the
+        # one copy transformers 5 saves of the tied tables
+        word, shared = hf_prefix + prefixes[0] + _WORD_EMBEDDING[model_type], arch.word_embedding_aliases[:1]
+        return [dataclasses.replace(r, aliases=r.aliases + tuple(hf_prefix + a for a in shared)) if r.hf == word
+                else r for r in rules]
     rules += _prefixed(arch.head(spec), hf_prefix, our_prefix)
     return [dataclasses.replace(r, ours=tuple(map(_to_encoder, r.ours))) for r in rules] if tied else rules
 
@@ -324,4 +334,4 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
                                     "distilbert"), "embeddings.word_embeddings.weight"),
-                   "gpt2": "wte.weight", "bart": "embed_tokens.weight"}
+                   "gpt2": "wte.weight", "bart": "embed_tokens.weight", "mbart": "embed_tokens.weight"}
