@@ -1,428 +1,30 @@
-"""Model configurations: frozen dataclasses that round-trip Hugging Face ``config.json``.
-
-Each architecture config mirrors the Hugging Face class of the same name field for field (same names, same
-defaults), keeps every key it does not model in ``extra`` so that writing it back loses nothing, and reduces
-itself to a :class:`jaxencdec.spec.TransformerSpec`: the architecture-agnostic description that the shared ``nn``
-blocks are built from. Architectures differ only in the spec they produce, never in module code.
+"""Model configurations: ``EncoderDecoderConfig``, a pair of architecture configs (``jaxencdec.architectures``,
+whose names this module exports too) and the shared token ids, round-tripping Hugging Face ``config.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-import types
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Mapping
+from typing import Any, ClassVar, Mapping
 
+from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, BartConfig, BertConfig, BertGenerationConfig,
+                                     CamembertConfig, DistilBertConfig, ElectraConfig, GPT2Config, HFConfig,
+                                     MBartConfig, Role, RobertaConfig, XLMRobertaConfig, checked_replace,
+                                     naming_errors)
 from jaxencdec.errors import ConfigError, require
-from jaxencdec.fields import (assigned_through_replace, check_types, frozen, replace as replace_fields, to_json,
-                              unknown_names)
+from jaxencdec.fields import assigned_through_replace, check_types, frozen, to_json
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 
-Role = Literal["encoder", "decoder"]
+__all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "BartConfig", "BertConfig", "BertGenerationConfig",
+           "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig", "GPT2Config", "HFConfig",
+           "MBartConfig", "Role", "RobertaConfig", "XLMRobertaConfig"]
 
 # ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;
 # "full" keeps only the layer's input and recomputes the rest; the others are ``jax.checkpoint_policies`` that keep
 # matmul outputs (all of them, or those without batch dimensions: not the attention scores and probabilities).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
-
-# transformers ``PretrainedConfig`` settings that choose what a forward pass returns or how it runs, never the
-# numbers it computes: a programmatic override of one is kept in ``extra`` (written back to config.json, as
-# transformers writes it) instead of refused.
-RUNTIME_FLAGS = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states", "torchscript",
-                           "use_return_dict", "output_scores", "chunk_size_feed_forward"})
-
-
-def _replace(config, changes: Mapping[str, Any], hint: str = ""):
-    """``config.replace``: ``changes`` applied, the ``RUNTIME_FLAGS`` that are no field kept in ``extra``; an unknown
-    name is a ConfigError listing its closest field names (and ``hint``), since an override with a typo must not be
-    kept as an unknown key."""
-    names = [f.name for f in dataclasses.fields(config) if f.name != "extra"]
-    unknown = unknown_names(changes, [*names, *RUNTIME_FLAGS])
-    if unknown:
-        raise ConfigError(f"{type(config).__name__} has no field(s) {', '.join(unknown)}; its fields: "
-                          f"{', '.join(names)}" + (f"; {hint}" if hint else ""))
-    return replace_fields(config, changes, RUNTIME_FLAGS)
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class HFConfig:
-    """Fields every Hugging Face ``PretrainedConfig`` has, and the ``config.json`` round trip."""
-
-    model_type: ClassVar[str] = ""
-
-    is_decoder: bool = False
-    add_cross_attention: bool = False
-    tie_word_embeddings: bool = True
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    decoder_start_token_id: int | None = None
-    cross_attention_hidden_size: int | None = None
-    # Keys of config.json this class does not model, kept verbatim for the way back.
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self):
-        check_types(self, ConfigError)
-        object.__setattr__(self, "eos_token_id", frozen(self.eos_token_id))  # hashable: a static jit argument
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HFConfig":
-        """Builds the config class named by ``data["model_type"]`` (or ``cls`` if it is concrete)."""
-        target = cls
-        if not cls.model_type:
-            model_type = data.get("model_type")
-            if model_type not in ARCHITECTURES:
-                raise ConfigError(f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-            target = ARCHITECTURES[model_type]
-        elif data.get("model_type", cls.model_type) != cls.model_type:
-            raise ConfigError(f"expected model_type {cls.model_type!r}, got {data['model_type']!r}")
-        names = {f.name for f in dataclasses.fields(target)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names and k != "model_type"}
-        return target(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: to_json(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {**self.extra, **values, "model_type": self.model_type}
-
-    @classmethod
-    def from_json_file(cls, path) -> "HFConfig":
-        """Reads a Hugging Face ``config.json``; a bad value is a ConfigError naming the file and the field."""
-        with _naming(path):
-            return cls.from_dict(read_json(path))
-
-    def replace(self, **changes) -> "HFConfig":
-        """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches
-        (transformers' ``RUNTIME_FLAGS``, e.g. ``use_cache``, are kept in ``extra``)."""
-        return _replace(self, changes)
-
-    def spec(self, role: Role) -> TransformerSpec:
-        raise NotImplementedError
-
-    @property
-    def hidden(self) -> int:
-        """Model width, whatever the architecture calls it."""
-        raise NotImplementedError
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class BertConfig(HFConfig):
-    """Hugging Face ``BertConfig``."""
-
-    model_type: ClassVar[str] = "bert"
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int | None = 0
-    position_embedding_type: str = "absolute"
-
-    # position_embedding_type -> TransformerSpec.relative_attention (transformers 4's values; 5 has only "absolute")
-    POSITION_EMBEDDING_TYPES: ClassVar[Mapping[str, str | None]] = types.MappingProxyType(
-        {"absolute": None, "relative_key": "key", "relative_key_query": "key_query"})
-
-    @property
-    def hidden(self) -> int:
-        return self.hidden_size
-
-    def spec(self, role: Role) -> TransformerSpec:
-        require(self.position_embedding_type in self.POSITION_EMBEDDING_TYPES,
-                f"position_embedding_type {self.position_embedding_type!r} is not supported; use one of "
-                f"{', '.join(map(repr, self.POSITION_EMBEDDING_TYPES))}")
-        relative = self.POSITION_EMBEDDING_TYPES[self.position_embedding_type]
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            # relative attention: RoBERTa's padding-based positions are computed by transformers but never used
-            positions_from_padding=isinstance(self, RobertaConfig) and not relative,
-            type_vocab_size=self.type_vocab_size,
-            pooler=not decoder, is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
-            lm_head_transform=True, lm_head_bias=True, tie_word_embeddings=self.tie_word_embeddings,
-            hidden_dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob,
-            embedding_dropout=self.hidden_dropout_prob, initializer_range=self.initializer_range,
-            relative_attention=relative,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class RobertaConfig(BertConfig):
-    """Hugging Face ``RobertaConfig``: BERT with positions counted from ``pad_token_id + 1``."""
-
-    model_type: ClassVar[str] = "roberta"
-    vocab_size: int = 50265
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 2
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class XLMRobertaConfig(RobertaConfig):
-    """Hugging Face ``XLMRobertaConfig``: RoBERTa's architecture under its own ``model_type`` (multilingual
-    checkpoints such as xlm-roberta-base, with a 250,002-token vocabulary)."""
-
-    model_type: ClassVar[str] = "xlm-roberta"
-    vocab_size: int = 30522
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class CamembertConfig(RobertaConfig):
-    """Hugging Face ``CamembertConfig``: RoBERTa's architecture under its own ``model_type`` (French)."""
-
-    model_type: ClassVar[str] = "camembert"
-    vocab_size: int = 30522
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class BertGenerationConfig(HFConfig):
-    """Hugging Face ``BertGenerationConfig``: BERT's layers without token types, pooler or LM-head transform (the
-    BertGenerationEncoder / BertGenerationDecoder of the BERT-to-BERT summarizers warm-started from BERT)."""
-
-    model_type: ClassVar[str] = "bert-generation"
-    vocab_size: int = 50358
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    intermediate_size: int = 4096
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 2
-    eos_token_id: int | list[int] | None = 1
-
-    @property
-    def hidden(self) -> int:
-        return self.hidden_size
-
-    def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention, lm_head_bias=True,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
-            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
-            initializer_range=self.initializer_range,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class ElectraConfig(HFConfig):
-    """Hugging Face ``ElectraConfig``: BERT's layers under embeddings of their own width ``embedding_size``
-    (projected to ``hidden_size`` when they differ) and, as a decoder, ElectraForCausalLM's generator head (dense
-    to ``embedding_size``, gelu, norm, the tied word table). No pooler. The sequence-summary settings of its
-    classification heads stay in ``extra``."""
-
-    model_type: ClassVar[str] = "electra"
-    vocab_size: int = 30522
-    embedding_size: int = 128
-    hidden_size: int = 256
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 4
-    intermediate_size: int = 1024
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int | None = 0
-
-    @property
-    def hidden(self) -> int:
-        return self.hidden_size
-
-    def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            type_vocab_size=self.type_vocab_size, embedding_size=self.embedding_size,
-            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
-            lm_head_transform=True, lm_head_activation="gelu", lm_head_bias=True,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
-            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
-            initializer_range=self.initializer_range,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class DistilBertConfig(HFConfig):
-    """Hugging Face ``DistilBertConfig``: BERT's post-norm layers without token types or pooler; an encoder only
-    (transformers has no DistilBERT causal LM to decode with)."""
-
-    model_type: ClassVar[str] = "distilbert"
-    vocab_size: int = 30522
-    max_position_embeddings: int = 512
-    sinusoidal_pos_embds: bool = False
-    n_layers: int = 6
-    n_heads: int = 12
-    dim: int = 768
-    hidden_dim: int = 3072
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation: str = "gelu"
-    initializer_range: float = 0.02
-    pad_token_id: int | None = 0
-
-    @property
-    def hidden(self) -> int:
-        return self.dim
-
-    def spec(self, role: Role) -> TransformerSpec:
-        require(role == "encoder", "DistilBERT is supported as an encoder only (transformers has no DistilBERT "
-                                   "causal LM); pair it with another architecture's decoder")
-        require(not self.sinusoidal_pos_embds, "DistilBERT with sinusoidal_pos_embds=True (fixed, untrained "
-                                               "positions) is not supported")
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.dim, num_layers=self.n_layers, num_heads=self.n_heads,
-            intermediate_size=self.hidden_dim, activation=self.activation, layer_norm_eps=1e-12,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            hidden_dropout=self.dropout, attention_dropout=self.attention_dropout, embedding_dropout=self.dropout,
-            initializer_range=self.initializer_range,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class GPT2Config(HFConfig):
-    """Hugging Face ``GPT2Config``."""
-
-    model_type: ClassVar[str] = "gpt2"
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: int | None = None
-    activation_function: str = "gelu_new"
-    resid_pdrop: float = 0.1
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    layer_norm_epsilon: float = 1e-5
-    initializer_range: float = 0.02
-    scale_attn_weights: bool = True
-    scale_attn_by_inverse_layer_idx: bool = False
-    reorder_and_upcast_attn: bool = False
-    bos_token_id: int | None = 50256
-    eos_token_id: int | list[int] | None = 50256
-
-    @property
-    def hidden(self) -> int:
-        return self.n_embd
-
-    def spec(self, role: Role) -> TransformerSpec:
-        require(self.scale_attn_weights and not self.scale_attn_by_inverse_layer_idx,
-                "GPT-2 attention scaling variants (scale_attn_weights=False, scale_attn_by_inverse_layer_idx) "
-                "are not supported")
-        require(role == "decoder", "GPT-2 is supported as a decoder only")
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.n_embd, num_layers=self.n_layer, num_heads=self.n_head,
-            intermediate_size=self.n_inner or 4 * self.n_embd, activation=self.activation_function,
-            layer_norm_eps=self.layer_norm_epsilon, max_positions=self.n_positions, pad_token_id=self.pad_token_id,
-            embedding_norm=False, pre_norm=True, is_decoder=True, add_cross_attention=self.add_cross_attention,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.resid_pdrop,
-            attention_dropout=self.attn_pdrop, embedding_dropout=self.embd_pdrop,
-            initializer_range=self.initializer_range,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class BartConfig(HFConfig):
-    """Hugging Face ``BartConfig``; its encoder half serves as an encoder, its decoder half as a decoder."""
-
-    model_type: ClassVar[str] = "bart"
-    vocab_size: int = 50265
-    max_position_embeddings: int = 1024
-    d_model: int = 1024
-    encoder_layers: int = 12
-    decoder_layers: int = 12
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
-    activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    init_std: float = 0.02
-    scale_embedding: bool = False
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 2
-    decoder_start_token_id: int | None = 2
-
-    @property
-    def hidden(self) -> int:
-        return self.d_model
-
-    def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.d_model,
-            num_layers=self.decoder_layers if decoder else self.encoder_layers,
-            num_heads=self.decoder_attention_heads if decoder else self.encoder_attention_heads,
-            intermediate_size=self.decoder_ffn_dim if decoder else self.encoder_ffn_dim,
-            activation=self.activation_function, layer_norm_eps=1e-5,
-            max_positions=self.max_position_embeddings + 2, position_offset=2, pad_token_id=self.pad_token_id,
-            embed_scale=math.sqrt(self.d_model) if self.scale_embedding else 1.0,
-            # BartForCausalLM always carries cross-attention blocks.
-            is_decoder=decoder, add_cross_attention=decoder,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.dropout,
-            attention_dropout=self.attention_dropout, activation_dropout=self.activation_dropout,
-            embedding_dropout=self.dropout, initializer_range=self.init_std,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class MBartConfig(BartConfig):
-    """Hugging Face ``MBartConfig``: BART with pre-norm layers and a final layer norm in each half (mBART-25/50's
-    multilingual checkpoints; MBartForCausalLM as a decoder)."""
-
-    model_type: ClassVar[str] = "mbart"
-    decoder_start_token_id: int | None = None
-
-    def spec(self, role: Role) -> TransformerSpec:
-        return dataclasses.replace(super().spec(role), pre_norm=True)
-
-
-ARCHITECTURES: dict[str, type[HFConfig]] = {
-    c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig,
-                              ElectraConfig, DistilBertConfig, GPT2Config, BartConfig, MBartConfig)
-}
 
 
 @assigned_through_replace("model.config")
@@ -523,7 +125,7 @@ class EncoderDecoderConfig:
         names = {"decoder_start_token_id", "pad_token_id", "eos_token_id", "tie_encoder_decoder"}
         parts = {}
         for part in ("encoder", "decoder"):
-            with _naming(part):
+            with naming_errors(part):
                 parts[part] = HFConfig.from_dict(data[part])
         return cls(
             **parts, **{k: v for k, v in data.items() if k in names},
@@ -541,20 +143,11 @@ class EncoderDecoderConfig:
     @classmethod
     def from_json_file(cls, path) -> "EncoderDecoderConfig":
         """Reads an encoder-decoder ``config.json``; a bad value is a ConfigError naming the file and the field."""
-        with _naming(path):
+        with naming_errors(path):
             return cls.from_dict(read_json(path))
 
     def replace(self, **changes) -> "EncoderDecoderConfig":
         """A copy with ``changes``; an unknown field name is a ConfigError listing the close matches. A part's
         field is changed through the part: ``config.replace(decoder=config.decoder.replace(vocab_size=...))``."""
-        return _replace(self, changes, "the encoder's and decoder's own fields are set through the part: "
+        return checked_replace(self, changes, "the encoder's and decoder's own fields are set through the part: "
                                        "config.replace(decoder=config.decoder.replace(field=value))")
-
-
-@contextlib.contextmanager
-def _naming(where) -> Iterator[None]:
-    """Prefixes the message of a ConfigError raised inside with ``where`` (a file, or a part of a config)."""
-    try:
-        yield
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None

@@ -3,9 +3,9 @@ within 1e-4.
 
 Eight models: the real all-MiniLM-L6-v2 warm-started as bert2bert, and small random bert2gpt2, bert2bart,
 xlmr2camembert, distilbert2xlmr, electra2bertgen, bertgen2electra and roberta2mbart (tests/hf_reference.py's PAIRS)
-whose weights are drawn large so that logits are far from ties. The EOS ids, bad words and forced tokens are picked from what each reference model actually
-generates, so that sequences really end early and the constraints really bite (asserted below); a constraint the
-model never meets proves nothing.
+whose weights are drawn large so that logits are far from ties. The EOS ids, bad words and forced tokens are picked
+from what each reference model actually generates, so that sequences really end early and the constraints really
+bite (asserted below); a constraint the model never meets proves nothing.
 """
 
 from __future__ import annotations

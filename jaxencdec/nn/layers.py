@@ -258,8 +258,9 @@ class Embeddings(nn.Module):
     """Word (+ position) (+ token type 0) embeddings, scaled, optionally normalized, with dropout.
 
     ``input_ids [batch, length] int`` and ``positions [batch, length] int`` (already offset) give
-    ``[batch, length, hidden_size]`` in ``dtype`` (the table width: ``E`` of ELECTRA's factorized embeddings). ``add_positions=False`` (relative attention) keeps the position table,
-    which checkpoints hold, without adding it; ``positions`` is then not read.
+    ``[batch, length, hidden_size]`` in ``dtype`` (the table width: ``E`` of ELECTRA's factorized embeddings).
+    ``add_positions=False`` (relative attention) keeps the position table, which checkpoints hold, without adding
+    it; ``positions`` is then not read.
     """
 
     vocab_size: int
