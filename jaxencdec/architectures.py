@@ -140,21 +140,29 @@ class BertConfig(HFConfig):
                 f"position_embedding_type {self.position_embedding_type!r} is not supported; use one of "
                 f"{', '.join(map(repr, self.POSITION_EMBEDDING_TYPES))}")
         relative = self.POSITION_EMBEDDING_TYPES[self.position_embedding_type]
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
+        return _bert_layers_spec(
+            self, role,
             # relative attention: RoBERTa's padding-based positions are computed by transformers but never used
             positions_from_padding=isinstance(self, RobertaConfig) and not relative,
-            type_vocab_size=self.type_vocab_size,
-            pooler=not decoder, is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
-            lm_head_transform=True, lm_head_bias=True, tie_word_embeddings=self.tie_word_embeddings,
-            hidden_dropout=self.hidden_dropout_prob, attention_dropout=self.attention_probs_dropout_prob,
-            embedding_dropout=self.hidden_dropout_prob, initializer_range=self.initializer_range,
-            relative_attention=relative,
+            type_vocab_size=self.type_vocab_size, pooler=role == "encoder", lm_head_transform=True,
+            lm_head_bias=True, relative_attention=relative,
         )
+
+
+def _bert_layers_spec(config: HFConfig, role: Role, **specifics) -> TransformerSpec:
+    """The spec of a config with BERT's field names (BERT, the RoBERTa family, BertGeneration, ELECTRA), whose
+    stacks run BERT's post-norm layers; ``specifics``: the spec fields its architecture sets besides."""
+    decoder = role == "decoder"
+    return TransformerSpec(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        activation=config.hidden_act, layer_norm_eps=config.layer_norm_eps,
+        max_positions=config.max_position_embeddings, pad_token_id=config.pad_token_id,
+        is_decoder=decoder, add_cross_attention=decoder and config.add_cross_attention,
+        tie_word_embeddings=config.tie_word_embeddings, hidden_dropout=config.hidden_dropout_prob,
+        attention_dropout=config.attention_probs_dropout_prob, embedding_dropout=config.hidden_dropout_prob,
+        initializer_range=config.initializer_range, **specifics,
+    )
 
 
 @assigned_through_replace("encoder_config")
@@ -215,17 +223,7 @@ class BertGenerationConfig(HFConfig):
         return self.hidden_size
 
     def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention, lm_head_bias=True,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
-            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
-            initializer_range=self.initializer_range,
-        )
+        return _bert_layers_spec(self, role, lm_head_bias=True)
 
 
 @assigned_through_replace("encoder_config")
@@ -257,19 +255,8 @@ class ElectraConfig(HFConfig):
         return self.hidden_size
 
     def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
-            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
-            activation=self.hidden_act, layer_norm_eps=self.layer_norm_eps,
-            max_positions=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            type_vocab_size=self.type_vocab_size, embedding_size=self.embedding_size,
-            is_decoder=decoder, add_cross_attention=decoder and self.add_cross_attention,
-            lm_head_transform=True, lm_head_activation="gelu", lm_head_bias=True,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.hidden_dropout_prob,
-            attention_dropout=self.attention_probs_dropout_prob, embedding_dropout=self.hidden_dropout_prob,
-            initializer_range=self.initializer_range,
-        )
+        return _bert_layers_spec(self, role, type_vocab_size=self.type_vocab_size, embedding_size=self.embedding_size,
+                                 lm_head_transform=True, lm_head_activation="gelu", lm_head_bias=True)
 
 
 @assigned_through_replace("encoder_config")
