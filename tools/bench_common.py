@@ -1,4 +1,4 @@
-"""What the benchmarks share: their three models (saved as transformers folders both sides load, in a folder
+"""What the benchmarks share: their models (saved as transformers folders both sides load, in a folder
 several runs can share), the MiniLM folder or a random model of its shape where the asset is missing, the timing
 of a jitted call that measures the device's bounds, and the load-average line they print."""
 
@@ -9,8 +9,26 @@ import json
 import os
 import time
 
-# The benchmarks' three models (see save_reference_model).
-MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base")
+# The benchmarks' models (see save_reference_model).
+MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small")
+# What a run measures unless told (the README's tables): the BERT and GPT-2 pairs.
+DEFAULT_MODELS = MODELS[:3]
+
+# Small random pairs of the other architectures: (encoder config class, decoder config class) of transformers,
+# hidden 256, 4 layers, 4 heads and MLP 1024 each side, each class's default vocabulary (ELECTRA's embeddings keep
+# their default width, 128, under the 256-wide layers).
+SMALL_PAIRS = {"electra2bertgen-small": ("ElectraConfig", "BertGenerationConfig"),
+               "xlmr2mbart-small": ("XLMRobertaConfig", "MBartConfig")}
+
+
+def _small_config(class_name: str):
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    if class_name == "MBartConfig":
+        return cls(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024)
+    return cls(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 
 # all-MiniLM-L6-v2's architecture (its config.json), for machines where the asset is not installed (no pip).
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -46,7 +64,8 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
 
     bert2bert-minilm: all-MiniLM-L6-v2 warm-started on both sides (49M); bert2gpt2-small: random BERT and GPT-2,
     hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder (29M); bert2bert-base:
-    random BERT-base on both sides (hidden 768, 12 layers, 12 heads, 247M).
+    random BERT-base on both sides (hidden 768, 12 layers, 12 heads, 247M); ``SMALL_PAIRS``: random, as
+    bert2gpt2-small.
     """
     import torch
     import transformers
@@ -71,6 +90,12 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
         torch.manual_seed(0)
         hf = transformers.EncoderDecoderModel(config)
         tokens = {"decoder_start_token_id": 101, "pad_token_id": 0}
+    elif model in SMALL_PAIRS:
+        encoder, decoder = map(_small_config, SMALL_PAIRS[model])
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        torch.manual_seed(0)
+        hf = transformers.EncoderDecoderModel(config)
+        tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": encoder.pad_token_id}
     else:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     hf.config.decoder_start_token_id = tokens["decoder_start_token_id"]
@@ -80,7 +105,8 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
             "vocab": hf.config.encoder.vocab_size,
             "decoder_vocab": hf.config.decoder.vocab_size,
             "decoder_params": sum(p.numel() for p in hf.decoder.parameters()),  # tied tensors once
-            "decoder_layers": hf.config.decoder.num_hidden_layers, "decoder_hidden": hf.config.decoder.hidden_size,
+            "decoder_layers": getattr(hf.config.decoder, "decoder_layers", hf.config.decoder.num_hidden_layers),
+            "decoder_hidden": hf.config.decoder.hidden_size,
             "note": note}
 
 

