@@ -55,21 +55,24 @@ def load_encoder_decoder_pretrained(model_class, encoder_source: str, decoder_so
     param_dtype = requested_dtype if requested_dtype != "auto" else _agreed_dtype(
         {role: _checkpoint_dtype(part.extra, partial(read_state_dict, folder))
          for role, (folder, part) in parts.items()})
-    model = model_class(config, seed=seed, dtype=dtype, param_dtype=param_dtype)
-    flat = traverse_util.flatten_dict(layout.to_layout(model.params, scanned=False), sep="/")
-    shapes = {k: v.shape for k, v in flat.items()}
-    report = LoadReport()
+    model = model_class(config, params={}, dtype=dtype, param_dtype=param_dtype)
+    unrolled = jax.eval_shape(lambda: layout.to_layout(model.init_params(seed), scanned=False))
+    shaped = traverse_util.flatten_dict(unrolled, sep="/")  # path -> ShapeDtypeStruct, nothing allocated
+    shapes = {k: v.shape for k, v in shaped.items()}
+    flat, report = {}, LoadReport()
     for role, (folder, part) in parts.items():
         spec = config.encoder_spec if role == "encoder" else config.decoder_spec
         rules = names.stack_rules(part.model_type, spec, role, "", role, tied=config.tie_encoder_decoder)
         loaded, part_report = state_dict_to_params(
             rules, read_state_dict(folder), shapes, partial(names.alternative_names, part.model_type, role))
         part_report.raise_for_mismatch(str(folder))
-        flat.update({k: jnp.asarray(v, flat[k].dtype) for k, v in loaded.items()})
+        flat.update({k: jnp.asarray(v, shaped[k].dtype) for k, v in loaded.items()})
         report.missing += part_report.missing
         report.unexpected += [f"{role}: {n}" for n in part_report.unexpected]
     if config.needs_projection:
-        report.missing += [k for k in flat if k.startswith("enc_to_dec_proj/")]
+        report.missing += [k for k in shaped if k.startswith("enc_to_dec_proj/")]
+    # what the checkpoints lack starts as a fresh model of this seed would (the projection included)
+    flat.update(model.init_unrolled([k for k in shaped if k not in flat], seed))
     if report.missing:
         logger.warning("Newly initialized parameters (not in the checkpoints; train them): %s",
                        summarize_paths(report.missing))
