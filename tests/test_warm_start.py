@@ -122,3 +122,25 @@ def test_a_bart_encoder_saved_by_transformers_reads_its_shared_word_table(arch, 
                                             attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
     got = ours.module.apply({"params": ours.params}, ids, mask, method="encode")
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_new_parameters_hold_what_a_fresh_model_of_the_seed_holds(bert_checkpoint, gpt2_checkpoint):
+    """A warm start initializes only what the checkpoints lack: those values are a fresh model's of the same
+    seed (and another seed gives others), the rest the checkpoints'."""
+    from flax import traverse_util
+
+    ours = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, gpt2_checkpoint, seed=3,
+                                                                decoder_start_token_id=3, pad_token_id=1)
+    fresh = traverse_util.flatten_dict(EncoderDecoderModel(ours.config, seed=3).params, sep="/")
+    other = traverse_util.flatten_dict(EncoderDecoderModel(ours.config, seed=4).params, sep="/")
+    got = traverse_util.flatten_dict(ours.params, sep="/")
+    new = set(ours.load_report.missing)
+    assert got.keys() == fresh.keys() and any("cross_attention/query/kernel" in k for k in new)
+    for k in got:
+        assert got[k].shape == fresh[k].shape and got[k].dtype == fresh[k].dtype, k
+        if k in new:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(fresh[k]), err_msg=k)
+    assert not np.array_equal(np.asarray(got["decoder/layers_0/cross_attention/query/kernel"]),
+                              np.asarray(other["decoder/layers_0/cross_attention/query/kernel"]))
+    assert not np.array_equal(np.asarray(got["encoder/layers_0/mlp/wi/kernel"]),
+                              np.asarray(fresh["encoder/layers_0/mlp/wi/kernel"]))  # from the checkpoint
