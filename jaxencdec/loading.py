@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
 
 from jaxencdec import paths
@@ -72,7 +73,7 @@ def load_encoder_decoder_pretrained(model_class, encoder_source: str, decoder_so
     if config.needs_projection:
         report.missing += [k for k in shaped if k.startswith("enc_to_dec_proj/")]
     # what the checkpoints lack starts as a fresh model of this seed would (the projection included)
-    flat.update(model.init_unrolled([k for k in shaped if k not in flat], seed))
+    flat.update(_init_unrolled(model, [k for k in shaped if k not in flat], seed))
     if report.missing:
         logger.warning("Newly initialized parameters (not in the checkpoints; train them): %s",
                        summarize_paths(report.missing))
@@ -185,6 +186,19 @@ def _checkpoint_dtype(config_extra: Mapping[str, Any], weights: Callable[[], Ite
         if jnp.issubdtype(array.dtype, jnp.floating):
             return _float_dtype(array.dtype, "the dtype of the checkpoint's weights")
     return jnp.dtype(jnp.float32)
+
+
+def _init_unrolled(model, paths: list[str], seed: int) -> dict[str, jax.Array]:
+    """``model.init_params(seed)``'s values of ``paths`` only (flat ``/``-joined paths of the unrolled layout): the
+    program computes no other parameter (XLA drops what is not returned), so that a warm start pays for the few
+    parameters its checkpoints lack, not for a whole random model."""
+
+    def init(rng):
+        params = layout.to_layout(nn.unbox(model._init_fn(rng))["params"], scanned=False)
+        flat = traverse_util.flatten_dict(params, sep="/")
+        return {path: flat[path] for path in paths}
+
+    return jax.jit(init)(jax.random.key(seed)) if paths else {}
 
 
 def _agreed_dtype(dtypes: Mapping[str, jnp.dtype]) -> jnp.dtype:

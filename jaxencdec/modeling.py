@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -69,18 +69,6 @@ class EncoderDecoderModel:
     def init_params(self, seed: int = 0) -> Params:
         """Fresh parameters: normal(initializer_range) kernels and embeddings, zero biases, unit norms."""
         return nn.unbox(jax.jit(self._init_fn)(jax.random.key(seed)))["params"]
-
-    def init_unrolled(self, paths: Sequence[str], seed: int = 0) -> dict[str, jax.Array]:
-        """``init_params(seed)``'s values of ``paths`` only (flat ``/``-joined paths of the unrolled layout):
-        the program computes no other parameter (XLA drops what is not returned), so that a warm start pays for
-        the few parameters its checkpoints lack, not for a whole random model."""
-
-        def init(rng):
-            params = layout.to_layout(nn.unbox(self._init_fn(rng))["params"], scanned=False)
-            flat = traverse_util.flatten_dict(params, sep="/")
-            return {path: flat[path] for path in paths}
-
-        return jax.jit(init)(jax.random.key(seed)) if paths else {}
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Flat ``path -> shape`` of the parameter tree, without allocating it."""
