@@ -1,12 +1,14 @@
-"""One transformer stack, configured by a ``TransformerSpec`` into a BERT/RoBERTa/BertGeneration/DistilBERT/BART
-encoder or a BERT/RoBERTa/BertGeneration/GPT-2/BART decoder with cross-attention and an LM head.
+"""One transformer stack, configured by a ``TransformerSpec`` into an encoder or a decoder with cross-attention and
+an LM head, of any supported architecture (BERT, the RoBERTa family, BertGeneration, ELECTRA, DistilBERT, GPT-2,
+BART, mBART).
 
-Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden)::
+Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden; ``E`` the embedding
+width, ``D`` but for ELECTRA)::
 
-    embeddings/word/embedding            [vocab, D]
-    embeddings/position/embedding        [max_positions, D]      (learned positions; unused when relative)
-    embeddings/token_type/embedding      [type_vocab, D]         (BERT, RoBERTa)
-    embeddings/norm/{scale,bias}         [D]                     (all but GPT-2)
+    embeddings/word/embedding            [vocab, E]
+    embeddings/position/embedding        [max_positions, E]      (learned positions; unused when relative)
+    embeddings/token_type/embedding      [type_vocab, E]         (BERT, RoBERTa, ELECTRA)
+    embeddings/norm/{scale,bias}         [E]                     (all but GPT-2)
     embeddings_project/{kernel [E, D], bias [D]}                  (ELECTRA: E-wide embedding tables, E != D)
     layers_{i}/self_attention/{query,key,value}/{kernel [D, h, d], bias [h, d]}
     layers_{i}/self_attention/out/{kernel [h, d, D], bias [D]}
@@ -16,11 +18,11 @@ Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D
     layers_{i}/cross_attention_norm/...
     layers_{i}/mlp/wi/{kernel [D, I], bias [I]}, layers_{i}/mlp/wo/{kernel [I, D], bias [D]}
     layers_{i}/mlp_norm/{scale,bias}
-    final_norm/{scale,bias}                                       (pre-norm stacks: GPT-2)
+    final_norm/{scale,bias}                                       (pre-norm stacks: GPT-2, mBART)
     pooler/{kernel [D, D], bias [D]}                              (BERT/RoBERTa encoders)
-    lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa decoders)
+    lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa/ELECTRA decoders; to E)
     lm_head/output/kernel [D, vocab]                              (untied decoders)
-    lm_head/bias [vocab]                                          (BERT/RoBERTa/BertGeneration decoders)
+    lm_head/bias [vocab]                                          (BERT/RoBERTa/BertGeneration/ELECTRA)
 
 With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
 ``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
