@@ -41,7 +41,7 @@ SHIPPED = sorted(path for path in CONFIGS.glob("*.json") if slice_of(path))
 def workload(path: Path) -> dict:
     """What a config's programs depend on: everything but where data, checkpoints and logs live."""
     config = json.loads(path.read_text())
-    data = {k: v for k, v in config["data"].items() if k not in ("train_file", "eval_file", "streaming")}
+    data = {k: v for k, v in config["data"].items() if k not in ("train_file", "eval_file")}
     return {**{k: v for k, v in config.items() if k not in ("_comment", "output_dir", "data")}, "data": data}
 
 

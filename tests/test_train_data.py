@@ -8,8 +8,9 @@ import pytest
 
 import testing
 from jaxencdec.tokenizer import Tokenizer
-from jaxencdec.train.batches import PairEncoder, PairLoader
-from jaxencdec.train.data import DataConfig, DataError, aclsum_dir, read_pairs
+from jaxencdec.train.batches import PairEncoder
+from jaxencdec.train.data import DataConfig, DataError, aclsum_dir, open_pairs
+from jaxencdec.train.pipeline import eval_batches, training_batches
 
 
 @pytest.fixture(scope="module")
@@ -46,73 +47,113 @@ def test_labels_and_decoder_inputs(encoder, tok):
 
 def test_order_is_deterministic_and_process_count_independent(encoder):
     pairs = _pairs(20)
-    one = PairLoader(pairs, encoder, 4, seed=3)
-    halves = [PairLoader(pairs, encoder, 4, p, 2, seed=3) for p in range(2)]
+    one = training_batches(pairs, encoder, 4, seed=3)
+    halves = [training_batches(pairs, encoder, 4, p, 2, seed=3) for p in range(2)]
+    seen = []
     for _ in range(12):  # crosses epoch boundaries (5 batches per epoch)
         full = next(one)
         parts = [next(h) for h in halves]
         for key in full:
             np.testing.assert_array_equal(full[key], np.concatenate([p[key] for p in parts]))
-    assert one.get_state()["epoch"] == 2
-    again = PairLoader(pairs, encoder, 4, seed=3)
-    first_epoch = [next(again)["example_index"].tolist() for _ in range(5)]
-    assert sorted(sum(first_epoch, [])) == list(range(20))
-    other_seed = PairLoader(pairs, encoder, 4, seed=4)
-    assert [next(other_seed)["example_index"].tolist() for _ in range(5)] != first_epoch
+        seen += full["example_index"].tolist()
+    # each epoch visits every example once, each in another order
+    epochs = [seen[e * 20:(e + 1) * 20] for e in range(2)]
+    assert all(sorted(epoch) == list(range(20)) for epoch in epochs) and epochs[0] != epochs[1]
+    other_seed = training_batches(pairs, encoder, 4, seed=4)
+    assert [i for _ in range(5) for i in next(other_seed)["example_index"].tolist()] != epochs[0]
+    in_order = training_batches(pairs, encoder, 4, shuffle=False)
+    assert [i for _ in range(6) for i in next(in_order)["example_index"].tolist()] == list(range(20)) + [0, 1, 2, 3]
+
+
+def test_a_process_reads_only_its_rows_of_each_global_batch(encoder):
+    """Without buckets a process reads (and tokenizes) its rows alone; with them, the global batch's sources."""
+
+    class Reads(list):
+        def __init__(self, pairs):
+            super().__init__(pairs)
+            self.read = []
+
+        def __getitem__(self, index):
+            self.read.append(int(index))
+            return super().__getitem__(index)
+
+    for buckets in (None, (8, 16)):
+        per_process = [Reads(_pairs(24)) for _ in range(3)]
+        loaders = [training_batches(per_process[p], encoder, 6, p, 3, seed=1, buckets=buckets) for p in range(3)]
+        whole = training_batches(_pairs(24), encoder, 6, seed=1)
+        for _ in range(5):
+            rows = next(whole)["example_index"].tolist()
+            for p, loader in enumerate(loaders):
+                per_process[p].read.clear()
+                assert next(loader)["example_index"].tolist() == rows[2 * p:2 * p + 2]
+                if buckets is None:
+                    assert sorted(per_process[p].read) == sorted(rows[2 * p:2 * p + 2])
+                else:  # its rows' pairs, and the others' sources
+                    assert sorted(set(per_process[p].read)) == sorted(set(rows))
 
 
 def test_resume_from_state(encoder):
     pairs = _pairs(10)
-    a = PairLoader(pairs, encoder, 4, seed=0)
+    a = training_batches(pairs, encoder, 4, seed=0)
     for _ in range(3):
         next(a)
-    b = PairLoader(pairs, encoder, 4, seed=0)
+    b = training_batches(pairs, encoder, 4, seed=0)
     b.set_state(json.loads(json.dumps(a.get_state())))
     for _ in range(4):
         np.testing.assert_array_equal(next(a)["input_ids"], next(b)["input_ids"])
     with pytest.raises(DataError, match="examples"):
-        PairLoader(_pairs(11), encoder, 4).set_state(a.get_state())
+        training_batches(_pairs(11), encoder, 4).set_state(a.get_state())
+    with pytest.raises(DataError, match="set data.workers to 0 again"):
+        training_batches(pairs, encoder, 4, workers=1).set_state(a.get_state())
+    with pytest.raises(DataError, match="earlier jaxencdec"):
+        b.set_state({"epoch": 1, "batch": 2, "num_examples": 10})
 
 
-def test_eval_loader_counts_each_example_once(encoder):
-    loader = PairLoader(_pairs(10), encoder, 4, train=False)
-    batches = list(loader)
+def test_eval_batches_count_each_example_once(encoder):
+    batches = list(eval_batches(_pairs(10), encoder, 4))
     assert len(batches) == 3
     idx = np.concatenate([b["example_index"] for b in batches])
     w = np.concatenate([b["weights"] for b in batches])
     assert sorted(idx[w > 0].tolist()) == list(range(10))
     assert (batches[-1]["labels"][2:] == -100).all()  # filler rows carry no loss
+    halves = [list(eval_batches(_pairs(10), encoder, 4, p, 2)) for p in range(2)]
+    for whole, *parts in zip(batches, *halves):
+        assert all(np.array_equal(whole[k], np.concatenate([p[k] for p in parts])) for k in whole)
 
 
 def test_buckets(encoder):
     pairs = [("model", "t")] * 4 + [(" ".join(["model"] * 12), "t")] * 4
-    loader = PairLoader(pairs, encoder, 4, shuffle=False, buckets=(4, 8, 16))
+    loader = training_batches(pairs, encoder, 4, shuffle=False, buckets=(4, 8, 16))
     assert next(loader)["input_ids"].shape == (4, 4)
     assert next(loader)["input_ids"].shape == (4, 16)
+    # two processes agree on the length without asking each other: a long source on one pads both
+    mixed = [("model", "t"), (" ".join(["model"] * 12), "t")] * 2
+    halves = [training_batches(mixed, encoder, 2, p, 2, shuffle=False, buckets=(4, 8, 16)) for p in range(2)]
+    assert [next(h)["input_ids"].shape for h in halves] == [(1, 16), (1, 16)]
 
 
 def test_readers(tmp_path):
     (tmp_path / "a.tsv").write_text("src\ttgt\nhello there\thi\n")
     (tmp_path / "a.csv").write_text('src,tgt\n"hello, there",hi\n')
     (tmp_path / "a.jsonl").write_text(json.dumps({"x": {"s": ["one", "two"]}, "t": "hi"}) + "\n")
-    assert read_pairs(DataConfig("tsv", str(tmp_path / "a.tsv"), None, "src", "tgt"), "train") == [("hello there", "hi")]
-    assert read_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "src", "tgt"), "train") == [("hello, there", "hi")]
-    assert read_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.s", "t"), "train") == [("one two", "hi")]
+    assert open_pairs(DataConfig("tsv", str(tmp_path / "a.tsv"), None, "src", "tgt"), "train") == [("hello there", "hi")]
+    assert open_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "src", "tgt"), "train") == [("hello, there", "hi")]
+    assert open_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.s", "t"), "train") == [("one two", "hi")]
     with pytest.raises(DataError, match="a.jsonl:1: no field 'x.q'"):
-        read_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.q", "t"), "train")
+        open_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.q", "t"), "train")
     with pytest.raises(DataError, match="no column"):
-        read_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "source", "tgt"), "train")
+        open_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "source", "tgt"), "train")
     with pytest.raises(DataError, match="does not exist"):
         DataConfig("jsonl", str(tmp_path / "missing.jsonl"), None, "a", "b").check(need_eval=False)
 
 
 def test_aclsum_package():
     config = DataConfig(format="aclsum", target_field="summary.challenge")
-    pairs = read_pairs(config, "train")
-    assert len(pairs) == 100 and len(read_pairs(config, "eval")) == 50
+    pairs = open_pairs(config, "train")
+    assert len(pairs) == 100 and len(open_pairs(config, "eval")) == 50
     assert all(src and tgt for src, tgt in pairs)
     assert os.path.isfile(os.path.join(aclsum_dir(), "test.jsonl"))
-    title = read_pairs(DataConfig(format="aclsum"), "train")[0]
+    title = open_pairs(DataConfig(format="aclsum"), "train")[0]
     assert title[1] == "Exploring Correlation of Dependency Relation Paths for Answer Extraction"
 
 
@@ -154,13 +195,13 @@ def test_non_utf8_file_names_file_line_and_fix(tmp_path, fmt):
     path.write_bytes(b"\n".join(lines) + b"\n")
     cfg = DataConfig(format=fmt, train_file=str(path), source_field="src", target_field="tgt")
     with pytest.raises(DataError) as caught:
-        read_pairs(cfg, "train")
+        open_pairs(cfg, "train")
     message = str(caught.value)
     assert f"{path}:{len(header) + 4}:" in message  # the bad line, 1-based
     assert "0xe9" in message and "UTF-8" in message and "iconv" in message
     # the same text re-encoded reads
     path.write_bytes(path.read_bytes().decode("latin-1").encode("utf-8"))
-    assert read_pairs(cfg, "train")[3] == ("caf\xe9", "t")
+    assert open_pairs(cfg, "train")[3] == ("caf\xe9", "t")
 
 
 def test_hugging_face_datasets(tmp_path):
@@ -177,15 +218,18 @@ def test_hugging_face_datasets(tmp_path):
     def pairs(path, split="train", **fields):
         fields = {"source_field": "article", "target_field": "summary.short", **fields}
         key = "train_file" if split == "train" else "eval_file"
-        return read_pairs(DataConfig(format="hf", **{key: str(path)}, **fields), split)
+        return list(open_pairs(DataConfig(format="hf", **{key: str(path)}, **fields), split))
 
+    saved = open_pairs(DataConfig(format="hf", train_file=str(tmp_path / "dict"), source_field="article",
+                                  target_field="summary.short"), "train")
+    assert not isinstance(saved, list) and saved[4] == expected[4] and len(saved) == 5  # rows read when asked for
     assert pairs(tmp_path / "dict") == expected
     assert pairs(tmp_path / "dict", "eval") == [expected[3], expected[1]]
     assert pairs(tmp_path / "train.parquet") == expected
     shuffled = whole.shuffle(seed=0)
     assert pairs(tmp_path / "one") == [(r["article"], r["summary"]["short"]) for r in shuffled]
     assert pairs(tmp_path / "train.parquet", target_field="summary.long")[1] == ("text 1", "a b1")
-    assert read_pairs(DataConfig(format="hf", train_file=str(tmp_path / "train.parquet"), source_field="article",
+    assert open_pairs(DataConfig(format="hf", train_file=str(tmp_path / "train.parquet"), source_field="article",
                                  target_field="summary.short", max_examples=2), "train") == expected[:2]
     with pytest.raises(DataError, match="no column 'body'; the columns are"):
         pairs(tmp_path / "dict", source_field="body")
@@ -232,6 +276,3 @@ def test_batches_read_ahead_count_in_the_position_only_once_returned():
         next(failing)
     failing.close()
 
-    in_turn = Prefetched(_Counting(), prepare=lambda b: b, ahead=False)
-    assert [next(in_turn) for _ in range(3)] == [(0, 0), (1, 1), (2, 2)] and in_turn.get_state() == {"next": 3}
-    in_turn.close()

@@ -13,11 +13,12 @@ import pytest
 
 import testing
 from jaxencdec.tokenizer import Tokenizer
-from jaxencdec.train.batches import PairEncoder, PairLoader
+from jaxencdec.train.batches import PairEncoder
 from jaxencdec.train.config import RunConfig
-from jaxencdec.train.data import DataConfig, DataError, read_pairs
+from jaxencdec.train.data import DataConfig, DataError, open_pairs
 from jaxencdec.train.loop import Trainer
-from jaxencdec.train.packing import PackedLoader, token_efficiency
+from jaxencdec.train.packing import token_efficiency
+from jaxencdec.train.pipeline import training_batches
 
 GLOBAL_BATCH = 4
 LENGTHS = {"max_source_length": 48, "max_target_length": 16}  # rows of two to four of the tiny run's pairs
@@ -28,7 +29,7 @@ def corpus(tmp_path_factory):
     """``(pairs, encoder)``: the tiny run's 24 training pairs and its tokenizer's encoder (rows of 48 + 16)."""
     folder = str(tmp_path_factory.mktemp("corpus"))
     config = testing.tiny_run_config(folder)
-    pairs = read_pairs(DataConfig(**config["data"]), "train")
+    pairs = open_pairs(DataConfig(**config["data"]), "train")
     tokenizer = Tokenizer.from_pretrained(config["model"]["tokenizer"])
     encoder = PairEncoder(tokenizer, None, *LENGTHS.values(), decoder_start_token_id=2, pad_token_id=0,
                           end_token_id=3)
@@ -37,7 +38,7 @@ def corpus(tmp_path_factory):
 
 def loader(corpus, index=0, count=1):
     pairs, encoder = corpus
-    return PackedLoader(pairs, encoder, GLOBAL_BATCH, index, count, seed=7)
+    return training_batches(pairs, encoder, GLOBAL_BATCH, index, count, seed=7, packed=True)
 
 
 def segments(batch, row):
@@ -81,7 +82,7 @@ def test_sources_and_targets_longer_than_a_row_are_cut_to_it(corpus):
     threads on one shared tokenizer) are cut to max_source_length / max_target_length, as unpacked rows are."""
     pairs, encoder = corpus
     long = [(" ".join([source] * 12), " ".join([target] * 12)) for source, target in pairs]
-    packed = PackedLoader(long, encoder, GLOBAL_BATCH, seed=7)
+    packed = training_batches(long, encoder, GLOBAL_BATCH, seed=7, packed=True)
     for _ in range(2 * len(long) // GLOBAL_BATCH):
         batch = next(packed)
         assert batch["input_ids"].shape == (GLOBAL_BATCH, 48) and batch["labels"].shape == (GLOBAL_BATCH, 16)
@@ -117,17 +118,15 @@ def test_the_position_resumes_on_any_process_count(corpus):
 
 def test_positions_of_packed_and_unpacked_batches_do_not_mix(corpus):
     pairs, encoder = corpus
-    unpacked = PairLoader(pairs, encoder, GLOBAL_BATCH)
+    unpacked = training_batches(pairs, encoder, GLOBAL_BATCH)
     with pytest.raises(DataError, match="set data.packing to false"):
         loader(corpus).set_state(unpacked.get_state())
     with pytest.raises(DataError, match="set data.packing to true"):
         unpacked.set_state(loader(corpus).get_state())
 
 
-def test_packing_with_streaming_or_buckets_is_a_config_error(tmp_path):
+def test_packing_with_buckets_is_a_config_error(tmp_path):
     data = testing.tiny_run_config(str(tmp_path))["data"]
-    with pytest.raises(DataError, match="data.streaming"):
-        DataConfig(**data, packing=True, streaming=True)
     with pytest.raises(DataError, match="data.source_buckets"):
         DataConfig(**data, packing=True, source_buckets=[12, 24])
 

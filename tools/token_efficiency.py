@@ -19,11 +19,11 @@ import json
 
 import numpy as np
 
-from jaxencdec.train.batches import PairLoader
 from jaxencdec.train.config import RunConfig, apply_overrides
-from jaxencdec.train.data import read_pairs
+from jaxencdec.train.data import open_pairs
 from jaxencdec.train.model_bundle import build_model
-from jaxencdec.train.packing import PackedLoader, token_counts
+from jaxencdec.train.packing import token_counts
+from jaxencdec.train.pipeline import training_batches
 
 
 def one_epoch(loader, num_examples: int) -> tuple[int, int, int]:
@@ -68,12 +68,12 @@ def main() -> None:
         config = RunConfig.from_dict(apply_overrides(json.load(f), args.set))
     data, batch = config.data, config.train.batch_size
     encoder = build_model(config).pair_encoder(data)
-    pairs = read_pairs(data, "train") if args.lengths is None else cnn_dailymail_lengths()
+    pairs = open_pairs(data, "train") if args.lengths is None else cnn_dailymail_lengths()
     ways = {"unpacked" + (f", buckets {list(data.source_buckets)}" if data.source_buckets else ""):
-            PairLoader(pairs, encoder, batch, seed=data.seed, buckets=data.source_buckets)}
+            training_batches(pairs, encoder, batch, seed=data.seed, buckets=data.source_buckets)}
     if data.source_buckets:
-        ways["unpacked, no buckets"] = PairLoader(pairs, encoder, batch, seed=data.seed)
-    ways["packed"] = PackedLoader(pairs, encoder, batch, seed=data.seed)
+        ways["unpacked, no buckets"] = training_batches(pairs, encoder, batch, seed=data.seed)
+    ways["packed"] = training_batches(pairs, encoder, batch, seed=data.seed, packed=True)
     print(f"{len(pairs)} training pairs, batch {batch}, rows of {data.max_source_length} + {data.max_target_length}")
     for name, loader in ways.items():
         batches, real, slots = one_epoch(loader, len(pairs))

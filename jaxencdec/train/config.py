@@ -336,6 +336,9 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         raise RunConfigError(f"{prefix.rstrip('.') or 'config'} must be a JSON object, got {type(data).__name__}")
     hints = fields.field_types(cls)
     data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys document a config
+    retired = [name for name in getattr(cls, "RETIRED_KEYS", {}) if name in data]
+    if retired:
+        raise RunConfigError(f"{prefix}{retired[0]}: {cls.RETIRED_KEYS[retired[0]]}")
     unknown = fields.unknown_names(sorted(data), hints, show=lambda name: prefix + name)
     if unknown:
         raise RunConfigError(f"unknown config key(s) {', '.join(unknown)}; "

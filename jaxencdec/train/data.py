@@ -1,24 +1,25 @@
-"""Where the source/target pairs come from: ``DataConfig`` and the readers of JSONL / TSV / CSV files, Hugging
-Face ``datasets`` folders and Parquet files or the ``aclsum`` package (local paths or bucket URLs).
+"""Where the source/target pairs come from: ``DataConfig`` and ``open_pairs``, a split as a random-access sequence
+of ``(source, target)`` texts (what a grain ``MapDataset`` reads, :mod:`jaxencdec.train.pipeline`).
 
-``read_pairs`` reads a split's whole file; with ``data.streaming`` each process reads only the JSONL lines that
-start in its byte range of the training file (``read_shard``). :mod:`jaxencdec.train.batches` tokenizes the
-pairs and orders them into batches.
+ArrayRecord files and Hugging Face ``save_to_disk`` folders are read record by record, when a batch asks for them;
+JSONL / TSV / CSV files, Parquet files and the ``aclsum`` package are parsed whole when opened. Paths are local or
+bucket URLs (ArrayRecord: local or mounted, e.g. Cloud Storage through gcsfuse).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
 import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Sequence
 
 from jaxencdec import paths
 
-FORMATS = ("jsonl", "tsv", "csv", "aclsum", "hf")
+FORMATS = ("jsonl", "tsv", "csv", "aclsum", "hf", "arrayrecord")
 # the split a folder saved from a DatasetDict (save_to_disk) is read at, for data.train_file / data.eval_file
 HF_SPLITS = {"train": ("train",), "eval": ("validation", "test")}
 
@@ -34,7 +35,9 @@ class DataConfig:
     format: ``jsonl`` | ``tsv`` | ``csv`` | ``aclsum`` (the ``aclsum`` package's jsonl; files default to its
       ``train``/``val`` splits, fields to the abstract and the title) | ``hf`` (a Hugging Face ``datasets``
       folder written by ``save_to_disk``, of a ``Dataset`` or of a ``DatasetDict``, whose ``train`` split is
-      the training data and ``validation`` (else ``test``) the eval data; or a ``.parquet`` file).
+      the training data and ``validation`` (else ``test``) the eval data; or a ``.parquet`` file) |
+      ``arrayrecord`` (ArrayRecord files, one UTF-8 JSON object per record, fields as in JSONL: a file, or a
+      glob such as ``train-*.array_record`` for the shards of one split; ``tools/to_array_record.py`` writes them).
     source_field, target_field: JSON keys (dotted for nested objects, e.g. ``summary.challenge``; a list of
       strings, as ``sentences.abstract``, is joined with spaces), TSV/CSV header names or dataset column names
       (dotted for struct columns).
@@ -43,12 +46,17 @@ class DataConfig:
       its longest source (one compile per bucket) instead of to ``max_source_length``.
     seed, shuffle: the epoch permutation.
     max_examples: keep only the first N examples of each file (smoke runs).
-    streaming: JSONL training data read per process: each process reads only the lines that start in its
-      1/P byte range of the file (see ``read_shard`` and ``batches.ShardLoader``); the eval file is read whole.
     packing: training rows hold several examples each (``max_source_length`` source and ``max_target_length``
-      target tokens per row, first-fit, with segment ids and per-example positions; see ``packing.PackedLoader``)
-      instead of one example padded; eval batches stay unpacked.
+      target tokens per row, first-fit, with segment ids and per-example positions; see
+      :mod:`jaxencdec.train.packing`) instead of one example padded; eval batches stay unpacked.
+    workers: grain worker processes that read and tokenize the training batches (0: a thread of the training
+      process); the batches are the same for any number.
     """
+
+    # keys of earlier versions, and what replaced them (a config that still has one gets this message)
+    RETIRED_KEYS = {"streaming": "every process now reads and tokenizes only its rows of each global batch, and the "
+                                 "global batches are the same for any number of processes; data.format "
+                                 "'arrayrecord' also reads only those records from the file: remove data.streaming"}
 
     format: str = "jsonl"
     train_file: str | None = None
@@ -61,8 +69,8 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     max_examples: int | None = None
-    streaming: bool = False
     packing: bool = False
+    workers: int = 0
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -74,14 +82,8 @@ class DataConfig:
             raise DataError("data.source_field and data.target_field are required")
         if self.max_source_length < 2 or self.max_target_length < 2:
             raise DataError("data.max_source_length and data.max_target_length must be >= 2")
-        if self.streaming and self.format not in ("jsonl", "aclsum"):
-            raise DataError(f"data.streaming reads JSONL files by byte ranges; data.format is {self.format!r}: "
-                            f"convert the file to JSONL or set data.streaming to false")
-        if self.streaming and self.max_examples:
-            raise DataError("data.max_examples needs the whole file, data.streaming reads a share of it: set one")
-        if self.packing and self.streaming:
-            raise DataError("data.packing packs the whole file's examples, data.streaming reads a share of it per "
-                            "process: set one of them to false")
+        if self.workers < 0:
+            raise DataError(f"data.workers must be >= 0 (0: no worker processes), got {self.workers}")
         if self.packing and self.source_buckets:
             raise DataError("packed rows are max_source_length long: data.source_buckets does not apply; remove it "
                             "or set data.packing to false")
@@ -104,7 +106,9 @@ class DataConfig:
             path = self.file(split)
             if path is None:
                 raise DataError(f"data.{split}_file is not set")
-            if not (paths.exists(path) if self.format == "hf" else paths.is_file(path)):
+            if self.format == "arrayrecord":
+                _array_record_files(path, split)
+            elif not (paths.exists(path) if self.format == "hf" else paths.is_file(path)):
                 raise DataError(f"data.{split}_file {path} does not exist")
 
 
@@ -133,16 +137,20 @@ def _field(record: Any, path: str, where: str) -> str:
     return value
 
 
-def read_pairs(config: DataConfig, split: str) -> list[tuple[str, str]]:
-    """All ``(source, target)`` texts of a split's file (a local path or a bucket URL such as ``gs://b/train.jsonl``).
+def open_pairs(config: DataConfig, split: str) -> Sequence[tuple[str, str]]:
+    """The ``(source, target)`` texts of a split's file (a local path or a bucket URL such as
+    ``gs://b/train.jsonl``) as a random-access sequence: a list for the formats parsed whole, a reader of one
+    record per item for ArrayRecord files and ``save_to_disk`` folders.
 
     Raises:
         DataError: the file is missing, is not UTF-8 text, holds invalid JSON or lacks a field or column; the
-            message names the file and the line.
+            message names the file and the line (or record). A record read on demand fails when it is read.
     """
     path = config.file(split)
     if config.format == "hf":
         return _hf_pairs(path, split, config)
+    if config.format == "arrayrecord":
+        return ArrayRecordPairs(_array_record_files(path, split), config)
     if path is None or not paths.is_file(path):
         raise DataError(f"data.{split}_file {path} does not exist")
     with _open_binary(path) as f:
@@ -155,44 +163,103 @@ def read_pairs(config: DataConfig, split: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_shard(config: DataConfig, split: str, process_index: int, process_count: int) -> list[tuple[str, str]]:
-    """The ``(source, target)`` texts of the JSONL lines that start in byte range ``[size*p/P, size*(p+1)/P)``
-    of the split's file, in file order; ``size`` comes from one seek, not a read.
+class ArrayRecordPairs(Sequence):
+    """The pairs of ArrayRecord files (grain's ``ArrayRecordDataSource``), each record a UTF-8 JSON object read
+    and parsed when it is asked for; errors name the file and the record. Picklable (grain worker processes)."""
 
-    Every line belongs to exactly one process, and the shards of processes ``0..P-1`` concatenated are
-    ``read_pairs``'s list. A process reads its range, plus the rest of the one line that crosses its end and the
-    byte before its start (to find its first line start). Errors name the byte offset of the line.
-    """
-    path = config.file(split)
-    if path is None or not paths.is_file(path):
-        raise DataError(f"data.{split}_file {path} does not exist")
-    with _open_binary(path) as f:
-        size = f.seek(0, os.SEEK_END)
-        start, end = size * process_index // process_count, size * (process_index + 1) // process_count
-        pairs = _jsonl_pairs(path, ((f" (the line at byte {offset})", raw)
-                                    for offset, raw in _lines_starting_in(f, start, end)), config)
-    if not pairs:
-        raise DataError(f"{path}: no example starts in bytes {start}..{end} of {size}, the share of process "
-                        f"{process_index} of {process_count}; use a larger file or fewer processes")
-    return pairs
+    def __init__(self, files: list[str], config: DataConfig):
+        import grain
+
+        self.files, self.fields = files, (config.source_field, config.target_field)
+        self._source = grain.sources.ArrayRecordDataSource(files)
+        self._length = min(len(self._source), config.max_examples or len(self._source))
+        if not self._length:
+            raise DataError(f"{', '.join(files)} hold no records")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        if not 0 <= index < self._length:
+            raise IndexError(index)
+        raw, where = self._source[index], f"{self._where(index)}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise _not_utf8(self.files[0], where, error) from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not a JSON object ({e}); each record holds one, as a JSONL line does") from None
+        return tuple(_field(record, name, where) for name in self.fields)
+
+    def _where(self, index: int) -> str:
+        """``file record r`` of the global record ``index``."""
+        for path in self.files:
+            count = _records_in(path)
+            if index < count:
+                return f"{path} record {index}"
+            index -= count
+        return f"record {index}"
 
 
-def _hf_pairs(path: str | None, split: str, config: DataConfig) -> list[tuple[str, str]]:
-    """The pairs of a ``save_to_disk`` folder or a Parquet file (``data.format: "hf"``); fields are column
-    names, dotted for struct columns."""
+def _records_in(path: str) -> int:
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+def _array_record_files(path: str | None, split: str) -> list[str]:
+    """The files of ``data.{split}_file``: one path, or a glob's matches in name order."""
+    if path is None:
+        raise DataError(f"data.{split}_file is not set")
+    if "://" in path:
+        raise DataError(f"data.{split}_file {path}: ArrayRecord files are read through the file system; mount the "
+                        f"bucket (gcsfuse) and give the mounted path")
+    files = sorted(glob.glob(path)) if glob.has_magic(path) else [path] if os.path.isfile(path) else []
+    if not files:
+        raise DataError(f"data.{split}_file {path} does not exist" + (" (no file matches)" if glob.has_magic(path)
+                                                                       else ""))
+    return files
+
+
+def _hf_pairs(path: str | None, split: str, config: DataConfig) -> Sequence[tuple[str, str]]:
+    """The pairs of a ``save_to_disk`` folder (read row by row from its memory-mapped Arrow files) or of a Parquet
+    file (its two columns read whole) (``data.format: "hf"``); fields are column names, dotted for struct columns."""
     if path is None or not paths.exists(path):
         raise DataError(f"data.{split}_file {path} does not exist")
     columns = sorted({config.source_field.split(".")[0], config.target_field.split(".")[0]})
-    table = _parquet_table(path) if paths.is_file(path) else _saved_dataset(path, split).with_format("arrow")[:]
+    table = _parquet_table(path) if paths.is_file(path) else _saved_dataset(path, split)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: no column {missing[0]!r}; the columns are {table.column_names}")
-    rows = table.select(columns).slice(0, config.max_examples or None).to_pylist()
-    pairs = [(_field(row, config.source_field, f"{path} row {i}"), _field(row, config.target_field, f"{path} row {i}"))
-             for i, row in enumerate(rows)]
-    if not pairs:
+    if config.max_examples:
+        table = table.select(range(min(config.max_examples, len(table)))) if hasattr(table, "with_format") else \
+            table.slice(0, config.max_examples)
+    if not len(table):
         raise DataError(f"{path} holds no examples")
-    return pairs
+    if hasattr(table, "with_format"):  # a datasets.Dataset
+        return SavedDatasetPairs(table.select_columns(columns), path, config)
+    return [(_field(row, config.source_field, f"{path} row {i}"), _field(row, config.target_field, f"{path} row {i}"))
+            for i, row in enumerate(table.select(columns).to_pylist())]
+
+
+class SavedDatasetPairs(Sequence):
+    """The pairs of a ``datasets.Dataset`` (memory-mapped), each row read when it is asked for."""
+
+    def __init__(self, dataset, path: str, config: DataConfig):
+        self.dataset, self.path, self.fields = dataset, path, (config.source_field, config.target_field)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        if not 0 <= index < len(self.dataset):
+            raise IndexError(index)
+        row = self.dataset[int(index)]
+        return tuple(_field(row, name, f"{self.path} row {index}") for name in self.fields)
 
 
 def _parquet_table(path: str):
@@ -229,22 +296,6 @@ def _saved_dataset(path: str, split: str):
 
 def _open_binary(path: str) -> BinaryIO:
     return paths.as_path(path).open("rb")
-
-
-def _lines_starting_in(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """``(offset, line)`` of each line of ``f`` whose first byte lies in ``[start, end)``."""
-    if start > 0:
-        f.seek(start - 1)
-        f.readline()  # the line that holds byte start - 1 belongs to the range before
-    else:
-        f.seek(0)
-    offset = f.tell()
-    while offset < end:
-        line = f.readline()
-        if not line:
-            return
-        yield offset, line
-        offset += len(line)
 
 
 def _jsonl_pairs(path: str, lines: Iterable[tuple[str, bytes]], config: DataConfig) -> list[tuple[str, str]]:

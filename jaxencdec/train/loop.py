@@ -38,13 +38,14 @@ from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
 from jaxencdec.train import step as steps
-from jaxencdec.train.batches import HOST_ONLY_KEYS, PairLoader, Prefetched, ShardLoader
+from jaxencdec.train.batches import HOST_ONLY_KEYS, Prefetched
 from jaxencdec.train.checkpoints import RunCheckpoints, check_resumable, check_schedule, run_folder
 from jaxencdec.train.config import RunConfig, RunConfigError, check_lengths, check_shapes
-from jaxencdec.train.data import DataError, read_pairs, read_shard
+from jaxencdec.train.data import DataError, open_pairs
 from jaxencdec.train.metrics import MetricsWriter, metric_name, missing_metric_package, text_metrics
 from jaxencdec.train.model_bundle import build_model
-from jaxencdec.train.packing import PackedLoader, token_efficiency
+from jaxencdec.train.packing import token_efficiency
+from jaxencdec.train.pipeline import Batches, eval_batches, training_batches
 from jaxencdec.train.preemption import Preempted, StopSignals
 
 logger = logging.getLogger("jaxencdec")
@@ -126,7 +127,7 @@ class Trainer:
         self.encoder = bundle.pair_encoder(data)
         check_lengths(config, self.model.config)
         self.loader = self._train_loader()
-        self.eval_pairs = read_pairs(data, "eval") if config.eval.every >= 0 else None
+        self.eval_pairs = open_pairs(data, "eval") if config.eval.every >= 0 else None
 
         # Params: born sharded for a random init, else placed shard by shard from the host copy.
         logical = self.model.logical_axes()
@@ -169,19 +170,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _train_loader(self) -> PairLoader | PackedLoader:
-        """The whole file's loader, its packed rows with ``data.packing``, or with ``data.streaming`` this
-        process's shard's (``ShardLoader``)."""
-        data, batch = self.config.data, self.config.train.batch_size
-        index, count = jax.process_index(), jax.process_count()
-        if data.packing:
-            return PackedLoader(read_pairs(data, "train"), self.encoder, batch, index, count, seed=data.seed,
-                                shuffle=data.shuffle)
-        if data.streaming:
-            return ShardLoader(read_shard(data, "train", index, count), self.encoder, batch, index, count,
-                               seed=data.seed, shuffle=data.shuffle, buckets=data.source_buckets)
-        return PairLoader(read_pairs(data, "train"), self.encoder, batch, index, count, train=True, seed=data.seed,
-                          shuffle=data.shuffle, buckets=data.source_buckets)
+    def _train_loader(self) -> Batches:
+        """This process's rows of the training batches (padded, or packed with ``data.packing``)."""
+        data = self.config.data
+        return training_batches(open_pairs(data, "train"), self.encoder, self.config.train.batch_size,
+                                jax.process_index(), jax.process_count(), seed=data.seed, shuffle=data.shuffle,
+                                buckets=data.source_buckets, packed=data.packing, workers=data.workers)
 
     def info(self, message: str) -> None:
         """Prints ``message`` on process 0; above the progress bar while one is shown (``tqdm.write``'s way)."""
@@ -215,10 +209,11 @@ class Trainer:
         self.info(f"parameters: {total:,} ({trainable:,} trainable, {total - trainable:,} frozen by optim.freeze)")
 
     def close(self) -> None:
-        """Waits for a save in flight and closes the checkpoint manager and the metrics writers."""
+        """Waits for a save in flight and closes the checkpoint manager, the metrics writers and the data workers."""
         if self.checkpoints is not None:
             self.checkpoints.close()
         self.metrics.close()
+        self.loader.close()
 
     def _abstract_state(self):
         shardings = named(self.mesh, self.specs)
@@ -300,9 +295,9 @@ class Trainer:
         ev = self.config.eval
         params = self.state.params if params is None else params
         if self.eval_pairs is None:
-            self.eval_pairs = read_pairs(self.config.data, "eval")
-        loader = PairLoader(self.eval_pairs, self.encoder, ev.batch_size, jax.process_index(), jax.process_count(),
-                            train=False, buckets=self.config.data.source_buckets)
+            self.eval_pairs = open_pairs(self.config.data, "eval")
+        loader = eval_batches(self.eval_pairs, self.encoder, ev.batch_size, jax.process_index(), jax.process_count(),
+                              buckets=self.config.data.source_buckets)
         generate = ev.generate if generate is None else generate
         gen_fn = self.generate_fn() if generate else None
         loss_sum, tokens = 0.0, 0.0
@@ -392,7 +387,7 @@ class Trainer:
                               f"{row['tokens_per_s']:.0f} tokens/s")
 
         preempted = None
-        self._batches = Prefetched(self.loader, self.device_batch, ahead=jax.process_count() == 1)
+        self._batches = Prefetched(self.loader, self.device_batch)
         with StopSignals() as stop:
             try:
                 for step_no in range(start + 1, total + 1):
