@@ -42,6 +42,7 @@ FLOORS = (
         "jaxencdec.loading", "jaxencdec.modeling")),
     ("training", (
         "jaxencdec.train.config", "jaxencdec.train.data", "jaxencdec.train.batches", "jaxencdec.train.packing",
+        "jaxencdec.train.pipeline",
         "jaxencdec.train.metrics", "jaxencdec.train.flops", "jaxencdec.train.step", "jaxencdec.train.checkpoints",
         "jaxencdec.train.preemption",
         "jaxencdec.train.model_bundle", "jaxencdec.train.compile", "jaxencdec.train.loop")),

@@ -1,13 +1,15 @@
-"""Two processes on 127.0.0.1 (jax.distributed, CPU collectives, 4 devices each) train 5 steps on a
-data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8 devices; with packed rows, a
-run checkpointed on two processes resumes on one and ends where the uninterrupted runs end; a checkpoint on a bucket
-that one process cannot read is skipped by both."""
+"""Two processes on 127.0.0.1 (jax.distributed, CPU collectives, 4 devices each) train 5 steps (past an epoch: 24
+examples in batches of 8) on a data x fsdp x model = 2 x 2 x 2 mesh and end with the params of one process with 8
+devices; checkpointed on two processes, the run resumes on one and ends there too; on padded rows from ArrayRecord
+files with source buckets and on packed rows. A checkpoint on a bucket that one process cannot read is skipped by
+both."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,23 +28,15 @@ def _config(tmp_path, name, **sections):
     return path
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_with_8_devices(tmp_path):
-    single = _config(tmp_path, "single")
-    proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(single)],
-                          env=testing.subprocess_env(8), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _array_records(tmp_path) -> dict:
+    """The tiny run's JSONL files as ArrayRecord files: the data section that reads them, with source buckets."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import to_array_record
 
-    multi = _config(tmp_path, "multi")
-    workers = testing.start_train_workers(multi, 2, testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4"))
-    outputs = testing.finish_workers(workers)
-    # process 0 alone prints the result line; both took part in training and in the checkpoint save
-    results = [[l for l in out.splitlines() if l.startswith("{")] for out, _ in outputs]
-    assert json.loads(results[0][-1])["step"] == 5
-    assert not results[1]  # (gloo's own connection lines aside)
-    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["5"]
-
-    _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))
+    data = testing.tiny_run_config(str(tmp_path / "shared"))["data"]
+    return {"format": "arrayrecord", "source_buckets": [12, 24], **{
+        key: to_array_record.convert(data[key], str(tmp_path / "shared" / f"{key}.array_record"))[0]
+        for key in ("train_file", "eval_file")}}
 
 
 def _assert_same_params(run_a, run_b):
@@ -53,21 +47,28 @@ def _assert_same_params(run_a, run_b):
 
 
 @pytest.mark.slow
-def test_packed_rows_resume_from_two_processes_on_one(tmp_path):
-    """data.packing: every process packs the same global batches, and the checkpoint's position (grain's) holds
-    for any process count. Two processes train 5 steps (checkpoints at 3 and 5); with step 5 removed, one process
-    with 8 devices resumes at 3: it ends with the params of the two-process run and of one uninterrupted
-    one-process run, which it could not if any of the three had seen other batches."""
-    packed = dict(data={"packing": True, "max_source_length": 48, "max_target_length": 16},
-                  checkpoint={"every": 3, "keep": 2})
-    single = _config(tmp_path, "single", **packed)
+@pytest.mark.parametrize("rows", ["padded", "packed"])
+def test_a_run_checkpointed_on_two_processes_resumes_on_one(tmp_path, rows):
+    """The global batches and the checkpoint's position (grain's) are the same for any process count. Two
+    processes train 5 steps (checkpoints at 3 and 5); with step 5 removed, one process with 8 devices resumes at 3:
+    it ends with the params of the two-process run and of one uninterrupted one-process run, which it could not if
+    any of the three had seen other batches. Padded rows come from ArrayRecord files, with source buckets."""
+    data = _array_records(tmp_path) if rows == "padded" else {"packing": True, "max_source_length": 48,
+                                                               "max_target_length": 16}
+    sections = dict(data=data, checkpoint={"every": 3, "keep": 2})
+    single = _config(tmp_path, "single", **sections)
     proc = subprocess.run([sys.executable, "-m", "jaxencdec.cli", "train", str(single)],
                           env=testing.subprocess_env(8), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    multi = _config(tmp_path, "multi", **packed)
+    multi = _config(tmp_path, "multi", **sections)
     env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="4")
-    testing.finish_workers(testing.start_train_workers(multi, 2, env))
+    outputs = testing.finish_workers(testing.start_train_workers(multi, 2, env))
+    # process 0 alone prints the result line; both took part in training and in the checkpoint saves
+    results = [[l for l in out.splitlines() if l.startswith("{")] for out, _ in outputs]
+    assert json.loads(results[0][-1])["step"] == 5
+    assert not results[1]  # (gloo's own connection lines aside)
+    assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "5"]
     _assert_same_params(str(tmp_path / "single"), str(tmp_path / "multi"))
 
     shutil.rmtree(tmp_path / "multi" / "checkpoints" / "5")

@@ -78,13 +78,13 @@ def test_the_exported_model_decodes_as_the_eval_did(finished, capsys):
     """final_model's generation_config.json holds the eval's decoding and its tokenizer the source length: the
     model's generate, and `jaxencdec generate` on its folder, give the eval's ids for the eval's inputs."""
     from jaxencdec import cli
-    from jaxencdec.train.batches import PairLoader
+    from jaxencdec.train.pipeline import eval_batches
 
     trainer, result, _ = finished
     model = EncoderDecoderModel.from_pretrained(result["final_model"])
     assert model.generation_config == trainer.config.eval.generation_config(trainer.model.config)
     assert (model.generation_config.repetition_penalty, model.generation_config.forced_bos_token_id) == (1.3, 7)
-    local = next(iter(PairLoader(trainer.eval_pairs, trainer.encoder, 4, 0, 1, train=False)))
+    local = next(eval_batches(trainer.eval_pairs, trainer.encoder, 4))
     batch = trainer.device_batch(local)
     evaluated = np.asarray(trainer.generate_fn()(trainer.state.params, batch["input_ids"], batch["attention_mask"],
                                                  jax.random.key(0)))
