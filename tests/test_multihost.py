@@ -39,6 +39,60 @@ def _array_records(tmp_path) -> dict:
         for key in ("train_file", "eval_file")}}
 
 
+# Run by each of two jax.distributed processes (argv: coordinator port, process id, data section JSON, tokenizer):
+# prints the example ids of the first 5 global batches as the Trainer assembles them (global arrays from each
+# process's rows).
+GLOBAL_IDS = """
+import json, sys
+import jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from jaxencdec.parallel.mesh import make_mesh
+from jaxencdec.parallel.shard import global_batch
+from jaxencdec.tokenizer import Tokenizer
+from jaxencdec.train.batches import PairEncoder
+from jaxencdec.train.data import DataConfig, open_pairs
+from jaxencdec.train.pipeline import training_batches
+
+data = DataConfig(**json.loads(sys.argv[3]))
+encoder = PairEncoder(Tokenizer.from_pretrained(sys.argv[4]), None, data.max_source_length, data.max_target_length,
+                      decoder_start_token_id=2, pad_token_id=0, end_token_id=3)
+batches = training_batches(open_pairs(data, "train"), encoder, 8, jax.process_index(), jax.process_count(),
+                           seed=data.seed, buckets=data.source_buckets)
+mesh = make_mesh()
+ids = [multihost_utils.process_allgather(global_batch({"i": next(batches)["example_index"]}, mesh)["i"],
+                                         tiled=True).tolist() for _ in range(5)]
+print(json.dumps(ids))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_the_global_batches_of_one(tmp_path):
+    """Example ids compared: 5 global batches of 8 (past an epoch of 24) made by two jax.distributed processes, 4
+    rows each, are those one process makes alone."""
+    from jaxencdec.tokenizer import Tokenizer
+    from jaxencdec.train.batches import PairEncoder
+    from jaxencdec.train.data import DataConfig, open_pairs
+    from jaxencdec.train.pipeline import training_batches
+
+    config = testing.tiny_run_config(str(tmp_path / "shared"))
+    data = {**config["data"], **_array_records(tmp_path)}
+    encoder = PairEncoder(Tokenizer.from_pretrained(config["model"]["tokenizer"]), None, 24, 8,
+                          decoder_start_token_id=2, pad_token_id=0, end_token_id=3)
+    alone = training_batches(open_pairs(DataConfig(**data), "train"), encoder, 8, buckets=(12, 24))
+    want = [next(alone)["example_index"].tolist() for _ in range(5)]
+    assert sorted(sum(want[:3], [])) == list(range(24))  # the first epoch, then the next one's
+
+    port = testing.free_port()
+    env = testing.subprocess_env(None, JAX_NUM_CPU_DEVICES="2")
+    workers = [subprocess.Popen([sys.executable, "-c", GLOBAL_IDS, str(port), str(i), json.dumps(data),
+                                 config["model"]["tokenizer"]], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = testing.finish_workers(workers, timeout=120)
+    for out, _ in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == want
+
+
 def _assert_same_params(run_a, run_b):
     want, got = testing.final_params(run_a), testing.final_params(run_b)
     assert want.keys() == got.keys()

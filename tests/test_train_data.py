@@ -121,6 +121,15 @@ def test_eval_batches_count_each_example_once(encoder):
         assert all(np.array_equal(whole[k], np.concatenate([p[k] for p in parts])) for k in whole)
 
 
+def test_more_processes_than_examples(encoder):
+    pairs = _pairs(3)
+    with pytest.raises(DataError, match=r"has 3 examples, fewer than one global batch of 4 \(train.batch_size\)"):
+        training_batches(pairs, encoder, 4, 3, 4)
+    assert next(training_batches(pairs, encoder, 4, 3, 4, packed=True))["input_ids"].shape == (1, 16)
+    parts = [list(eval_batches(pairs, encoder, 4, p, 4)) for p in range(4)]  # each process: one row of one batch
+    assert [[float(b["weights"][0]) for b in batches] for batches in parts] == [[1.0], [1.0], [1.0], [0.0]]
+
+
 def test_buckets(encoder):
     pairs = [("model", "t")] * 4 + [(" ".join(["model"] * 12), "t")] * 4
     loader = training_batches(pairs, encoder, 4, shuffle=False, buckets=(4, 8, 16))

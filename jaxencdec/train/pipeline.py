@@ -119,7 +119,9 @@ def training_batches(pairs: Sequence[tuple[str, str]], encoder: PairEncoder, glo
     """This process's rows of every global batch of ``global_batch`` rows (see the module docstring)."""
     rows = _process_rows(global_batch, process_index, process_count)
     if len(pairs) < global_batch and not packed:
-        raise DataError(f"the training file has {len(pairs)} examples, fewer than one batch of {global_batch}")
+        raise DataError(f"the training file has {len(pairs)} examples, fewer than one global batch of "
+                        f"{global_batch} (train.batch_size): lower train.batch_size, add examples or pack them "
+                        f"(data.packing)")
     if not len(pairs):
         raise DataError("the training file has no examples")
     stream = grain.MapDataset.range(len(pairs))
