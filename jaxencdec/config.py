@@ -111,6 +111,11 @@ class EncoderDecoderConfig:
         return self.decoder.spec("decoder")
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """Always True (transformers' ``EncoderDecoderConfig.is_encoder_decoder``)."""
+        return True
+
+    @property
     def needs_projection(self) -> bool:
         """Whether encoder states pass through ``enc_to_dec_proj`` (hidden sizes differ, as in transformers)."""
         return self.encoder.hidden != self.decoder.hidden and self.decoder.cross_attention_hidden_size is None

@@ -19,7 +19,7 @@ from jaxencdec.generation.config import GenerationConfig, GenerationConfigError
 from jaxencdec.generation.processors import NEG_INF, LogitsProcessor, build_logits_processor
 from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
-from jaxencdec.models.encoder_decoder import EncoderDecoderModule, apply_recording, stack_records
+from jaxencdec.models.encoder_decoder import EncoderDecoderModule, ModelOutput, apply_recording, stack_records
 from jaxencdec.models.transformer import init_cache
 
 # Source lengths are padded up to a multiple of this, so that inputs of similar length share one compilation.
@@ -40,7 +40,7 @@ Layers = tuple[np.ndarray, ...]
 
 
 @struct.dataclass
-class GenerateOutput:
+class GenerateOutput(ModelOutput):
     """What ``generate`` returns with ``return_dict_in_generate`` (transformers' ``GenerateEncoderDecoderOutput``
     / ``GenerateBeamEncoderDecoderOutput`` fields). ``rows``: ``batch * num_beams`` for beam search, else
     ``batch * num_return_sequences``; ``steps``: the decoder steps run (``t`` counts from 0). The recorded fields

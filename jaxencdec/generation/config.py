@@ -19,6 +19,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 # transformers 5: with neither max_length nor max_new_tokens set anywhere, generate 20 new tokens.
 DEFAULT_MAX_NEW_TOKENS = 20
+TRANSFORMERS_DEFAULT_MAX_LENGTH = 20  # GenerationConfig().max_length in transformers; unset (None) here
 
 # transformers generation options that change what is generated and that jaxencdec does not implement, each with
 # the values at which transformers leaves generation unchanged. Set to anything else (in generation_config.json
@@ -319,14 +320,17 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
-        """The token ids of an ``EncoderDecoderConfig`` (top level first, then the decoder's), as transformers
-        merges them."""
-        def pick(name):
-            top = getattr(config, name, None)
-            return top if top is not None else getattr(config.decoder, name, None)
-
-        return cls(decoder_start_token_id=pick("decoder_start_token_id"), pad_token_id=pick("pad_token_id"),
-                   eos_token_id=pick("eos_token_id"), bos_token_id=config.decoder.bos_token_id)
+        """The generation settings of an ``EncoderDecoderConfig``, as transformers' ``from_model_config`` merges
+        them: the top level's token ids, then every setting the decoder's ``config.json`` holds that is still at
+        its default (its token ids; BART's ``forced_eos_token_id``; the ``num_beams``, ``max_length``... that
+        transformers 4 wrote into every config). transformers' default ``max_length`` of 20 is ours unset."""
+        top = {name: getattr(config, name) for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id")
+               if getattr(config, name, None) is not None}
+        default, decoder = cls(), config.decoder.to_dict()
+        lifted = {name: value for name, value in decoder.items()
+                  if name in _FIELD_NAMES and name not in top and value != getattr(default, name)
+                  and not (name == "max_length" and value == TRANSFORMERS_DEFAULT_MAX_LENGTH)}
+        return cls.from_dict({**lifted, **top})
 
 
 _DATACLASS_INIT = GenerationConfig.__init__

@@ -17,6 +17,7 @@ them back in transformers' order. When neither is requested nothing is recorded 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from functools import partial
 from typing import Any, Mapping
@@ -46,8 +47,26 @@ def is_tied_decoder_path(path: str) -> bool:
     return _TIED_PATH.match(path) is not None
 
 
+class ModelOutput:
+    """transformers' ``ModelOutput`` access on an output dataclass: ``out["logits"]`` (a field that is set; else
+    KeyError, as transformers' outputs hold only the set ones), ``out[0]`` / ``out[1:]`` (of ``to_tuple()``)."""
+
+    def to_tuple(self) -> tuple:
+        """The fields that are set, in the dataclass's (transformers') order: what ``return_dict=False`` gives."""
+        return tuple(value for value in (getattr(self, f.name) for f in dataclasses.fields(self))
+                     if value is not None)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            value = getattr(self, key) if key in {f.name for f in dataclasses.fields(self)} else None
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.to_tuple()[key]
+
+
 @struct.dataclass
-class EncoderOutput:
+class EncoderOutput(ModelOutput):
     """What ``encode`` returns (transformers' ``BaseModelOutput``); ``decode`` and ``__call__`` take it back."""
 
     last_hidden_state: jax.Array  # [batch, src_len, D_enc], before enc_to_dec_proj
@@ -69,7 +88,7 @@ class DecoderCache:
 
 
 @struct.dataclass
-class DecoderOutput:
+class DecoderOutput(ModelOutput):
     """What ``decode`` returns (transformers' ``CausalLMOutputWithCrossAttentions``)."""
 
     logits: jax.Array  # [batch, q_len, vocab] float32
@@ -100,7 +119,7 @@ def as_encoder_output(encoder_outputs: Any) -> Any:
 
 
 @struct.dataclass
-class Seq2SeqOutput:
+class Seq2SeqOutput(ModelOutput):
     """What the forward pass returns (transformers' ``Seq2SeqLMOutput``); the recorded fields are None unless
     ``output_attentions`` / ``output_hidden_states`` asked for them."""
 
