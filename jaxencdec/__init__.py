@@ -16,7 +16,7 @@ _PUBLIC = {
     "CheckpointError": "jaxencdec.errors", "ConfigError": "jaxencdec.errors",
     "BartConfig": "jaxencdec.config", "BertConfig": "jaxencdec.config", "EncoderDecoderConfig": "jaxencdec.config",
     "GPT2Config": "jaxencdec.config", "RobertaConfig": "jaxencdec.config", "XLMRobertaConfig": "jaxencdec.config",
-    "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config",
+    "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config", "AlbertConfig": "jaxencdec.config",
     "BertGenerationConfig": "jaxencdec.config", "ElectraConfig": "jaxencdec.config", "MBartConfig": "jaxencdec.config",
     "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",

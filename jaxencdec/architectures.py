@@ -299,6 +299,49 @@ class DistilBertConfig(HFConfig):
 
 @assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
+class AlbertConfig(HFConfig):
+    """Hugging Face ``AlbertConfig``: BERT's post-norm layers under embeddings of width ``embedding_size``
+    (projected to ``hidden_size``), consecutive layers sharing their parameters in ``num_hidden_groups`` groups,
+    and a pooler; an encoder only (transformers has no ALBERT causal LM to decode with)."""
+
+    model_type: ClassVar[str] = "albert"
+    vocab_size: int = 30000
+    embedding_size: int = 128
+    hidden_size: int = 4096
+    num_hidden_layers: int = 12
+    num_hidden_groups: int = 1
+    num_attention_heads: int = 64
+    intermediate_size: int = 16384
+    inner_group_num: int = 1
+    hidden_act: str = "gelu_new"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 3
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def spec(self, role: Role) -> TransformerSpec:
+        require(role == "encoder", "ALBERT is supported as an encoder only (transformers has no ALBERT causal LM); "
+                                   "pair it with another architecture's decoder")
+        require(self.inner_group_num == 1, f"ALBERT with inner_group_num={self.inner_group_num} (several layers "
+                                           f"per group) is not supported; the released checkpoints have 1")
+        position_type = self.extra.get("position_embedding_type", "absolute")
+        require(position_type == "absolute", f"ALBERT with position_embedding_type {position_type!r} is not "
+                                             f"supported; use 'absolute'")
+        return _bert_layers_spec(self, role, type_vocab_size=self.type_vocab_size, embedding_size=self.embedding_size,
+                                 layer_groups=self.num_hidden_groups, pooler=True)
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
 class GPT2Config(HFConfig):
     """Hugging Face ``GPT2Config``."""
 
@@ -404,7 +447,7 @@ class MBartConfig(BartConfig):
 
 ARCHITECTURES: dict[str, type[HFConfig]] = {
     c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig,
-                              ElectraConfig, DistilBertConfig, GPT2Config, BartConfig, MBartConfig)
+                              ElectraConfig, DistilBertConfig, AlbertConfig, GPT2Config, BartConfig, MBartConfig)
 }
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, BartConfig, BertConfig, BertGenerationConfig,
+from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, AlbertConfig, BartConfig, BertConfig,
+                                     BertGenerationConfig,
                                      CamembertConfig, DistilBertConfig, ElectraConfig, GPT2Config, HFConfig,
                                      MBartConfig, Role, RobertaConfig, XLMRobertaConfig, checked_replace,
                                      naming_errors)
@@ -16,7 +17,7 @@ from jaxencdec.fields import assigned_through_replace, check_types, frozen, to_j
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 
-__all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "BartConfig", "BertConfig", "BertGenerationConfig",
+__all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "AlbertConfig", "BartConfig", "BertConfig", "BertGenerationConfig",
            "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig", "GPT2Config", "HFConfig",
            "MBartConfig", "Role", "RobertaConfig", "XLMRobertaConfig"]
 
@@ -67,6 +68,9 @@ class EncoderDecoderConfig:
                 f"{self.encoder.hidden}")
         self.encoder.spec("encoder")
         self.decoder.spec("decoder")
+        require(not (self.scan_layers and self.encoder.spec("encoder").layer_groups),
+                "scan_layers=True scans over one parameter set per layer, but the encoder's layers share theirs "
+                "(ALBERT: one compiled layer already); set scan_layers=False")
         if self.tie_encoder_decoder:
             self._check_tieable()
 

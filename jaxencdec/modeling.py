@@ -425,8 +425,8 @@ def _forward(module, params, input_ids, attention_mask, decoder_input_ids, decod
                                    encoder_hidden_states=encoder_hidden, rngs=rngs,
                                    output_attentions=output_attentions, output_hidden_states=output_hidden_states)
     if records:
-        encoder = stack_records(records, "encoder", module.config.encoder_spec.num_layers)
-        decoder = stack_records(records, "decoder", module.config.decoder_spec.num_layers)
+        encoder = stack_records(records, "encoder", module.config.encoder_spec)
+        decoder = stack_records(records, "decoder", module.config.decoder_spec)
         out = out.replace(encoder_hidden_states=encoder["hidden_states"], encoder_attentions=encoder["attentions"],
                           decoder_hidden_states=decoder["hidden_states"], decoder_attentions=decoder["attentions"],
                           cross_attentions=decoder["cross_attentions"])
@@ -443,7 +443,7 @@ def _encode(module, params, input_ids, attention_mask, dropout_rng, deterministi
     hidden, records = apply_recording(module, {"params": params}, input_ids, attention_mask, deterministic,
                                       method="encode", rngs=rngs, output_attentions=output_attentions,
                                       output_hidden_states=output_hidden_states)
-    recorded = stack_records(records, "encoder", module.config.encoder_spec.num_layers)
+    recorded = stack_records(records, "encoder", module.config.encoder_spec)
     return EncoderOutput(hidden, recorded["hidden_states"], recorded["attentions"])
 
 
@@ -457,7 +457,7 @@ def _decode(module, params, decoder_input_ids, encoder_hidden, encoder_mask, dec
         module, {"params": params}, decoder_input_ids, encoder_hidden, encoder_mask, decoder_mask, cache,
         deterministic, method="decode_states", rngs=rngs, output_attentions=output_attentions,
         output_hidden_states=output_hidden_states)
-    return DecoderOutput(logits, cache, **stack_records(records, "decoder", module.config.decoder_spec.num_layers))
+    return DecoderOutput(logits, cache, **stack_records(records, "decoder", module.config.decoder_spec))
 
 
 def _check_cache(cache: DecoderCache, ids: np.ndarray) -> int:

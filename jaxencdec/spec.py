@@ -38,6 +38,9 @@ class TransformerSpec:
       embed_scale: multiplier on word embeddings (BART's ``scale_embedding``).
       embedding_size: width ``E`` of the embedding tables and of the LM head's transform when it is not ``D``
         (ELECTRA): the embeddings are projected to ``D`` before the first layer. None: ``D``.
+      layer_groups: consecutive layers share their parameters in this many groups (ALBERT's
+        ``num_hidden_groups``; ``num_layers`` divisible by it): the stack holds ``layer_groups`` layers' parameters
+        and layer ``i`` runs those of group ``i * layer_groups // num_layers``. None: each layer its own.
       embedding_norm: layer norm after the embedding sum (BERT, RoBERTa, BART).
       pre_norm: pre-layer-norm residual blocks with a final norm (GPT-2) instead of post-norm (BERT, BART).
       pooler: a tanh pooler over the first token (BERT/RoBERTa encoders).
@@ -67,6 +70,7 @@ class TransformerSpec:
     type_vocab_size: int = 0
     embed_scale: float = 1.0
     embedding_size: int | None = None
+    layer_groups: int | None = None
     embedding_norm: bool = True
     pre_norm: bool = False
     pooler: bool = False
@@ -92,6 +96,10 @@ class TransformerSpec:
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(not self.positions_from_padding or self.pad_token_id is not None,
                 "RoBERTa-style positions need pad_token_id")
+        require(self.layer_groups is None or (0 < self.layer_groups <= self.num_layers
+                                               and self.num_layers % self.layer_groups == 0),
+                f"{self.num_layers} layers cannot share parameters in {self.layer_groups} groups: the number of "
+                f"layers must be a multiple of the number of groups")
         require(self.relative_attention in RELATIVE_ATTENTION,
                 f"relative_attention must be one of {RELATIVE_ATTENTION}, got {self.relative_attention!r}")
         require(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
@@ -102,6 +110,16 @@ class TransformerSpec:
     def embedding_width(self) -> int:
         """``E``: the width of the embedding tables (``D`` unless ``embedding_size`` says otherwise)."""
         return self.embedding_size or self.hidden_size
+
+    @property
+    def num_layer_params(self) -> int:
+        """How many layers' parameters the stack holds (``layers_0 ...``): ``layer_groups``, else ``num_layers``."""
+        return self.layer_groups or self.num_layers
+
+    def layer_params(self, layer: int) -> tuple[int, int]:
+        """``(g, k)``: layer ``layer`` runs the parameters ``layers_{g}``, as their ``k``-th use (from 0)."""
+        per_group = self.num_layers // self.num_layer_params
+        return layer // per_group, layer % per_group
 
     @property
     def head_dim(self) -> int:

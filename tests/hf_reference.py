@@ -35,6 +35,11 @@ SMALL = {
     "distilbert": lambda hidden=32, layers=2: transformers.DistilBertConfig(
         vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=4, hidden_dim=37, max_position_embeddings=64,
         pad_token_id=PAD),
+    # ``layers`` groups of two layers that share their parameters; 24-wide embeddings under the layers
+    "albert": lambda hidden=32, layers=2: transformers.AlbertConfig(
+        vocab_size=VOCAB, embedding_size=24, hidden_size=hidden, num_hidden_layers=2 * layers,
+        num_hidden_groups=layers, num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
+        pad_token_id=PAD, hidden_act="gelu_new"),
     "gpt2": lambda hidden=32, layers=2: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=START,
         eos_token_id=EOS, pad_token_id=PAD),
@@ -72,6 +77,7 @@ PAIRS = {
     "electra2bertgen": ("electra", "bert-generation", 32, 32),  # ELECTRA's embeddings are 24 wide: projected
     "bertgen2electra": ("bert-generation", "electra", 32, 32),
     "roberta2mbart": ("roberta", "mbart", 32, 32),  # mBART's decoder: BART's, pre-norm, with a final norm
+    "albert2roberta": ("albert", "roberta", 32, 32),  # ALBERT's shared layers under 24-wide embeddings
 }
 
 # Pairs that compute exactly what another pair computes, under other model types and tensor names (XLM-RoBERTa and
@@ -80,6 +86,8 @@ PAIRS = {
 # for the pair that repeats it.
 REPEATS = {"xlmr2camembert": "roberta2roberta"}
 COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
+# Pairs whose stacks run scanned (``scan_layers``): not ALBERT's, whose layers share parameters (a config refuses it).
+SCANNABLE = [name for name in PAIRS if PAIRS[name][0] != "albert"]
 
 
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,

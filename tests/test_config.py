@@ -10,18 +10,18 @@ import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
-from jaxencdec import (BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError, DistilBertConfig,
+from jaxencdec import (AlbertConfig, BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError, DistilBertConfig,
                        ElectraConfig, EncoderDecoderConfig, GPT2Config, GenerationConfig, MBartConfig,
                        RobertaConfig, XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
 OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
         "bert-generation": BertGenerationConfig, "electra": ElectraConfig, "distilbert": DistilBertConfig,
-        "gpt2": GPT2Config, "bart": BartConfig, "mbart": MBartConfig}
+        "albert": AlbertConfig, "gpt2": GPT2Config, "bart": BartConfig, "mbart": MBartConfig}
 HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
       "xlm-roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
       "bert-generation": transformers.BertGenerationConfig, "electra": transformers.ElectraConfig,
-      "distilbert": transformers.DistilBertConfig,
+      "distilbert": transformers.DistilBertConfig, "albert": transformers.AlbertConfig,
       "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig, "mbart": transformers.MBartConfig}
 
 
@@ -100,6 +100,20 @@ def test_gpt2_cannot_be_an_encoder():
 def test_distilbert_cannot_be_a_decoder():
     with pytest.raises(ConfigError, match="DistilBERT is supported as an encoder only"):
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), DistilBertConfig())
+
+
+def test_albert_is_an_encoder_of_shared_layers_only():
+    with pytest.raises(ConfigError, match="ALBERT is supported as an encoder only"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), AlbertConfig())
+    with pytest.raises(ConfigError, match="inner_group_num=2"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(inner_group_num=2), BertConfig())
+    with pytest.raises(ConfigError, match="12 layers cannot share parameters in 5 groups"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(num_hidden_groups=5), BertConfig())
+    with pytest.raises(ConfigError, match="scan_layers=True scans over one parameter set per layer"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(), BertConfig(), scan_layers=True)
+    spec = AlbertConfig(num_hidden_groups=3).spec("encoder")
+    assert spec.num_layer_params == 3 and [spec.layer_params(i) for i in (0, 3, 4, 11)] == [(0, 0), (0, 3), (1, 0),
+                                                                                           (2, 3)]
 
 
 def test_configs_are_hashable_with_eos_lists():

@@ -1,8 +1,9 @@
 """Our generate against transformers' PyTorch generate on the same weights: token-identical sequences, beam scores
 within 1e-4.
 
-Eight models: the real all-MiniLM-L6-v2 warm-started as bert2bert, and small random bert2gpt2, bert2bart,
-xlmr2camembert, distilbert2xlmr, electra2bertgen, bertgen2electra and roberta2mbart (tests/hf_reference.py's PAIRS)
+Nine models: the real all-MiniLM-L6-v2 warm-started as bert2bert, and small random bert2gpt2, bert2bart,
+xlmr2camembert, distilbert2xlmr, electra2bertgen, bertgen2electra, roberta2mbart and albert2roberta
+(tests/hf_reference.py's PAIRS)
 whose weights are drawn large so that logits are far from ties. The EOS ids, bad words and forced tokens are picked
 from what each reference model actually generates, so that sequences really end early and the constraints really
 bite (asserted below); a constraint the model never meets proves nothing.
@@ -105,7 +106,7 @@ def _minilm(minilm_path, tmp_path_factory):
 
 
 MODELS = ["bert2bert-minilm", "bert2gpt2", "bert2bart", "xlmr2camembert", "distilbert2xlmr", "electra2bertgen",
-          "bertgen2electra", "roberta2mbart"]  # the small ones: PAIRS
+          "bertgen2electra", "roberta2mbart", "albert2roberta"]  # the small ones: PAIRS
 # Greedy and beam search run each decoder with its cache (beams reorder it); the logits processors and stopping
 # criteria act on scores and ids alone, the same whatever the decoder: every case runs on one model.
 SEARCH_CASES = {"greedy", "beam4-lp0.6-early-true", "beam4-lp1.0-early-false", "beam4-lp2.0-never-nrs2"}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import COMPUTED_PAIRS, PAD, START, VOCAB
+from hf_reference import COMPUTED_PAIRS, PAD, SCANNABLE, START, VOCAB
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import apply_recording, stack_records, token_loss_sum
@@ -116,12 +116,16 @@ def test_relative_and_tied_pairs_pack_the_same_way(name, scan_layers, remat):
     assert_packing_changes_nothing(_as(plain, scan_layers, remat), seed=12)
 
 
+ATTENTION_CASES = [(name, False) for name in COMPUTED_PAIRS] + [(name, True) for name in COMPUTED_PAIRS
+                                                                if name in SCANNABLE]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_no_token_attends_to_another_sequence(saved_pair, scan_layers):
+@pytest.mark.parametrize("name, scan_layers", ATTENTION_CASES)
+def test_no_token_attends_to_another_sequence(hf_pair, name, scan_layers):
     """On the attention probabilities themselves: encoder self-attention, decoder causal self-attention and
     cross-attention give every key outside the query's own sequence (or, causal, after it) weight 0."""
-    _, _, folder = saved_pair
+    _, folder = hf_pair(name)
     model = EncoderDecoderModel.from_pretrained(folder, scan_layers=scan_layers)
     batch = packed(sequences(14))
     inputs = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items() if k != "labels"}
@@ -131,8 +135,8 @@ def test_no_token_attends_to_another_sequence(saved_pair, scan_layers):
         "encoder": src[:, :, None] == src[:, None, :],
         "decoder": (tgt[:, :, None] == tgt[:, None, :]) & np.tril(np.ones((tgt.shape[1],) * 2, bool))[None],
         "cross": tgt[:, :, None] == src[:, None, :]}
-    encoder = stack_records(records, "encoder", model.config.encoder_spec.num_layers)
-    decoder = stack_records(records, "decoder", model.config.decoder_spec.num_layers)
+    encoder = stack_records(records, "encoder", model.config.encoder_spec)
+    decoder = stack_records(records, "decoder", model.config.decoder_spec)
     for name, layers in (("encoder", encoder["attentions"]), ("decoder", decoder["attentions"]),
                          ("cross", decoder["cross_attentions"])):
         real = (src if name == "encoder" else tgt)[:, :, None] > 0  # padded queries attend somewhere; unused

@@ -18,6 +18,7 @@ ENCODERS = {
     "mbart": ("mbart", transformers.MBartModel),
     "electra": ("electra", transformers.ElectraModel),
     "bert-generation": ("bert-generation", transformers.BertGenerationEncoder),
+    "albert-mlm": ("albert", transformers.AlbertForMaskedLM),  # base model under "albert.", an MLM head to ignore
 }
 DECODERS = {
     "bert-base": ("bert", transformers.BertModel),  # a base checkpoint: the LM head is new
@@ -50,7 +51,7 @@ def gpt2_checkpoint(tmp_path_factory):
 def _reference_encoder(name, model):
     if name in ("bart", "mbart"):
         return model.get_encoder()
-    return model.roberta if name == "roberta-mlm" else model
+    return {"roberta-mlm": getattr(model, "roberta", None), "albert-mlm": getattr(model, "albert", None)}.get(name, model)
 
 
 @pytest.mark.parametrize("enc_name", list(ENCODERS))

@@ -10,15 +10,17 @@ import os
 import time
 
 # The benchmarks' models (see save_reference_model).
-MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small")
+MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small",
+          "albert2gpt2-small")
 # What a run measures unless told (the README's tables): the BERT and GPT-2 pairs.
 DEFAULT_MODELS = MODELS[:3]
 
 # Small random pairs of the other architectures: (encoder config class, decoder config class) of transformers,
 # hidden 256, 4 layers, 4 heads and MLP 1024 each side, each class's default vocabulary (ELECTRA's embeddings keep
-# their default width, 128, under the 256-wide layers).
+# their default width, 128, under the 256-wide layers; so do ALBERT's, whose 4 layers share one set of parameters).
 SMALL_PAIRS = {"electra2bertgen-small": ("ElectraConfig", "BertGenerationConfig"),
-               "xlmr2mbart-small": ("XLMRobertaConfig", "MBartConfig")}
+               "xlmr2mbart-small": ("XLMRobertaConfig", "MBartConfig"),
+               "albert2gpt2-small": ("AlbertConfig", "GPT2Config")}
 
 
 def _small_config(class_name: str):

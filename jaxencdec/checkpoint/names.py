@@ -172,6 +172,22 @@ def _distilbert_base(spec: TransformerSpec) -> list[Rule]:
     return rules
 
 
+def _albert_base(spec: TransformerSpec) -> list[Rule]:
+    """E-wide embeddings as BERT's, their projection, one layer per group of shared layers, the pooler."""
+    rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
+             Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
+             Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)),
+             *_norm("embeddings.LayerNorm", "embeddings/norm"),
+             *_linear("encoder.embedding_hidden_mapping_in", "embeddings_project")]
+    for g in range(spec.num_layer_params):
+        hf, ours = f"encoder.albert_layer_groups.{g}.albert_layers.0", f"layers_{g}"
+        rules += _attention(f"{hf}.attention", f"{ours}/self_attention", "query", "key", "value", "dense")
+        rules += _norm(f"{hf}.attention.LayerNorm", f"{ours}/self_attention_norm")
+        rules += _linear(f"{hf}.ffn", f"{ours}/mlp/wi") + _linear(f"{hf}.ffn_output", f"{ours}/mlp/wo")
+        rules += _norm(f"{hf}.full_layer_layer_norm", f"{ours}/mlp_norm")
+    return rules + _linear("pooler", "pooler")
+
+
 def _no_head(spec: TransformerSpec) -> list[Rule]:
     return []  # an encoder-only architecture (its config refuses the decoder role)
 
@@ -250,6 +266,7 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     "bert-generation": Architecture(_bert_base, _bert_generation_head, ("", "bert."), ("bert.", "")),
     "electra": Architecture(_electra_base, _electra_head, ("", "electra."), ("electra.", "")),
     "distilbert": Architecture(_distilbert_base, _no_head, ("", "distilbert."), ("distilbert.",)),
+    "albert": Architecture(_albert_base, _no_head, ("", "albert."), ("albert.",)),
     "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
     "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                          ("shared.weight", "model.shared.weight")),
@@ -333,5 +350,5 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 
 
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
-                                    "distilbert"), "embeddings.word_embeddings.weight"),
+                                    "distilbert", "albert"), "embeddings.word_embeddings.weight"),
                    "gpt2": "wte.weight", "bart": "embed_tokens.weight", "mbart": "embed_tokens.weight"}

@@ -21,6 +21,7 @@ from jaxencdec.generation.search import SearchOutput, beam_search, sample_search
 from jaxencdec.inputs import mask_or_ones, validate_token_ids
 from jaxencdec.models.encoder_decoder import EncoderDecoderModule, ModelOutput, apply_recording, stack_records
 from jaxencdec.models.transformer import init_cache
+from jaxencdec.spec import TransformerSpec
 
 # Source lengths are padded up to a multiple of this, so that inputs of similar length share one compilation.
 SOURCE_BUCKET = 32
@@ -80,18 +81,18 @@ def _rows_per_input(config: GenerationConfig) -> int:
     return max(config.num_beams, config.num_return_sequences)
 
 
-def _encoder_records(records: dict[str, Any], num_layers: int) -> dict[str, jax.Array] | None:
+def _encoder_records(records: dict[str, Any], spec: TransformerSpec) -> dict[str, jax.Array] | None:
     """The encoder's recorded values stacked over layers: ``encoder_attentions [layers, batch, heads, src, src]``,
     ``encoder_hidden_states [layers + 1, batch, src, D_enc]`` (those recorded); None when nothing was."""
     if not records:
         return None
-    encoder = stack_records(records, "encoder", num_layers)
+    encoder = stack_records(records, "encoder", spec)
     return {name: jnp.stack(encoder[key]) for name, key in (("encoder_attentions", "attentions"),
                                                            ("encoder_hidden_states", "hidden_states"))
             if encoder[key] is not None}
 
 
-def _step_records(records: dict[str, Any], num_layers: int, cache_slots: jax.Array | None):
+def _step_records(records: dict[str, Any], spec: TransformerSpec, cache_slots: jax.Array | None):
     """One decoder step's recorded values stacked over layers (None when nothing was recorded):
     ``decoder_attentions [layers, rows, heads, cache_length]`` float32 over the key positions in order,
     ``cross_attentions [layers, rows, heads, src_len]`` float32, ``decoder_hidden_states [layers + 1, rows, D]``.
@@ -102,7 +103,7 @@ def _step_records(records: dict[str, Any], num_layers: int, cache_slots: jax.Arr
     """
     if not records:
         return None
-    decoder = stack_records(records, "decoder", num_layers)
+    decoder = stack_records(records, "decoder", spec)
     step = {}
     if decoder["attentions"] is not None:
         probs = jnp.stack(decoder["attentions"])[:, :, :, 0]  # [layers, rows, heads, keys]: one query per row
@@ -154,7 +155,7 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
             cache_slots = None if slots is None else slots[:, :cache_length]
             (logits, cache), records = apply_recording(module, variables, ids, cross_kv, attention_mask, None, cache,
                                                        index, cache_slots, method="decode", **record)
-            return logits[:, -1], cache, _step_records(records, model_config.decoder_spec.num_layers, cache_slots)
+            return logits[:, -1], cache, _step_records(records, model_config.decoder_spec, cache_slots)
 
         # The beams of an input share one cache, a slot each (one slot per row without beams).
         cache = init_cache(model_config.decoder_spec, rows // config.num_beams, cache_length, dtype,
@@ -170,7 +171,7 @@ def _search_fn(model_config: EncoderDecoderConfig, config: GenerationConfig, dty
                               process=process, eos_ids=config.eos_token_ids, fill_id=beam_fill_id(config),
                               length_penalty=float(config.length_penalty), early_stopping=config.early_stopping,
                               num_return_sequences=config.num_return_sequences, do_sample=config.do_sample, rng=rng)
-        return out, _encoder_records(encoder_records, model_config.encoder_spec.num_layers)
+        return out, _encoder_records(encoder_records, model_config.encoder_spec)
 
     return run
 

@@ -33,6 +33,7 @@ from jaxencdec.models.layout import SCANNED_KEY, unstack_layers
 from jaxencdec.models.transformer import HIDDEN_STATES, TransformerStack, cache_rows_and_length, init_cache
 from jaxencdec.nn.attention import ATTENTIONS, KeyValue
 from jaxencdec.nn.layers import Dtype, dense
+from jaxencdec.spec import TransformerSpec
 
 Layers = tuple[jax.Array, ...]
 
@@ -276,9 +277,9 @@ def apply_recording(module: nn.Module, variables, *args, output_attentions: bool
     return module.apply(variables, *args, mutable=mutable, **kwargs)
 
 
-def stack_records(records: dict[str, Any], stack: str, num_layers: int) -> dict[str, Layers | None]:
+def stack_records(records: dict[str, Any], stack: str, spec: TransformerSpec) -> dict[str, Layers | None]:
     """The recorded ``hidden_states`` / ``attentions`` / ``cross_attentions`` of the stack ``"encoder"`` or
-    ``"decoder"``, layer by layer; None for what was not recorded."""
+    ``"decoder"`` (built from ``spec``), layer by layer; None for what was not recorded."""
     attentions = records.get(ATTENTIONS, {}).get(stack)
     states = records.get(HIDDEN_STATES, {}).get(stack)
 
@@ -290,7 +291,8 @@ def stack_records(records: dict[str, Any], stack: str, num_layers: int) -> dict[
     def per_layer(block: str) -> Layers | None:
         if attentions is None or block not in attentions["layers_0"]:
             return None
-        return tuple(attentions[f"layers_{i}"][block]["weights"][0] for i in range(num_layers))
+        return tuple(attentions[f"layers_{g}"][block]["weights"][k]
+                     for g, k in map(spec.layer_params, range(spec.num_layers)))
 
     return {"hidden_states": None if states is None else tuple(states["states"]),
             "attentions": per_layer("self_attention"), "cross_attentions": per_layer("cross_attention")}

@@ -283,7 +283,8 @@ class TransformerStack(nn.Module):
             self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
         else:
             layer = _rematerialized(TransformerLayer, self.remat)
-            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}") for i in range(s.num_layers)]
+            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
+                           for i in range(s.num_layer_params)]
         if s.pre_norm:
             self.final_norm = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
         if s.pooler:
@@ -307,7 +308,8 @@ class TransformerStack(nn.Module):
                                             deterministic, distance, encoder_hidden)
         else:
             new_cache = []
-            for i, layer in enumerate(self.layers):
+            for i in range(self.spec.num_layers):
+                layer = self.layers[self.spec.layer_params(i)[0]]  # ALBERT: a group's layers share one
                 self.sow(HIDDEN_STATES, "states", x)
                 x, layer_cache = layer(
                     x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
