@@ -98,11 +98,7 @@ def _conv1d(hf: str, ours: tuple[str, ...], n_in: int = 1) -> list[Rule]:
 # ---- per-architecture tables: (base-model rules, LM-head rules, base prefix inside a *ForCausalLM) ----
 
 def _bert_base(spec: TransformerSpec) -> list[Rule]:
-    rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
-             Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
-             *_norm("embeddings.LayerNorm", "embeddings/norm")]
-    if spec.type_vocab_size:  # not BertGeneration's
-        rules.append(Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)))
+    rules = _bert_embeddings(token_types=spec.type_vocab_size > 0)  # BertGeneration has none
     for i in range(spec.num_layers):
         hf, ours = f"encoder.layer.{i}", f"layers_{i}"
         blocks = [("attention", "self_attention")] + ([("crossattention", "cross_attention")]
@@ -159,32 +155,43 @@ def _untied(spec: TransformerSpec, hf: str) -> list[Rule]:
     return [] if spec.tie_word_embeddings else _linear(hf, "lm_head/output", bias=False)
 
 
-def _distilbert_base(spec: TransformerSpec) -> list[Rule]:
+def _bert_embeddings(token_types: bool) -> list[Rule]:
+    """BERT-named embeddings: the word and position tables, the token-type table when there is one, the norm."""
     rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
              Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
              *_norm("embeddings.LayerNorm", "embeddings/norm")]
+    if token_types:
+        rules.append(Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)))
+    return rules
+
+
+def _self_attention_layer(ours: str, attention: str, projections: tuple[str, str, str, str], attention_norm: str,
+                          wi: str, wo: str, mlp_norm: str) -> list[Rule]:
+    """An encoder layer whose modules sit side by side (DistilBERT, ALBERT): self-attention with its output
+    projection (``projections``: query, key, value, out names under ``attention``), its norm, the MLP, its norm."""
+    return (_attention(attention, f"{ours}/self_attention", *projections)
+            + _norm(attention_norm, f"{ours}/self_attention_norm")
+            + _linear(wi, f"{ours}/mlp/wi") + _linear(wo, f"{ours}/mlp/wo") + _norm(mlp_norm, f"{ours}/mlp_norm"))
+
+
+def _distilbert_base(spec: TransformerSpec) -> list[Rule]:
+    rules = _bert_embeddings(token_types=False)
     for i in range(spec.num_layers):
-        hf, ours = f"transformer.layer.{i}", f"layers_{i}"
-        rules += _attention(f"{hf}.attention", f"{ours}/self_attention", "q_lin", "k_lin", "v_lin", "out_lin")
-        rules += _norm(f"{hf}.sa_layer_norm", f"{ours}/self_attention_norm")
-        rules += _linear(f"{hf}.ffn.lin1", f"{ours}/mlp/wi") + _linear(f"{hf}.ffn.lin2", f"{ours}/mlp/wo")
-        rules += _norm(f"{hf}.output_layer_norm", f"{ours}/mlp_norm")
+        hf = f"transformer.layer.{i}"
+        rules += _self_attention_layer(f"layers_{i}", f"{hf}.attention", ("q_lin", "k_lin", "v_lin", "out_lin"),
+                                       f"{hf}.sa_layer_norm", f"{hf}.ffn.lin1", f"{hf}.ffn.lin2",
+                                       f"{hf}.output_layer_norm")
     return rules
 
 
 def _albert_base(spec: TransformerSpec) -> list[Rule]:
     """E-wide embeddings as BERT's, their projection, one layer per group of shared layers, the pooler."""
-    rules = [Rule("embeddings.word_embeddings.weight", ("embeddings/word/embedding",)),
-             Rule("embeddings.position_embeddings.weight", ("embeddings/position/embedding",)),
-             Rule("embeddings.token_type_embeddings.weight", ("embeddings/token_type/embedding",)),
-             *_norm("embeddings.LayerNorm", "embeddings/norm"),
-             *_linear("encoder.embedding_hidden_mapping_in", "embeddings_project")]
+    rules = _bert_embeddings(token_types=True) + _linear("encoder.embedding_hidden_mapping_in", "embeddings_project")
     for g in range(spec.num_layer_params):
-        hf, ours = f"encoder.albert_layer_groups.{g}.albert_layers.0", f"layers_{g}"
-        rules += _attention(f"{hf}.attention", f"{ours}/self_attention", "query", "key", "value", "dense")
-        rules += _norm(f"{hf}.attention.LayerNorm", f"{ours}/self_attention_norm")
-        rules += _linear(f"{hf}.ffn", f"{ours}/mlp/wi") + _linear(f"{hf}.ffn_output", f"{ours}/mlp/wo")
-        rules += _norm(f"{hf}.full_layer_layer_norm", f"{ours}/mlp_norm")
+        hf = f"encoder.albert_layer_groups.{g}.albert_layers.0"
+        rules += _self_attention_layer(f"layers_{g}", f"{hf}.attention", ("query", "key", "value", "dense"),
+                                       f"{hf}.attention.LayerNorm", f"{hf}.ffn", f"{hf}.ffn_output",
+                                       f"{hf}.full_layer_layer_norm")
     return rules + _linear("pooler", "pooler")
 
 
