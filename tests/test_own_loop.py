@@ -1,6 +1,6 @@
 """The README's "Your own training loop": the block runs as written on one device and on a data 2 x model 2 mesh
 of four, the model called inside jax.jit / jax.grad / jax.vmap with labels; its loss is the one `jaxencdec train`
-computes."""
+computes. And transformers 4's Flax summarization train and eval steps, as that example writes them, on the model."""
 
 from __future__ import annotations
 
@@ -105,3 +105,113 @@ def test_the_model_maps_over_examples_with_vmap(one_device):
     encoded = jax.vmap(lambda i, m: model.encode(i[None], m[None]).last_hidden_state[0])(ids, mask)
     np.testing.assert_allclose(np.asarray(encoded), np.asarray(model.encode(ids, mask).last_hidden_state),
                                atol=1e-5, rtol=0)
+
+
+# transformers 4's Flax summarization example (examples/flax/summarization/run_summarization_flax.py) as it is
+# structured: a flax TrainState with a dropout rng, the model called with **batch, params, dropout_rng and
+# train=True, the label-smoothed cross entropy of optax on the logits masked by decoder_attention_mask, grads,
+# state.apply_gradients; and its eval step. The script pmaps and psums over devices; here one jit runs over the
+# mesh (MESH), the parameters placed by their logical partition specs.
+FLAX_SUMMARIZATION_LOOP = '''
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from flax.training.common_utils import onehot
+
+from jaxencdec import EncoderDecoderModel
+from jaxencdec.config import BertConfig, EncoderDecoderConfig
+from jaxencdec.models.encoder_decoder import shift_tokens_right
+from jaxencdec.parallel.mesh import MeshConfig, make_mesh
+from jaxencdec.parallel.shard import batch_sharding, named, param_specs
+
+
+class TrainState(train_state.TrainState):
+    dropout_rng: jax.Array
+
+
+bert = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(
+    bert, bert, decoder_start_token_id=101, pad_token_id=0, eos_token_id=102), seed=0)
+mesh = make_mesh(MESH)
+params = jax.device_put(model.params, named(mesh, param_specs(model.logical_axes(), model.params, mesh)))
+state = TrainState.create(apply_fn=model.__call__, params=params, tx=optax.adamw(1e-3, weight_decay=0.01),
+                          dropout_rng=jax.random.key(0))
+
+
+def loss_fn(logits, labels, padding_mask, label_smoothing_factor=0.0):
+    vocab_size = logits.shape[-1]
+    confidence = 1.0 - label_smoothing_factor
+    low_confidence = (1.0 - confidence) / (vocab_size - 1)
+    normalizing_constant = -(confidence * jnp.log(confidence)
+                             + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20))
+    soft_labels = onehot(labels, vocab_size, on_value=confidence, off_value=low_confidence)
+    loss = (optax.softmax_cross_entropy(logits, soft_labels) - normalizing_constant) * padding_mask
+    return loss.sum(), padding_mask.sum()
+
+
+@jax.jit
+def train_step(state, batch):
+    dropout_rng, new_dropout_rng = jax.random.split(state.dropout_rng)
+
+    def compute_loss(params):
+        labels = batch.pop("labels")
+        logits = state.apply_fn(**batch, params=params, dropout_rng=dropout_rng, train=True)[0]
+        loss, num_labels = loss_fn(logits, labels, batch["decoder_attention_mask"])
+        return loss / num_labels
+
+    loss, grad = jax.value_and_grad(compute_loss)(state.params)
+    return state.apply_gradients(grads=grad, dropout_rng=new_dropout_rng), loss
+
+
+@jax.jit
+def eval_step(params, batch):
+    labels = batch.pop("labels")
+    logits = model(**batch, params=params, train=False)[0]
+    loss, num_labels = loss_fn(logits, labels, batch["decoder_attention_mask"])
+    return loss / num_labels
+
+
+rows = np.random.default_rng(0).integers(103, 1000, size=(8, 12))
+labels = np.concatenate([rows[:, :6], np.full((8, 1), 102)], 1)
+labels[4:, 5:] = 0  # padded targets, masked by decoder_attention_mask
+batch = {"input_ids": np.concatenate([np.full((8, 1), 101), rows, np.full((8, 1), 102)], axis=1),
+         "attention_mask": np.ones((8, 14)), "labels": labels,
+         "decoder_input_ids": np.asarray(shift_tokens_right(labels, 0, 101)),
+         "decoder_attention_mask": (np.arange(7) < np.where(np.arange(8) < 4, 7, 5)[:, None]).astype(np.int32)}
+batch = jax.device_put({k: v.astype(np.int32) for k, v in batch.items()}, batch_sharding(mesh))
+losses = []
+for step in range(3):
+    state, loss = train_step(state, dict(batch))
+    losses.append(float(loss))
+eval_loss = float(eval_step(state.params, dict(batch)))
+'''
+
+
+def _flax_summarization_loop(mesh: str) -> str:
+    return FLAX_SUMMARIZATION_LOOP.replace("make_mesh(MESH)", f"make_mesh({mesh})")
+
+
+def test_transformers_flax_summarization_steps_run_on_the_model():
+    """Its train step runs 3 steps (the loss falls); its eval loss is the one `jaxencdec train` computes (1e-5);
+    on a data 2 x model 2 mesh of four devices the losses are those of one device."""
+    namespace: dict = {}
+    exec(compile(_flax_summarization_loop("MeshConfig(data=-1)"), "flax summarization loop", "exec"), namespace)
+    losses, state, batch, model = (namespace[k] for k in ("losses", "state", "batch", "model"))
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    ignored = {**batch, "labels": np.where(np.asarray(batch["decoder_attention_mask"]) > 0, batch["labels"], -100)}
+    total, count = jax.jit(steps.make_loss_fn(model.module, 0.0, None, deterministic=True))(
+        state.params, ignored, jax.random.key(0))  # the trainer's labels: -100 where the script masks
+    np.testing.assert_allclose(namespace["eval_loss"], float(total / count), rtol=1e-5)
+    assert int(count) == 8 * 7 - 4 * 2  # the padded targets are not counted
+
+    source = _flax_summarization_loop("MeshConfig(data=2, fsdp=1, model=2)")
+    source += "\nimport json; print(json.dumps({'losses': losses, 'eval': eval_loss, 'mesh': dict(mesh.shape)}))\n"
+    proc = subprocess.run([sys.executable, "-c", source], env=testing.subprocess_env(4), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mesh"] == {"data": 2, "fsdp": 1, "model": 2}
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(result["eval"], namespace["eval_loss"], rtol=1e-5)
