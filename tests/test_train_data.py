@@ -65,17 +65,20 @@ def test_order_is_deterministic_and_process_count_independent(encoder):
     assert [i for _ in range(6) for i in next(in_order)["example_index"].tolist()] == list(range(20)) + [0, 1, 2, 3]
 
 
+class Reads(list):
+    """Pairs that record which indices were read."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.read = []
+
+    def __getitem__(self, index):
+        self.read.append(int(index))
+        return super().__getitem__(index)
+
+
 def test_a_process_reads_only_its_rows_of_each_global_batch(encoder):
     """Without buckets a process reads (and tokenizes) its rows alone; with them, the global batch's sources."""
-
-    class Reads(list):
-        def __init__(self, pairs):
-            super().__init__(pairs)
-            self.read = []
-
-        def __getitem__(self, index):
-            self.read.append(int(index))
-            return super().__getitem__(index)
 
     for buckets in (None, (8, 16)):
         per_process = [Reads(_pairs(24)) for _ in range(3)]
@@ -116,6 +119,9 @@ def test_eval_batches_count_each_example_once(encoder):
     w = np.concatenate([b["weights"] for b in batches])
     assert sorted(idx[w > 0].tolist()) == list(range(10))
     assert (batches[-1]["labels"][2:] == -100).all()  # filler rows carry no loss
+    reads = Reads(_pairs(10))
+    next(eval_batches(reads, encoder, 4))
+    assert sorted(reads.read) == [0, 1, 2, 3]  # nothing read ahead of the batch asked for
     halves = [list(eval_batches(_pairs(10), encoder, 4, p, 2)) for p in range(2)]
     for whole, *parts in zip(batches, *halves):
         assert all(np.array_equal(whole[k], np.concatenate([p[k] for p in parts])) for k in whole)

@@ -143,7 +143,7 @@ def eval_batches(pairs: Sequence[tuple[str, str]], encoder: PairEncoder, global_
     """This process's rows of each global batch of one pass over ``pairs`` in order."""
     rows = _process_rows(global_batch, process_index, process_count)
     batches = grain.MapDataset.range(len(pairs)).batch(global_batch, batch_fn=np.asarray)
-    return iter(batches.map(LocalRows(pairs, encoder, global_batch, rows, buckets)))
+    return iter(batches.map(LocalRows(pairs, encoder, global_batch, rows, buckets)).to_iter_dataset(IN_ORDER))
 
 
 def _process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
