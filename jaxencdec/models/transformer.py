@@ -9,7 +9,7 @@ width, ``D`` but for ELECTRA)::
     embeddings/position/embedding        [max_positions, E]      (learned positions; unused when relative)
     embeddings/token_type/embedding      [type_vocab, E]         (BERT, RoBERTa, ELECTRA)
     embeddings/norm/{scale,bias}         [E]                     (all but GPT-2)
-    embeddings_project/{kernel [E, D], bias [D]}                  (ELECTRA: E-wide embedding tables, E != D)
+    embeddings_project/{kernel [E, D], bias [D]}                  (ELECTRA, ALBERT: E-wide tables, E != D)
     layers_{i}/self_attention/{query,key,value}/{kernel [D, h, d], bias [h, d]}
     layers_{i}/self_attention/out/{kernel [h, d, D], bias [D]}
     layers_{i}/self_attention/distance/embedding [2 * max_positions - 1, d]   (relative attention)
@@ -24,6 +24,7 @@ width, ``D`` but for ELECTRA)::
     lm_head/output/kernel [D, vocab]                              (untied decoders)
     lm_head/bias [vocab]                                          (BERT/RoBERTa/BertGeneration/ELECTRA)
 
+ALBERT's layers share parameters: ``layers_{g}`` for each of ``spec.layer_groups`` groups of consecutive layers.
 With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
 ``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
 ``[num_layers, batch, heads, length, head_dim]`` instead of a tuple of per-layer ones; the cross-attention
