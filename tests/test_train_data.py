@@ -61,6 +61,8 @@ def test_order_is_deterministic_and_process_count_independent(encoder):
     assert all(sorted(epoch) == list(range(20)) for epoch in epochs) and epochs[0] != epochs[1]
     other_seed = training_batches(pairs, encoder, 4, seed=4)
     assert [i for _ in range(5) for i in next(other_seed)["example_index"].tolist()] != epochs[0]
+    single_rows = training_batches(pairs, encoder, 1, seed=3)  # a global batch of one row
+    assert [int(next(single_rows)["example_index"][0]) for _ in range(20)] == epochs[0]
     in_order = training_batches(pairs, encoder, 4, shuffle=False)
     assert [i for _ in range(6) for i in next(in_order)["example_index"].tolist()] == list(range(20)) + [0, 1, 2, 3]
 

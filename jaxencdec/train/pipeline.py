@@ -31,6 +31,10 @@ from jaxencdec.train.data import DataError
 # one batch ahead itself (``batches.Prefetched``), and ``data.workers`` moves the work to other processes.
 IN_ORDER = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
+# Examples in the training stream: more than any run reads, and exact in float64 (grain's ``repeat(None)`` is
+# sys.maxsize long, and its batching divides lengths as floats: with batches of one row that overflows).
+STREAM_LENGTH = 2 ** 52
+
 
 class LocalRows:
     """A grain map: a global batch's example indices -> this process's rows of it, tokenized (``PairEncoder``'s
@@ -127,7 +131,7 @@ def training_batches(pairs: Sequence[tuple[str, str]], encoder: PairEncoder, glo
     stream = grain.MapDataset.range(len(pairs))
     if shuffle:
         stream = stream.shuffle(seed=seed)
-    stream = stream.repeat(None)
+    stream = stream.repeat(max(1, STREAM_LENGTH // len(pairs)))
     if packed:
         examples = _in_workers(stream.map(packing.Tokenized(pairs, encoder)).to_iter_dataset(IN_ORDER), workers)
         dataset = packing.packed_rows(examples, encoder, global_batch, rows)
