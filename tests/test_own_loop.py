@@ -55,14 +55,21 @@ def test_the_readme_loop_trains_and_its_loss_is_the_trainers(one_device):
         model(bad, batch["attention_mask"], labels=batch["labels"])  # outside jit the values are checked
 
 
-def test_the_readme_loop_on_a_2x2_mesh_gives_the_one_device_losses(one_device):
-    source = readme_loop().replace("MeshConfig(data=-1)", "MeshConfig(data=2, fsdp=1, model=2)")
-    source += "\nimport json; print(json.dumps({'losses': losses, 'mesh': dict(mesh.shape)}))\n"
+def on_a_2x2_mesh(source: str, names: str) -> dict:
+    """Runs ``source`` (whose mesh is ``MeshConfig(data=2, fsdp=1, model=2)``) in a child with four devices; returns
+    the values of its global ``names`` (a Python expression of a dict), after checking the mesh it ran on."""
+    source += f"\nimport json; print(json.dumps({{**{names}, 'mesh': dict(mesh.shape)}}))\n"
     proc = subprocess.run([sys.executable, "-c", source], env=testing.subprocess_env(4), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mesh"] == {"data": 2, "fsdp": 1, "model": 2}
+    return result
+
+
+def test_the_readme_loop_on_a_2x2_mesh_gives_the_one_device_losses(one_device):
+    source = readme_loop().replace("MeshConfig(data=-1)", "MeshConfig(data=2, fsdp=1, model=2)")
+    result = on_a_2x2_mesh(source, "{'losses': losses}")
     np.testing.assert_allclose(result["losses"], one_device["losses"], rtol=1e-5)
 
 
@@ -206,12 +213,7 @@ def test_transformers_flax_summarization_steps_run_on_the_model():
     np.testing.assert_allclose(namespace["eval_loss"], float(total / count), rtol=1e-5)
     assert int(count) == 8 * 7 - 4 * 2  # the padded targets are not counted
 
-    source = _flax_summarization_loop("MeshConfig(data=2, fsdp=1, model=2)")
-    source += "\nimport json; print(json.dumps({'losses': losses, 'eval': eval_loss, 'mesh': dict(mesh.shape)}))\n"
-    proc = subprocess.run([sys.executable, "-c", source], env=testing.subprocess_env(4), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["mesh"] == {"data": 2, "fsdp": 1, "model": 2}
+    result = on_a_2x2_mesh(_flax_summarization_loop("MeshConfig(data=2, fsdp=1, model=2)"),
+                           "{'losses': losses, 'eval': eval_loss}")
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
     np.testing.assert_allclose(result["eval"], namespace["eval_loss"], rtol=1e-5)
