@@ -137,6 +137,11 @@ def _field(record: Any, path: str, where: str) -> str:
     return value
 
 
+def _pair(record: Any, config: DataConfig, where: str) -> tuple[str, str]:
+    """``(source, target)``: ``record``'s ``data.source_field`` and ``data.target_field`` (errors name ``where``)."""
+    return _field(record, config.source_field, where), _field(record, config.target_field, where)
+
+
 def open_pairs(config: DataConfig, split: str) -> Sequence[tuple[str, str]]:
     """The ``(source, target)`` texts of a split's file (a local path or a bucket URL such as
     ``gs://b/train.jsonl``) as a random-access sequence: a list for the formats parsed whole, a reader of one
@@ -170,7 +175,7 @@ class ArrayRecordPairs(Sequence):
     def __init__(self, files: list[str], config: DataConfig):
         import grain
 
-        self.files, self.fields = files, (config.source_field, config.target_field)
+        self.files, self.config = files, config
         self._source = grain.sources.ArrayRecordDataSource(files)
         self._length = min(len(self._source), config.max_examples or len(self._source))
         if not self._length:
@@ -189,7 +194,7 @@ class ArrayRecordPairs(Sequence):
             raise _not_utf8(self.files[0], where, error) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not a JSON object ({e}); each record holds one, as a JSONL line does") from None
-        return tuple(_field(record, name, where) for name in self.fields)
+        return _pair(record, self.config, where)
 
     def _where(self, index: int) -> str:
         """``file record r`` of the global record ``index``."""
@@ -231,26 +236,28 @@ def _hf_pairs(path: str | None, split: str, config: DataConfig) -> Sequence[tupl
     if path is None or not paths.exists(path):
         raise DataError(f"data.{split}_file {path} does not exist")
     columns = sorted({config.source_field.split(".")[0], config.target_field.split(".")[0]})
-    table = _parquet_table(path) if paths.is_file(path) else _saved_dataset(path, split)
+    parquet = paths.is_file(path)
+    table = _parquet_table(path) if parquet else _saved_dataset(path, split)
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: no column {missing[0]!r}; the columns are {table.column_names}")
-    if config.max_examples:
-        table = table.select(range(min(config.max_examples, len(table)))) if hasattr(table, "with_format") else \
-            table.slice(0, config.max_examples)
-    if not len(table):
+    if parquet:
+        rows = table.select(columns).slice(0, config.max_examples or None).to_pylist()
+        pairs = [_pair(row, config, f"{path} row {i}") for i, row in enumerate(rows)]
+    else:
+        if config.max_examples:
+            table = table.select(range(min(config.max_examples, len(table))))
+        pairs = SavedDatasetPairs(table.select_columns(columns), path, config)
+    if not len(pairs):
         raise DataError(f"{path} holds no examples")
-    if hasattr(table, "with_format"):  # a datasets.Dataset
-        return SavedDatasetPairs(table.select_columns(columns), path, config)
-    return [(_field(row, config.source_field, f"{path} row {i}"), _field(row, config.target_field, f"{path} row {i}"))
-            for i, row in enumerate(table.select(columns).to_pylist())]
+    return pairs
 
 
 class SavedDatasetPairs(Sequence):
     """The pairs of a ``datasets.Dataset`` (memory-mapped), each row read when it is asked for."""
 
     def __init__(self, dataset, path: str, config: DataConfig):
-        self.dataset, self.path, self.fields = dataset, path, (config.source_field, config.target_field)
+        self.dataset, self.path, self.config = dataset, path, config
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -258,8 +265,7 @@ class SavedDatasetPairs(Sequence):
     def __getitem__(self, index: int) -> tuple[str, str]:
         if not 0 <= index < len(self.dataset):
             raise IndexError(index)
-        row = self.dataset[int(index)]
-        return tuple(_field(row, name, f"{self.path} row {index}") for name in self.fields)
+        return _pair(self.dataset[int(index)], self.config, f"{self.path} row {index}")
 
 
 def _parquet_table(path: str):
@@ -314,7 +320,7 @@ def _jsonl_pairs(path: str, lines: Iterable[tuple[str, bytes]], config: DataConf
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
-        pairs.append((_field(record, config.source_field, where), _field(record, config.target_field, where)))
+        pairs.append(_pair(record, config, where))
         if config.max_examples and len(pairs) >= config.max_examples:
             break
     return pairs
