@@ -445,10 +445,17 @@ class MBartConfig(BartConfig):
         return dataclasses.replace(super().spec(role), pre_norm=True)
 
 
-ARCHITECTURES: dict[str, type[HFConfig]] = {
-    c.model_type: c for c in (BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig,
-                              ElectraConfig, DistilBertConfig, AlbertConfig, GPT2Config, BartConfig, MBartConfig)
-}
+# model_type -> config class: the classes here, and those ``register`` adds (``jaxencdec.llm_architectures``).
+ARCHITECTURES: dict[str, type[HFConfig]] = {}
+
+
+def register(*classes: type[HFConfig]) -> None:
+    """Makes ``HFConfig.from_dict`` build ``classes`` from a ``config.json`` of their ``model_type``."""
+    ARCHITECTURES.update({c.model_type: c for c in classes})
+
+
+register(BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig, ElectraConfig,
+         DistilBertConfig, AlbertConfig, GPT2Config, BartConfig, MBartConfig)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Pretrained weights into an ``EncoderDecoderModel``: the work of its ``from_pretrained`` (one encoder-decoder
 folder) and ``from_encoder_decoder_pretrained`` (two standalone checkpoints), with the dtype the weights load in
-(``param_dtype`` / transformers' ``torch_dtype``, ``"auto"``) and the report of new and unused tensors.
+(``param_dtype`` / transformers' ``torch_dtype``, ``"auto"``) and the report of new and unused tensors; and the way
+back to one standalone checkpoint (``export_part``).
 
 Both take the model class to build (``EncoderDecoderModel``, or a subclass) as their first argument; their
 keyword arguments and errors are those the two class methods document.
@@ -20,14 +21,14 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxencdec import paths
+from jaxencdec import paths, storage
 from jaxencdec.checkpoint import names
-from jaxencdec.checkpoint.convert import LoadReport, state_dict_to_params
-from jaxencdec.checkpoint.formats import hf_flax_to_state_dict, read_msgpack
+from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict, state_dict_to_params
+from jaxencdec.checkpoint.formats import hf_flax_to_state_dict, read_msgpack, write_safetensors
 from jaxencdec.checkpoint.hub import resolve_model_folder
 from jaxencdec.checkpoint.weights import find_weights, read_state_dict
 from jaxencdec.config import RUNTIME_FLAGS, EncoderDecoderConfig, HFConfig
-from jaxencdec.errors import ConfigError
+from jaxencdec.errors import ConfigError, require
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.models import layout
 
@@ -116,6 +117,22 @@ def load_pretrained(model_class, source: str, *, dtype=None, param_dtype=None, t
                         generation_config=generation_config)
     model.load_report = report
     return model
+
+
+def export_part(config: EncoderDecoderConfig, flat_params: Mapping[str, np.ndarray], part: str,
+                save_directory) -> paths.AnyPath:
+    """``EncoderDecoderModel.export_part_pytorch``: the unrolled ``flat_params`` of ``part`` under the names of
+    its standalone checkpoint (``stack_rules``), with the part's config, into ``save_directory``."""
+    require(part in ("encoder", "decoder"), f"part must be 'encoder' or 'decoder', got {part!r}")
+    part_config = getattr(config, part)
+    spec = config.encoder_spec if part == "encoder" else config.decoder_spec
+    rules = names.stack_rules(part_config.model_type, spec, part, "", part,
+                              tied=part == "decoder" and config.tie_encoder_decoder)
+    with storage.atomic_folder(save_directory) as staging:
+        write_safetensors(params_to_state_dict(rules, flat_params), staging / "model.safetensors",
+                          metadata={"format": "pt"})
+        storage.write_json(part_config.to_dict(), staging / CONFIG_NAME)
+    return paths.as_path(save_directory)
 
 
 def summarize_paths(paths: list[str]) -> str:

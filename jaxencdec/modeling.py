@@ -195,6 +195,15 @@ class EncoderDecoderModel:
             self._write_configs(staging)
         return paths.as_path(save_directory)
 
+    def export_part_pytorch(self, part: str, save_directory: str | os.PathLike) -> paths.AnyPath:
+        """Writes the ``part`` ("encoder" or "decoder") alone as a transformers folder of its own architecture
+        (``model.safetensors`` under ``AutoModel`` / ``*ForCausalLM`` names, the part's ``config.json``). A
+        Llama-family decoder loads back into ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``; its cross-attention
+        tensors lie beside the LLM's, which transformers reports as unused."""
+        flat = traverse_util.flatten_dict(
+            jax.tree.map(lambda x: np.asarray(x, np.float32), self.unrolled_params()), sep="/")
+        return loading.export_part(self.config, flat, part, save_directory)
+
     def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
         """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then
         ``huggingface_hub.upload_folder``). Takes transformers' arguments so that any such call gets that message."""

@@ -18,6 +18,9 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu
 # computed them (query . distance embedding, and for "key_query" also key . distance embedding).
 RELATIVE_ATTENTION = (None, "key", "key_query")
 
+# The ``norm`` of a ``TransformerSpec``: layer norm (scale and bias) or RMS norm (scale only: Llama's RMSNorm).
+NORMS = ("layer", "rms")
+
 
 @dataclass(frozen=True)
 class TransformerSpec:
@@ -28,9 +31,23 @@ class TransformerSpec:
       hidden_size: model width ``D``.
       num_layers, num_heads, intermediate_size: depth, heads (``D % num_heads == 0``), MLP width.
       activation: a Hugging Face activation name from ``ACTIVATIONS``.
-      layer_norm_eps: epsilon of every layer norm.
+      layer_norm_eps: epsilon of every norm.
       max_positions: rows of the position table (``0``: no learned positions); with ``relative_attention``, the
         longest distance embedded is ``max_positions - 1``.
+      norm: one of ``NORMS``: every norm of the stack a layer norm, or an RMS norm (Llama family).
+      num_kv_heads: key/value heads of self-attention (grouped-query attention: each serves
+        ``num_heads // num_kv_heads`` query heads). None: ``num_heads``. Cross-attention has ``num_heads``.
+      head_size: the width of a head when it is not ``hidden_size // num_heads`` (Llama's ``head_dim``).
+      rotary_theta: rotary position embeddings of that base on self-attention queries and keys (Llama's default
+        RoPE), applied over the whole head; None: none. A stack with them has no position table.
+      context_length: the longest sequence a stack without a position table takes (its config's
+        ``max_position_embeddings``).
+      gated_mlp: the MLP is ``wo(act(wi_gate(x)) * wi(x))`` (SwiGLU / GeGLU) instead of ``wo(act(wi(x)))``.
+      attention_bias, attention_out_bias, mlp_bias: biases on the query/key/value projections, on the attention
+        output projection, on the MLP's projections.
+      cross_attention_gate: the cross-attention block's output is scaled by ``tanh(gate)``, a learned scalar per
+        layer initialised to 0, so that a pretrained decoder-only LM given cross-attention blocks computes exactly
+        what it computed alone until training moves the gates (Flamingo-style).
       position_offset: added to positions before the lookup (BART: 2).
       positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
       pad_token_id: needed by the RoBERTa scheme.
@@ -86,10 +103,28 @@ class TransformerSpec:
     embedding_dropout: float = 0.1
     initializer_range: float = 0.02
     relative_attention: str | None = None
+    norm: str = "layer"
+    num_kv_heads: int | None = None
+    head_size: int | None = None
+    rotary_theta: float | None = None
+    context_length: int | None = None
+    gated_mlp: bool = False
+    attention_bias: bool = True
+    attention_out_bias: bool = True
+    mlp_bias: bool = True
+    cross_attention_gate: bool = False
 
     def __post_init__(self):
-        require(self.hidden_size % self.num_heads == 0,
+        require(self.head_size is not None or self.hidden_size % self.num_heads == 0,
                 f"hidden size {self.hidden_size} is not divisible by the number of attention heads {self.num_heads}")
+        require(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        require(self.num_heads % self.kv_heads == 0,
+                f"{self.num_heads} attention heads cannot share {self.kv_heads} key/value heads: the number of "
+                f"heads must be a multiple of num_key_value_heads")
+        require(self.rotary_theta is None or (self.max_positions == 0 and self.head_dim % 2 == 0),
+                "rotary positions need an even head size and no position table")
+        require(self.max_positions > 0 or self.context_length is not None,
+                "a stack without a position table needs context_length")
         for activation in (self.activation, self.lm_head_activation or self.activation):
             require(activation in ACTIVATIONS, f"activation {activation!r} is not supported; use one of {ACTIVATIONS}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "embedding_width"):
@@ -123,11 +158,18 @@ class TransformerSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of self-attention (``num_kv_heads``, else ``num_heads``)."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def max_length(self) -> int:
-        """The longest sequence the position table can embed."""
+        """The longest sequence the position table can embed (without one: ``context_length``)."""
+        if not self.max_positions:
+            return self.context_length
         if self.positions_from_padding:
             return self.max_positions - self.pad_token_id - 1
         return self.max_positions - self.position_offset

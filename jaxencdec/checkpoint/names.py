@@ -217,7 +217,8 @@ def _gpt2_base(spec: TransformerSpec) -> list[Rule]:
     return rules
 
 
-def _gpt2_head(spec: TransformerSpec) -> list[Rule]:
+def _lm_head(spec: TransformerSpec) -> list[Rule]:
+    """A causal LM's ``lm_head`` when it is not tied to the word table (GPT-2, BART, mBART, the Llama family)."""
     return _untied(spec, "lm_head")
 
 
@@ -241,8 +242,26 @@ def _mbart_base(spec: TransformerSpec) -> list[Rule]:
     return _bart_base(spec) + _norm("layer_norm", "final_norm")  # pre-norm layers, then a final norm
 
 
-def _bart_head(spec: TransformerSpec) -> list[Rule]:
-    return _untied(spec, "lm_head")
+def _llama_base(spec: TransformerSpec) -> list[Rule]:
+    """LlamaModel (Qwen2Model alike): RMS norms (a scale only), q/k/v/o and gate/up/down projections with the
+    biases the spec has; each layer's cross-attention block (ours: no transformers class has one) under the names
+    transformers' pattern suggests, beside the LLM's tensors."""
+    rules = [Rule("embed_tokens.weight", ("embeddings/word/embedding",)), Rule("norm.weight", ("final_norm/scale",))]
+    for i in range(spec.num_layers):
+        hf, ours = f"layers.{i}", f"layers_{i}"
+        blocks = [("self_attn", "self_attention", "input_layernorm")] + (
+            [("cross_attn", "cross_attention", "cross_attn_layernorm")] if spec.add_cross_attention else [])
+        for hf_block, block, hf_norm in blocks:
+            rules += [r for name, proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
+                      for r in _linear(f"{hf}.{hf_block}.{name}", f"{ours}/{block}/{proj}", bias=spec.attention_bias)]
+            rules += _linear(f"{hf}.{hf_block}.o_proj", f"{ours}/{block}/out", n_in=2, bias=spec.attention_out_bias)
+            rules.append(Rule(f"{hf}.{hf_norm}.weight", (f"{ours}/{block}_norm/scale",)))
+        if spec.add_cross_attention and spec.cross_attention_gate:
+            rules.append(Rule(f"{hf}.cross_attn_gate", (f"{ours}/cross_attention_gate",)))
+        rules += [r for name, proj in (("gate_proj", "wi_gate"), ("up_proj", "wi"), ("down_proj", "wo"))
+                  for r in _linear(f"{hf}.mlp.{name}", f"{ours}/mlp/{proj}", bias=spec.mlp_bias)]
+        rules.append(Rule(f"{hf}.post_attention_layernorm.weight", (f"{ours}/mlp_norm/scale",)))
+    return rules
 
 
 @dataclass(frozen=True)
@@ -274,11 +293,14 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     "electra": Architecture(_electra_base, _electra_head, ("", "electra."), ("electra.", "")),
     "distilbert": Architecture(_distilbert_base, _no_head, ("", "distilbert."), ("distilbert.",)),
     "albert": Architecture(_albert_base, _no_head, ("", "albert."), ("albert.",)),
-    "gpt2": Architecture(_gpt2_base, _gpt2_head, ("", "transformer."), ("transformer.", "")),
-    "bart": Architecture(_bart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
+    "gpt2": Architecture(_gpt2_base, _lm_head, ("", "transformer."), ("transformer.", "")),
+    "bart": Architecture(_bart_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                          ("shared.weight", "model.shared.weight")),
-    "mbart": Architecture(_mbart_base, _bart_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
+    "mbart": Architecture(_mbart_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                           ("shared.weight", "model.shared.weight")),
+    # LlamaForCausalLM and Qwen2ForCausalLM: decoders only (their configs refuse the encoder role)
+    "llama": Architecture(_llama_base, _lm_head, ("model.",), ("model.", "")),
+    "qwen2": Architecture(_llama_base, _lm_head, ("model.",), ("model.", "")),
 }
 
 # Non-persistent buffers and derived tensors some checkpoints carry; never weights, never reported.
@@ -358,4 +380,5 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
                                     "distilbert", "albert"), "embeddings.word_embeddings.weight"),
-                   "gpt2": "wte.weight", "bart": "embed_tokens.weight", "mbart": "embed_tokens.weight"}
+                   "gpt2": "wte.weight",
+                   **dict.fromkeys(("bart", "mbart", "llama", "qwen2"), "embed_tokens.weight")}

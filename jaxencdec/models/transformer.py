@@ -44,7 +44,7 @@ from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
 from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, layer_of, write_cache
 from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
-                                 layer_norm, logits_dot_general, zeros_init)
+                                 layer_norm, logits_dot_general, norm_layer, zeros_init)
 
 # The variable collection each stack sows its hidden states into (``Module.sow``): recorded only when mutable.
 HIDDEN_STATES = "hidden_states"
@@ -76,7 +76,7 @@ def init_cache(spec: TransformerSpec, batch: int, max_length: int, dtype: Dtype 
 
     ``slots`` rows share each input's cache (beam search: one slot per beam, see ``TransformerStack.decode``).
     """
-    shape = (batch, spec.num_heads, slots * max_length, spec.head_dim)
+    shape = (batch, spec.kv_heads, slots * max_length, spec.head_dim)
     if scanned:
         shape = (spec.num_layers,) + shape
         return KeyValue(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
@@ -132,8 +132,21 @@ def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Ar
     return mask.reshape(rows // slots, 1, slots * query_pos.shape[0], num_keys)
 
 
+def attention_block(spec: TransformerSpec, dtype: Dtype, param_dtype: Dtype, cross: bool, **module) -> Attention:
+    """A layer's self-attention (``cross`` False) or cross-attention: the cross-attention has neither relative
+    terms (transformers 4's neither), rotary positions nor grouped key/value heads. ``module``: ``name`` or
+    ``parent``."""
+    s = spec
+    return Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout, dtype, param_dtype,
+                     None if cross else s.relative_attention, s.max_positions,
+                     num_kv_heads=None if cross else s.num_kv_heads, features=s.hidden_size,
+                     qkv_bias=s.attention_bias, out_bias=s.attention_out_bias,
+                     rotary_theta=None if cross else s.rotary_theta, **module)
+
+
 class TransformerLayer(nn.Module):
-    """Self-attention, optional cross-attention, MLP; pre- or post-norm residuals as the spec says."""
+    """Self-attention, optional cross-attention (gated when the spec says), MLP; pre- or post-norm residuals as the
+    spec says."""
 
     spec: TransformerSpec
     dtype: Dtype = jnp.float32
@@ -141,18 +154,24 @@ class TransformerLayer(nn.Module):
 
     def setup(self):
         s = self.spec
-        attention = lambda relative: Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout,
-                                               self.dtype, self.param_dtype, relative, s.max_positions)
-        norm = lambda: layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
-        self.self_attention = attention(s.relative_attention)
+        norm = lambda: norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype)
+        self.self_attention = attention_block(s, self.dtype, self.param_dtype, cross=False)
         self.self_attention_norm = norm()
         if s.add_cross_attention:
-            self.cross_attention = attention(None)  # transformers 4 too: cross-attention has no relative terms
+            self.cross_attention = attention_block(s, self.dtype, self.param_dtype, cross=True)
             self.cross_attention_norm = norm()
+            if s.cross_attention_gate:
+                self.cross_attention_gate = self.param("cross_attention_gate", zeros_init(()), (), self.param_dtype)
         self.mlp = MLP(s.hidden_size, s.intermediate_size, s.activation, s.initializer_range,
-                       s.activation_dropout, self.dtype, self.param_dtype)
+                       s.activation_dropout, self.dtype, self.param_dtype, gated=s.gated_mlp, use_bias=s.mlp_bias)
         self.mlp_norm = norm()
         self.drop = Dropout(s.hidden_dropout)
+
+    def _cross_attend(self, h, cross_kv, cross_mask, deterministic):
+        out = self.cross_attention(h, cross_kv, cross_mask, deterministic)
+        if self.spec.cross_attention_gate:
+            out = out * jnp.tanh(self.cross_attention_gate).astype(out.dtype)
+        return out
 
     def _residual(self, x, norm, sublayer, deterministic):
         # Every norm and sublayer output is pinned to the batch split (see nn.layers.constrain): without the pins,
@@ -170,28 +189,27 @@ class TransformerLayer(nn.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
         cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool, distance: jax.Array | None = None,
-        layer: jax.Array | None = None,
+        layer: jax.Array | None = None, positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KeyValue | None]:
         """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None).
 
         ``distance``: the self-attention's query-key distances (``relative_distances``), for relative attention.
         ``layer``: int32 scalar, this layer's index in a ``cache`` stacked over every layer (scanned layers).
+        ``positions``: int ``[batch, length]``, the tokens' positions, for rotary positions.
         """
 
         def self_attend(h):
             nonlocal cache
-            kv = self.self_attention.project_kv(h)
+            kv = self.self_attention.project_kv(h, positions)
             if cache is not None:
                 cache = write_cache(cache, kv, cache_index, layer)
                 kv = cache if layer is None else layer_of(cache, layer)
-            return self.self_attention(h, kv, mask, deterministic, distance)
+            return self.self_attention(h, kv, mask, deterministic, distance, positions)
 
         x = self._residual(x, self.self_attention_norm, self_attend, deterministic)
         if cross_kv is not None:
-            x = self._residual(
-                x, self.cross_attention_norm,
-                lambda h: self.cross_attention(h, cross_kv, cross_mask, deterministic), deterministic,
-            )
+            x = self._residual(x, self.cross_attention_norm,
+                               lambda h: self._cross_attend(h, cross_kv, cross_mask, deterministic), deterministic)
         x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, deterministic), deterministic)
         return x, cache
 
@@ -206,14 +224,15 @@ class ScannedLayer(TransformerLayer):
     itself (teacher forcing: each layer reads the encoder states once per call).
     """
 
-    def __call__(self, carry, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden):
+    def __call__(self, carry, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden,
+                 positions):
         x, cache = carry
         cross_kv, layer = per_layer
         self.sow(HIDDEN_STATES, "states", x)  # the layer's input, as the unrolled stack records it
         if cross_kv is None and encoder_hidden is not None:
             cross_kv = self.cross_attention.project_kv(encoder_hidden)
         carry = TransformerLayer.__call__(self, x, mask, cross_kv, cross_mask, cache, cache_index, deterministic,
-                                          distance, layer)
+                                          distance, layer, positions)
         return carry, None
 
 
@@ -278,7 +297,7 @@ class TransformerStack(nn.Module):
                 _rematerialized(ScannedLayer, self.remat),
                 variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 6, length=s.num_layers,
+                in_axes=(0,) + (nn.broadcast,) * 7, length=s.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             )
             self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
@@ -287,7 +306,7 @@ class TransformerStack(nn.Module):
             self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
                            for i in range(s.num_layer_params)]
         if s.pre_norm:
-            self.final_norm = layer_norm(s.layer_norm_eps, self.dtype, self.param_dtype)
+            self.final_norm = norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype)
         if s.pooler:
             self.pooler = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
                                 self.param_dtype)
@@ -303,10 +322,11 @@ class TransformerStack(nn.Module):
         x = self.embeddings(input_ids, positions, deterministic)
         if self.spec.embedding_width != self.spec.hidden_size:
             x = constrain(self.embeddings_project(x), HIDDEN_AXES)
+        rotary_positions = positions if self.spec.rotary_theta else None
         if self.scan_layers:
             layers = jnp.arange(self.spec.num_layers, dtype=jnp.int32)
             (x, new_cache), _ = self.layers((x, cache), (cross_kv, layers), mask, cross_mask, cache_index,
-                                            deterministic, distance, encoder_hidden)
+                                            deterministic, distance, encoder_hidden, rotary_positions)
         else:
             new_cache = []
             for i in range(self.spec.num_layers):
@@ -314,7 +334,7 @@ class TransformerStack(nn.Module):
                 self.sow(HIDDEN_STATES, "states", x)
                 x, layer_cache = layer(
                     x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                    None if cache is None else cache[i], cache_index, deterministic, distance,
+                    None if cache is None else cache[i], cache_index, deterministic, distance, None, rotary_positions,
                 )
                 new_cache.append(layer_cache)
             new_cache = None if cache is None else tuple(new_cache)
@@ -352,11 +372,9 @@ class TransformerStack(nn.Module):
         per layer ``[batch, heads, src_len, head_dim]``, or (scanned) one ``KeyValue`` with a leading layer axis."""
         if not self.scan_layers:
             return tuple(layer.cross_attention.project_kv(encoder_hidden) for layer in self.layers)
-        s = self.spec
         # The stacked cross-attention parameters, applied layer by layer (vmap) through an unbound copy of the
         # layers' own attention module.
-        attention = Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout, self.dtype,
-                              self.param_dtype, None, s.max_positions, parent=None)
+        attention = attention_block(self.spec, self.dtype, self.param_dtype, cross=True, parent=None)
         stacked = self.variables["params"][SCANNED_KEY]["cross_attention"]
         return jax.vmap(lambda p: attention.apply({"params": p}, encoder_hidden, method="project_kv"))(stacked)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxencdec.nn.layers import Dropout, Dtype, einsum_float32, normal_init, zeros_init
+from jaxencdec.nn.layers import Dropout, Dtype, einsum_float32, normal_init, rotary, zeros_init
 
 
 # The variable collection that attention probabilities are sown into (``Module.sow``): make it mutable in
@@ -67,8 +67,10 @@ def dot_product_attention(
 
     Args:
       query: ``[batch, q_len, heads, head_dim]``, already scaled by ``head_dim ** -0.5``.
-      kv: keys/values ``[kv_batch, heads, kv_len, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
-        (beam search: each input's keys serve all its beams, which are folded into the query length).
+      kv: keys/values ``[kv_batch, kv_heads, kv_len, head_dim]``. ``batch`` may be a multiple of ``kv_batch``
+        (beam search: each input's keys serve all its beams, which are folded into the query length); ``heads`` a
+        multiple of ``kv_heads`` (grouped-query attention: key/value head ``j`` serves query heads
+        ``j * heads // kv_heads ...``).
       mask: bool, broadcastable to ``[batch, 1, q_len, kv_len]``; when grouped, to
         ``[kv_batch, 1, groups * q_len, kv_len]`` (query row ``b * groups + g``, position ``t`` at ``g * q_len + t``).
       bias: None, or float32 ``[kv_batch, heads, groups * q_len, kv_len]`` (the grouped layout) added to the
@@ -82,6 +84,9 @@ def dot_product_attention(
     kv_batch = kv.key.shape[0]
     chex.assert_is_divisible(batch, kv_batch)
     groups = batch // kv_batch
+    if kv.key.shape[1] != heads:
+        chex.assert_is_divisible(heads, kv.key.shape[1])
+        kv = jax.tree.map(lambda a: jnp.repeat(a, heads // a.shape[1], axis=1), kv)
     # Heads-major queries: XLA:CPU runs the two batched matmuls 2-4x faster than with "bqhd" operands.
     query = query.reshape(kv_batch, groups * q_len, heads, head_dim).transpose(0, 2, 1, 3)  # [kv_b, h, g*q, d]
     scores = einsum_float32("bhqd,bhkd->bhqk", query, kv.key)
@@ -98,7 +103,8 @@ class HeadsProjection(nn.Module):
     """``y = x @ kernel + bias`` between a width and attention heads: ``split`` maps ``[..., D_in]`` to
     ``[..., heads, head_dim]`` (kernel ``[D_in, heads, head_dim]``, bias ``[heads, head_dim]``), otherwise
     ``[..., heads, head_dim]`` to ``[..., features]`` (kernel ``[heads, head_dim, features]``, bias
-    ``[features]``). Inputs, kernel and bias are cast to ``dtype`` (the compute dtype) first.
+    ``[features]``); without ``use_bias``, no bias. Inputs, kernel and bias are cast to ``dtype`` (the compute
+    dtype) first.
 
     The kernel is stored 3-D (logical axes ``embed``, ``heads``, ``kv``) and multiplied as a 2-D matrix over
     flattened heads. For query, key and value that keeps ``embed`` the major dimension of the kernel's gradient,
@@ -115,6 +121,12 @@ class HeadsProjection(nn.Module):
     std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+
+    def _bias(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array | int:
+        if not self.use_bias:
+            return 0
+        return self.param("bias", zeros_init(axes), shape, self.param_dtype).reshape(-1).astype(self.dtype)
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -123,24 +135,24 @@ class HeadsProjection(nn.Module):
         if self.split:
             kernel = self.param("kernel", normal_init(self.std, ("embed", "heads", "kv")), (inputs.shape[-1], *heads),
                                 self.param_dtype).reshape(-1, width)
-            bias = self.param("bias", zeros_init(("heads", "kv")), heads, self.param_dtype).reshape(width)
             rows = inputs.reshape(-1, inputs.shape[-1]).astype(self.dtype)
-            out = rows @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            out = rows @ kernel.astype(self.dtype) + self._bias(("heads", "kv"), heads)
             return out.reshape(*inputs.shape[:-1], *heads)
         chex.assert_shape(inputs, (..., *heads))
         kernel = self.param("kernel", normal_init(self.std, ("heads", "kv", "embed")), (*heads, self.features),
                             self.param_dtype).reshape(width, self.features)
-        bias = self.param("bias", zeros_init(("embed",)), (self.features,), self.param_dtype)
         merged = inputs.reshape(*inputs.shape[:-2], width).astype(self.dtype)
-        return merged @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        return merged @ kernel.astype(self.dtype) + self._bias(("embed",), (self.features,))
 
 
 class Attention(nn.Module):
     """Multi-head attention ``[batch, q_len, D] -> [batch, q_len, D]``.
 
     Parameters: ``query``/``key``/``value`` kernels ``[D_in, heads, head_dim]`` with biases ``[heads, head_dim]``
-    and ``out`` kernel ``[heads, head_dim, D]`` with bias ``[D]``. Masks are built by the caller; this module
-    only projects, attends and mixes heads.
+    (``key``/``value``: ``num_kv_heads`` heads when set, grouped-query attention) and ``out`` kernel
+    ``[heads, head_dim, features]`` with bias ``[features]`` (``features``: the output width, ``heads * head_dim``
+    when 0); ``qkv_bias`` / ``out_bias`` False drop those biases. Masks are built by the caller; this module only
+    projects, attends and mixes heads. ``rotary_theta``: queries and keys are rotated by their positions (RoPE).
 
     ``relative`` ("key" or "key_query", transformers 4's ``relative_key`` / ``relative_key_query``) adds a
     ``distance/embedding`` table ``[2 * max_distance - 1, head_dim]``: with ``E`` its row for a query-key
@@ -156,24 +168,33 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     relative: str | None = None
     max_distance: int = 0
+    num_kv_heads: int | None = None
+    features: int = 0
+    qkv_bias: bool = True
+    out_bias: bool = True
+    rotary_theta: float | None = None
 
     def setup(self):
-        project = partial(HeadsProjection, num_heads=self.num_heads, head_dim=self.head_dim,
-                          features=self.num_heads * self.head_dim, std=self.std, dtype=self.dtype,
-                          param_dtype=self.param_dtype)
-        self.query = project(split=True)
-        self.key = project(split=True)
-        self.value = project(split=True)
-        self.out = project(split=False)
+        project = partial(HeadsProjection, head_dim=self.head_dim, std=self.std, dtype=self.dtype,
+                          param_dtype=self.param_dtype, features=self.features or self.num_heads * self.head_dim)
+        kv_heads = self.num_kv_heads or self.num_heads
+        self.query = project(split=True, num_heads=self.num_heads, use_bias=self.qkv_bias)
+        self.key = project(split=True, num_heads=kv_heads, use_bias=self.qkv_bias)
+        self.value = project(split=True, num_heads=kv_heads, use_bias=self.qkv_bias)
+        self.out = project(split=False, num_heads=self.num_heads, use_bias=self.out_bias)
         self.dropout = Dropout(self.dropout_rate)
         if self.relative:
             self.distance = nn.Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
                                      param_dtype=self.param_dtype,
                                      embedding_init=normal_init(self.std, ("positions", "kv")))
 
-    def project_kv(self, inputs: jax.Array) -> KeyValue:
-        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, heads, kv_len, head_dim]``."""
-        return KeyValue(key=self.key(inputs).transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
+    def project_kv(self, inputs: jax.Array, positions: jax.Array | None = None) -> KeyValue:
+        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_heads, kv_len, head_dim]``; with ``rotary_theta``
+        the keys are rotated by ``positions`` (int ``[batch, kv_len]``)."""
+        key = self.key(inputs)
+        if self.rotary_theta:
+            key = rotary(key, positions, self.rotary_theta)
+        return KeyValue(key=key.transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
 
     def relative_scores(self, query: jax.Array, key: jax.Array, distance: jax.Array) -> jax.Array:
         """The relative position scores of ``query [batch, q_len, heads, head_dim]`` (scaled) against
@@ -195,15 +216,19 @@ class Attention(nn.Module):
         return scores.reshape(kv_batch, heads, groups * q_len, kv_len)
 
     def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool,
-                 distance: jax.Array | None = None) -> jax.Array:
+                 distance: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
         """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``).
 
         ``distance``: int32 ``[q_len, kv_len]``, each query's position minus each key's; required (and only read)
-        with ``relative``.
+        with ``relative``. ``positions``: int ``[batch, q_len]``, the queries' positions; required (and only read)
+        with ``rotary_theta``.
         Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, after dropout when active) as ``("attentions",
         "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
         """
-        query = self.query(inputs) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        query = self.query(inputs)
+        if self.rotary_theta:
+            query = rotary(query, positions, self.rotary_theta)
+        query = query * jnp.asarray(self.head_dim ** -0.5, self.dtype)
         bias = None
         if self.relative:
             if distance is None:

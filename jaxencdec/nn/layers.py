@@ -1,4 +1,4 @@
-"""MLP, embeddings, layer norm, dropout and initializers, shared by every architecture.
+"""MLP, embeddings, norms, rotary positions, dropout and initializers, shared by every architecture.
 
 Every parameter is created with logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``,
 ``positions``, ``norm``, ``hidden``) so that sharding rules can place it without knowing the architecture;
@@ -179,6 +179,28 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | Non
     )
 
 
+def norm_layer(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+    """A norm over the last axis, statistics in float32: ``"layer"`` (``layer_norm``) or ``"rms"``, an RMS norm
+    with a ``scale [D]`` and no bias (Llama's RMSNorm)."""
+    if kind == "layer":
+        return layer_norm(epsilon, dtype, param_dtype, name)
+    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=ones_init(("norm",)),
+                      name=name)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embeddings (RoPE, as transformers' Llama applies them) on ``x [batch, length, heads, d]`` at
+    int ``positions [batch, length]``: the two halves of each head rotate by ``position * theta ** (-2i / d)``;
+    angles in float32, the rotation in ``x``'s dtype. ``d`` must be even."""
+    half = x.shape[-1] // 2
+    inverse_frequency = 1.0 / theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half))
+    angles = positions.astype(jnp.float32)[..., None] * inverse_frequency  # [batch, length, d / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [batch, length, 1, d]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    rotated_half = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated_half * sin
+
+
 def dense(
     features: int, axes: tuple[str | None, str | None], std: float, dtype: Dtype, param_dtype: Dtype,
     use_bias: bool = True, name: str | None = None, dot_general: Callable = jax.lax.dot_general,
@@ -223,7 +245,8 @@ def logits_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward block: ``wo(dropout(act(wi(x))))``; ``[..., D] -> [..., D]``."""
+    """Position-wise feed-forward block: ``wo(dropout(act(wi(x))))``, or, ``gated``, ``wo(dropout(act(wi_gate(x))
+    * wi(x)))`` (SwiGLU / GeGLU); ``[..., D] -> [..., D]``."""
 
     hidden_size: int
     intermediate_size: int
@@ -232,12 +255,17 @@ class MLP(nn.Module):
     activation_dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    gated: bool = False
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        make = partial(dense, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
+        make = partial(dense, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         h = make(self.intermediate_size, ("embed", "mlp"), name="wi")(x)
-        h = ACTIVATION_FNS[self.activation](h)
+        if self.gated:
+            h = ACTIVATION_FNS[self.activation](make(self.intermediate_size, ("embed", "mlp"), name="wi_gate")(x)) * h
+        else:
+            h = ACTIVATION_FNS[self.activation](h)
         h = Dropout(self.activation_dropout)(h, deterministic=deterministic)
         return make(self.hidden_size, ("mlp", "embed"), name="wo")(h)
 
