@@ -1,7 +1,8 @@
 """Sharding on 8 host CPU devices (in a child process, so the rest of the suite keeps one device).
 
 One train step on a data=2 x fsdp=2 x model=2 mesh must give the loss and params of the same step on one
-device, and every weight must be split exactly as the rules table says.
+device, and every weight must be split exactly as the rules table says; for a BERT decoder and for a Llama one
+(grouped-query attention: its 2 key/value heads split over ``model`` like the 4 query heads).
 """
 
 import json
@@ -28,8 +29,9 @@ WORKER = textwrap.dedent(r"""
 
     assert jax.device_count() == 8, jax.devices()
     vocab = 96
+    decoder = getattr(testing, f"tiny_{sys.argv[1]}")(vocab)
     config = EncoderDecoderConfig.from_encoder_decoder_configs(
-        HFConfig.from_dict(testing.tiny_bert(vocab)), HFConfig.from_dict(testing.tiny_bert(vocab)),
+        HFConfig.from_dict(testing.tiny_bert(vocab)), HFConfig.from_dict(decoder),
         decoder_start_token_id=2, pad_token_id=0)
     model = EncoderDecoderModel(config, seed=0)
     host_params = jax.tree.map(np.asarray, model.params)
@@ -80,15 +82,16 @@ WORKER = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def result(request, tmp_path_factory):
+    """What the worker measured, with a BERT decoder or a Llama one (the encoder is BERT's)."""
     script = tmp_path_factory.mktemp("sharding") / "worker.py"
     script.write_text(WORKER)
-    proc = subprocess.run([sys.executable, str(script)], env=testing.subprocess_env(8), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), request.param], env=testing.subprocess_env(8),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    return {**json.loads(line[len("RESULT"):]), "stderr": proc.stderr}
+    return {**json.loads(line[len("RESULT"):]), "stderr": proc.stderr, "decoder": request.param}
 
 
 def test_one_step_on_2x2x2_mesh_equals_one_device(result):
@@ -114,8 +117,14 @@ EXPECTED = {
     "embeddings/norm/scale": [None],
     "mlp_norm/bias": [None],
     "pooler/kernel": ["fsdp", "model"],
-    "lm_head/transform/kernel": ["fsdp", "model"],
-    "lm_head/bias": ["model"],
+}
+# by decoder: BERT's LM-head transform and bias; Llama's gated MLP, RMS norms, untied LM head and cross-attention gates
+DECODER_EXPECTED = {
+    "bert": {"lm_head/transform/kernel": ["fsdp", "model"], "lm_head/bias": ["model"]},
+    "llama": {"decoder/layers_0/self_attention/key/kernel": ["fsdp", "model", None],
+              "decoder/layers_0/self_attention/value/kernel": ["fsdp", "model", None],
+              "mlp/wi_gate/kernel": ["fsdp", "model"], "final_norm/scale": [None],
+              "lm_head/output/kernel": ["fsdp", "model"], "cross_attention_gate": []},
 }
 
 
@@ -128,9 +137,10 @@ def _normal(spec):
 
 def test_every_weight_is_sharded_as_the_rules_say(result):
     specs, shapes, shard_shapes = result["specs"], result["shapes"], result["shard_shapes"]
+    expected = {**EXPECTED, **DECODER_EXPECTED[result["decoder"]]}
     seen = set()
     for path, spec in specs.items():
-        for suffix, want in EXPECTED.items():
+        for suffix, want in expected.items():
             if path.endswith(suffix):
                 seen.add(suffix)
                 assert _normal(spec) == _normal(want), (path, spec, want)
@@ -140,7 +150,7 @@ def test_every_weight_is_sharded_as_the_rules_say(result):
                 assert shard_shapes[path] == want_shard, (path, shard_shapes[path], want_shard)
         if path.endswith("kernel") or path.endswith("embedding"):
             assert any(e is not None for e in spec), f"weight matrix {path} is replicated"
-    assert seen == set(EXPECTED)
+    assert seen == set(expected)
     assert result["report_ok"] and not result["report_unfitted"]
 
 

@@ -53,6 +53,13 @@ def tiny_gpt2(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4) -> 
             "n_positions": 128, "bos_token_id": 3, "eos_token_id": 3}
 
 
+def tiny_llama(vocab: int, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` dict of a tiny Llama with grouped-query attention."""
+    return {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": 2 * hidden,
+            "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+
+
 def write_pairs(path: str, n: int = 24, seed: int = 0) -> str:
     """A JSONL of ``n`` pairs ``{"src", "tgt"}`` whose target is a deterministic function of the source."""
     import random
