@@ -11,7 +11,7 @@ import time
 
 # The benchmarks' models (see save_reference_model).
 MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small",
-          "albert2gpt2-small")
+          "albert2gpt2-small", "bert2llama-small")
 # What a run measures unless told (the README's tables): the BERT and GPT-2 pairs.
 DEFAULT_MODELS = MODELS[:3]
 
@@ -59,6 +59,33 @@ def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
     return folder, "random weights of MiniLM's shape"
 
 
+def _save_llama_pair(folder: str) -> dict:
+    """bert2llama-small: random BERT and Llama (hidden 256, 4 layers, 4 heads; the Llama 2 key/value heads, MLP
+    1024, a 32000-word vocabulary) paired by jaxencdec, saved as our folder (transformers has no class for the
+    pair), the Llama also alone under ``llm/`` (what PyTorch runs: ``info["pytorch"] == "causal-lm"``)."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    from jaxencdec import EncoderDecoderModel
+
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                   intermediate_size=1024)).save_pretrained(folder + "-bert")
+    llm = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=1024, pad_token_id=0)
+    transformers.LlamaForCausalLM(llm).save_pretrained(os.path.join(folder, "llm"))
+    tokens = {"decoder_start_token_id": llm.bos_token_id, "pad_token_id": 0}
+    ours = EncoderDecoderModel.from_encoder_decoder_pretrained(folder + "-bert", os.path.join(folder, "llm"), **tokens)
+    ours.save_pretrained(folder)
+    size = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+    return {"tokens": tokens, "params": size(ours.params), "vocab": 30522, "decoder_vocab": llm.vocab_size,
+            "decoder_params": size(ours.params["decoder"]), "decoder_layers": llm.num_hidden_layers,
+            "decoder_hidden": llm.hidden_size, "decoder_kv_width": 2 * 2 * llm.head_dim, "pytorch": "causal-lm",
+            "note": ""}
+
+
 def save_reference_model(model: str, folder: str, random_weights: bool = False) -> dict:
     """Saves one of ``MODELS`` as a transformers ``EncoderDecoderModel`` folder (the weights both sides load);
     returns its token ids, parameter count, encoder and decoder vocabulary sizes, the decoder's parameter count
@@ -67,12 +94,14 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
     bert2bert-minilm: all-MiniLM-L6-v2 warm-started on both sides (49M); bert2gpt2-small: random BERT and GPT-2,
     hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder (29M); bert2bert-base:
     random BERT-base on both sides (hidden 768, 12 layers, 12 heads, 247M); ``SMALL_PAIRS``: random, as
-    bert2gpt2-small.
+    bert2gpt2-small; bert2llama-small: ``_save_llama_pair``.
     """
     import torch
     import transformers
 
     note = ""
+    if model == "bert2llama-small":
+        return _save_llama_pair(folder)
     if model == "bert2bert-minilm":
         path, note = minilm_folder(folder + "-parts", random_weights)
         torch.manual_seed(0)

@@ -14,6 +14,10 @@ ours, its extra time over the fastest call is reported as compile time. tok/s = 
 beam search too: the tokens returned, not the hypotheses scored). Peak memory: the process's peak RSS on CPU,
 the framework's peak device allocation on a GPU.
 
+bert2llama-small pairs a Llama decoder, which transformers cannot hold in an ``EncoderDecoderModel``: its PyTorch
+side is the Llama causal LM alone, generating from the start token (no encoder, no cross-attention: less work than
+ours does).
+
 A decoding step reads the decoder's weights and caches once; ``step_bytes`` counts those bytes, and a step's time
 is a call's seconds / new tokens (the call includes the encoder pass, once, so this slightly overstates a step).
 The fraction of copy bandwidth = bytes per step / seconds per step / ``copy_bandwidth`` (an in-place jitted
@@ -62,8 +66,9 @@ def step_bytes(info: dict, batch: int, beams: int, src_len: int, new_tokens: int
         parameters          (decoder_params - L (2 h^2 + 2 h)) x itemsize: every decoder parameter, the tied LM head
                             and word embedding once, less the cross-attention key/value projections (applied to the
                             source once per call, not per step)
-        self-attention      rows x L x 2 h x itemsize x (new_tokens + 1) / 2, rows = batch x beams: step i attends to
-                            i positions (the start token and the tokens generated before it)
+        self-attention      rows x L x w x itemsize x (new_tokens + 1) / 2, rows = batch x beams: step i attends to
+                            i positions (the start token and the tokens generated before it); w the width of a
+                            position's keys and values, 2 h (fewer with grouped-query attention)
         cross-attention     batch x L x 2 h x src_len x itemsize: the source's keys and values, one copy per input
                             (its beams share them)
 
@@ -71,7 +76,7 @@ def step_bytes(info: dict, batch: int, beams: int, src_len: int, new_tokens: int
     """
     layers, hidden = info["decoder_layers"], info["decoder_hidden"]
     params = info["decoder_params"] - layers * (2 * hidden**2 + 2 * hidden)
-    self_attention = batch * beams * layers * 2 * hidden * (new_tokens + 1) / 2
+    self_attention = batch * beams * layers * info.get("decoder_kv_width", 2 * hidden) * (new_tokens + 1) / 2
     cross_attention = batch * layers * 2 * hidden * src_len
     return (params + self_attention + cross_attention) * itemsize
 
@@ -118,9 +123,15 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
         torch.backends.cuda.matmul.allow_tf32 = True  # as XLA does for float32 on a GPU; no effect on the CPU
-        model = transformers.EncoderDecoderModel.from_pretrained(args.folder)
+        if info.get("pytorch") == "causal-lm":  # a pair transformers cannot hold: its LLM alone, from the start token
+            model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(args.folder, "llm"))
+            start = torch.full((args.batch, 1), info["tokens"]["decoder_start_token_id"], device=device)
+            inputs = dict(input_ids=start, attention_mask=torch.ones_like(start))
+        else:
+            model = transformers.EncoderDecoderModel.from_pretrained(args.folder)
+            inputs = dict(input_ids=torch.tensor(ids, device=device),
+                          attention_mask=torch.tensor(mask, device=device))
         model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
-        inputs = dict(input_ids=torch.tensor(ids, device=device), attention_mask=torch.tensor(mask, device=device))
 
         def call(mode):
             with torch.no_grad():

@@ -6,7 +6,9 @@ Models (identical weights on both sides; the same as tools/bench_generate.py, bu
   bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
                     50257-word vocabulary)
   bert2bert-base    random BERT-base encoder and decoder (hidden 768, 12 layers, 12 heads)
-  electra2bertgen-small, xlmr2mbart-small   random, as bert2gpt2-small (only with --models)
+  electra2bertgen-small, xlmr2mbart-small, albert2gpt2-small   random, as bert2gpt2-small (only with --models)
+  bert2llama-small  random BERT encoder and Llama decoder (grouped-query attention), as bert2gpt2-small: ours only,
+                    since transformers cannot train the pair (only with --models)
 
 tokens/s = batch * (source_length + target_length) / seconds per optimizer step (padded positions, the same
 count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile); the
@@ -199,7 +201,7 @@ def main(argv=None):
             batch = make_batch(args.batch, args.source, args.target, info["vocab"], info["decoder_vocab"],
                                start_id=info["tokens"]["decoder_start_token_id"])
             steps = {"ours": jax_step(folder, batch, args.dtype, dropout=not args.no_dropout)}
-            if not args.skip_torch:
+            if not args.skip_torch and info.get("pytorch", "pair") == "pair":  # transformers cannot pair a Llama
                 steps["theirs"] = torch_step(folder, batch, args)
             seconds = time_steps(steps, args.warmup, args.steps)
             ours, theirs = seconds["ours"], seconds.get("theirs")
