@@ -13,12 +13,13 @@ from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, AlbertConfig,
                                      checked_replace, naming_errors)
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.fields import assigned_through_replace, check_types, frozen, to_json
-from jaxencdec.llm_architectures import LlamaConfig, Qwen2Config
+from jaxencdec.llm_architectures import Gemma3TextConfig, LlamaConfig, Qwen2Config
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.storage import read_json
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "AlbertConfig", "BartConfig", "BertConfig",
            "BertGenerationConfig", "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig",
+           "Gemma3TextConfig",
            "GPT2Config", "HFConfig", "LlamaConfig", "MBartConfig", "Qwen2Config", "Role", "RobertaConfig",
            "XLMRobertaConfig"]
 

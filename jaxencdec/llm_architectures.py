@@ -1,5 +1,6 @@
-"""Decoder-only LLM families as decoders: configs that round-trip a transformers ``config.json`` of Llama or Qwen2,
-reduced to a ``TransformerSpec`` of RMS norms, rotary positions, a gated MLP and grouped-query attention.
+"""Decoder-only LLM families as decoders: configs that round-trip a transformers ``config.json`` of Llama, Qwen2 or
+Gemma 3's text model, reduced to a ``TransformerSpec`` of RMS norms, rotary positions, a gated MLP and
+grouped-query attention (and Gemma's norms and sliding windows).
 
 transformers' causal LMs of these families take no encoder states; as the decoder of a pair each layer gains a
 cross-attention block (full heads, RMS-normed, pre-norm like the rest) whose output is scaled by ``tanh`` of a
@@ -9,42 +10,44 @@ until training opens the gates.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Mapping
 
 from jaxencdec.architectures import HFConfig, Role, register
 from jaxencdec.errors import require
-from jaxencdec.fields import assigned_through_replace
+from jaxencdec.fields import assigned_through_replace, frozen
 from jaxencdec.spec import TransformerSpec
 
 
-def rope_theta(config: HFConfig) -> float:
-    """The rotary base of a config written by transformers 5 (``rope_parameters``) or 4 (``rope_theta``,
-    ``rope_scaling``); scaled variants (linear, dynamic, YaRN, Llama 3's) are refused."""
-    parameters = config.extra.get("rope_parameters") or {}
+def _rope_base(config: HFConfig, parameters: Mapping[str, Any], default: float, name: str = "rope_theta") -> float:
+    """The rotary base in ``parameters`` (a transformers 5 ``rope_parameters`` entry) or, written by transformers 4,
+    the config's ``name`` (``rope_scaling`` giving the type); scaled variants (linear, dynamic, YaRN, Llama 3's)
+    are refused."""
     scaling = config.extra.get("rope_scaling") or {}
     kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     require(kind == "default", f"{config.model_type} with rope type {kind!r} is not supported; only the default "
                                f"(unscaled) rotary positions are: set rope_parameters.rope_type to 'default'")
-    return float(parameters.get("rope_theta", config.extra.get("rope_theta", 10000.0)))
+    return float(parameters.get("rope_theta", config.extra.get(name, default)))
 
 
-def _llm_spec(config, role: Role, head_size: int | None, qkv_bias: bool, out_bias: bool,
-              mlp_bias: bool) -> TransformerSpec:
-    """The spec of a Llama-family config (its field names are Llama's)."""
+def _llm_spec(config, role: Role, activation: str, rotary_theta: float, **specifics) -> TransformerSpec:
+    """The spec of a Llama-family config (its field names are Llama's): pre-norm RMS-normed layers with rotary
+    positions, a gated MLP, grouped-query attention and gated cross-attention; ``specifics``: the spec fields its
+    family sets besides (biases, head width, Gemma's norms and sliding windows)."""
     require(role == "decoder", f"{config.model_type} is supported as a decoder only (a causal LM); pair it with an "
                                f"encoder architecture")
-    return TransformerSpec(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-        activation=config.hidden_act, layer_norm_eps=config.rms_norm_eps, max_positions=0,
-        context_length=config.max_position_embeddings, pad_token_id=config.pad_token_id, norm="rms",
-        num_kv_heads=config.num_key_value_heads, head_size=head_size, rotary_theta=rope_theta(config),
-        gated_mlp=True, attention_bias=qkv_bias, attention_out_bias=out_bias, mlp_bias=mlp_bias,
-        embedding_norm=False, pre_norm=True, is_decoder=True, add_cross_attention=config.add_cross_attention,
-        cross_attention_gate=True, tie_word_embeddings=config.tie_word_embeddings, hidden_dropout=0.0,
-        attention_dropout=config.attention_dropout, embedding_dropout=0.0, initializer_range=config.initializer_range,
-    )
+    return TransformerSpec(**{
+        **dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
+               num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+               activation=activation, layer_norm_eps=config.rms_norm_eps, max_positions=0,
+               context_length=config.max_position_embeddings, pad_token_id=config.pad_token_id, norm="rms",
+               num_kv_heads=config.num_key_value_heads, rotary_theta=rotary_theta, gated_mlp=True,
+               embedding_norm=False, pre_norm=True, is_decoder=True, add_cross_attention=config.add_cross_attention,
+               cross_attention_gate=True, tie_word_embeddings=config.tie_word_embeddings, hidden_dropout=0.0,
+               attention_dropout=config.attention_dropout, embedding_dropout=0.0,
+               initializer_range=config.initializer_range),
+        **specifics})
 
 
 @assigned_through_replace("encoder_config")
@@ -81,7 +84,9 @@ class LlamaConfig(HFConfig):
 
     def spec(self, role: Role) -> TransformerSpec:
         # transformers' Llama: o_proj has a bias exactly when q/k/v have one
-        return _llm_spec(self, role, self.head_dim, self.attention_bias, self.attention_bias, self.mlp_bias)
+        return _llm_spec(self, role, self.hidden_act, _rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
+                         head_size=self.head_dim, attention_bias=self.attention_bias,
+                         attention_out_bias=self.attention_bias, mlp_bias=self.mlp_bias)
 
 
 @assigned_through_replace("encoder_config")
@@ -112,7 +117,81 @@ class Qwen2Config(HFConfig):
     def spec(self, role: Role) -> TransformerSpec:
         require(not self.use_sliding_window, "Qwen2 with use_sliding_window=True is not supported; set "
                                              "use_sliding_window to false")
-        return _llm_spec(self, role, None, True, False, False)
+        return _llm_spec(self, role, self.hidden_act, _rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
+                         attention_bias=True, attention_out_bias=False, mlp_bias=False)
 
 
-register(LlamaConfig, Qwen2Config)
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class Gemma3TextConfig(HFConfig):
+    """Hugging Face ``Gemma3TextConfig`` (``Gemma3ForCausalLM``, the text model of Gemma 3): Llama's layout with
+    Gemma's RMS norms (``1 + scale``, in float32) around each block (input and output) and on every query and key
+    head, embeddings scaled by ``sqrt(hidden_size)``, queries by ``query_pre_attn_scalar ** -0.5``, and
+    sliding-window layers (``layer_types``) with their own rotary base. Logit soft-capping and bidirectional
+    attention are not supported."""
+
+    model_type: ClassVar[str] = "gemma3_text"
+    vocab_size: int = 262208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = 4
+    head_dim: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    query_pre_attn_scalar: float = 256
+    sliding_window: int = 4096
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    use_bidirectional_attention: bool = False
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "layer_types", frozen(self.layer_types))
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def kinds(self) -> tuple[str, ...]:
+        """Each layer's attention, as ``layer_types`` names it or, without it, as transformers derives it: every
+        ``sliding_window_pattern``-th layer full, the others sliding."""
+        if self.layer_types is not None:
+            return self.layer_types
+        pattern = self.extra.get("sliding_window_pattern", self.extra.get("_sliding_window_pattern", 6))
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
+                     for i in range(self.num_hidden_layers))
+
+    def spec(self, role: Role) -> TransformerSpec:
+        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+            require(getattr(self, name) is None, f"Gemma 3 with {name}={getattr(self, name)} is not supported; set "
+                                                 f"{name} to null")
+        require(not self.use_bidirectional_attention, "Gemma 3 with use_bidirectional_attention=True is not "
+                                                      "supported as a causal decoder; set it to false")
+        kinds = self.kinds()
+        unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+        require(not unknown, f"Gemma 3 layer_types {unknown} are not supported; use 'sliding_attention' or "
+                             f"'full_attention'")
+        rope = self.extra.get("rope_parameters") or {}
+        return _llm_spec(
+            self, role, self.hidden_activation,
+            _rope_base(self, rope.get("full_attention") or {}, 1e6),
+            local_rotary_theta=_rope_base(self, rope.get("sliding_attention") or {}, 1e4, "rope_local_base_freq"),
+            head_size=self.head_dim, attention_bias=self.attention_bias, attention_out_bias=self.attention_bias,
+            mlp_bias=False, norm="rms_unit_offset", embed_scale=math.sqrt(self.hidden_size), qk_norm=True,
+            post_sublayer_norm=True, query_scale=self.query_pre_attn_scalar ** -0.5,
+            layer_kinds=tuple("sliding" if kind == "sliding_attention" else "full" for kind in kinds),
+            sliding_window=self.sliding_window,
+        )
+
+
+register(LlamaConfig, Qwen2Config, Gemma3TextConfig)

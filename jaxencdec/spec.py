@@ -18,8 +18,13 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu
 # computed them (query . distance embedding, and for "key_query" also key . distance embedding).
 RELATIVE_ATTENTION = (None, "key", "key_query")
 
-# The ``norm`` of a ``TransformerSpec``: layer norm (scale and bias) or RMS norm (scale only: Llama's RMSNorm).
-NORMS = ("layer", "rms")
+# The ``norm`` of a ``TransformerSpec``: layer norm (scale and bias), RMS norm (scale only: Llama's RMSNorm), or
+# Gemma's RMS norm (``x / rms(x) * (1 + scale)``, in float32).
+NORMS = ("layer", "rms", "rms_unit_offset")
+
+# The kinds of a layer's self-attention (``TransformerSpec.layer_kinds``): over every earlier position, or over the
+# last ``sliding_window`` ones.
+LAYER_KINDS = ("full", "sliding")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,14 @@ class TransformerSpec:
       cross_attention_gate: the cross-attention block's output is scaled by ``tanh(gate)``, a learned scalar per
         layer initialised to 0, so that a pretrained decoder-only LM given cross-attention blocks computes exactly
         what it computed alone until training moves the gates (Flamingo-style).
+      qk_norm: each self-attention query and key head is normalized (the stack's ``norm``) before rotation.
+      post_sublayer_norm: each block's output is normalized before the residual sum too (Gemma's
+        ``post_attention_layernorm`` / ``post_feedforward_layernorm``), besides its input.
+      query_scale: the factor on queries before the dot product when it is not ``head_dim ** -0.5`` (Gemma's
+        ``query_pre_attn_scalar ** -0.5``).
+      layer_kinds: per layer, one of ``LAYER_KINDS``; "sliding" layers attend to the last ``sliding_window``
+        positions only (a query at ``q`` to keys ``q - sliding_window < k <= q``) and rotate by
+        ``local_rotary_theta``. None: every layer "full".
       position_offset: added to positions before the lookup (BART: 2).
       positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
       pad_token_id: needed by the RoBERTa scheme.
@@ -113,6 +126,12 @@ class TransformerSpec:
     attention_out_bias: bool = True
     mlp_bias: bool = True
     cross_attention_gate: bool = False
+    qk_norm: bool = False
+    post_sublayer_norm: bool = False
+    query_scale: float | None = None
+    layer_kinds: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    local_rotary_theta: float | None = None
 
     def __post_init__(self):
         require(self.head_size is not None or self.hidden_size % self.num_heads == 0,
@@ -125,6 +144,11 @@ class TransformerSpec:
                 "rotary positions need an even head size and no position table")
         require(self.max_positions > 0 or self.context_length is not None,
                 "a stack without a position table needs context_length")
+        require(self.layer_kinds is None or (len(self.layer_kinds) == self.num_layers
+                                             and set(self.layer_kinds) <= set(LAYER_KINDS)),
+                f"layer_kinds must name one of {LAYER_KINDS} per layer ({self.num_layers}), got {self.layer_kinds}")
+        require(not self.has_local_layers or (self.sliding_window or 0) > 0,
+                "sliding layers need a positive sliding_window")
         for activation in (self.activation, self.lm_head_activation or self.activation):
             require(activation in ACTIVATIONS, f"activation {activation!r} is not supported; use one of {ACTIVATIONS}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "embedding_width"):
@@ -159,6 +183,14 @@ class TransformerSpec:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def has_local_layers(self) -> bool:
+        """Whether some layer attends through a sliding window."""
+        return "sliding" in (self.layer_kinds or ())
+
+    def is_local(self, layer: int) -> bool:
+        return self.layer_kinds is not None and self.layer_kinds[layer] == "sliding"
 
     @property
     def kv_heads(self) -> int:

@@ -1,8 +1,8 @@
-"""Llama-family decoders (Llama, Qwen2) warm-started from transformers causal-LM folders, each layer given a
+"""Llama-family decoders (Llama, Qwen2, Gemma 3) warm-started from transformers causal-LM folders, each layer given a
 cross-attention block whose output is gated by ``tanh(gate)``, the gate initialised to 0.
 
 With the gates at 0 the pair's decoder is the LLM: its logits and its greedy and beam-search ids are those of
-transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` on the same weights, whatever the encoder reads. Training
+transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` on the same weights, whatever the encoder reads. Training
 opens the gates; the pair saves and loads exactly, and its LLM exports back to a folder of the LLM's class.
 """
 
@@ -39,6 +39,12 @@ LLMS = {
                    transformers.LlamaForCausalLM),
     # biases on query, key and value only
     "qwen2": (lambda: transformers.Qwen2Config(**_SIZES, num_key_value_heads=2), transformers.Qwen2ForCausalLM),
+    # Gemma's norms, scaled embeddings, query/key norms, GeGLU; layers 0 and 2 see the last 3 positions only, with
+    # their own rotary base
+    "gemma3": (lambda: transformers.Gemma3TextConfig(
+        **{**_SIZES, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12,
+        sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+               transformers.Gemma3ForCausalLM),
 }
 
 
@@ -93,7 +99,10 @@ def test_warm_start_adds_only_the_cross_attention(llm, encoder_folder):
     layers = llm[1].config.num_hidden_layers
     assert model.load_report.unexpected == []
     new = {path.split("/", 2)[2] for path in model.load_report.missing}
-    assert {p.split("/")[0] for p in new} == {"cross_attention", "cross_attention_norm", "cross_attention_gate"}, new
+    block = {"cross_attention", "cross_attention_norm", "cross_attention_gate"}
+    if llm[0] == "gemma3":  # its blocks normalize their outputs too
+        block.add("cross_attention_post_norm")
+    assert {p.split("/")[0] for p in new} == block, new
     assert len([p for p in model.load_report.missing if p.endswith("cross_attention_gate")]) == layers
     np.testing.assert_array_equal(gates(model), np.zeros(layers))
 
@@ -140,6 +149,7 @@ def test_bfloat16_logits_within_bound_of_the_llm(llm, encoder_folder):
     assert np.asarray(model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2)).shape == (2, 5)
 
 
+@pytest.mark.slow
 def test_scanned_and_rematerialized_decoders_compute_what_the_unrolled_one_does(llm, encoder_folder):
     unrolled = warm_started(llm, encoder_folder)
     unrolled.params = with_gates(unrolled.params, 0.7)  # the cross-attention in play
@@ -155,6 +165,7 @@ def test_scanned_and_rematerialized_decoders_compute_what_the_unrolled_one_does(
             np.asarray(unrolled.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=num_beams)))
 
 
+@pytest.mark.slow
 def test_a_short_fine_tune_opens_the_gates_and_learns_to_copy(llm, encoder_folder):
     """A copy task (the target is the source): the LLM alone cannot see the source, so only the cross-attention
     can lower the loss; its gates move off 0."""
@@ -208,8 +219,10 @@ def test_unsupported_llm_settings_are_refused_with_the_fix(llm, encoder_folder, 
         EncoderDecoderModel.from_encoder_decoder_pretrained(llm[2], encoder_folder)
     scaled = shutil.copytree(llm[2], tmp_path / "llama3-scaled")
     config = json.loads((scaled / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    # Gemma 3 has rotary parameters per kind of layer
+    config["rope_parameters"] = {**config["rope_parameters"], "full_attention": llama3} if llm[0] == "gemma3" else llama3
     (scaled / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope type 'llama3' is not supported; only the default"):
         EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_folder, scaled, decoder_start_token_id=START)

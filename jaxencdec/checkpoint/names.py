@@ -243,24 +243,36 @@ def _mbart_base(spec: TransformerSpec) -> list[Rule]:
 
 
 def _llama_base(spec: TransformerSpec) -> list[Rule]:
-    """LlamaModel (Qwen2Model alike): RMS norms (a scale only), q/k/v/o and gate/up/down projections with the
-    biases the spec has; each layer's cross-attention block (ours: no transformers class has one) under the names
-    transformers' pattern suggests, beside the LLM's tensors."""
+    """LlamaModel (Qwen2Model, Gemma3TextModel alike): RMS norms (a scale only), q/k/v/o and gate/up/down
+    projections with the biases the spec has; Gemma's query/key norms and its norms after each block; each layer's
+    cross-attention block (ours: no transformers class has one) under the names transformers' pattern suggests,
+    beside the LLM's tensors."""
     rules = [Rule("embed_tokens.weight", ("embeddings/word/embedding",)), Rule("norm.weight", ("final_norm/scale",))]
+    norm = lambda hf, ours: Rule(f"{hf}.weight", (f"{ours}/scale",))
     for i in range(spec.num_layers):
         hf, ours = f"layers.{i}", f"layers_{i}"
-        blocks = [("self_attn", "self_attention", "input_layernorm")] + (
-            [("cross_attn", "cross_attention", "cross_attn_layernorm")] if spec.add_cross_attention else [])
-        for hf_block, block, hf_norm in blocks:
+        blocks = [("self_attn", "self_attention", "input_layernorm", "post_attention_layernorm")] + (
+            [("cross_attn", "cross_attention", "cross_attn_layernorm", "cross_attn_post_layernorm")]
+            if spec.add_cross_attention else [])
+        for hf_block, block, hf_norm, hf_post_norm in blocks:
             rules += [r for name, proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
                       for r in _linear(f"{hf}.{hf_block}.{name}", f"{ours}/{block}/{proj}", bias=spec.attention_bias)]
             rules += _linear(f"{hf}.{hf_block}.o_proj", f"{ours}/{block}/out", n_in=2, bias=spec.attention_out_bias)
-            rules.append(Rule(f"{hf}.{hf_norm}.weight", (f"{ours}/{block}_norm/scale",)))
+            rules.append(norm(f"{hf}.{hf_norm}", f"{ours}/{block}_norm"))
+            if spec.post_sublayer_norm:
+                rules.append(norm(f"{hf}.{hf_post_norm}", f"{ours}/{block}_post_norm"))
+        if spec.qk_norm:
+            rules += [norm(f"{hf}.self_attn.q_norm", f"{ours}/self_attention/query_norm"),
+                      norm(f"{hf}.self_attn.k_norm", f"{ours}/self_attention/key_norm")]
         if spec.add_cross_attention and spec.cross_attention_gate:
             rules.append(Rule(f"{hf}.cross_attn_gate", (f"{ours}/cross_attention_gate",)))
         rules += [r for name, proj in (("gate_proj", "wi_gate"), ("up_proj", "wi"), ("down_proj", "wo"))
                   for r in _linear(f"{hf}.mlp.{name}", f"{ours}/mlp/{proj}", bias=spec.mlp_bias)]
-        rules.append(Rule(f"{hf}.post_attention_layernorm.weight", (f"{ours}/mlp_norm/scale",)))
+        if spec.post_sublayer_norm:  # Gemma: a norm before and after the MLP
+            rules += [norm(f"{hf}.pre_feedforward_layernorm", f"{ours}/mlp_norm"),
+                      norm(f"{hf}.post_feedforward_layernorm", f"{ours}/mlp_post_norm")]
+        else:
+            rules.append(norm(f"{hf}.post_attention_layernorm", f"{ours}/mlp_norm"))
     return rules
 
 
@@ -298,9 +310,9 @@ ARCHITECTURES: Mapping[str, Architecture] = {
                          ("shared.weight", "model.shared.weight")),
     "mbart": Architecture(_mbart_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                           ("shared.weight", "model.shared.weight")),
-    # LlamaForCausalLM and Qwen2ForCausalLM: decoders only (their configs refuse the encoder role)
-    "llama": Architecture(_llama_base, _lm_head, ("model.",), ("model.", "")),
-    "qwen2": Architecture(_llama_base, _lm_head, ("model.",), ("model.", "")),
+    # LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM: decoders only (their configs refuse the encoder role)
+    **dict.fromkeys(("llama", "qwen2", "gemma3_text"),
+                    Architecture(_llama_base, _lm_head, ("model.",), ("model.", ""))),
 }
 
 # Non-persistent buffers and derived tensors some checkpoints carry; never weights, never reported.
@@ -381,4 +393,4 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
                                     "distilbert", "albert"), "embeddings.word_embeddings.weight"),
                    "gpt2": "wte.weight",
-                   **dict.fromkeys(("bart", "mbart", "llama", "qwen2"), "embed_tokens.weight")}
+                   **dict.fromkeys(("bart", "mbart", "llama", "qwen2", "gemma3_text"), "embed_tokens.weight")}

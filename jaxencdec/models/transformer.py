@@ -43,8 +43,8 @@ from flax import linen as nn
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
 from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, layer_of, write_cache
-from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, constrain, dense,
-                                 layer_norm, logits_dot_general, norm_layer, zeros_init)
+from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, Rotary, constrain, dense,
+                                 layer_norm, logits_dot_general, norm_layer, rotary_angles, zeros_init)
 
 # The variable collection each stack sows its hidden states into (``Module.sow``): recorded only when mutable.
 HIDDEN_STATES = "hidden_states"
@@ -107,8 +107,10 @@ def same_segment(query_segments: jax.Array, key_segments: jax.Array) -> jax.Arra
     return (query_segments[:, :, None] == key_segments[:, None, :])[:, None]
 
 
-def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None) -> jax.Array:
-    """Bool causal mask of decoder queries over ``num_keys`` keys (the inputs, or a cache).
+def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Array | None,
+                        window: int | None = None) -> jax.Array:
+    """Bool causal mask of decoder queries over ``num_keys`` keys (the inputs, or a cache); with ``window``, over
+    the last ``window`` positions only (a query at ``q`` sees keys at ``q - window < k <= q``).
 
     Args:
       query_pos: int32 ``[q_len]``, the positions of the queries.
@@ -120,13 +122,17 @@ def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Ar
       ``[1, 1, q_len, num_keys]`` without slots, else ``[rows // slots, 1, slots * q_len, num_keys]`` (the
       grouped layout of ``dot_product_attention``).
     """
+    def causal(key_pos):  # [q_len, num_keys]
+        seen = key_pos[None, :] <= query_pos[:, None]
+        return seen if window is None else seen & (key_pos[None, :] > query_pos[:, None] - window)
+
     if cache_slots is None:
-        return (jnp.arange(num_keys)[None, :] <= query_pos[:, None])[None, None]
+        return causal(jnp.arange(num_keys))[None, None]
     rows, max_length = cache_slots.shape
     chex.assert_is_divisible(num_keys, max_length)
     slots = num_keys // max_length
     key_slot, key_pos = jnp.divmod(jnp.arange(num_keys), max_length)  # key s * max_length + j is (s, j)
-    causal = key_pos[None, :] <= query_pos[:, None]  # [q_len, num_keys]
+    causal = causal(key_pos)
     own = jnp.tile(cache_slots, (1, slots)) == key_slot[None, :]  # [rows, num_keys]
     mask = causal[None, :, :] & own[:, None, :]  # [rows, q_len, num_keys]
     return mask.reshape(rows // slots, 1, slots * query_pos.shape[0], num_keys)
@@ -134,19 +140,20 @@ def self_attention_mask(query_pos: jax.Array, num_keys: int, cache_slots: jax.Ar
 
 def attention_block(spec: TransformerSpec, dtype: Dtype, param_dtype: Dtype, cross: bool, **module) -> Attention:
     """A layer's self-attention (``cross`` False) or cross-attention: the cross-attention has neither relative
-    terms (transformers 4's neither), rotary positions nor grouped key/value heads. ``module``: ``name`` or
-    ``parent``."""
+    terms (transformers 4's neither), rotary positions, grouped key/value heads, query/key norms nor another
+    query scale. ``module``: ``name`` or ``parent``."""
     s = spec
+    own = {} if cross else dict(num_kv_heads=s.num_kv_heads, qk_norm=s.norm if s.qk_norm else None,
+                                query_scale=s.query_scale or 0.0)
     return Attention(s.num_heads, s.head_dim, s.initializer_range, s.attention_dropout, dtype, param_dtype,
-                     None if cross else s.relative_attention, s.max_positions,
-                     num_kv_heads=None if cross else s.num_kv_heads, features=s.hidden_size,
-                     qkv_bias=s.attention_bias, out_bias=s.attention_out_bias,
-                     rotary_theta=None if cross else s.rotary_theta, **module)
+                     None if cross else s.relative_attention, s.max_positions, features=s.hidden_size,
+                     qkv_bias=s.attention_bias, out_bias=s.attention_out_bias, norm_eps=s.layer_norm_eps,
+                     **own, **module)
 
 
 class TransformerLayer(nn.Module):
     """Self-attention, optional cross-attention (gated when the spec says), MLP; pre- or post-norm residuals as the
-    spec says."""
+    spec says (pre-norm blocks may normalize their outputs too: ``post_sublayer_norm``)."""
 
     spec: TransformerSpec
     dtype: Dtype = jnp.float32
@@ -155,16 +162,20 @@ class TransformerLayer(nn.Module):
     def setup(self):
         s = self.spec
         norm = lambda: norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype)
+        post_norm = norm if s.post_sublayer_norm else lambda: None
         self.self_attention = attention_block(s, self.dtype, self.param_dtype, cross=False)
         self.self_attention_norm = norm()
+        self.self_attention_post_norm = post_norm()
         if s.add_cross_attention:
             self.cross_attention = attention_block(s, self.dtype, self.param_dtype, cross=True)
             self.cross_attention_norm = norm()
+            self.cross_attention_post_norm = post_norm()
             if s.cross_attention_gate:
                 self.cross_attention_gate = self.param("cross_attention_gate", zeros_init(()), (), self.param_dtype)
         self.mlp = MLP(s.hidden_size, s.intermediate_size, s.activation, s.initializer_range,
                        s.activation_dropout, self.dtype, self.param_dtype, gated=s.gated_mlp, use_bias=s.mlp_bias)
         self.mlp_norm = norm()
+        self.mlp_post_norm = post_norm()
         self.drop = Dropout(s.hidden_dropout)
 
     def _cross_attend(self, h, cross_kv, cross_mask, deterministic):
@@ -173,14 +184,15 @@ class TransformerLayer(nn.Module):
             out = out * jnp.tanh(self.cross_attention_gate).astype(out.dtype)
         return out
 
-    def _residual(self, x, norm, sublayer, deterministic):
+    def _residual(self, x, norm, sublayer, deterministic, post_norm=None):
         # Every norm and sublayer output is pinned to the batch split (see nn.layers.constrain): without the pins,
         # a data x fsdp x model mesh gave wrong decoder gradients on XLA:CPU (tests/test_sharding.py).
         def normed(h):
             return constrain(norm(h), HIDDEN_AXES)
 
         def transformed(h):
-            return constrain(sublayer(h), HIDDEN_AXES)
+            h = constrain(sublayer(h), HIDDEN_AXES)
+            return h if post_norm is None else constrain(post_norm(h), HIDDEN_AXES)
 
         if self.spec.pre_norm:
             return x + self.drop(transformed(normed(x)), deterministic=deterministic)
@@ -189,28 +201,29 @@ class TransformerLayer(nn.Module):
     def __call__(
         self, x: jax.Array, mask: jax.Array, cross_kv: KeyValue | None, cross_mask: jax.Array | None,
         cache: KeyValue | None, cache_index: jax.Array | int, deterministic: bool, distance: jax.Array | None = None,
-        layer: jax.Array | None = None, positions: jax.Array | None = None,
+        layer: jax.Array | None = None, angles: Rotary | None = None,
     ) -> tuple[jax.Array, KeyValue | None]:
         """``x [batch, length, D]`` -> same shape, and the updated self-attention cache (or None).
 
         ``distance``: the self-attention's query-key distances (``relative_distances``), for relative attention.
         ``layer``: int32 scalar, this layer's index in a ``cache`` stacked over every layer (scanned layers).
-        ``positions``: int ``[batch, length]``, the tokens' positions, for rotary positions.
+        ``angles``: the rotary angles of the tokens' positions (``nn.layers.rotary_angles``), or None.
         """
 
         def self_attend(h):
             nonlocal cache
-            kv = self.self_attention.project_kv(h, positions)
+            kv = self.self_attention.project_kv(h, angles)
             if cache is not None:
                 cache = write_cache(cache, kv, cache_index, layer)
                 kv = cache if layer is None else layer_of(cache, layer)
-            return self.self_attention(h, kv, mask, deterministic, distance, positions)
+            return self.self_attention(h, kv, mask, deterministic, distance, angles)
 
-        x = self._residual(x, self.self_attention_norm, self_attend, deterministic)
+        x = self._residual(x, self.self_attention_norm, self_attend, deterministic, self.self_attention_post_norm)
         if cross_kv is not None:
             x = self._residual(x, self.cross_attention_norm,
-                               lambda h: self._cross_attend(h, cross_kv, cross_mask, deterministic), deterministic)
-        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, deterministic), deterministic)
+                               lambda h: self._cross_attend(h, cross_kv, cross_mask, deterministic), deterministic,
+                               self.cross_attention_post_norm)
+        x = self._residual(x, self.mlp_norm, lambda h: self.mlp(h, deterministic), deterministic, self.mlp_post_norm)
         return x, cache
 
 
@@ -218,21 +231,25 @@ class ScannedLayer(TransformerLayer):
     """One ``TransformerLayer`` as the body of ``nn.scan``. The carry is the hidden states and the cache of every
     layer (``[layers, ...]``, or None), which each layer updates in place at its own index (a cache passed as a
     scanned input would be copied out and written back whole, every layer of every decoding step); the scanned
-    inputs are the layer's cross-attention keys/values and its index.
+    inputs are the layer's cross-attention keys/values, its index and whether it is a sliding-window layer, which
+    then takes ``local_mask`` and ``local_angles`` instead of ``mask`` and ``angles``.
 
     Without precomputed cross keys/values (``per_layer[0]`` None) a decoder layer projects ``encoder_hidden``
     itself (teacher forcing: each layer reads the encoder states once per call).
     """
 
     def __call__(self, carry, per_layer, mask, cross_mask, cache_index, deterministic, distance, encoder_hidden,
-                 positions):
+                 angles, local_mask, local_angles):
         x, cache = carry
-        cross_kv, layer = per_layer
+        cross_kv, layer, local = per_layer
+        if local_mask is not None:
+            mask = jnp.where(local, local_mask, mask)
+            angles = jax.tree.map(lambda a, b: jnp.where(local, a, b), local_angles, angles)
         self.sow(HIDDEN_STATES, "states", x)  # the layer's input, as the unrolled stack records it
         if cross_kv is None and encoder_hidden is not None:
             cross_kv = self.cross_attention.project_kv(encoder_hidden)
         carry = TransformerLayer.__call__(self, x, mask, cross_kv, cross_mask, cache, cache_index, deterministic,
-                                          distance, layer, positions)
+                                          distance, layer, angles)
         return carry, None
 
 
@@ -297,7 +314,7 @@ class TransformerStack(nn.Module):
                 _rematerialized(ScannedLayer, self.remat),
                 variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 7, length=s.num_layers,
+                in_axes=(0,) + (nn.broadcast,) * 9, length=s.num_layers,
                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             )
             self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
@@ -314,27 +331,36 @@ class TransformerStack(nn.Module):
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
 
     def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic,
-               distance=None, encoder_hidden=None):
+               distance=None, encoder_hidden=None, local_mask=None):
         """Embeddings and layers. Sows, when ``HIDDEN_STATES`` is mutable, ``num_layers + 1`` states as
         transformers returns them: each layer's input (the embeddings first), then the final output.
         ``distance``: the self-attention's query-key distances, for relative attention (else None).
-        ``encoder_hidden``: scanned decoders without ``cross_kv`` project it in each layer."""
+        ``encoder_hidden``: scanned decoders without ``cross_kv`` project it in each layer.
+        ``local_mask``: the self-attention mask of sliding-window layers (``spec.layer_kinds``)."""
+        s = self.spec
         x = self.embeddings(input_ids, positions, deterministic)
-        if self.spec.embedding_width != self.spec.hidden_size:
+        if s.embedding_width != s.hidden_size:
             x = constrain(self.embeddings_project(x), HIDDEN_AXES)
-        rotary_positions = positions if self.spec.rotary_theta else None
+        angles = local_angles = None
+        if s.rotary_theta:
+            angles = local_angles = rotary_angles(positions, s.rotary_theta, s.head_dim)
+            if s.local_rotary_theta:
+                local_angles = rotary_angles(positions, s.local_rotary_theta, s.head_dim)
         if self.scan_layers:
-            layers = jnp.arange(self.spec.num_layers, dtype=jnp.int32)
-            (x, new_cache), _ = self.layers((x, cache), (cross_kv, layers), mask, cross_mask, cache_index,
-                                            deterministic, distance, encoder_hidden, rotary_positions)
+            per_layer = (cross_kv, jnp.arange(s.num_layers, dtype=jnp.int32),
+                         jnp.array([s.is_local(i) for i in range(s.num_layers)]))
+            (x, new_cache), _ = self.layers((x, cache), per_layer, mask, cross_mask, cache_index, deterministic,
+                                            distance, encoder_hidden, angles, local_mask, local_angles)
         else:
             new_cache = []
-            for i in range(self.spec.num_layers):
-                layer = self.layers[self.spec.layer_params(i)[0]]  # ALBERT: a group's layers share one
+            for i in range(s.num_layers):
+                layer = self.layers[s.layer_params(i)[0]]  # ALBERT: a group's layers share one
                 self.sow(HIDDEN_STATES, "states", x)
+                local = s.is_local(i)
                 x, layer_cache = layer(
-                    x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                    None if cache is None else cache[i], cache_index, deterministic, distance, None, rotary_positions,
+                    x, local_mask if local else mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                    None if cache is None else cache[i], cache_index, deterministic, distance, None,
+                    local_angles if local else angles,
                 )
                 new_cache.append(layer_cache)
             new_cache = None if cache is None else tuple(new_cache)
@@ -412,6 +438,8 @@ class TransformerStack(nn.Module):
         num_keys = q_len if cache is None else cache_rows_and_length(cache)[1]
         query_pos = cache_index + jnp.arange(q_len)
         mask = self_attention_mask(query_pos, num_keys, cache_slots)
+        window = (self_attention_mask(query_pos, num_keys, cache_slots, self.spec.sliding_window)
+                  if self.spec.has_local_layers else None)
         distance = relative_distances(query_pos, num_keys, cache_slots) if self.spec.relative_attention else None
         if attention_mask is not None:
             if cache_slots is not None:
@@ -427,5 +455,6 @@ class TransformerStack(nn.Module):
         if cross_kv is None and not self.scan_layers:
             cross_kv = self.cross_kv(encoder_hidden)
         hidden, cache = self._stack(input_ids, mask, positions_for(self.spec, input_ids, cache_index, positions),
-                                    cross_kv, cross_mask, cache, cache_index, deterministic, distance, encoder_hidden)
+                                    cross_kv, cross_mask, cache, cache_index, deterministic, distance, encoder_hidden,
+                                    None if window is None else mask & window)
         return self.lm_head(hidden, self.embeddings), cache

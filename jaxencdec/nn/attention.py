@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxencdec.nn.layers import Dropout, Dtype, einsum_float32, normal_init, rotary, zeros_init
+from jaxencdec.nn.layers import Dropout, Dtype, Rotary, einsum_float32, norm_layer, normal_init, rotary, zeros_init
 
 
 # The variable collection that attention probabilities are sown into (``Module.sow``): make it mutable in
@@ -152,7 +152,10 @@ class Attention(nn.Module):
     (``key``/``value``: ``num_kv_heads`` heads when set, grouped-query attention) and ``out`` kernel
     ``[heads, head_dim, features]`` with bias ``[features]`` (``features``: the output width, ``heads * head_dim``
     when 0); ``qkv_bias`` / ``out_bias`` False drop those biases. Masks are built by the caller; this module only
-    projects, attends and mixes heads. ``rotary_theta``: queries and keys are rotated by their positions (RoPE).
+    projects, attends and mixes heads. The caller may pass rotary angles (RoPE): queries and keys are rotated by
+    them. ``qk_norm`` (a ``norm_layer`` kind, or None): each query and key head is normalized over its width
+    (``query_norm``, ``key_norm``, ``[head_dim]``; Gemma 3) before the rotation. Queries are scaled by
+    ``query_scale`` (0: ``head_dim ** -0.5``).
 
     ``relative`` ("key" or "key_query", transformers 4's ``relative_key`` / ``relative_key_query``) adds a
     ``distance/embedding`` table ``[2 * max_distance - 1, head_dim]``: with ``E`` its row for a query-key
@@ -172,7 +175,9 @@ class Attention(nn.Module):
     features: int = 0
     qkv_bias: bool = True
     out_bias: bool = True
-    rotary_theta: float | None = None
+    qk_norm: str | None = None
+    norm_eps: float = 1e-6
+    query_scale: float = 0.0
 
     def setup(self):
         project = partial(HeadsProjection, head_dim=self.head_dim, std=self.std, dtype=self.dtype,
@@ -182,18 +187,23 @@ class Attention(nn.Module):
         self.key = project(split=True, num_heads=kv_heads, use_bias=self.qkv_bias)
         self.value = project(split=True, num_heads=kv_heads, use_bias=self.qkv_bias)
         self.out = project(split=False, num_heads=self.num_heads, use_bias=self.out_bias)
+        if self.qk_norm:
+            self.query_norm = norm_layer(self.qk_norm, self.norm_eps, self.dtype, self.param_dtype)
+            self.key_norm = norm_layer(self.qk_norm, self.norm_eps, self.dtype, self.param_dtype)
         self.dropout = Dropout(self.dropout_rate)
         if self.relative:
             self.distance = nn.Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
                                      param_dtype=self.param_dtype,
                                      embedding_init=normal_init(self.std, ("positions", "kv")))
 
-    def project_kv(self, inputs: jax.Array, positions: jax.Array | None = None) -> KeyValue:
-        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_heads, kv_len, head_dim]``; with ``rotary_theta``
-        the keys are rotated by ``positions`` (int ``[batch, kv_len]``)."""
+    def project_kv(self, inputs: jax.Array, angles: Rotary | None = None) -> KeyValue:
+        """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_heads, kv_len, head_dim]``; the keys normalized
+        (``qk_norm``) and rotated by ``angles`` (``nn.layers.rotary_angles`` of the keys' positions) when given."""
         key = self.key(inputs)
-        if self.rotary_theta:
-            key = rotary(key, positions, self.rotary_theta)
+        if self.qk_norm:
+            key = self.key_norm(key)
+        if angles is not None:
+            key = rotary(key, angles)
         return KeyValue(key=key.transpose(0, 2, 1, 3), value=self.value(inputs).transpose(0, 2, 1, 3))
 
     def relative_scores(self, query: jax.Array, key: jax.Array, distance: jax.Array) -> jax.Array:
@@ -216,19 +226,20 @@ class Attention(nn.Module):
         return scores.reshape(kv_batch, heads, groups * q_len, kv_len)
 
     def __call__(self, inputs: jax.Array, kv: KeyValue, mask: jax.Array, deterministic: bool,
-                 distance: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+                 distance: jax.Array | None = None, angles: Rotary | None = None) -> jax.Array:
         """Attends ``inputs [batch, q_len, D]`` to ``kv`` under ``mask`` (see ``dot_product_attention``).
 
         ``distance``: int32 ``[q_len, kv_len]``, each query's position minus each key's; required (and only read)
-        with ``relative``. ``positions``: int ``[batch, q_len]``, the queries' positions; required (and only read)
-        with ``rotary_theta``.
+        with ``relative``. ``angles``: the rotary angles of the queries' positions, or None.
         Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, after dropout when active) as ``("attentions",
         "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
         """
         query = self.query(inputs)
-        if self.rotary_theta:
-            query = rotary(query, positions, self.rotary_theta)
-        query = query * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        if self.qk_norm:
+            query = self.query_norm(query)
+        if angles is not None:
+            query = rotary(query, angles)
+        query = query * jnp.asarray(self.query_scale or self.head_dim ** -0.5, self.dtype)
         bias = None
         if self.relative:
             if distance is None:

@@ -179,24 +179,51 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | Non
     )
 
 
+class UnitOffsetRMSNorm(nn.Module):
+    """Gemma's RMS norm over the last axis: ``x / rms(x) * (1 + scale)`` computed wholly in float32, then cast to
+    ``dtype``; ``scale [D]`` starts at 0."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", zeros_init(("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+
+
 def norm_layer(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
-    """A norm over the last axis, statistics in float32: ``"layer"`` (``layer_norm``) or ``"rms"``, an RMS norm
-    with a ``scale [D]`` and no bias (Llama's RMSNorm)."""
+    """A norm over the last axis, statistics in float32: ``"layer"`` (``layer_norm``), ``"rms"`` (an RMS norm with
+    a ``scale [D]`` and no bias: Llama's) or ``"rms_unit_offset"`` (``UnitOffsetRMSNorm``: Gemma's)."""
     if kind == "layer":
         return layer_norm(epsilon, dtype, param_dtype, name)
+    if kind == "rms_unit_offset":
+        return UnitOffsetRMSNorm(epsilon, dtype, param_dtype, name=name)
     return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=ones_init(("norm",)),
                       name=name)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embeddings (RoPE, as transformers' Llama applies them) on ``x [batch, length, heads, d]`` at
-    int ``positions [batch, length]``: the two halves of each head rotate by ``position * theta ** (-2i / d)``;
-    angles in float32, the rotation in ``x``'s dtype. ``d`` must be even."""
-    half = x.shape[-1] // 2
-    inverse_frequency = 1.0 / theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half))
+Rotary = tuple[jax.Array, jax.Array]  # (cos, sin), float32 [batch, length, 1, head_dim]
+
+
+def rotary_angles(positions: jax.Array, theta: float, head_dim: int) -> Rotary:
+    """The rotary position embedding (RoPE, as transformers' Llama computes it) of int ``positions [batch, length]``:
+    ``(cos, sin)`` of ``position * theta ** (-2i / head_dim)`` for each of the ``head_dim / 2`` frequencies, the
+    halves repeated, float32 ``[batch, length, 1, head_dim]``."""
+    inverse_frequency = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inverse_frequency  # [batch, length, d / 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [batch, length, 1, d]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotary(x: jax.Array, angles: Rotary) -> jax.Array:
+    """``x [batch, length, heads, d]`` rotated by ``angles`` (``rotary_angles``): each head's two halves turn by the
+    token's angles, in ``x``'s dtype (the angles cast to it, as transformers does)."""
+    cos, sin = (a.astype(x.dtype) for a in angles)
+    half = x.shape[-1] // 2
     rotated_half = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated_half * sin
 

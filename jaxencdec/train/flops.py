@@ -36,7 +36,8 @@ def forward_flops(config: EncoderDecoderConfig, batch: int, source: int, target:
     def self_attention_and_mlp(spec, tokens: int) -> int:
         h, f = spec.hidden_size, spec.intermediate_size
         a, k = spec.num_heads * spec.head_dim, spec.kv_heads * spec.head_dim
-        return 4 * b * tokens * h * (a + k) + 4 * b * tokens * tokens * a + 2 * (2 + spec.gated_mlp) * b * tokens * h * f
+        mlp_matmuls = 3 if spec.gated_mlp else 2
+        return 4 * b * tokens * h * (a + k) + 4 * b * tokens * tokens * a + 2 * mlp_matmuls * b * tokens * h * f
 
     hd, he, ad = dec.hidden_size, enc.hidden_size, dec.num_heads * dec.head_dim
     encoder = enc.num_layers * self_attention_and_mlp(enc, s)
