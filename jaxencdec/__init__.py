@@ -19,6 +19,7 @@ _PUBLIC = {
     "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config", "AlbertConfig": "jaxencdec.config",
     "BertGenerationConfig": "jaxencdec.config", "ElectraConfig": "jaxencdec.config", "MBartConfig": "jaxencdec.config",
     "LlamaConfig": "jaxencdec.config", "Qwen2Config": "jaxencdec.config", "Gemma3TextConfig": "jaxencdec.config",
+    "MarianConfig": "jaxencdec.config",
     "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
     "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",

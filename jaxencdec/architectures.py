@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Mapping
@@ -384,68 +383,8 @@ class GPT2Config(HFConfig):
         )
 
 
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class BartConfig(HFConfig):
-    """Hugging Face ``BartConfig``; its encoder half serves as an encoder, its decoder half as a decoder."""
-
-    model_type: ClassVar[str] = "bart"
-    vocab_size: int = 50265
-    max_position_embeddings: int = 1024
-    d_model: int = 1024
-    encoder_layers: int = 12
-    decoder_layers: int = 12
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
-    activation_function: str = "gelu"
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    init_std: float = 0.02
-    scale_embedding: bool = False
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | list[int] | None = 2
-    decoder_start_token_id: int | None = 2
-
-    @property
-    def hidden(self) -> int:
-        return self.d_model
-
-    def spec(self, role: Role) -> TransformerSpec:
-        decoder = role == "decoder"
-        return TransformerSpec(
-            vocab_size=self.vocab_size, hidden_size=self.d_model,
-            num_layers=self.decoder_layers if decoder else self.encoder_layers,
-            num_heads=self.decoder_attention_heads if decoder else self.encoder_attention_heads,
-            intermediate_size=self.decoder_ffn_dim if decoder else self.encoder_ffn_dim,
-            activation=self.activation_function, layer_norm_eps=1e-5,
-            max_positions=self.max_position_embeddings + 2, position_offset=2, pad_token_id=self.pad_token_id,
-            embed_scale=math.sqrt(self.d_model) if self.scale_embedding else 1.0,
-            # BartForCausalLM always carries cross-attention blocks.
-            is_decoder=decoder, add_cross_attention=decoder,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_dropout=self.dropout,
-            attention_dropout=self.attention_dropout, activation_dropout=self.activation_dropout,
-            embedding_dropout=self.dropout, initializer_range=self.init_std,
-        )
-
-
-@assigned_through_replace("encoder_config")
-@dataclass(frozen=True)
-class MBartConfig(BartConfig):
-    """Hugging Face ``MBartConfig``: BART with pre-norm layers and a final layer norm in each half (mBART-25/50's
-    multilingual checkpoints; MBartForCausalLM as a decoder)."""
-
-    model_type: ClassVar[str] = "mbart"
-    decoder_start_token_id: int | None = None
-
-    def spec(self, role: Role) -> TransformerSpec:
-        return dataclasses.replace(super().spec(role), pre_norm=True)
-
-
-# model_type -> config class: the classes here, and those ``register`` adds (``jaxencdec.llm_architectures``).
+# model_type -> config class: the classes here, and those ``register`` adds (``jaxencdec.bart_architectures``,
+# ``jaxencdec.llm_architectures``).
 ARCHITECTURES: dict[str, type[HFConfig]] = {}
 
 
@@ -455,7 +394,7 @@ def register(*classes: type[HFConfig]) -> None:
 
 
 register(BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig, ElectraConfig,
-         DistilBertConfig, AlbertConfig, GPT2Config, BartConfig, MBartConfig)
+         DistilBertConfig, AlbertConfig, GPT2Config)
 
 
 @contextlib.contextmanager

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, AlbertConfig, BartConfig, BertConfig,
+from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, AlbertConfig, BertConfig,
                                      BertGenerationConfig, CamembertConfig, DistilBertConfig, ElectraConfig,
-                                     GPT2Config, HFConfig, MBartConfig, Role, RobertaConfig, XLMRobertaConfig,
-                                     checked_replace, naming_errors)
+                                     GPT2Config, HFConfig, Role, RobertaConfig, XLMRobertaConfig, checked_replace,
+                                     naming_errors)
+from jaxencdec.bart_architectures import BartConfig, MarianConfig, MBartConfig
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.fields import assigned_through_replace, check_types, frozen, to_json
 from jaxencdec.llm_architectures import Gemma3TextConfig, LlamaConfig, Qwen2Config
@@ -19,9 +20,8 @@ from jaxencdec.storage import read_json
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "AlbertConfig", "BartConfig", "BertConfig",
            "BertGenerationConfig", "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig",
-           "Gemma3TextConfig",
-           "GPT2Config", "HFConfig", "LlamaConfig", "MBartConfig", "Qwen2Config", "Role", "RobertaConfig",
-           "XLMRobertaConfig"]
+           "Gemma3TextConfig", "GPT2Config", "HFConfig", "LlamaConfig", "MarianConfig", "MBartConfig", "Qwen2Config",
+           "Role", "RobertaConfig", "XLMRobertaConfig"]
 
 # ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;
 # "full" keeps only the layer's input and recomputes the rest; the others are ``jax.checkpoint_policies`` that keep

@@ -62,6 +62,7 @@ class TransformerSpec:
         positions only (a query at ``q`` to keys ``q - sliding_window < k <= q``) and rotate by
         ``local_rotary_theta``. None: every layer "full".
       position_offset: added to positions before the lookup (BART: 2).
+      sinusoidal_positions: the position table is the fixed sinusoid (Marian's), computed, not a parameter.
       positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
       pad_token_id: needed by the RoBERTa scheme.
       type_vocab_size: rows of the token-type table (``0``: none); we always use type 0.
@@ -95,6 +96,7 @@ class TransformerSpec:
     layer_norm_eps: float
     max_positions: int
     position_offset: int = 0
+    sinusoidal_positions: bool = False
     positions_from_padding: bool = False
     pad_token_id: int | None = None
     type_vocab_size: int = 0

@@ -47,6 +47,12 @@ SMALL = {
         vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
         pad_token_id=1, bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS, scale_embedding=True),
+    # BART's layers under fixed sinusoidal positions, scaled embeddings, swish (as the Opus-MT models)
+    "marian": lambda hidden=32, layers=2: transformers.MarianConfig(
+        vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+        pad_token_id=1, eos_token_id=EOS, decoder_start_token_id=EOS, scale_embedding=True,
+        activation_function="swish"),
     "mbart": lambda hidden=32, layers=2: transformers.MBartConfig(
         vocab_size=VOCAB, d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
@@ -55,13 +61,18 @@ SMALL = {
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
-    """Re-draws every parameter (norms and biases too), large enough that logits are far from uniform."""
+    """Re-draws every trained parameter (norms and biases too), large enough that logits are far from uniform."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # a fixed table (Marian's sinusoidal positions): a constant, not a weight
+                continue
             noise = torch.randn(p.shape, generator=generator)
             is_norm_scale = p.ndim == 1 and name.endswith("weight")
             p.copy_(1.0 + 0.1 * noise if is_norm_scale else std * noise)
+        for module in model.modules():  # the fixed tables, which transformers leaves at 0 in a model built from a
+            if hasattr(module, "create_weight"):  # config inside another (an EncoderDecoderModel's decoder)
+                module.weight.copy_(module.create_weight())
     return model.eval()
 
 
@@ -78,6 +89,7 @@ PAIRS = {
     "bertgen2electra": ("bert-generation", "electra", 32, 32),
     "roberta2mbart": ("roberta", "mbart", 32, 32),  # mBART's decoder: BART's, pre-norm, with a final norm
     "albert2roberta": ("albert", "roberta", 32, 32),  # ALBERT's shared layers under 24-wide embeddings
+    "electra2marian": ("electra", "marian", 32, 32),  # Marian's decoder: sinusoidal positions, no embedding norm
 }
 
 # Pairs that compute exactly what another pair computes, under other model types and tensor names (XLM-RoBERTa and

@@ -159,7 +159,10 @@ def test_training_loss_gradients_match_transformers(saved_pair, label_smoothing)
     hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters(remove_duplicate=False) if p.grad is not None}
     our_grads = EncoderDecoderModel(ours.config, grads).pytorch_state_dict()
     assert len(hf_grads) > 10
+    fixed = {name for name, p in hf.named_parameters(remove_duplicate=False) if not p.requires_grad}
     for name, grad in our_grads.items():  # PyTorch leaves no gradient where the loss does not reach (the pooler)
+        if name in fixed:  # Marian's sinusoidal positions: no parameter of ours, the export writes the table
+            continue
         expected = hf_grads[name] if name in hf_grads else np.zeros_like(grad)
         np.testing.assert_allclose(grad, expected, atol=1e-5, rtol=1e-4, err_msg=name)
 

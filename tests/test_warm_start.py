@@ -16,6 +16,7 @@ ENCODERS = {
     "roberta-mlm": ("roberta", transformers.RobertaForMaskedLM),  # base model under "roberta.", an LM head to ignore
     "bart": ("bart", transformers.BartModel),  # the encoder half of a full BART
     "mbart": ("mbart", transformers.MBartModel),
+    "marian": ("marian", transformers.MarianModel),  # sinusoidal positions, no embedding norm
     "electra": ("electra", transformers.ElectraModel),
     "bert-generation": ("bert-generation", transformers.BertGenerationEncoder),
     "albert-mlm": ("albert", transformers.AlbertForMaskedLM),  # base model under "albert.", an MLM head to ignore
@@ -26,6 +27,7 @@ DECODERS = {
     "bart-causal": ("bart", transformers.BartForCausalLM),
     "bart-seq2seq": ("bart", transformers.BartForConditionalGeneration),  # BART's decoder half, shared embeddings
     "mbart-causal": ("mbart", transformers.MBartForCausalLM),
+    "marian-causal": ("marian", transformers.MarianForCausalLM),
     "electra-causal": ("electra", transformers.ElectraForCausalLM),
     "bert-generation": ("bert-generation", transformers.BertGenerationDecoder),
 }
@@ -49,7 +51,7 @@ def gpt2_checkpoint(tmp_path_factory):
 
 
 def _reference_encoder(name, model):
-    if name in ("bart", "mbart"):
+    if name in ("bart", "mbart", "marian"):
         return model.get_encoder()
     return {"roberta-mlm": getattr(model, "roberta", None), "albert-mlm": getattr(model, "albert", None)}.get(name, model)
 
@@ -75,7 +77,7 @@ def test_decoder_tensors_come_from_the_checkpoint(dec_name, bert_checkpoint, tmp
     ours = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, dec_folder, decoder_start_token_id=3,
                                                                 pad_token_id=1)
     new = set(ours.load_report.missing)
-    bart = DECODERS[dec_name][0] in ("bart", "mbart")
+    bart = DECODERS[dec_name][0] in ("bart", "mbart", "marian")  # the BART family
     assert any("cross_attention" in k for k in new) or bart
     if bart:
         assert not [k for k in new if k.startswith("decoder/")]  # BART decoders carry cross-attention already

@@ -64,6 +64,9 @@ def state_dict_to_params(
         if tuple(tensor.shape) != expected:
             report.mismatched.append(f"{name} {tuple(tensor.shape)} vs expected {expected}")
             continue
+        if rule.layout == "sinusoidal" and not np.allclose(tensor, rule.to_hf([]), rtol=0, atol=1e-5):
+            report.mismatched.append(f"{name} is not the fixed sinusoidal position table the model computes")
+            continue
         params.update(zip(rule.ours, rule.to_ours(tensor, our_shapes)))
     report.unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES))
     return params, report

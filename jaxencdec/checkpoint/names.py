@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.encoder_decoder import is_tied_decoder_path
+from jaxencdec.nn.layers import sinusoidal_positions
 
 Shape = tuple[int, ...]
 
@@ -30,7 +31,8 @@ class Rule:
 
     layout: ``"same"`` (identical: embeddings, norms), ``"flat"`` (HF holds our arrays flattened and
     concatenated: biases), ``"linear"`` (PyTorch
-    ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``). ``n_in``: how many leading axes of our kernel are
+    ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``), ``"sinusoidal"`` (no parameter of ours: a fixed
+    ``sinusoidal_positions`` table of ``shape`` that we compute; loading checks it, export writes it). ``n_in``: how many leading axes of our kernel are
     input axes (2 for attention output projections ``[heads, head_dim, D]``). ``aliases``: other names of the
     same tensor (a tied encoder-decoder's encoder copy): loading takes the first name present, export writes
     the tensor under every name.
@@ -41,6 +43,7 @@ class Rule:
     layout: str = "same"
     n_in: int = 1
     aliases: tuple[str, ...] = ()
+    shape: Shape = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -49,6 +52,8 @@ class Rule:
 
     def hf_shape(self, our_shapes: list[Shape]) -> Shape:
         """The shape the HF tensor must have for our parameters of ``our_shapes``."""
+        if self.layout == "sinusoidal":
+            return self.shape
         if self.layout == "same":
             return our_shapes[0]
         if self.layout == "flat":
@@ -58,6 +63,8 @@ class Rule:
         return (n_out, n_in) if self.layout == "linear" else (n_in, n_out)
 
     def to_ours(self, tensor: np.ndarray, our_shapes: list[Shape]) -> list[np.ndarray]:
+        if self.layout == "sinusoidal":
+            return []
         if self.layout == "same":
             return [tensor]
         if self.layout == "linear":
@@ -67,6 +74,8 @@ class Rule:
         return [p.reshape(s) for p, s in zip(parts, our_shapes)]
 
     def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
+        if self.layout == "sinusoidal":
+            return sinusoidal_positions(*self.shape)
         if self.layout == "same":
             return arrays[0]
         if self.layout == "flat":
@@ -238,6 +247,12 @@ def _bart_base(spec: TransformerSpec) -> list[Rule]:
     return rules
 
 
+def _marian_base(spec: TransformerSpec) -> list[Rule]:
+    """BART's layers under sinusoidal positions (computed: a ``"sinusoidal"`` rule) and no embedding norm."""
+    rules = [r for r in _bart_base(spec) if not r.hf.startswith(("embed_positions.", "layernorm_embedding."))]
+    return rules + [Rule("embed_positions.weight", (), "sinusoidal", shape=(spec.max_positions, spec.hidden_size))]
+
+
 def _mbart_base(spec: TransformerSpec) -> list[Rule]:
     return _bart_base(spec) + _norm("layer_norm", "final_norm")  # pre-norm layers, then a final norm
 
@@ -310,6 +325,8 @@ ARCHITECTURES: Mapping[str, Architecture] = {
                          ("shared.weight", "model.shared.weight")),
     "mbart": Architecture(_mbart_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                           ("shared.weight", "model.shared.weight")),
+    "marian": Architecture(_marian_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
+                           ("shared.weight", "model.shared.weight")),
     # LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM: decoders only (their configs refuse the encoder role)
     **dict.fromkeys(("llama", "qwen2", "gemma3_text"),
                     Architecture(_llama_base, _lm_head, ("model.",), ("model.", ""))),
@@ -393,4 +410,4 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
                                     "distilbert", "albert"), "embeddings.word_embeddings.weight"),
                    "gpt2": "wte.weight",
-                   **dict.fromkeys(("bart", "mbart", "llama", "qwen2", "gemma3_text"), "embed_tokens.weight")}
+                   **dict.fromkeys(("bart", "mbart", "marian", "llama", "qwen2", "gemma3_text"), "embed_tokens.weight")}

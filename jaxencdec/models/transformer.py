@@ -1,6 +1,6 @@
 """One transformer stack, configured by a ``TransformerSpec`` into an encoder or a decoder with cross-attention and
-an LM head, of any supported architecture (BERT, the RoBERTa family, BertGeneration, ELECTRA, DistilBERT, GPT-2,
-BART, mBART).
+an LM head, of any supported architecture (BERT, the RoBERTa family, BertGeneration, ELECTRA, DistilBERT, ALBERT,
+GPT-2, BART, mBART, and the Llama family: Llama, Qwen2, Gemma 3).
 
 Parameter tree of a stack (``[in, out]`` kernels; ``h`` heads of size ``d``; ``D`` hidden; ``E`` the embedding
 width, ``D`` but for ELECTRA)::
@@ -16,16 +16,21 @@ width, ``D`` but for ELECTRA)::
     layers_{i}/self_attention_norm/{scale,bias}
     layers_{i}/cross_attention/...       as self_attention        (decoders)
     layers_{i}/cross_attention_norm/...
+    layers_{i}/cross_attention_gate      []                      (Llama family: tanh(gate) scales the block)
     layers_{i}/mlp/wi/{kernel [D, I], bias [I]}, layers_{i}/mlp/wo/{kernel [I, D], bias [D]}
+    layers_{i}/mlp/wi_gate/{kernel [D, I]}                        (gated MLPs: Llama family)
     layers_{i}/mlp_norm/{scale,bias}
-    final_norm/{scale,bias}                                       (pre-norm stacks: GPT-2, mBART)
+    layers_{i}/{self_attention,cross_attention,mlp}_post_norm/scale   (Gemma: norms after each block)
+    layers_{i}/self_attention/{query,key}_norm/scale [d]          (Gemma)
+    final_norm/{scale,bias}                                       (pre-norm stacks: GPT-2, mBART, Llama family)
     pooler/{kernel [D, D], bias [D]}                              (BERT/RoBERTa encoders)
     lm_head/transform/{kernel,bias}, lm_head/transform_norm/...   (BERT/RoBERTa/ELECTRA decoders; to E)
     lm_head/output/kernel [D, vocab]                              (untied decoders)
     lm_head/bias [vocab]                                          (BERT/RoBERTa/BertGeneration/ELECTRA)
 
-ALBERT's layers share parameters: ``layers_{g}`` for each of ``spec.layer_groups`` groups of consecutive layers.
-With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
+RMS norms (Llama family) have a scale only; projections may lack biases (``attention_bias``, ``mlp_bias``); the
+Llama family's key/value projections have ``spec.kv_heads`` heads. ALBERT's layers share parameters:
+``layers_{g}`` for each of ``spec.layer_groups`` groups of consecutive layers. With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
 ``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
 ``[num_layers, batch, heads, length, head_dim]`` instead of a tuple of per-layer ones; the cross-attention
 keys/values likewise. ``remat`` wraps each layer in ``nn.remat`` (see ``config.REMAT_POLICIES``).
@@ -304,7 +309,7 @@ class TransformerStack(nn.Module):
         self.embeddings = Embeddings(
             s.vocab_size, s.embedding_width, s.max_positions, s.type_vocab_size, s.embed_scale,
             s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
-            self.dtype, self.param_dtype, add_positions=not s.relative_attention,
+            self.dtype, self.param_dtype, add_positions=not s.relative_attention, sinusoidal=s.sinusoidal_positions,
         )
         if s.embedding_width != s.hidden_size:  # ELECTRA: E-wide embeddings projected to D
             self.embeddings_project = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,

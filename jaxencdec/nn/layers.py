@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = jnp.dtype
@@ -309,13 +310,22 @@ def _lookup(embed: nn.Embed, ids: jax.Array, rows: str | None) -> jax.Array:
     return constrain(jnp.take(table, ids, axis=0), HIDDEN_AXES)
 
 
+def sinusoidal_positions(num_positions: int, width: int) -> np.ndarray:
+    """Marian's fixed position table, float32 ``[num_positions, width]``: row ``p`` holds ``sin(p / 10000 **
+    (2i / width))`` in its first half and ``cos`` of the same angles in its second (for an odd width the sines
+    take one column more), computed in float64 as transformers does."""
+    columns = np.arange(width)
+    angles = np.arange(num_positions)[:, None] / np.power(10000, 2 * (columns // 2) / width)[None, :]
+    return np.concatenate([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=1).astype(np.float32)
+
+
 class Embeddings(nn.Module):
     """Word (+ position) (+ token type 0) embeddings, scaled, optionally normalized, with dropout.
 
     ``input_ids [batch, length] int`` and ``positions [batch, length] int`` (already offset) give
     ``[batch, length, hidden_size]`` in ``dtype`` (the table width: ``E`` of ELECTRA's factorized embeddings).
     ``add_positions=False`` (relative attention) keeps the position table, which checkpoints hold, without adding
-    it; ``positions`` is then not read.
+    it; ``positions`` is then not read. ``sinusoidal``: the position table is ``sinusoidal_positions``, a constant.
     """
 
     vocab_size: int
@@ -329,11 +339,12 @@ class Embeddings(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     add_positions: bool = True
+    sinusoidal: bool = False
 
     def setup(self):
         embed = partial(nn.Embed, features=self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         self.word = embed(self.vocab_size, embedding_init=normal_init(self.std, ("vocab", "embed")))
-        if self.max_positions:
+        if self.max_positions and not self.sinusoidal:
             self.position = embed(self.max_positions, embedding_init=normal_init(self.std, ("positions", "embed")))
         if self.type_vocab_size:
             self.token_type = embed(self.type_vocab_size, embedding_init=normal_init(self.std, (None, "embed")))
@@ -347,7 +358,10 @@ class Embeddings(nn.Module):
         x = _lookup(self.word, input_ids, "vocab")
         if self.embed_scale != 1.0:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
-        if self.max_positions and self.add_positions:
+        if self.sinusoidal:
+            table = jnp.asarray(sinusoidal_positions(self.max_positions, self.hidden_size), x.dtype)
+            x = x + constrain(jnp.take(table, positions, axis=0), HIDDEN_AXES)
+        elif self.max_positions and self.add_positions:
             x = x + _lookup(self.position, positions, "positions")
         elif self.max_positions:
             self.position.embedding  # not added, but checkpoints hold the table: reading it creates it at init
