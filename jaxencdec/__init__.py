@@ -19,7 +19,7 @@ _PUBLIC = {
     "CamembertConfig": "jaxencdec.config", "DistilBertConfig": "jaxencdec.config", "AlbertConfig": "jaxencdec.config",
     "BertGenerationConfig": "jaxencdec.config", "ElectraConfig": "jaxencdec.config", "MBartConfig": "jaxencdec.config",
     "LlamaConfig": "jaxencdec.config", "Qwen2Config": "jaxencdec.config", "Gemma3TextConfig": "jaxencdec.config",
-    "MarianConfig": "jaxencdec.config",
+    "MarianConfig": "jaxencdec.config", "ModernBertConfig": "jaxencdec.config",
     "TransformerSpec": "jaxencdec.spec",
     "GenerateOutput": "jaxencdec.generation.api", "make_generate_fn": "jaxencdec.generation.api",
     "GenerationConfig": "jaxencdec.generation.config", "GenerationConfigError": "jaxencdec.generation.config",
@@ -30,9 +30,10 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # static analysers and IDEs see the names as plain imports
-    from jaxencdec.config import (BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, DistilBertConfig,
-                                  ElectraConfig, EncoderDecoderConfig, GPT2Config, MBartConfig, RobertaConfig,
-                                  XLMRobertaConfig)
+    from jaxencdec.config import (AlbertConfig, BartConfig, BertConfig, BertGenerationConfig, CamembertConfig,
+                                  DistilBertConfig, ElectraConfig, EncoderDecoderConfig, Gemma3TextConfig,
+                                  GPT2Config, LlamaConfig, MarianConfig, MBartConfig, ModernBertConfig, Qwen2Config,
+                                  RobertaConfig, XLMRobertaConfig)
     from jaxencdec.errors import CheckpointError, ConfigError
     from jaxencdec.generation.api import GenerateOutput, make_generate_fn
     from jaxencdec.generation.config import GenerationConfig, GenerationConfigError

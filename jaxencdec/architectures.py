@@ -383,6 +383,81 @@ class GPT2Config(HFConfig):
         )
 
 
+def rope_base(config: HFConfig, parameters: Mapping[str, Any], default: float, name: str = "rope_theta") -> float:
+    """The rotary base in ``parameters`` (a transformers 5 ``rope_parameters`` entry) or, written by transformers 4,
+    the config's ``name`` (``rope_scaling`` giving the type); scaled variants (linear, dynamic, YaRN, Llama 3's)
+    are refused."""
+    scaling = config.extra.get("rope_scaling") or {}
+    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    require(kind == "default", f"{config.model_type} with rope type {kind!r} is not supported; only the default "
+                               f"(unscaled) rotary positions are: set rope_parameters.rope_type to 'default'")
+    return float(parameters.get("rope_theta", config.extra.get(name, default)))
+
+
+@assigned_through_replace("encoder_config")
+@dataclass(frozen=True)
+class ModernBertConfig(HFConfig):
+    """Hugging Face ``ModernBertConfig``: an encoder only. Pre-norm layers under normalized embeddings (the first
+    layer does not normalize again), layer norms without biases (``norm_bias``), rotary positions, a GeGLU MLP
+    (``Wi`` holds the activated half first) and, between the global layers (every ``global_attn_every_n_layers``-th),
+    layers that see the ``local_attention // 2`` nearest tokens either side, with their own rotary base. Its
+    first layer differs from the others, so it does not run with ``scan_layers``."""
+
+    model_type: ClassVar[str] = "modernbert"
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    hidden_activation: str = "gelu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    embedding_dropout: float = 0.0
+    mlp_bias: bool = False
+    mlp_dropout: float = 0.0
+    local_attention: int = 128
+    global_attn_every_n_layers: int = 3
+    layer_types: list[str] | None = None
+    pad_token_id: int | None = 50283
+    bos_token_id: int | None = 50281
+    eos_token_id: int | list[int] | None = 50282
+
+    def __post_init__(self):
+        super().__post_init__()
+        kinds = self.layer_types or [  # as transformers derives them: every n-th layer global, from the first
+            "sliding_attention" if i % self.global_attn_every_n_layers else "full_attention"
+            for i in range(self.num_hidden_layers)]
+        object.__setattr__(self, "layer_types", frozen(kinds))
+
+    @property
+    def hidden(self) -> int:
+        return self.hidden_size
+
+    def spec(self, role: Role) -> TransformerSpec:
+        require(role == "encoder", "ModernBERT is supported as an encoder only (transformers has no ModernBERT "
+                                   "causal LM); pair it with another architecture's decoder")
+        kinds = self.layer_types
+        rope = self.extra.get("rope_parameters") or {}
+        return TransformerSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
+            num_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+            activation=self.hidden_activation, layer_norm_eps=self.norm_eps, max_positions=0,
+            context_length=self.max_position_embeddings, pad_token_id=self.pad_token_id, norm_bias=self.norm_bias,
+            first_layer_attention_norm=False, pre_norm=True, rotary_theta=rope_base(
+                self, rope.get("full_attention") or {}, 160000.0, "global_rope_theta"),
+            local_rotary_theta=rope_base(self, rope.get("sliding_attention") or {}, 10000.0, "local_rope_theta"),
+            layer_kinds=tuple("sliding" if kind == "sliding_attention" else "full" for kind in kinds),
+            sliding_window=self.local_attention // 2 + 1, gated_mlp=True, attention_bias=self.attention_bias,
+            attention_out_bias=self.attention_bias, mlp_bias=self.mlp_bias, hidden_dropout=self.attention_dropout,
+            attention_dropout=self.attention_dropout, activation_dropout=self.mlp_dropout,
+            embedding_dropout=self.embedding_dropout, initializer_range=self.initializer_range,
+        )
+
+
 # model_type -> config class: the classes here, and those ``register`` adds (``jaxencdec.bart_architectures``,
 # ``jaxencdec.llm_architectures``).
 ARCHITECTURES: dict[str, type[HFConfig]] = {}
@@ -394,7 +469,7 @@ def register(*classes: type[HFConfig]) -> None:
 
 
 register(BertConfig, RobertaConfig, XLMRobertaConfig, CamembertConfig, BertGenerationConfig, ElectraConfig,
-         DistilBertConfig, AlbertConfig, GPT2Config)
+         DistilBertConfig, AlbertConfig, ModernBertConfig, GPT2Config)
 
 
 @contextlib.contextmanager

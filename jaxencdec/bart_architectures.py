@@ -92,8 +92,13 @@ class MarianConfig(BartConfig):
     eos_token_id: int | list[int] | None = 0
     decoder_start_token_id: int | None = 58100
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decoder_vocab_size is None:  # as transformers derives it
+            object.__setattr__(self, "decoder_vocab_size", self.vocab_size)
+
     def spec(self, role: Role) -> TransformerSpec:
-        vocab = self.decoder_vocab_size or self.vocab_size if role == "decoder" else self.vocab_size
+        vocab = self.decoder_vocab_size if role == "decoder" else self.vocab_size
         return dataclasses.replace(super().spec(role), vocab_size=vocab, max_positions=self.max_position_embeddings,
                                    position_offset=0, sinusoidal_positions=True, embedding_norm=False)
 

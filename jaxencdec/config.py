@@ -9,8 +9,8 @@ from typing import Any, ClassVar, Mapping
 
 from jaxencdec.architectures import (ARCHITECTURES, RUNTIME_FLAGS, AlbertConfig, BertConfig,
                                      BertGenerationConfig, CamembertConfig, DistilBertConfig, ElectraConfig,
-                                     GPT2Config, HFConfig, Role, RobertaConfig, XLMRobertaConfig, checked_replace,
-                                     naming_errors)
+                                     GPT2Config, HFConfig, ModernBertConfig, Role, RobertaConfig, XLMRobertaConfig,
+                                     checked_replace, naming_errors)
 from jaxencdec.bart_architectures import BartConfig, MarianConfig, MBartConfig
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.fields import assigned_through_replace, check_types, frozen, to_json
@@ -20,7 +20,8 @@ from jaxencdec.storage import read_json
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "AlbertConfig", "BartConfig", "BertConfig",
            "BertGenerationConfig", "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig",
-           "Gemma3TextConfig", "GPT2Config", "HFConfig", "LlamaConfig", "MarianConfig", "MBartConfig", "Qwen2Config",
+           "Gemma3TextConfig", "GPT2Config", "HFConfig", "LlamaConfig", "MarianConfig", "MBartConfig", "ModernBertConfig",
+           "Qwen2Config",
            "Role", "RobertaConfig", "XLMRobertaConfig"]
 
 # ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;
@@ -73,6 +74,9 @@ class EncoderDecoderConfig:
         require(not (self.scan_layers and self.encoder.spec("encoder").layer_groups),
                 "scan_layers=True scans over one parameter set per layer, but the encoder's layers share theirs "
                 "(ALBERT: one compiled layer already); set scan_layers=False")
+        require(not (self.scan_layers and not self.encoder.spec("encoder").first_layer_attention_norm),
+                "scan_layers=True runs one layer's program for every layer, but the encoder's first layer differs "
+                "from the others (ModernBERT's has no attention norm); set scan_layers=False")
         if self.tie_encoder_decoder:
             self._check_tieable()
 

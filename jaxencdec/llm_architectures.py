@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
-from jaxencdec.architectures import HFConfig, Role, register
+from jaxencdec.architectures import HFConfig, Role, register, rope_base
 from jaxencdec.errors import require
 from jaxencdec.fields import assigned_through_replace, frozen
 from jaxencdec.spec import TransformerSpec
-
-
-def _rope_base(config: HFConfig, parameters: Mapping[str, Any], default: float, name: str = "rope_theta") -> float:
-    """The rotary base in ``parameters`` (a transformers 5 ``rope_parameters`` entry) or, written by transformers 4,
-    the config's ``name`` (``rope_scaling`` giving the type); scaled variants (linear, dynamic, YaRN, Llama 3's)
-    are refused."""
-    scaling = config.extra.get("rope_scaling") or {}
-    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    require(kind == "default", f"{config.model_type} with rope type {kind!r} is not supported; only the default "
-                               f"(unscaled) rotary positions are: set rope_parameters.rope_type to 'default'")
-    return float(parameters.get("rope_theta", config.extra.get(name, default)))
 
 
 def _llm_spec(config, role: Role, activation: str, rotary_theta: float, **specifics) -> TransformerSpec:
@@ -78,13 +67,21 @@ class LlamaConfig(HFConfig):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
 
+    def __post_init__(self):
+        super().__post_init__()
+        # derived as transformers derives them when not given
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
     @property
     def hidden(self) -> int:
         return self.hidden_size
 
     def spec(self, role: Role) -> TransformerSpec:
         # transformers' Llama: o_proj has a bias exactly when q/k/v have one
-        return _llm_spec(self, role, self.hidden_act, _rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
+        return _llm_spec(self, role, self.hidden_act, rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
                          head_size=self.head_dim, attention_bias=self.attention_bias,
                          attention_out_bias=self.attention_bias, mlp_bias=self.mlp_bias)
 
@@ -117,7 +114,7 @@ class Qwen2Config(HFConfig):
     def spec(self, role: Role) -> TransformerSpec:
         require(not self.use_sliding_window, "Qwen2 with use_sliding_window=True is not supported; set "
                                              "use_sliding_window to false")
-        return _llm_spec(self, role, self.hidden_act, _rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
+        return _llm_spec(self, role, self.hidden_act, rope_base(self, self.extra.get("rope_parameters") or {}, 1e4),
                          attention_bias=True, attention_out_bias=False, mlp_bias=False)
 
 
@@ -156,20 +153,16 @@ class Gemma3TextConfig(HFConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "layer_types", frozen(self.layer_types))
+        kinds = self.layer_types
+        if kinds is None:  # as transformers derives them: every sliding_window_pattern-th layer full
+            pattern = self.extra.get("sliding_window_pattern", self.extra.get("_sliding_window_pattern", 6))
+            kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                     for i in range(self.num_hidden_layers)]
+        object.__setattr__(self, "layer_types", frozen(kinds))
 
     @property
     def hidden(self) -> int:
         return self.hidden_size
-
-    def kinds(self) -> tuple[str, ...]:
-        """Each layer's attention, as ``layer_types`` names it or, without it, as transformers derives it: every
-        ``sliding_window_pattern``-th layer full, the others sliding."""
-        if self.layer_types is not None:
-            return self.layer_types
-        pattern = self.extra.get("sliding_window_pattern", self.extra.get("_sliding_window_pattern", 6))
-        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention"
-                     for i in range(self.num_hidden_layers))
 
     def spec(self, role: Role) -> TransformerSpec:
         for name in ("final_logit_softcapping", "attn_logit_softcapping"):
@@ -177,15 +170,15 @@ class Gemma3TextConfig(HFConfig):
                                                  f"{name} to null")
         require(not self.use_bidirectional_attention, "Gemma 3 with use_bidirectional_attention=True is not "
                                                       "supported as a causal decoder; set it to false")
-        kinds = self.kinds()
+        kinds = self.layer_types
         unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
         require(not unknown, f"Gemma 3 layer_types {unknown} are not supported; use 'sliding_attention' or "
                              f"'full_attention'")
         rope = self.extra.get("rope_parameters") or {}
         return _llm_spec(
             self, role, self.hidden_activation,
-            _rope_base(self, rope.get("full_attention") or {}, 1e6),
-            local_rotary_theta=_rope_base(self, rope.get("sliding_attention") or {}, 1e4, "rope_local_base_freq"),
+            rope_base(self, rope.get("full_attention") or {}, 1e6),
+            local_rotary_theta=rope_base(self, rope.get("sliding_attention") or {}, 1e4, "rope_local_base_freq"),
             head_size=self.head_dim, attention_bias=self.attention_bias, attention_out_bias=self.attention_bias,
             mlp_bias=False, norm="rms_unit_offset", embed_scale=math.sqrt(self.hidden_size), qk_norm=True,
             post_sublayer_norm=True, query_scale=self.query_pre_attn_scalar ** -0.5,

@@ -58,9 +58,12 @@ class TransformerSpec:
         ``post_attention_layernorm`` / ``post_feedforward_layernorm``), besides its input.
       query_scale: the factor on queries before the dot product when it is not ``head_dim ** -0.5`` (Gemma's
         ``query_pre_attn_scalar ** -0.5``).
-      layer_kinds: per layer, one of ``LAYER_KINDS``; "sliding" layers attend to the last ``sliding_window``
-        positions only (a query at ``q`` to keys ``q - sliding_window < k <= q``) and rotate by
-        ``local_rotary_theta``. None: every layer "full".
+      layer_kinds: per layer, one of ``LAYER_KINDS``; "sliding" layers attend to the nearest positions only (a
+        decoder's query at ``q`` to keys ``q - sliding_window < k <= q``, an encoder's to ``|q - k| <
+        sliding_window``) and rotate by ``local_rotary_theta``. None: every layer "full".
+      norm_bias: layer norms have a bias (ModernBERT's have none).
+      first_layer_attention_norm: the first layer normalizes its self-attention input (ModernBERT's does not:
+        the embeddings are normalized already).
       position_offset: added to positions before the lookup (BART: 2).
       sinusoidal_positions: the position table is the fixed sinusoid (Marian's), computed, not a parameter.
       positions_from_padding: RoBERTa's scheme, positions count non-pad tokens from ``pad_token_id + 1``.
@@ -134,6 +137,8 @@ class TransformerSpec:
     layer_kinds: tuple[str, ...] | None = None
     sliding_window: int | None = None
     local_rotary_theta: float | None = None
+    norm_bias: bool = True
+    first_layer_attention_norm: bool = True
 
     def __post_init__(self):
         require(self.head_size is not None or self.hidden_size % self.num_heads == 0,

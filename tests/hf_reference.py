@@ -40,6 +40,10 @@ SMALL = {
         vocab_size=VOCAB, embedding_size=24, hidden_size=hidden, num_hidden_layers=2 * layers,
         num_hidden_groups=layers, num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
         pad_token_id=PAD, hidden_act="gelu_new"),
+    # a global layer, then one that sees the 2 nearest tokens either side; GeGLU, rotary positions
+    "modernbert": lambda hidden=32, layers=2: transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, pad_token_id=PAD),
     "gpt2": lambda hidden=32, layers=2: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=START,
         eos_token_id=EOS, pad_token_id=PAD),
@@ -90,6 +94,7 @@ PAIRS = {
     "roberta2mbart": ("roberta", "mbart", 32, 32),  # mBART's decoder: BART's, pre-norm, with a final norm
     "albert2roberta": ("albert", "roberta", 32, 32),  # ALBERT's shared layers under 24-wide embeddings
     "electra2marian": ("electra", "marian", 32, 32),  # Marian's decoder: sinusoidal positions, no embedding norm
+    "modernbert2gpt2": ("modernbert", "gpt2", 32, 32),  # rotary, GeGLU, a sliding-window layer, no norm biases
 }
 
 # Pairs that compute exactly what another pair computes, under other model types and tensor names (XLM-RoBERTa and
@@ -98,8 +103,9 @@ PAIRS = {
 # for the pair that repeats it.
 REPEATS = {"xlmr2camembert": "roberta2roberta"}
 COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
-# Pairs whose stacks run scanned (``scan_layers``): not ALBERT's, whose layers share parameters (a config refuses it).
-SCANNABLE = [name for name in PAIRS if PAIRS[name][0] != "albert"]
+# Pairs whose stacks run scanned (``scan_layers``): not ALBERT's, whose layers share parameters, nor ModernBERT's,
+# whose first layer differs from the others (a config refuses both).
+SCANNABLE = [name for name in PAIRS if PAIRS[name][0] not in ("albert", "modernbert")]
 
 
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,

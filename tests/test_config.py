@@ -10,19 +10,23 @@ import transformers
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from hf_reference import SMALL
-from jaxencdec import (AlbertConfig, BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError, DistilBertConfig,
-                       ElectraConfig, EncoderDecoderConfig, GPT2Config, GenerationConfig, MBartConfig,
-                       RobertaConfig, XLMRobertaConfig)
+from jaxencdec import (AlbertConfig, BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError,
+                       DistilBertConfig, ElectraConfig, EncoderDecoderConfig, Gemma3TextConfig, GPT2Config,
+                       GenerationConfig, LlamaConfig, MarianConfig, MBartConfig, ModernBertConfig, Qwen2Config, RobertaConfig,
+                       XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
 OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
         "bert-generation": BertGenerationConfig, "electra": ElectraConfig, "distilbert": DistilBertConfig,
-        "albert": AlbertConfig, "gpt2": GPT2Config, "bart": BartConfig, "mbart": MBartConfig}
+        "albert": AlbertConfig, "gpt2": GPT2Config, "bart": BartConfig, "mbart": MBartConfig, "marian": MarianConfig,
+        "modernbert": ModernBertConfig, "llama": LlamaConfig, "qwen2": Qwen2Config, "gemma3_text": Gemma3TextConfig}
 HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
       "xlm-roberta": transformers.XLMRobertaConfig, "camembert": transformers.CamembertConfig,
       "bert-generation": transformers.BertGenerationConfig, "electra": transformers.ElectraConfig,
       "distilbert": transformers.DistilBertConfig, "albert": transformers.AlbertConfig,
-      "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig, "mbart": transformers.MBartConfig}
+      "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig, "mbart": transformers.MBartConfig,
+      "marian": transformers.MarianConfig, "modernbert": transformers.ModernBertConfig,
+      "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "gemma3_text": transformers.Gemma3TextConfig}
 
 
 @pytest.mark.parametrize("arch", list(OURS))
@@ -100,6 +104,32 @@ def test_gpt2_cannot_be_an_encoder():
 def test_distilbert_cannot_be_a_decoder():
     with pytest.raises(ConfigError, match="DistilBERT is supported as an encoder only"):
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), DistilBertConfig())
+
+
+def test_modernbert_is_an_encoder_that_does_not_scan():
+    with pytest.raises(ConfigError, match="ModernBERT is supported as an encoder only"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), ModernBertConfig())
+    with pytest.raises(ConfigError, match="the encoder's first layer differs from the others"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(ModernBertConfig(), BertConfig(), scan_layers=True)
+    spec = ModernBertConfig(num_hidden_layers=4).spec("encoder")
+    # every third layer global; the others see 64 tokens either side (local_attention 128)
+    assert spec.layer_kinds == ("full", "sliding", "sliding", "full") and spec.sliding_window == 65
+    assert (spec.rotary_theta, spec.local_rotary_theta) == (160000.0, 10000.0)
+
+
+def test_llm_families_are_decoders_whose_unsupported_settings_name_the_fix():
+    for llm in (LlamaConfig(), Qwen2Config(), Gemma3TextConfig()):
+        with pytest.raises(ConfigError, match="supported as a decoder only"):
+            EncoderDecoderConfig.from_encoder_decoder_configs(llm, BertConfig())
+    with pytest.raises(ConfigError, match="use_sliding_window to false"):
+        Qwen2Config(use_sliding_window=True).spec("decoder")
+    with pytest.raises(ConfigError, match="final_logit_softcapping=30.0 is not supported"):
+        Gemma3TextConfig(final_logit_softcapping=30.0).spec("decoder")
+    spec = Gemma3TextConfig(num_hidden_layers=7).spec("decoder")  # every sixth layer global
+    assert spec.layer_kinds == ("sliding",) * 5 + ("full", "sliding") and spec.sliding_window == 4096
+    # transformers 4's names for the rotary bases
+    old = Gemma3TextConfig.from_dict({"model_type": "gemma3_text", "rope_theta": 5e5, "rope_local_base_freq": 2e3})
+    assert (old.spec("decoder").rotary_theta, old.spec("decoder").local_rotary_theta) == (5e5, 2e3)
 
 
 def test_albert_is_an_encoder_of_shared_layers_only():

@@ -27,7 +27,8 @@ FLOORS = (
         "jaxencdec.checkpoint", "jaxencdec.generation", "jaxencdec.models", "jaxencdec.nn", "jaxencdec.parallel",
         "jaxencdec.train")),
     ("configs, building blocks and devices", (
-        "jaxencdec.spec", "jaxencdec.architectures", "jaxencdec.llm_architectures", "jaxencdec.config",
+        "jaxencdec.spec", "jaxencdec.architectures", "jaxencdec.bart_architectures", "jaxencdec.llm_architectures",
+        "jaxencdec.config",
         "jaxencdec.nn.layers", "jaxencdec.nn.attention", "jaxencdec.parallel.mesh", "jaxencdec.parallel.shard",
         "jaxencdec.parallel.topology")),
     ("models", (

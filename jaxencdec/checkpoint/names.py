@@ -204,6 +204,30 @@ def _albert_base(spec: TransformerSpec) -> list[Rule]:
     return rules + _linear("pooler", "pooler")
 
 
+def _modernbert_base(spec: TransformerSpec) -> list[Rule]:
+    """ModernBertModel: fused query/key/value (``Wqkv``) and MLP input (``Wi``: the activated half, then the
+    multiplier) projections, layer norms without biases unless ``norm_bias``, no attention norm in layer 0."""
+    norm = lambda hf, ours: _norm(hf, ours) if spec.norm_bias else [Rule(f"{hf}.weight", (f"{ours}/scale",))]
+    rules = [Rule("embeddings.tok_embeddings.weight", ("embeddings/word/embedding",)),
+             *norm("embeddings.norm", "embeddings/norm"), *norm("final_norm", "final_norm")]
+    for i in range(spec.num_layers):
+        hf, ours = f"layers.{i}", f"layers_{i}"
+        attention = tuple(f"{ours}/self_attention/{p}" for p in ("query", "key", "value"))
+        rules.append(Rule(f"{hf}.attn.Wqkv.weight", tuple(f"{p}/kernel" for p in attention), "linear"))
+        if spec.attention_bias:
+            rules.append(Rule(f"{hf}.attn.Wqkv.bias", tuple(f"{p}/bias" for p in attention), "flat"))
+        rules += _linear(f"{hf}.attn.Wo", f"{ours}/self_attention/out", n_in=2, bias=spec.attention_out_bias)
+        if i > 0 or spec.first_layer_attention_norm:
+            rules += norm(f"{hf}.attn_norm", f"{ours}/self_attention_norm")
+        mlp_in = (f"{ours}/mlp/wi_gate", f"{ours}/mlp/wi")
+        rules.append(Rule(f"{hf}.mlp.Wi.weight", tuple(f"{p}/kernel" for p in mlp_in), "linear"))
+        if spec.mlp_bias:
+            rules.append(Rule(f"{hf}.mlp.Wi.bias", tuple(f"{p}/bias" for p in mlp_in), "flat"))
+        rules += _linear(f"{hf}.mlp.Wo", f"{ours}/mlp/wo", bias=spec.mlp_bias)
+        rules += norm(f"{hf}.mlp_norm", f"{ours}/mlp_norm")
+    return rules
+
+
 def _no_head(spec: TransformerSpec) -> list[Rule]:
     return []  # an encoder-only architecture (its config refuses the decoder role)
 
@@ -320,6 +344,7 @@ ARCHITECTURES: Mapping[str, Architecture] = {
     "electra": Architecture(_electra_base, _electra_head, ("", "electra."), ("electra.", "")),
     "distilbert": Architecture(_distilbert_base, _no_head, ("", "distilbert."), ("distilbert.",)),
     "albert": Architecture(_albert_base, _no_head, ("", "albert."), ("albert.",)),
+    "modernbert": Architecture(_modernbert_base, _no_head, ("", "model."), ("model.",)),
     "gpt2": Architecture(_gpt2_base, _lm_head, ("", "transformer."), ("transformer.", "")),
     "bart": Architecture(_bart_base, _lm_head, ("encoder.", "model.encoder."), ("model.decoder.", "decoder."),
                          ("shared.weight", "model.shared.weight")),
@@ -409,5 +434,6 @@ def alternative_names(model_type: str, role: str, hf_name: str) -> list[str]:
 
 _WORD_EMBEDDING = {**dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "bert-generation", "electra",
                                     "distilbert", "albert"), "embeddings.word_embeddings.weight"),
+                   "modernbert": "embeddings.tok_embeddings.weight",
                    "gpt2": "wte.weight",
                    **dict.fromkeys(("bart", "mbart", "marian", "llama", "qwen2", "gemma3_text"), "embed_tokens.weight")}

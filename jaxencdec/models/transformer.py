@@ -163,13 +163,14 @@ class TransformerLayer(nn.Module):
     spec: TransformerSpec
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_norm: bool = True  # False: no norm before self-attention (ModernBERT's first layer)
 
     def setup(self):
         s = self.spec
-        norm = lambda: norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype)
+        norm = lambda: norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype, use_bias=s.norm_bias)
         post_norm = norm if s.post_sublayer_norm else lambda: None
         self.self_attention = attention_block(s, self.dtype, self.param_dtype, cross=False)
-        self.self_attention_norm = norm()
+        self.self_attention_norm = norm() if self.attention_norm else None
         self.self_attention_post_norm = post_norm()
         if s.add_cross_attention:
             self.cross_attention = attention_block(s, self.dtype, self.param_dtype, cross=True)
@@ -193,7 +194,7 @@ class TransformerLayer(nn.Module):
         # Every norm and sublayer output is pinned to the batch split (see nn.layers.constrain): without the pins,
         # a data x fsdp x model mesh gave wrong decoder gradients on XLA:CPU (tests/test_sharding.py).
         def normed(h):
-            return constrain(norm(h), HIDDEN_AXES)
+            return h if norm is None else constrain(norm(h), HIDDEN_AXES)
 
         def transformed(h):
             h = constrain(sublayer(h), HIDDEN_AXES)
@@ -310,6 +311,7 @@ class TransformerStack(nn.Module):
             s.vocab_size, s.embedding_width, s.max_positions, s.type_vocab_size, s.embed_scale,
             s.layer_norm_eps if s.embedding_norm else None, s.embedding_dropout, s.initializer_range,
             self.dtype, self.param_dtype, add_positions=not s.relative_attention, sinusoidal=s.sinusoidal_positions,
+            norm_bias=s.norm_bias,
         )
         if s.embedding_width != s.hidden_size:  # ELECTRA: E-wide embeddings projected to D
             self.embeddings_project = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
@@ -325,10 +327,11 @@ class TransformerStack(nn.Module):
             self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
         else:
             layer = _rematerialized(TransformerLayer, self.remat)
-            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")
+            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}",
+                                 attention_norm=i > 0 or s.first_layer_attention_norm)
                            for i in range(s.num_layer_params)]
         if s.pre_norm:
-            self.final_norm = norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype)
+            self.final_norm = norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype, use_bias=s.norm_bias)
         if s.pooler:
             self.pooler = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
                                 self.param_dtype)
@@ -393,8 +396,12 @@ class TransformerStack(nn.Module):
             mask = mask & same_segment(segment_ids, segment_ids)
         length = input_ids.shape[1]
         distance = relative_distances(jnp.arange(length), length, None) if self.spec.relative_attention else None
+        local_mask = None
+        if self.spec.has_local_layers:  # sliding-window layers see the keys nearer than the window, either side
+            offsets = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+            local_mask = mask & (jnp.abs(offsets) < self.spec.sliding_window)[None, None]
         hidden, _ = self._stack(input_ids, mask, positions_for(self.spec, input_ids, 0, positions), None, None,
-                                None, 0, deterministic, distance)
+                                None, 0, deterministic, distance, local_mask=local_mask)
         pooled = jnp.tanh(self.pooler(hidden[:, 0])) if self.spec.pooler else None
         return hidden, pooled
 

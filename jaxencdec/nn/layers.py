@@ -172,10 +172,12 @@ def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """A layer norm over the last axis with ``scale``/``bias`` of shape ``[D]`` (statistics in float32)."""
+def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               use_bias: bool = True) -> nn.LayerNorm:
+    """A layer norm over the last axis with ``scale``/``bias`` of shape ``[D]`` (statistics in float32); without
+    ``use_bias``, a scale only (ModernBERT's)."""
     return nn.LayerNorm(
-        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+        epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
         scale_init=ones_init(("norm",)), bias_init=zeros_init(("norm",)), name=name,
     )
 
@@ -196,11 +198,13 @@ class UnitOffsetRMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
 
 
-def norm_layer(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
-    """A norm over the last axis, statistics in float32: ``"layer"`` (``layer_norm``), ``"rms"`` (an RMS norm with
-    a ``scale [D]`` and no bias: Llama's) or ``"rms_unit_offset"`` (``UnitOffsetRMSNorm``: Gemma's)."""
+def norm_layer(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               use_bias: bool = True) -> nn.Module:
+    """A norm over the last axis, statistics in float32: ``"layer"`` (``layer_norm``, its bias as ``use_bias``
+    says), ``"rms"`` (an RMS norm with a ``scale [D]`` and no bias: Llama's) or ``"rms_unit_offset"``
+    (``UnitOffsetRMSNorm``: Gemma's)."""
     if kind == "layer":
-        return layer_norm(epsilon, dtype, param_dtype, name)
+        return layer_norm(epsilon, dtype, param_dtype, name, use_bias)
     if kind == "rms_unit_offset":
         return UnitOffsetRMSNorm(epsilon, dtype, param_dtype, name=name)
     return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=ones_init(("norm",)),
@@ -340,6 +344,7 @@ class Embeddings(nn.Module):
     param_dtype: Dtype = jnp.float32
     add_positions: bool = True
     sinusoidal: bool = False
+    norm_bias: bool = True
 
     def setup(self):
         embed = partial(nn.Embed, features=self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -349,7 +354,7 @@ class Embeddings(nn.Module):
         if self.type_vocab_size:
             self.token_type = embed(self.type_vocab_size, embedding_init=normal_init(self.std, (None, "embed")))
         if self.layer_norm_eps is not None:
-            self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype)
+            self.norm = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, use_bias=self.norm_bias)
         self.drop = Dropout(self.dropout)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
