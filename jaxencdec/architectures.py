@@ -394,6 +394,15 @@ def rope_base(config: HFConfig, parameters: Mapping[str, Any], default: float, n
     return float(parameters.get("rope_theta", config.extra.get(name, default)))
 
 
+def layer_kinds(config: HFConfig) -> tuple[str, ...]:
+    """``TransformerSpec.layer_kinds`` from a config's transformers ``layer_types`` ("full_attention" or
+    "sliding_attention" per layer); another type is refused."""
+    unknown = sorted(set(config.layer_types) - {"sliding_attention", "full_attention"})
+    require(not unknown, f"{config.model_type} layer_types {unknown} are not supported; use 'sliding_attention' "
+                         f"or 'full_attention'")
+    return tuple("sliding" if kind == "sliding_attention" else "full" for kind in config.layer_types)
+
+
 @assigned_through_replace("encoder_config")
 @dataclass(frozen=True)
 class ModernBertConfig(HFConfig):
@@ -440,7 +449,6 @@ class ModernBertConfig(HFConfig):
     def spec(self, role: Role) -> TransformerSpec:
         require(role == "encoder", "ModernBERT is supported as an encoder only (transformers has no ModernBERT "
                                    "causal LM); pair it with another architecture's decoder")
-        kinds = self.layer_types
         rope = self.extra.get("rope_parameters") or {}
         return TransformerSpec(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_hidden_layers,
@@ -450,9 +458,9 @@ class ModernBertConfig(HFConfig):
             first_layer_attention_norm=False, pre_norm=True, rotary_theta=rope_base(
                 self, rope.get("full_attention") or {}, 160000.0, "global_rope_theta"),
             local_rotary_theta=rope_base(self, rope.get("sliding_attention") or {}, 10000.0, "local_rope_theta"),
-            layer_kinds=tuple("sliding" if kind == "sliding_attention" else "full" for kind in kinds),
-            sliding_window=self.local_attention // 2 + 1, gated_mlp=True, attention_bias=self.attention_bias,
-            attention_out_bias=self.attention_bias, mlp_bias=self.mlp_bias, hidden_dropout=self.attention_dropout,
+            layer_kinds=layer_kinds(self), sliding_window=self.local_attention // 2 + 1, gated_mlp=True,
+            attention_bias=self.attention_bias, attention_out_bias=self.attention_bias, mlp_bias=self.mlp_bias,
+            hidden_dropout=self.attention_dropout,
             attention_dropout=self.attention_dropout, activation_dropout=self.mlp_dropout,
             embedding_dropout=self.embedding_dropout, initializer_range=self.initializer_range,
         )

@@ -20,8 +20,8 @@ from jaxencdec.storage import read_json
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "RUNTIME_FLAGS", "AlbertConfig", "BartConfig", "BertConfig",
            "BertGenerationConfig", "CamembertConfig", "DistilBertConfig", "ElectraConfig", "EncoderDecoderConfig",
-           "Gemma3TextConfig", "GPT2Config", "HFConfig", "LlamaConfig", "MarianConfig", "MBartConfig", "ModernBertConfig",
-           "Qwen2Config",
+           "Gemma3TextConfig", "GPT2Config", "HFConfig", "LlamaConfig", "MarianConfig", "MBartConfig",
+           "ModernBertConfig", "Qwen2Config",
            "Role", "RobertaConfig", "XLMRobertaConfig"]
 
 # ``EncoderDecoderConfig.remat``: what each layer keeps for the backward pass. "none" keeps every intermediate;

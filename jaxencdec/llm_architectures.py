@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from jaxencdec.architectures import HFConfig, Role, register, rope_base
+from jaxencdec.architectures import HFConfig, Role, layer_kinds, register, rope_base
 from jaxencdec.errors import require
 from jaxencdec.fields import assigned_through_replace, frozen
 from jaxencdec.spec import TransformerSpec
@@ -170,10 +170,6 @@ class Gemma3TextConfig(HFConfig):
                                                  f"{name} to null")
         require(not self.use_bidirectional_attention, "Gemma 3 with use_bidirectional_attention=True is not "
                                                       "supported as a causal decoder; set it to false")
-        kinds = self.layer_types
-        unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
-        require(not unknown, f"Gemma 3 layer_types {unknown} are not supported; use 'sliding_attention' or "
-                             f"'full_attention'")
         rope = self.extra.get("rope_parameters") or {}
         return _llm_spec(
             self, role, self.hidden_activation,
@@ -182,7 +178,7 @@ class Gemma3TextConfig(HFConfig):
             head_size=self.head_dim, attention_bias=self.attention_bias, attention_out_bias=self.attention_bias,
             mlp_bias=False, norm="rms_unit_offset", embed_scale=math.sqrt(self.hidden_size), qk_norm=True,
             post_sublayer_norm=True, query_scale=self.query_pre_attn_scalar ** -0.5,
-            layer_kinds=tuple("sliding" if kind == "sliding_attention" else "full" for kind in kinds),
+            layer_kinds=layer_kinds(self),
             sliding_window=self.sliding_window,
         )
 

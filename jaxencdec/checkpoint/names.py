@@ -29,13 +29,12 @@ Shape = tuple[int, ...]
 class Rule:
     """One Hugging Face tensor ``hf`` <-> our parameters ``ours`` (several when HF fuses them).
 
-    layout: ``"same"`` (identical: embeddings, norms), ``"flat"`` (HF holds our arrays flattened and
-    concatenated: biases), ``"linear"`` (PyTorch
-    ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``), ``"sinusoidal"`` (no parameter of ours: a fixed
-    ``sinusoidal_positions`` table of ``shape`` that we compute; loading checks it, export writes it). ``n_in``: how many leading axes of our kernel are
-    input axes (2 for attention output projections ``[heads, head_dim, D]``). ``aliases``: other names of the
-    same tensor (a tied encoder-decoder's encoder copy): loading takes the first name present, export writes
-    the tensor under every name.
+    layout: ``"same"`` (identical: embeddings, norms), ``"flat"`` (HF holds our arrays flattened and concatenated:
+    biases), ``"linear"`` (PyTorch ``[out, in]``), ``"conv1d"`` (GPT-2 ``[in, out]``), ``"sinusoidal"`` (no
+    parameter of ours: a fixed ``sinusoidal_positions`` table of ``shape`` that we compute; loading checks it,
+    export writes it). ``n_in``: how many leading axes of our kernel are input axes (2 for attention output
+    projections ``[heads, head_dim, D]``). ``aliases``: other names of the same tensor (a tied encoder-decoder's
+    encoder copy): loading takes the first name present, export writes the tensor under every name.
     """
 
     hf: str

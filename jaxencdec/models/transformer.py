@@ -30,10 +30,11 @@ width, ``D`` but for ELECTRA)::
 
 RMS norms (Llama family) have a scale only; projections may lack biases (``attention_bias``, ``mlp_bias``); the
 Llama family's key/value projections have ``spec.kv_heads`` heads. ALBERT's layers share parameters:
-``layers_{g}`` for each of ``spec.layer_groups`` groups of consecutive layers. With ``scan_layers`` the ``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading
-``[num_layers]`` axis (``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves
-``[num_layers, batch, heads, length, head_dim]`` instead of a tuple of per-layer ones; the cross-attention
-keys/values likewise. ``remat`` wraps each layer in ``nn.remat`` (see ``config.REMAT_POLICIES``).
+``layers_{g}`` for each of ``spec.layer_groups`` groups of consecutive layers. With ``scan_layers`` the
+``layers_{i}`` subtrees are one ``layers`` subtree whose leaves have a leading ``[num_layers]`` axis
+(``models.layout`` converts), and the decoder cache is one ``KeyValue`` with leaves ``[num_layers, batch, heads,
+length, head_dim]`` instead of a tuple of per-layer ones; the cross-attention keys/values likewise. ``remat``
+wraps each layer in ``nn.remat`` (see ``config.REMAT_POLICIES``).
 """
 
 from __future__ import annotations
