@@ -122,6 +122,18 @@ def test_decoder_logits_equal_the_llm_whatever_the_encoder_reads(llm, encoder_fo
     assert np.abs(np.asarray(opened) - expected).max() > 1e-2
 
 
+def test_an_encoder_of_another_width_is_projected(llm, tmp_path):
+    """A 48-wide encoder before the 32-wide LLM: enc_to_dec_proj, new like the cross-attention; the gates still
+    hide both."""
+    randomize_(transformers.BertModel(SMALL["bert"](hidden=48)), seed=3).save_pretrained(tmp_path)
+    model = warm_started(llm, tmp_path)
+    assert model.config.needs_projection and "enc_to_dec_proj/kernel" in model.load_report.missing
+    decoder_ids = np.random.default_rng(10).integers(4, VOCAB, (2, 6))
+    ids, mask = sources(1)
+    np.testing.assert_allclose(np.asarray(model(ids, mask, decoder_input_ids=decoder_ids).logits),
+                               llm_logits(llm[1], decoder_ids), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generated_ids_equal_the_llm_generate(llm, encoder_folder, num_beams):
     model = warm_started(llm, encoder_folder)

@@ -11,7 +11,7 @@ import time
 
 # The benchmarks' models (see save_reference_model).
 MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small",
-          "albert2gpt2-small", "bert2llama-small")
+          "albert2gpt2-small", "modernbert2marian-small", "bert2llama-small")
 # What a run measures unless told (the README's tables): the BERT and GPT-2 pairs.
 DEFAULT_MODELS = MODELS[:3]
 
@@ -20,14 +20,15 @@ DEFAULT_MODELS = MODELS[:3]
 # their default width, 128, under the 256-wide layers; so do ALBERT's, whose 4 layers share one set of parameters).
 SMALL_PAIRS = {"electra2bertgen-small": ("ElectraConfig", "BertGenerationConfig"),
                "xlmr2mbart-small": ("XLMRobertaConfig", "MBartConfig"),
-               "albert2gpt2-small": ("AlbertConfig", "GPT2Config")}
+               "albert2gpt2-small": ("AlbertConfig", "GPT2Config"),
+               "modernbert2marian-small": ("ModernBertConfig", "MarianConfig")}
 
 
 def _small_config(class_name: str):
     import transformers
 
     cls = getattr(transformers, class_name)
-    if class_name == "MBartConfig":
+    if class_name in ("MBartConfig", "MarianConfig"):
         return cls(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
                    decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024)
     return cls(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
@@ -126,7 +127,8 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
         config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
         torch.manual_seed(0)
         hf = transformers.EncoderDecoderModel(config)
-        tokens = {"decoder_start_token_id": decoder.bos_token_id, "pad_token_id": encoder.pad_token_id}
+        start = getattr(decoder, "decoder_start_token_id", None) or decoder.bos_token_id  # Marian has no BOS
+        tokens = {"decoder_start_token_id": start, "pad_token_id": encoder.pad_token_id}
     else:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     hf.config.decoder_start_token_id = tokens["decoder_start_token_id"]

@@ -6,7 +6,8 @@ Models (identical weights on both sides; the same as tools/bench_generate.py, bu
   bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
                     50257-word vocabulary)
   bert2bert-base    random BERT-base encoder and decoder (hidden 768, 12 layers, 12 heads)
-  electra2bertgen-small, xlmr2mbart-small, albert2gpt2-small   random, as bert2gpt2-small (only with --models)
+  electra2bertgen-small, xlmr2mbart-small, albert2gpt2-small, modernbert2marian-small   random, as bert2gpt2-small
+                    (only with --models)
   bert2llama-small  random BERT encoder and Llama decoder (grouped-query attention), as bert2gpt2-small: ours only,
                     since transformers cannot train the pair (only with --models)
 
