@@ -103,8 +103,8 @@ def test_unknown_model_type(ours, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["decoder"]["model_type"] = "t5"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    supported = ("'albert', 'bart', 'bert', 'bert-generation', 'camembert', 'distilbert', 'electra', 'gpt2', 'mbart', "
-                 "'roberta', 'xlm-roberta'")
+    supported = ("'albert', 'bart', 'bert', 'bert-generation', 'camembert', 'distilbert', 'electra', 'gemma3_text', "
+                 "'gpt2', 'llama', 'marian', 'mbart', 'modernbert', 'qwen2', 'roberta', 'xlm-roberta'")
     with pytest.raises(ConfigError, match=re.escape(f"model_type 't5' is not supported; supported: [{supported}]")):
         EncoderDecoderModel.from_pretrained(tmp_path)
 

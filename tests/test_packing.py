@@ -137,13 +137,18 @@ def test_no_token_attends_to_another_sequence(hf_pair, name, scan_layers):
         "cross": tgt[:, :, None] == src[:, None, :]}
     encoder = stack_records(records, "encoder", model.config.encoder_spec)
     decoder = stack_records(records, "decoder", model.config.decoder_spec)
+    spec = model.config.encoder_spec
+    offsets = np.abs(np.arange(src.shape[1])[:, None] - np.arange(src.shape[1])[None, :])
     for name, layers in (("encoder", encoder["attentions"]), ("decoder", decoder["attentions"]),
                          ("cross", decoder["cross_attentions"])):
         real = (src if name == "encoder" else tgt)[:, :, None] > 0  # padded queries attend somewhere; unused
-        for probs in layers:  # [rows, heads, queries, keys]
+        for i, probs in enumerate(layers):  # [rows, heads, queries, keys]
             probs = np.asarray(probs)
-            assert (probs[np.broadcast_to((~allowed[name] & real)[:, None], probs.shape)] == 0).all(), name
-            assert (probs[np.broadcast_to((allowed[name] & real)[:, None], probs.shape)] > 0).all(), name
+            may = allowed[name]
+            if name == "encoder" and spec.is_local(i):  # ModernBERT's sliding layers: the nearest keys only
+                may = may & (offsets < spec.sliding_window)[None]
+            assert (probs[np.broadcast_to((~may & real)[:, None], probs.shape)] == 0).all(), name
+            assert (probs[np.broadcast_to((may & real)[:, None], probs.shape)] > 0).all(), name
 
 
 def test_packed_decoding_needs_both_segment_ids_and_no_cache():
