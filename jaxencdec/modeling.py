@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from jaxencdec import loading, paths, storage
 from jaxencdec.checkpoint import names
-from jaxencdec.checkpoint.convert import LoadReport, params_to_state_dict
+from jaxencdec.checkpoint.convert import LoadReport, float32_flat_params, params_to_state_dict
 from jaxencdec.checkpoint.formats import write_msgpack, write_safetensors
 from jaxencdec.checkpoint.hub import hub_upload_error
 from jaxencdec.config import REMAT_POLICIES, EncoderDecoderConfig
@@ -182,9 +182,8 @@ class EncoderDecoderModel:
 
     def pytorch_state_dict(self) -> dict[str, np.ndarray]:
         """The parameters under Hugging Face PyTorch names (float32), tied tensors omitted as transformers does."""
-        flat = traverse_util.flatten_dict(
-            jax.tree.map(lambda x: np.asarray(x, np.float32), self.unrolled_params()), sep="/")
-        return params_to_state_dict(names.encoder_decoder_rules(self.config), flat)
+        return params_to_state_dict(names.encoder_decoder_rules(self.config),
+                                    float32_flat_params(self.unrolled_params()))
 
     def export_pytorch(self, save_directory: str | os.PathLike) -> paths.AnyPath:
         """Writes a folder transformers' ``EncoderDecoderModel.from_pretrained`` loads: ``model.safetensors``,
@@ -200,9 +199,7 @@ class EncoderDecoderModel:
         (``model.safetensors`` under ``AutoModel`` / ``*ForCausalLM`` names, the part's ``config.json``). A
         Llama-family decoder loads back into ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``; its cross-attention
         tensors lie beside the LLM's, which transformers reports as unused."""
-        flat = traverse_util.flatten_dict(
-            jax.tree.map(lambda x: np.asarray(x, np.float32), self.unrolled_params()), sep="/")
-        return loading.export_part(self.config, flat, part, save_directory)
+        return loading.export_part(self.config, float32_flat_params(self.unrolled_params()), part, save_directory)
 
     def push_to_hub(self, repo_id: str | None = None, *args, **kwargs):
         """Not implemented: raises NotImplementedError with the two calls that do it (``save_pretrained``, then

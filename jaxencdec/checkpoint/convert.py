@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from jaxencdec.errors import CheckpointError
 from jaxencdec.checkpoint.names import IGNORED_SUFFIXES, Rule
@@ -70,6 +71,12 @@ def state_dict_to_params(
         params.update(zip(rule.ours, rule.to_ours(tensor, our_shapes)))
     report.unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_SUFFIXES))
     return params, report
+
+
+def float32_flat_params(params: Mapping) -> dict[str, np.ndarray]:
+    """Our (unrolled) parameter tree as a flat dict of float32 numpy arrays, the input of ``params_to_state_dict``
+    for an export."""
+    return {path: np.asarray(x, np.float32) for path, x in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def params_to_state_dict(rules: list[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

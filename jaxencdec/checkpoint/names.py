@@ -89,8 +89,10 @@ def _linear(hf: str, ours: str, n_in: int = 1, bias: bool = True) -> list[Rule]:
     return rules + [Rule(f"{hf}.bias", (f"{ours}/bias",), "flat")] if bias else rules
 
 
-def _norm(hf: str, ours: str) -> list[Rule]:
-    return [Rule(f"{hf}.weight", (f"{ours}/scale",)), Rule(f"{hf}.bias", (f"{ours}/bias",))]
+def _norm(hf: str, ours: str, bias: bool = True) -> list[Rule]:
+    """A norm's scale and, unless ``bias`` is False (RMS norms, ModernBERT's layer norms), its bias."""
+    rules = [Rule(f"{hf}.weight", (f"{ours}/scale",))]
+    return rules + [Rule(f"{hf}.bias", (f"{ours}/bias",))] if bias else rules
 
 
 def _attention(hf: str, ours: str, q: str, k: str, v: str, out: str) -> list[Rule]:
@@ -206,7 +208,7 @@ def _albert_base(spec: TransformerSpec) -> list[Rule]:
 def _modernbert_base(spec: TransformerSpec) -> list[Rule]:
     """ModernBertModel: fused query/key/value (``Wqkv``) and MLP input (``Wi``: the activated half, then the
     multiplier) projections, layer norms without biases unless ``norm_bias``, no attention norm in layer 0."""
-    norm = lambda hf, ours: _norm(hf, ours) if spec.norm_bias else [Rule(f"{hf}.weight", (f"{ours}/scale",))]
+    norm = lambda hf, ours: _norm(hf, ours, bias=spec.norm_bias)
     rules = [Rule("embeddings.tok_embeddings.weight", ("embeddings/word/embedding",)),
              *norm("embeddings.norm", "embeddings/norm"), *norm("final_norm", "final_norm")]
     for i in range(spec.num_layers):
@@ -285,8 +287,8 @@ def _llama_base(spec: TransformerSpec) -> list[Rule]:
     projections with the biases the spec has; Gemma's query/key norms and its norms after each block; each layer's
     cross-attention block (ours: no transformers class has one) under the names transformers' pattern suggests,
     beside the LLM's tensors."""
-    rules = [Rule("embed_tokens.weight", ("embeddings/word/embedding",)), Rule("norm.weight", ("final_norm/scale",))]
-    norm = lambda hf, ours: Rule(f"{hf}.weight", (f"{ours}/scale",))
+    norm = lambda hf, ours: _norm(hf, ours, bias=False)
+    rules = [Rule("embed_tokens.weight", ("embeddings/word/embedding",)), *norm("norm", "final_norm")]
     for i in range(spec.num_layers):
         hf, ours = f"layers.{i}", f"layers_{i}"
         blocks = [("self_attn", "self_attention", "input_layernorm", "post_attention_layernorm")] + (
@@ -296,21 +298,21 @@ def _llama_base(spec: TransformerSpec) -> list[Rule]:
             rules += [r for name, proj in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
                       for r in _linear(f"{hf}.{hf_block}.{name}", f"{ours}/{block}/{proj}", bias=spec.attention_bias)]
             rules += _linear(f"{hf}.{hf_block}.o_proj", f"{ours}/{block}/out", n_in=2, bias=spec.attention_out_bias)
-            rules.append(norm(f"{hf}.{hf_norm}", f"{ours}/{block}_norm"))
+            rules += norm(f"{hf}.{hf_norm}", f"{ours}/{block}_norm")
             if spec.post_sublayer_norm:
-                rules.append(norm(f"{hf}.{hf_post_norm}", f"{ours}/{block}_post_norm"))
+                rules += norm(f"{hf}.{hf_post_norm}", f"{ours}/{block}_post_norm")
         if spec.qk_norm:
-            rules += [norm(f"{hf}.self_attn.q_norm", f"{ours}/self_attention/query_norm"),
-                      norm(f"{hf}.self_attn.k_norm", f"{ours}/self_attention/key_norm")]
+            rules += (norm(f"{hf}.self_attn.q_norm", f"{ours}/self_attention/query_norm")
+                      + norm(f"{hf}.self_attn.k_norm", f"{ours}/self_attention/key_norm"))
         if spec.add_cross_attention and spec.cross_attention_gate:
             rules.append(Rule(f"{hf}.cross_attn_gate", (f"{ours}/cross_attention_gate",)))
         rules += [r for name, proj in (("gate_proj", "wi_gate"), ("up_proj", "wi"), ("down_proj", "wo"))
                   for r in _linear(f"{hf}.mlp.{name}", f"{ours}/mlp/{proj}", bias=spec.mlp_bias)]
         if spec.post_sublayer_norm:  # Gemma: a norm before and after the MLP
-            rules += [norm(f"{hf}.pre_feedforward_layernorm", f"{ours}/mlp_norm"),
-                      norm(f"{hf}.post_feedforward_layernorm", f"{ours}/mlp_post_norm")]
+            rules += (norm(f"{hf}.pre_feedforward_layernorm", f"{ours}/mlp_norm")
+                      + norm(f"{hf}.post_feedforward_layernorm", f"{ours}/mlp_post_norm"))
         else:
-            rules.append(norm(f"{hf}.post_attention_layernorm", f"{ours}/mlp_norm"))
+            rules += norm(f"{hf}.post_attention_layernorm", f"{ours}/mlp_norm")
     return rules
 
 
