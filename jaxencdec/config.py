@@ -71,12 +71,6 @@ class EncoderDecoderConfig:
                 f"{self.encoder.hidden}")
         self.encoder.spec("encoder")
         self.decoder.spec("decoder")
-        require(not (self.scan_layers and self.encoder.spec("encoder").layer_groups),
-                "scan_layers=True scans over one parameter set per layer, but the encoder's layers share theirs "
-                "(ALBERT: one compiled layer already); set scan_layers=False")
-        require(not (self.scan_layers and not self.encoder.spec("encoder").first_layer_attention_norm),
-                "scan_layers=True runs one layer's program for every layer, but the encoder's first layer differs "
-                "from the others (ModernBERT's has no attention norm); set scan_layers=False")
         if self.tie_encoder_decoder:
             self._check_tieable()
 

@@ -103,9 +103,6 @@ PAIRS = {
 # for the pair that repeats it.
 REPEATS = {"xlmr2camembert": "roberta2roberta"}
 COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
-# Pairs whose stacks run scanned (``scan_layers``): not ALBERT's, whose layers share parameters, nor ModernBERT's,
-# whose first layer differs from the others (a config refuses both).
-SCANNABLE = [name for name in PAIRS if PAIRS[name][0] not in ("albert", "modernbert")]
 
 
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,

@@ -106,11 +106,9 @@ def test_distilbert_cannot_be_a_decoder():
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), DistilBertConfig())
 
 
-def test_modernbert_is_an_encoder_that_does_not_scan():
+def test_modernbert_is_an_encoder():
     with pytest.raises(ConfigError, match="ModernBERT is supported as an encoder only"):
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), ModernBertConfig())
-    with pytest.raises(ConfigError, match="the encoder's first layer differs from the others"):
-        EncoderDecoderConfig.from_encoder_decoder_configs(ModernBertConfig(), BertConfig(), scan_layers=True)
     spec = ModernBertConfig(num_hidden_layers=4).spec("encoder")
     # every third layer global; the others see 64 tokens either side (local_attention 128)
     assert spec.layer_kinds == ("full", "sliding", "sliding", "full") and spec.sliding_window == 65
@@ -139,8 +137,6 @@ def test_albert_is_an_encoder_of_shared_layers_only():
         EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(inner_group_num=2), BertConfig())
     with pytest.raises(ConfigError, match="12 layers cannot share parameters in 5 groups"):
         EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(num_hidden_groups=5), BertConfig())
-    with pytest.raises(ConfigError, match="scan_layers=True scans over one parameter set per layer"):
-        EncoderDecoderConfig.from_encoder_decoder_configs(AlbertConfig(), BertConfig(), scan_layers=True)
     spec = AlbertConfig(num_hidden_groups=3).spec("encoder")
     assert spec.num_layer_params == 3 and [spec.layer_params(i) for i in (0, 3, 4, 11)] == [(0, 0), (0, 3), (1, 0),
                                                                                            (2, 3)]

@@ -18,7 +18,7 @@ import transformers
 from flax import traverse_util
 
 import testing
-from hf_reference import COMPUTED_PAIRS, SCANNABLE, VOCAB, batch
+from hf_reference import COMPUTED_PAIRS, PAIRS, VOCAB, batch
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import BertConfig, EncoderDecoderConfig
 from jaxencdec.models import layout
@@ -46,9 +46,9 @@ def _relative_and_tied_configs() -> dict[str, EncoderDecoderConfig]:
 OWN = _relative_and_tied_configs()
 
 
-@pytest.fixture(scope="module", params=SCANNABLE)
+@pytest.fixture(scope="module", params=list(PAIRS))
 def saved_pair(request, hf_pair):
-    """(name, transformers model, its saved folder) of each pair whose stacks scan."""
+    """(name, transformers model, its saved folder) of each pair."""
     return request.param, *hf_pair(request.param)
 
 
@@ -88,9 +88,13 @@ def assert_relatively_close(got: dict, expected: dict, rtol: float):
 def test_huggingface_folders_load_into_the_scanned_layout_and_match_transformers(saved_pair, tmp_path):
     name, hf, folder = saved_pair
     ours = EncoderDecoderModel.from_pretrained(folder, scan_layers=True, remat="full")
-    assert "layers" in ours.params["encoder"] and not any(k.startswith("layers_") for k in ours.params["encoder"])
-    num_layers = ours.config.encoder_spec.num_layers
-    assert all(x.shape[0] == num_layers for x in jax.tree.leaves(ours.params["encoder"]["layers"]))
+    # one subtree of every layer's parameters (ALBERT: of every group's), but ModernBERT's first, which has no
+    # attention norm, unrolled beside it
+    spec = ours.config.encoder_spec
+    unrolled = 0 if spec.first_layer_attention_norm else 1
+    assert sorted(k for k in ours.params["encoder"] if k.startswith("layers")) == ["layers"] + [
+        f"layers_{i}" for i in range(unrolled)]
+    assert all(x.shape[0] == spec.num_layer_params - unrolled for x in jax.tree.leaves(ours.params["encoder"]["layers"]))
     assert_same_outputs(ours, hf)
     # and back out: the exported folder is an ordinary transformers checkpoint with the same outputs
     ours.export_pytorch(tmp_path / "exported")
@@ -119,10 +123,10 @@ def test_save_pretrained_writes_the_unrolled_layout_whatever_runs(saved_pair, tm
 
 # Scanning stacks each architecture's layers its own way: every pair that computes its own way runs scanned. Remat
 # wraps the one layer block that every architecture runs through in jax.checkpoint, whatever the pair: the remat
-# ways run on one pair.
+# ways run on one pair, and scanned on ALBERT's shared layers too (rematerialized inside their inner scan).
 ONE_PAIR = "bert2bart"
-WAYS = [(name, "scanned") for name in COMPUTED_PAIRS if name in SCANNABLE] + [(ONE_PAIR, way) for way in LAYOUTS
-                                                         if way != "scanned"]
+WAYS = ([(name, "scanned") for name in COMPUTED_PAIRS] + [(ONE_PAIR, way) for way in LAYOUTS if way != "scanned"]
+        + [("albert2roberta", "scanned-remat")])
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +182,8 @@ def test_relative_and_tied_pairs_run_scanned_and_rematerialized_as_unrolled(name
 # with the logits, the same for every pair: they run on one pair.
 SEARCHES = {"greedy": dict(num_beams=1), "beam": dict(num_beams=3), "sample": dict(do_sample=True, top_k=20),
             "beam-sample": dict(num_beams=2, do_sample=True)}
-PAIR_SEARCHES = [(name, "greedy") for name in COMPUTED_PAIRS if name in SCANNABLE] + [(ONE_PAIR, mode) for mode in SEARCHES
-                                                                  if mode != "greedy"]
+PAIR_SEARCHES = [(name, "greedy") for name in COMPUTED_PAIRS] + [(ONE_PAIR, mode) for mode in SEARCHES
+                                                                 if mode != "greedy"]
 
 
 @pytest.mark.slow
@@ -216,6 +220,24 @@ def test_scanned_generation_records_and_cached_decoding_equal_unrolled(name):
         outputs.append(model.decode(decoder_ids[:, 3:], encoded, mask, past_key_values=first.past_key_values))
     assert outputs[1].past_key_values.max_length == 6 and int(outputs[1].past_key_values.index) == 4
     np.testing.assert_allclose(np.asarray(outputs[1].logits), np.asarray(outputs[0].logits), atol=2e-6, rtol=0)
+
+
+# Encoders whose scanned layout has a shape of its own: ALBERT's groups of shared layers (an inner scan per group)
+# and ModernBERT's first layer, unrolled beside the scanned rest.
+OWN_SCAN_SHAPES = ["albert2roberta", "modernbert2gpt2"]
+
+
+@pytest.mark.parametrize("name", OWN_SCAN_SHAPES)
+def test_scanned_encoder_records_every_layer_as_unrolled(hf_pair, name):
+    plain = EncoderDecoderModel.from_pretrained(hf_pair(name)[1])
+    ids, mask, labels = batch(seed=10)
+    expected = plain(ids, mask, labels=labels, output_attentions=True, output_hidden_states=True)
+    assert len(expected.encoder_hidden_states) == plain.config.encoder_spec.num_layers + 1
+    for remat in ("none", "full"):
+        got = _as(plain, True, remat)(ids, mask, labels=labels, output_attentions=True, output_hidden_states=True)
+        assert jax.tree.structure(got) == jax.tree.structure(expected)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):  # (another fusion of the same sums)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import time
 
 # The benchmarks' models (see save_reference_model).
 MODELS = ("bert2bert-minilm", "bert2gpt2-small", "bert2bert-base", "electra2bertgen-small", "xlmr2mbart-small",
-          "albert2gpt2-small", "modernbert2marian-small", "bert2llama-small")
+          "albert2gpt2-small", "distilbert2camembert-small", "modernbert2marian-small", "bert2llama-small",
+          "bert2qwen2-small", "bert2gemma3-small")
 # What a run measures unless told (the README's tables): the BERT and GPT-2 pairs.
 DEFAULT_MODELS = MODELS[:3]
 
@@ -21,7 +22,17 @@ DEFAULT_MODELS = MODELS[:3]
 SMALL_PAIRS = {"electra2bertgen-small": ("ElectraConfig", "BertGenerationConfig"),
                "xlmr2mbart-small": ("XLMRobertaConfig", "MBartConfig"),
                "albert2gpt2-small": ("AlbertConfig", "GPT2Config"),
+               "distilbert2camembert-small": ("DistilBertConfig", "CamembertConfig"),
                "modernbert2marian-small": ("ModernBertConfig", "MarianConfig")}
+
+# Llama-family decoders paired by jaxencdec (see _save_llm_pair): (config class, its causal LM class, settings
+# beyond hidden 256, 4 layers, 4 heads, MLP 1024; each class's default vocabulary).
+LLM_PAIRS = {"bert2llama-small": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+             # the released Qwen2 checkpoints' <|endoftext|> as the start token (the class has no default)
+             "bert2qwen2-small": ("Qwen2Config", "Qwen2ForCausalLM",
+                                  dict(num_key_value_heads=2, bos_token_id=151643, eos_token_id=151643)),
+             # 64-wide heads; its default layer pattern: 5 sliding-window layers per global one
+             "bert2gemma3-small": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(num_key_value_heads=2, head_dim=64))}
 
 
 def _small_config(class_name: str):
@@ -31,6 +42,8 @@ def _small_config(class_name: str):
     if class_name in ("MBartConfig", "MarianConfig"):
         return cls(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
                    decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024)
+    if class_name == "DistilBertConfig":
+        return cls(dim=256, n_layers=4, n_heads=4, hidden_dim=1024)
     return cls(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 
 # all-MiniLM-L6-v2's architecture (its config.json), for machines where the asset is not installed (no pip).
@@ -60,10 +73,10 @@ def minilm_folder(tmp: str, random_weights: bool = False) -> tuple[str, str]:
     return folder, "random weights of MiniLM's shape"
 
 
-def _save_llama_pair(folder: str) -> dict:
-    """bert2llama-small: random BERT and Llama (hidden 256, 4 layers, 4 heads; the Llama 2 key/value heads, MLP
-    1024, a 32000-word vocabulary) paired by jaxencdec, saved as our folder (transformers has no class for the
-    pair), the Llama also alone under ``llm/`` (what PyTorch runs: ``info["pytorch"] == "causal-lm"``)."""
+def _save_llm_pair(model: str, folder: str) -> dict:
+    """``LLM_PAIRS``: random BERT and LLM (hidden 256, 4 layers, 4 heads each side; the LLM 2 key/value heads, MLP
+    1024) paired by jaxencdec, saved as our folder (transformers has no class for the pair), the LLM also alone
+    under ``llm/`` (what PyTorch runs: ``info["pytorch"] == "causal-lm"``)."""
     import jax
     import numpy as np
     import torch
@@ -74,16 +87,19 @@ def _save_llama_pair(folder: str) -> dict:
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                                    intermediate_size=1024)).save_pretrained(folder + "-bert")
-    llm = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=1024, pad_token_id=0)
-    transformers.LlamaForCausalLM(llm).save_pretrained(os.path.join(folder, "llm"))
+    config_class, lm_class, settings = LLM_PAIRS[model]
+    llm = getattr(transformers, config_class)(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                              intermediate_size=1024, pad_token_id=0, **settings)
+    getattr(transformers, lm_class)(llm).save_pretrained(os.path.join(folder, "llm"))
     tokens = {"decoder_start_token_id": llm.bos_token_id, "pad_token_id": 0}
     ours = EncoderDecoderModel.from_encoder_decoder_pretrained(folder + "-bert", os.path.join(folder, "llm"), **tokens)
     ours.save_pretrained(folder)
     size = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+    spec = ours.config.decoder_spec
     return {"tokens": tokens, "params": size(ours.params), "vocab": 30522, "decoder_vocab": llm.vocab_size,
             "decoder_params": size(ours.params["decoder"]), "decoder_layers": llm.num_hidden_layers,
-            "decoder_hidden": llm.hidden_size, "decoder_kv_width": 2 * 2 * llm.head_dim, "pytorch": "causal-lm",
+            "decoder_hidden": llm.hidden_size, "decoder_kv_width": 2 * spec.kv_heads * spec.head_dim,
+            "pytorch": "causal-lm",
             "note": ""}
 
 
@@ -95,14 +111,14 @@ def save_reference_model(model: str, folder: str, random_weights: bool = False) 
     bert2bert-minilm: all-MiniLM-L6-v2 warm-started on both sides (49M); bert2gpt2-small: random BERT and GPT-2,
     hidden 256, 4 layers, 4 heads each side, GPT-2's 50257-word vocabulary in the decoder (29M); bert2bert-base:
     random BERT-base on both sides (hidden 768, 12 layers, 12 heads, 247M); ``SMALL_PAIRS``: random, as
-    bert2gpt2-small; bert2llama-small: ``_save_llama_pair``.
+    bert2gpt2-small; ``LLM_PAIRS``: ``_save_llm_pair``.
     """
     import torch
     import transformers
 
     note = ""
-    if model == "bert2llama-small":
-        return _save_llama_pair(folder)
+    if model in LLM_PAIRS:
+        return _save_llm_pair(model, folder)
     if model == "bert2bert-minilm":
         path, note = minilm_folder(folder + "-parts", random_weights)
         torch.manual_seed(0)

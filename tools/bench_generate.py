@@ -14,9 +14,9 @@ ours, its extra time over the fastest call is reported as compile time. tok/s = 
 beam search too: the tokens returned, not the hypotheses scored). Peak memory: the process's peak RSS on CPU,
 the framework's peak device allocation on a GPU.
 
-bert2llama-small pairs a Llama decoder, which transformers cannot hold in an ``EncoderDecoderModel``: its PyTorch
-side is the Llama causal LM alone, generating from the start token (no encoder, no cross-attention: less work than
-ours does).
+bert2llama-small, bert2qwen2-small and bert2gemma3-small pair a Llama-family decoder, which transformers cannot
+hold in an ``EncoderDecoderModel``: their PyTorch side is the causal LM alone, generating from the start token (no
+encoder, no cross-attention: less work than ours does).
 
 A decoding step reads the decoder's weights and caches once; ``step_bytes`` counts those bytes, and a step's time
 is a call's seconds / new tokens (the call includes the encoder pass, once, so this slightly overstates a step).

@@ -6,10 +6,11 @@ Models (identical weights on both sides; the same as tools/bench_generate.py, bu
   bert2gpt2-small   random BERT encoder and GPT-2 decoder, hidden 256, 4 layers, 4 heads each side (GPT-2's
                     50257-word vocabulary)
   bert2bert-base    random BERT-base encoder and decoder (hidden 768, 12 layers, 12 heads)
-  electra2bertgen-small, xlmr2mbart-small, albert2gpt2-small, modernbert2marian-small   random, as bert2gpt2-small
-                    (only with --models)
-  bert2llama-small  random BERT encoder and Llama decoder (grouped-query attention), as bert2gpt2-small: ours only,
-                    since transformers cannot train the pair (only with --models)
+  electra2bertgen-small, xlmr2mbart-small, albert2gpt2-small, distilbert2camembert-small, modernbert2marian-small
+                    random, as bert2gpt2-small (only with --models)
+  bert2llama-small, bert2qwen2-small, bert2gemma3-small   random BERT encoder and a Llama-family decoder
+                    (grouped-query attention), as bert2gpt2-small: ours only, since transformers cannot train the
+                    pair (only with --models)
 
 tokens/s = batch * (source_length + target_length) / seconds per optimizer step (padded positions, the same
 count on both sides), median over ``--steps`` timed steps after ``--warmup`` untimed ones (the compile); the

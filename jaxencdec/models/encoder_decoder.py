@@ -282,16 +282,22 @@ def stack_records(records: dict[str, Any], stack: str, spec: TransformerSpec) ->
     ``"decoder"`` (built from ``spec``), layer by layer; None for what was not recorded."""
     attentions = records.get(ATTENTIONS, {}).get(stack)
     states = records.get(HIDDEN_STATES, {}).get(stack)
+    # scanned shared layers (ALBERT) record [groups, layers per group, ...]: one tuple entry per group's layer
+    nested = attentions is not None and SCANNED_KEY in attentions and bool(spec.layer_groups)
 
     if attentions is not None:
         attentions = unstack_layers(attentions)
-    if states is not None and SCANNED_KEY in states:  # each layer's input, stacked; then the final output
-        states = {"states": tuple(states[SCANNED_KEY]["states"][0]) + tuple(states["states"])}
+    if states is not None and SCANNED_KEY in states:
+        # the unrolled layers' inputs, then the scanned layers' inputs (stacked), then the final output
+        scanned = states[SCANNED_KEY]["states"][0]
+        scanned = scanned.reshape(-1, *scanned.shape[-3:])
+        states = {"states": tuple(states["states"][:-1]) + tuple(scanned) + tuple(states["states"][-1:])}
 
     def per_layer(block: str) -> Layers | None:
         if attentions is None or block not in attentions["layers_0"]:
             return None
-        return tuple(attentions[f"layers_{g}"][block]["weights"][k]
+        weights = lambda g: attentions[f"layers_{g}"][block]["weights"]
+        return tuple(weights(g)[0][k] if nested else weights(g)[k]
                      for g, k in map(spec.layer_params, range(spec.num_layers)))
 
     return {"hidden_states": None if states is None else tuple(states["states"]),

@@ -2,7 +2,10 @@
 
 Unrolled (the default, and the layout of every file written): one subtree per layer, ``layers_0/...``,
 ``layers_1/...``. Scanned (``EncoderDecoderConfig.scan_layers``): one subtree ``layers/...`` whose leaves carry a
-leading ``[num_layers]`` axis (logical name ``layers``), run by one ``nn.scan``. The same holds for everything
+leading ``[num_layers]`` axis (logical name ``layers``), run by one ``nn.scan``; leading layers whose subtree is
+shaped unlike the others stay unrolled beside it (ModernBERT's first layer has no attention norm: ``layers_0``
+and a ``layers`` of the rest). ALBERT's stacks hold one subtree per group of layers sharing parameters, so their
+axis is ``[layer_groups]``. The same holds for everything
 shaped like the parameters (optimizer moments, gradients) and for a decoder cache (a tuple of per-layer
 ``KeyValue`` unrolled, one ``KeyValue`` with a leading layer axis scanned).
 
@@ -61,8 +64,8 @@ def _map_containers(tree: Any, convert_dict) -> Any:
 
 
 def stack_layers(tree: Any) -> Any:
-    """Unrolled -> scanned: each dict's ``layers_{i}`` subtrees become one ``layers`` subtree with a leading
-    ``[num_layers]`` axis on every leaf (the layers must be numbered ``0 ... n-1`` and share one structure)."""
+    """Unrolled -> scanned: each dict's ``layers_{i}`` subtrees (numbered ``0 ... n-1``) become one ``layers``
+    subtree with a leading layer axis on every leaf, but for the leading ones structured unlike the last, kept."""
 
     def convert(node: dict) -> dict:
         indices = sorted(int(match.group(1)) for key in node if (match := _UNROLLED_KEY.match(key)))
@@ -71,15 +74,19 @@ def stack_layers(tree: Any) -> Any:
         if indices != list(range(len(indices))):
             raise ValueError(f"layers are not numbered 0 ... {len(indices) - 1}: {indices}")
         layers = [node[f"layers_{i}"] for i in indices]
-        kept = {key: value for key, value in node.items() if not _UNROLLED_KEY.match(key)}
-        return {**kept, SCANNED_KEY: jax.tree.map(_stack, *layers)}
+        first = len(layers) - 1
+        while first > 0 and jax.tree.structure(layers[first - 1]) == jax.tree.structure(layers[-1]):
+            first -= 1
+        kept = {key: value for key, value in node.items()
+                if not (match := _UNROLLED_KEY.match(key)) or int(match.group(1)) < first}
+        return {**kept, SCANNED_KEY: jax.tree.map(_stack, *layers[first:])}
 
     return _map_containers(tree, convert)
 
 
 def unstack_layers(tree: Any) -> Any:
-    """Scanned -> unrolled: each dict's ``layers`` subtree (leaves ``[num_layers, ...]``) becomes ``layers_0``,
-    ``layers_1``, ... ."""
+    """Scanned -> unrolled: each dict's ``layers`` subtree (leaves ``[n, ...]``) becomes ``layers_{k}`` ...
+    ``layers_{k+n-1}`` after the ``k`` layers kept unrolled beside it."""
 
     def convert(node: dict) -> dict:
         if SCANNED_KEY not in node:
@@ -87,7 +94,8 @@ def unstack_layers(tree: Any) -> Any:
         stacked = node[SCANNED_KEY]
         num_layers = jax.tree.leaves(stacked)[0].shape[0]
         kept = {key: value for key, value in node.items() if key != SCANNED_KEY}
-        return {**kept, **{f"layers_{i}": jax.tree.map(lambda leaf: _index(leaf, i), stacked)
+        first = sum(1 for key in kept if _UNROLLED_KEY.match(key))
+        return {**kept, **{f"layers_{first + i}": jax.tree.map(lambda leaf: _index(leaf, i), stacked)
                            for i in range(num_layers)}}
 
     return _map_containers(tree, convert)

@@ -260,14 +260,38 @@ class ScannedLayer(TransformerLayer):
         return carry, None
 
 
+def _remat_policy(remat: str):
+    """The ``jax.checkpoint`` policy of ``remat`` (``config.REMAT_POLICIES``, not "none"): None saves nothing."""
+    return None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+
+
 def _rematerialized(layer_class: type[TransformerLayer], remat: str) -> type[TransformerLayer]:
     """``layer_class`` under ``nn.remat`` with the ``remat`` policy (``config.REMAT_POLICIES``); ``deterministic``
     stays a Python bool (flax counts ``self`` as argument 0)."""
     if remat == "none":
         return layer_class
-    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
     deterministic = 7 if layer_class is TransformerLayer else 6
-    return nn.remat(layer_class, policy=policy, static_argnums=(deterministic,))
+    return nn.remat(layer_class, policy=_remat_policy(remat), static_argnums=(deterministic,))
+
+
+class ScannedGroup(ScannedLayer):
+    """A group of ``repeats`` consecutive layers that share one set of parameters (ALBERT), as the body of the
+    stack's ``nn.scan`` over groups (parameters ``[layer_groups, ...]``): the group's layers run as an inner scan
+    that reads the group's parameters (broadcast, not copied). ``per_layer`` holds ``[repeats]`` leaves; the
+    records of a group are ``[repeats, ...]``. ``remat`` applies to each layer, as unrolled."""
+
+    repeats: int = 1
+    remat: str = "none"
+
+    def __call__(self, carry, per_layer, *shared):
+        def layer(module, carry, xs):
+            return ScannedLayer.__call__(module, carry, xs, *shared)
+
+        if self.remat != "none":
+            layer = nn.remat(layer, policy=_remat_policy(self.remat))
+        run = nn.scan(layer, variable_broadcast="params", variable_axes={ATTENTIONS: 0, HIDDEN_STATES: 0},
+                      split_rngs={"params": False, "dropout": True}, length=self.repeats)
+        return run(self, carry, per_layer)
 
 
 class LMHead(nn.Module):
@@ -317,20 +341,22 @@ class TransformerStack(nn.Module):
         if s.embedding_width != s.hidden_size:  # ELECTRA: E-wide embeddings projected to D
             self.embeddings_project = dense(s.hidden_size, ("embed", "hidden"), s.initializer_range, self.dtype,
                                             self.param_dtype)
+        layer = _rematerialized(TransformerLayer, self.remat)
+        self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}",
+                             attention_norm=i > 0 or s.first_layer_attention_norm)
+                       for i in range(self.num_unrolled)]
         if self.scan_layers:
+            if s.layer_groups:  # one step per group of shared layers, each an inner scan over the group's layers
+                body, extra = ScannedGroup, dict(repeats=s.num_layers // s.layer_groups, remat=self.remat)
+            else:
+                body, extra = _rematerialized(ScannedLayer, self.remat), {}
             scanned = nn.scan(
-                _rematerialized(ScannedLayer, self.remat),
-                variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
+                body, variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 9, length=s.num_layers,
+                in_axes=(0,) + (nn.broadcast,) * 9, length=s.num_layer_params - self.num_unrolled,
                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             )
-            self.layers = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY)
-        else:
-            layer = _rematerialized(TransformerLayer, self.remat)
-            self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}",
-                                 attention_norm=i > 0 or s.first_layer_attention_norm)
-                           for i in range(s.num_layer_params)]
+            self.scanned = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY, **extra)
         if s.pre_norm:
             self.final_norm = norm_layer(s.norm, s.layer_norm_eps, self.dtype, self.param_dtype, use_bias=s.norm_bias)
         if s.pooler:
@@ -338,6 +364,19 @@ class TransformerStack(nn.Module):
                                 self.param_dtype)
         if s.is_decoder:
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
+
+    @property
+    def num_unrolled(self) -> int:
+        """How many layers run unrolled (``layers_{i}``): all, or with ``scan_layers`` the leading ones whose
+        parameters differ in shape from the rest (ModernBERT's first, without an attention norm; encoders only)."""
+        s = self.spec
+        if not self.scan_layers:
+            return s.num_layer_params
+        if s.first_layer_attention_norm:
+            return 0
+        if s.is_decoder:
+            raise ValueError("scan_layers: a decoder's layers must share one shape (its cache is stacked over all)")
+        return 1
 
     def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic,
                distance=None, encoder_hidden=None, local_mask=None):
@@ -355,24 +394,27 @@ class TransformerStack(nn.Module):
             angles = local_angles = rotary_angles(positions, s.rotary_theta, s.head_dim)
             if s.local_rotary_theta:
                 local_angles = rotary_angles(positions, s.local_rotary_theta, s.head_dim)
+        new_cache = []
+        unrolled = s.num_layers if not self.scan_layers else self.num_unrolled  # (no shared layers: see num_unrolled)
+        for i in range(unrolled):
+            layer = self.layers[s.layer_params(i)[0]]  # ALBERT: a group's layers share one
+            self.sow(HIDDEN_STATES, "states", x)
+            local = s.is_local(i)
+            x, layer_cache = layer(
+                x, local_mask if local else mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                None if cache is None else cache[i], cache_index, deterministic, distance, None,
+                local_angles if local else angles,
+            )
+            new_cache.append(layer_cache)
+        new_cache = None if cache is None else tuple(new_cache)
         if self.scan_layers:
-            per_layer = (cross_kv, jnp.arange(s.num_layers, dtype=jnp.int32),
-                         jnp.array([s.is_local(i) for i in range(s.num_layers)]))
-            (x, new_cache), _ = self.layers((x, cache), per_layer, mask, cross_mask, cache_index, deterministic,
-                                            distance, encoder_hidden, angles, local_mask, local_angles)
-        else:
-            new_cache = []
-            for i in range(s.num_layers):
-                layer = self.layers[s.layer_params(i)[0]]  # ALBERT: a group's layers share one
-                self.sow(HIDDEN_STATES, "states", x)
-                local = s.is_local(i)
-                x, layer_cache = layer(
-                    x, local_mask if local else mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                    None if cache is None else cache[i], cache_index, deterministic, distance, None,
-                    local_angles if local else angles,
-                )
-                new_cache.append(layer_cache)
-            new_cache = None if cache is None else tuple(new_cache)
+            rest = range(unrolled, s.num_layers)
+            per_layer = (cross_kv, jnp.arange(unrolled, s.num_layers, dtype=jnp.int32),
+                         jnp.array([s.is_local(i) for i in rest]))
+            if s.layer_groups:  # [groups, layers per group]
+                per_layer = jax.tree.map(lambda a: a.reshape(s.layer_groups, -1, *a.shape[1:]), per_layer)
+            (x, new_cache), _ = self.scanned((x, cache), per_layer, mask, cross_mask, cache_index, deterministic,
+                                             distance, encoder_hidden, angles, local_mask, local_angles)
         if self.spec.pre_norm:
             x = constrain(self.final_norm(x), HIDDEN_AXES)
         self.sow(HIDDEN_STATES, "states", x)
@@ -414,7 +456,7 @@ class TransformerStack(nn.Module):
         # The stacked cross-attention parameters, applied layer by layer (vmap) through an unbound copy of the
         # layers' own attention module.
         attention = attention_block(self.spec, self.dtype, self.param_dtype, cross=True, parent=None)
-        stacked = self.variables["params"][SCANNED_KEY]["cross_attention"]
+        stacked = self.variables["params"][SCANNED_KEY]["cross_attention"]  # (decoders: no unrolled layers)
         return jax.vmap(lambda p: attention.apply({"params": p}, encoder_hidden, method="project_kv"))(stacked)
 
     def decode(
