@@ -32,7 +32,8 @@ FLOORS = (
         "jaxencdec.nn.layers", "jaxencdec.nn.attention", "jaxencdec.parallel.mesh", "jaxencdec.parallel.shard",
         "jaxencdec.parallel.topology")),
     ("models", (
-        "jaxencdec.models.layout", "jaxencdec.models.transformer", "jaxencdec.models.encoder_decoder")),
+        "jaxencdec.models.layout", "jaxencdec.models.positions", "jaxencdec.models.transformer",
+        "jaxencdec.models.encoder_decoder")),
     ("checkpoints, generation, tokenizer", (
         "jaxencdec.checkpoint.hub", "jaxencdec.checkpoint.formats", "jaxencdec.checkpoint.weights",
         "jaxencdec.checkpoint.names", "jaxencdec.checkpoint.convert",
