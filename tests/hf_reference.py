@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -103,6 +104,18 @@ PAIRS = {
 # for the pair that repeats it.
 REPEATS = {"xlmr2camembert": "roberta2roberta"}
 COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
+
+# The pairs the per-pair sweeps run in the fast subset (``-m "not slow"``): BERT both sides (post-norm, tied LM-head
+# transform), GPT-2 under a narrower encoder (pre-norm, enc_to_dec_proj) and BART; the full suite runs every pair.
+FAST_PAIRS = ("bert2bert", "bert2gpt2-proj", "bert2bart")
+
+
+def by_pair(cases: list) -> list:
+    """``cases`` (pair names, or tuples whose first item is one) as pytest parameters, those of pairs outside
+    ``FAST_PAIRS`` marked slow."""
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                         marks=() if (case[0] if isinstance(case, tuple) else case) in FAST_PAIRS else pytest.mark.slow)
+            for case in cases]
 
 
 def hf_encoder_decoder(encoder: str, decoder: str, seed: int = 0, encoder_hidden: int = 32,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import COMPUTED_PAIRS, PAIRS, batch, hf_encoder_decoder
+from hf_reference import COMPUTED_PAIRS, PAIRS, batch, by_pair, hf_encoder_decoder
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import EncoderDecoderConfig
 from jaxencdec.generation.api import make_generate_fn
@@ -34,7 +34,7 @@ def _saved(name, tmp_path_factory):
     return name, hf.config, folder
 
 
-@pytest.fixture(scope="module", params=COMPUTED_PAIRS)
+@pytest.fixture(scope="module", params=by_pair(COMPUTED_PAIRS))
 def saved_pair(request, tmp_path_factory):
     return _saved(request.param, tmp_path_factory)
 

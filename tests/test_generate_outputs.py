@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import PAD, PAIRS, START, batch
+from hf_reference import PAD, PAIRS, START, batch, by_pair
 from jaxencdec import GenerationConfigError
 from jaxencdec.generation import api
 from test_generation_equivalence import _probe_tokens
@@ -37,7 +37,7 @@ def _setup(name: str, hf_pair):
     return hf, ours, ids, mask, options
 
 
-@pytest.fixture(scope="module", params=list(PAIRS))
+@pytest.fixture(scope="module", params=by_pair(list(PAIRS)))
 def pair(request, hf_pair):
     return _setup(request.param, hf_pair)
 

@@ -419,6 +419,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_make_generate_fn_runs_on_sharded_params_and_inputs_under_a_mesh():
     import os
     import subprocess

@@ -18,7 +18,7 @@ import transformers
 from flax import traverse_util
 
 import testing
-from hf_reference import COMPUTED_PAIRS, PAIRS, VOCAB, batch
+from hf_reference import COMPUTED_PAIRS, PAIRS, VOCAB, batch, by_pair
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import BertConfig, EncoderDecoderConfig
 from jaxencdec.models import layout
@@ -46,7 +46,7 @@ def _relative_and_tied_configs() -> dict[str, EncoderDecoderConfig]:
 OWN = _relative_and_tied_configs()
 
 
-@pytest.fixture(scope="module", params=list(PAIRS))
+@pytest.fixture(scope="module", params=by_pair(list(PAIRS)))
 def saved_pair(request, hf_pair):
     """(name, transformers model, its saved folder) of each pair."""
     return request.param, *hf_pair(request.param)

@@ -55,7 +55,9 @@ def encoder_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", params=list(LLMS))
+# the fast subset (``-m "not slow"``) runs Llama and Gemma 3; the full suite every variant
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=() if name in ("llama", "gemma3") else pytest.mark.slow)
+                                        for name in LLMS])
 def llm(request, tmp_path_factory):
     """(name, transformers causal LM, its folder)."""
     make_config, model_class = LLMS[request.param]

@@ -11,12 +11,12 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file
 
-from hf_reference import PAIRS, batch, torch_forward
+from hf_reference import PAIRS, batch, by_pair, torch_forward
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models.encoder_decoder import shift_tokens_right
 from jaxencdec.train import step
 
-@pytest.fixture(scope="module", params=list(PAIRS))
+@pytest.fixture(scope="module", params=by_pair(list(PAIRS)))
 def saved_pair(request, hf_pair):
     """(name, transformers model, its saved folder) of each pair."""
     return request.param, *hf_pair(request.param)

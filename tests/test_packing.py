@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from hf_reference import COMPUTED_PAIRS, PAD, START, VOCAB
+from hf_reference import COMPUTED_PAIRS, PAD, START, VOCAB, by_pair
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import apply_recording, stack_records, token_loss_sum
@@ -22,7 +22,7 @@ LENGTHS = [(5, 4), (7, 3), (4, 5), (2, 2)]
 ROWS = [[0, 1], [2, 3]]
 
 
-@pytest.fixture(scope="module", params=COMPUTED_PAIRS)
+@pytest.fixture(scope="module", params=by_pair(COMPUTED_PAIRS))
 def saved_pair(request, hf_pair):
     """(name, transformers model, its saved folder) of each pair that computes its own way."""
     return request.param, *hf_pair(request.param)

@@ -14,6 +14,8 @@ import pytest
 
 import testing
 
+pytestmark = pytest.mark.slow  # a child process of 8 devices
+
 WORKER = textwrap.dedent(r"""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np

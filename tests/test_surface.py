@@ -17,7 +17,7 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from hf_reference import EOS, PAD, PAIRS, START, SMALL, batch, hf_encoder_decoder, torch_forward
+from hf_reference import EOS, PAD, PAIRS, START, SMALL, batch, by_pair, hf_encoder_decoder, torch_forward
 from jaxencdec import EncoderDecoderModel
 from jaxencdec.config import EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError
@@ -35,7 +35,7 @@ def _load_pair(name: str, hf_pair):
     return name, hf, EncoderDecoderModel.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=list(PAIRS))
+@pytest.fixture(scope="module", params=by_pair(list(PAIRS)))
 def pair(request, hf_pair):
     return _load_pair(request.param, hf_pair)
 

@@ -132,8 +132,9 @@ def pairs(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=list(PAIRS))
+@pytest.fixture(params=[pytest.param(name, marks=() if name in FLAX_PAIRS else pytest.mark.slow) for name in PAIRS])
 def pair(request, pairs):
+    """A suite's pair; the fast subset (``-m "not slow"``) runs the Flax suite's three."""
     return pairs(request.param)
 
 
