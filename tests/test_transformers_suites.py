@@ -132,9 +132,10 @@ def pairs(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=[pytest.param(name, marks=() if name in FLAX_PAIRS else pytest.mark.slow) for name in PAIRS])
+@pytest.fixture(params=[pytest.param(name, marks=() if name == "bert" else pytest.mark.slow) for name in PAIRS])
 def pair(request, pairs):
-    """A suite's pair; the fast subset (``-m "not slow"``) runs the Flax suite's three."""
+    """A suite's pair; the fast subset (``-m "not slow"``) runs BERT's (and the tests of the Flax suite's three
+    classes below)."""
     return pairs(request.param)
 
 
