@@ -69,8 +69,11 @@ class EncoderDecoderConfig:
         require(cross is None or cross == self.encoder.hidden,
                 f"decoder cross_attention_hidden_size {cross} must equal the encoder's hidden size "
                 f"{self.encoder.hidden}")
-        self.encoder.spec("encoder")
+        encoder = self.encoder.spec("encoder")
         self.decoder.spec("decoder")
+        require(not (self.scan_layers and not encoder.first_layer_attention_norm and encoder.num_layers < 2),
+                "scan_layers=True runs the encoder's first layer unrolled (it has no attention norm) and scans the "
+                "rest, so it needs 2 layers or more; this one has 1: set scan_layers=False")
         if self.tie_encoder_decoder:
             self._check_tieable()
 

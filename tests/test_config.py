@@ -106,9 +106,14 @@ def test_distilbert_cannot_be_a_decoder():
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), DistilBertConfig())
 
 
-def test_modernbert_is_an_encoder():
+def test_modernbert_is_an_encoder_that_scans_from_its_second_layer():
     with pytest.raises(ConfigError, match="ModernBERT is supported as an encoder only"):
         EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(), ModernBertConfig())
+    with pytest.raises(ConfigError, match="needs 2 layers or more; this one has 1: set scan_layers=False"):
+        EncoderDecoderConfig.from_encoder_decoder_configs(ModernBertConfig(num_hidden_layers=1), BertConfig(),
+                                                          scan_layers=True)
+    EncoderDecoderConfig.from_encoder_decoder_configs(ModernBertConfig(num_hidden_layers=2), BertConfig(),
+                                                      scan_layers=True)
     spec = ModernBertConfig(num_hidden_layers=4).spec("encoder")
     # every third layer global; the others see 64 tokens either side (local_attention 128)
     assert spec.layer_kinds == ("full", "sliding", "sliding", "full") and spec.sliding_window == 65

@@ -5,9 +5,9 @@ Unrolled (the default, and the layout of every file written): one subtree per la
 leading ``[num_layers]`` axis (logical name ``layers``), run by one ``nn.scan``; leading layers whose subtree is
 shaped unlike the others stay unrolled beside it (ModernBERT's first layer has no attention norm: ``layers_0``
 and a ``layers`` of the rest). ALBERT's stacks hold one subtree per group of layers sharing parameters, so their
-axis is ``[layer_groups]``. The same holds for everything
-shaped like the parameters (optimizer moments, gradients) and for a decoder cache (a tuple of per-layer
-``KeyValue`` unrolled, one ``KeyValue`` with a leading layer axis scanned).
+axis is ``[layer_groups]``. The same holds for everything shaped like the parameters (optimizer moments,
+gradients) and for a decoder cache (a tuple of per-layer ``KeyValue`` unrolled, one ``KeyValue`` with a leading
+layer axis scanned).
 
 The conversions work on any pytree of dicts, tuples, namedtuples and lists whose leaves are arrays (numpy or jax)
 or ``jax.ShapeDtypeStruct`` (whose named shardings gain or lose an unsplit layer axis): every dict holding
