@@ -410,7 +410,7 @@ class ModernBertConfig(HFConfig):
     layer does not normalize again), layer norms without biases (``norm_bias``), rotary positions, a GeGLU MLP
     (``Wi`` holds the activated half first) and, between the global layers (every ``global_attn_every_n_layers``-th),
     layers that see the ``local_attention // 2`` nearest tokens either side, with their own rotary base. Its
-    first layer differs from the others, so it does not run with ``scan_layers``."""
+    first layer differs from the others: with ``scan_layers`` it runs unrolled, the rest scanned."""
 
     model_type: ClassVar[str] = "modernbert"
     vocab_size: int = 50368
