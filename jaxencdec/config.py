@@ -71,7 +71,7 @@ class EncoderDecoderConfig:
                 f"{self.encoder.hidden}")
         encoder = self.encoder.spec("encoder")
         self.decoder.spec("decoder")
-        require(not (self.scan_layers and not encoder.first_layer_attention_norm and encoder.num_layers < 2),
+        require(not (self.scan_layers and encoder.num_layers <= encoder.unscanned_layers),
                 "scan_layers=True runs the encoder's first layer unrolled (it has no attention norm) and scans the "
                 "rest, so it needs 2 layers or more; this one has 1: set scan_layers=False")
         if self.tie_encoder_decoder:

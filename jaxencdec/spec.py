@@ -171,6 +171,8 @@ class TransformerSpec:
         require(not self.relative_attention or (self.max_positions > 0 and not self.positions_from_padding
                                                 and self.position_offset == 0),
                 "relative_attention needs max_positions > 0 (the distance table's size) and plain positions")
+        require(self.first_layer_attention_norm or not (self.is_decoder or self.layer_groups),
+                "a first layer without an attention norm is for encoders whose layers share no parameters")
 
     @property
     def embedding_width(self) -> int:
@@ -181,6 +183,12 @@ class TransformerSpec:
     def num_layer_params(self) -> int:
         """How many layers' parameters the stack holds (``layers_0 ...``): ``layer_groups``, else ``num_layers``."""
         return self.layer_groups or self.num_layers
+
+    @property
+    def unscanned_layers(self) -> int:
+        """How many leading layers run unrolled under ``scan_layers``, their parameters shaped unlike the rest's
+        (ModernBERT's first: no attention norm); the others run as one scan."""
+        return 0 if self.first_layer_attention_norm else 1
 
     def layer_params(self, layer: int) -> tuple[int, int]:
         """``(g, k)``: layer ``layer`` runs the parameters ``layers_{g}``, as their ``k``-th use (from 0)."""

@@ -110,11 +110,11 @@ COMPUTED_PAIRS = [name for name in PAIRS if name not in REPEATS]
 FAST_PAIRS = ("bert2bert", "bert2gpt2-proj", "bert2bart")
 
 
-def by_pair(cases: list) -> list:
-    """``cases`` (pair names, or tuples whose first item is one) as pytest parameters, those of pairs outside
-    ``FAST_PAIRS`` marked slow."""
+def by_pair(cases: list, fast: tuple[str, ...] = FAST_PAIRS) -> list:
+    """``cases`` (names, or tuples whose first item is one) as pytest parameters, those whose name is not in
+    ``fast`` marked slow."""
     return [pytest.param(*(case if isinstance(case, tuple) else (case,)),
-                         marks=() if (case[0] if isinstance(case, tuple) else case) in FAST_PAIRS else pytest.mark.slow)
+                         marks=() if (case[0] if isinstance(case, tuple) else case) in fast else pytest.mark.slow)
             for case in cases]
 
 

@@ -91,7 +91,7 @@ def test_huggingface_folders_load_into_the_scanned_layout_and_match_transformers
     # one subtree of every layer's parameters (ALBERT: of every group's), but ModernBERT's first, which has no
     # attention norm, unrolled beside it
     spec = ours.config.encoder_spec
-    unrolled = 0 if spec.first_layer_attention_norm else 1
+    unrolled = spec.unscanned_layers
     assert sorted(k for k in ours.params["encoder"] if k.startswith("layers")) == ["layers"] + [
         f"layers_{i}" for i in range(unrolled)]
     assert all(x.shape[0] == spec.num_layer_params - unrolled for x in jax.tree.leaves(ours.params["encoder"]["layers"]))

@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from hf_reference import EOS, PAD, SMALL, START, VOCAB, randomize_
+from hf_reference import EOS, PAD, SMALL, START, VOCAB, by_pair, randomize_
 from jaxencdec import ConfigError, EncoderDecoderModel
 from jaxencdec.models import layout
 
@@ -56,8 +56,7 @@ def encoder_folder(tmp_path_factory):
 
 
 # the fast subset (``-m "not slow"``) runs Llama and Gemma 3; the full suite every variant
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=() if name in ("llama", "gemma3") else pytest.mark.slow)
-                                        for name in LLMS])
+@pytest.fixture(scope="module", params=by_pair(list(LLMS), fast=("llama", "gemma3")))
 def llm(request, tmp_path_factory):
     """(name, transformers causal LM, its folder)."""
     make_config, model_class = LLMS[request.param]

@@ -25,6 +25,7 @@ import pytest
 import torch
 import transformers
 
+from hf_reference import by_pair
 from jaxencdec import EncoderDecoderConfig, EncoderDecoderModel
 from jaxencdec.architectures import HFConfig
 
@@ -132,7 +133,7 @@ def pairs(tmp_path_factory):
     return get
 
 
-@pytest.fixture(params=[pytest.param(name, marks=() if name == "bert" else pytest.mark.slow) for name in PAIRS])
+@pytest.fixture(params=by_pair(list(PAIRS), fast=("bert",)))
 def pair(request, pairs):
     """A suite's pair; the fast subset (``-m "not slow"``) runs BERT's (and the tests of the Flax suite's three
     classes below)."""

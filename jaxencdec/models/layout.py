@@ -74,8 +74,8 @@ def stack_layers(tree: Any) -> Any:
         if indices != list(range(len(indices))):
             raise ValueError(f"layers are not numbered 0 ... {len(indices) - 1}: {indices}")
         layers = [node[f"layers_{i}"] for i in indices]
-        first = len(layers) - 1
-        while first > 0 and jax.tree.structure(layers[first - 1]) == jax.tree.structure(layers[-1]):
+        shape, first = jax.tree.structure(layers[-1]), len(layers) - 1
+        while first > 0 and jax.tree.structure(layers[first - 1]) == shape:
             first -= 1
         kept = {key: value for key, value in node.items()
                 if not (match := _UNROLLED_KEY.match(key)) or int(match.group(1)) < first}

@@ -277,7 +277,7 @@ class TransformerStack(nn.Module):
         layer = _rematerialized(TransformerLayer, self.remat)
         self.layers = [layer(s, self.dtype, self.param_dtype, name=f"layers_{i}",
                              attention_norm=i > 0 or s.first_layer_attention_norm)
-                       for i in range(self.num_unrolled)]
+                       for i in range(s.unscanned_layers if self.scan_layers else s.num_layer_params)]
         if self.scan_layers:
             if s.layer_groups:  # one step per group of shared layers, each an inner scan over the group's layers
                 body, extra = ScannedGroup, dict(repeats=s.num_layers // s.layer_groups, remat=self.remat)
@@ -286,7 +286,7 @@ class TransformerStack(nn.Module):
             scanned = nn.scan(
                 body, variable_axes={"params": 0, ATTENTIONS: 0, HIDDEN_STATES: 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0,) + (nn.broadcast,) * 9, length=s.num_layer_params - self.num_unrolled,
+                in_axes=(0,) + (nn.broadcast,) * 9, length=s.num_layer_params - s.unscanned_layers,
                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
             )
             self.scanned = scanned(s, self.dtype, self.param_dtype, name=SCANNED_KEY, **extra)
@@ -297,19 +297,6 @@ class TransformerStack(nn.Module):
                                 self.param_dtype)
         if s.is_decoder:
             self.lm_head = LMHead(s, self.dtype, self.param_dtype)
-
-    @property
-    def num_unrolled(self) -> int:
-        """How many layers run unrolled (``layers_{i}``): all, or with ``scan_layers`` the leading ones whose
-        parameters differ in shape from the rest (ModernBERT's first, without an attention norm; encoders only)."""
-        s = self.spec
-        if not self.scan_layers:
-            return s.num_layer_params
-        if s.first_layer_attention_norm:
-            return 0
-        if s.is_decoder:
-            raise ValueError("scan_layers: a decoder's layers must share one shape (its cache is stacked over all)")
-        return 1
 
     def _stack(self, input_ids, mask, positions, cross_kv, cross_mask, cache, cache_index, deterministic,
                distance=None, encoder_hidden=None, local_mask=None):
@@ -328,7 +315,7 @@ class TransformerStack(nn.Module):
             if s.local_rotary_theta:
                 local_angles = rotary_angles(positions, s.local_rotary_theta, s.head_dim)
         new_cache = []
-        unrolled = s.num_layers if not self.scan_layers else self.num_unrolled  # (no shared layers: see num_unrolled)
+        unrolled = s.unscanned_layers if self.scan_layers else s.num_layers
         for i in range(unrolled):
             layer = self.layers[s.layer_params(i)[0]]  # ALBERT: a group's layers share one
             self.sow(HIDDEN_STATES, "states", x)
