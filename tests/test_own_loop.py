@@ -16,6 +16,9 @@ import pytest
 import testing
 from jaxencdec.train import step as steps
 
+# The README's loop trains the real MiniLM pair: slow, like the README's other blocks.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +70,6 @@ def on_a_2x2_mesh(source: str, names: str) -> dict:
     return result
 
 
-@pytest.mark.slow
 def test_the_readme_loop_on_a_2x2_mesh_gives_the_one_device_losses(one_device):
     source = readme_loop().replace("MeshConfig(data=-1)", "MeshConfig(data=2, fsdp=1, model=2)")
     result = on_a_2x2_mesh(source, "{'losses': losses}")
@@ -201,7 +203,6 @@ def _flax_summarization_loop(mesh: str) -> str:
     return FLAX_SUMMARIZATION_LOOP.replace("make_mesh(MESH)", f"make_mesh({mesh})")
 
 
-@pytest.mark.slow
 def test_transformers_flax_summarization_steps_run_on_the_model():
     """Its train step runs 3 steps (the loss falls); its eval loss is the one `jaxencdec train` computes (1e-5);
     on a data 2 x model 2 mesh of four devices the losses are those of one device."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def test_readme_main_command_runs_the_demo():
     assert readme_commands()[0].endswith("jaxencdec demo")
 
 
+@pytest.mark.slow  # the real MiniLM pair: warm start, beam search, save, export
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
     snippet = text.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
