@@ -41,9 +41,13 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-# The longest test files run first: with `-n 2` each file goes whole to a worker, in collection order, and the
-# TPU slice compiles (several minutes) then overlap the rest of the suite instead of running alone at its end.
-LONGEST_FIRST = ("test_tpu_configs.py", "test_layer_execution.py", "test_notebooks.py", "test_demo.py", "test_cli.py",
+# The longest test files run first, longest first (each file's test times summed, as `--junitxml` of a full run
+# reports them): with `-n 2` each file goes whole to the next idle worker, in collection order, so the long ones
+# (the TPU slice compiles take minutes) overlap the rest of the suite instead of running alone at its end.
+LONGEST_FIRST = ("test_tpu_configs.py", "test_layer_execution.py", "test_notebooks.py", "test_multihost.py",
+                 "test_transformers_suites.py", "test_own_loop.py", "test_surface.py", "test_train_gcs.py",
+                 "test_llm_decoders.py", "test_models_equivalence.py", "test_packing.py", "test_demo.py",
+                 "test_train_resume.py", "test_cli.py", "test_tpu_programs.py", "test_bfloat16.py",
                  "test_generation_equivalence.py")
 
 
