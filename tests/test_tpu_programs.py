@@ -8,12 +8,13 @@ MLP 256, vocabulary 512, bfloat16 compute on float32 params, batch 8 x (64 + 32)
                       model 2 (the fsdp x model of the v5e-64 configs)
     train_scanned     scan_layers=True and remat="full", mesh data 1 x fsdp 2 x model 2
     train_data_fsdp   unrolled, mesh data 2 x fsdp 2 x model 1
+    train_albert_scanned   as train_scanned with an ALBERT encoder: 4 layers sharing 2 parameter sets (groups)
     greedy, beam      make_generate_fn(dtype=bfloat16), 8 new tokens, 1 / 4 beams, mesh 1 x 2 x 2
     greedy_scanned, beam_scanned   the same with scanned layers
     control           a reshard the SPMD partitioner can only do by replicating (it logs that it did)
 
-The child takes about 45 s on a quiet 2-core machine: the three train steps 9-13 s each, the four generates 1-2 s
-each, the rest imports and libtpu's start.
+The child takes about 65 s on a quiet 2-core machine: the four train steps 9-13 s each, the four generates 1-2 s
+each, the rest imports, tracing and libtpu's start.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import pytest
 
 import tpu_programs as tp
 
-pytestmark = pytest.mark.slow  # compiles eight programs for a TPU slice
+pytestmark = pytest.mark.slow  # compiles nine programs for a TPU slice
 
 TRAIN = ("train", "train_scanned", "train_data_fsdp")
 GENERATE = ("greedy", "beam", "greedy_scanned", "beam_scanned")
 SCANNED = ("train_scanned", "greedy_scanned", "beam_scanned")
+SCANNED_TRAIN = ("train_scanned", "train_albert_scanned")
 
 # Matmuls of one layer's forward pass: query, key, value, out, scores, probabilities x values, wi, wo; a
 # decoder layer adds the same six for cross-attention. The LM head: transform, then logits (tied embeddings).
@@ -214,7 +216,7 @@ def test_the_log_capture_sees_an_involuntary_rematerialization(compiled):
     assert "involuntary full rematerialization" in compiled("control").log.lower(), compiled("control").log
 
 
-@pytest.mark.parametrize("name", TRAIN + GENERATE)
+@pytest.mark.parametrize("name", TRAIN + ("train_albert_scanned",) + GENERATE)
 def test_no_involuntary_rematerialization(compiled, name):
     program = compiled(name)
     assert "involuntary full rematerialization" not in program.log.lower(), program.log
@@ -258,20 +260,27 @@ def test_unrolled_train_matmuls_are_bfloat16(compiled, name):
     assert sum(i.arrays[0][0] == "f32" for i, _ in found) == layers + 2 * layers + 1
 
 
-def test_scanned_train_matmuls_are_bfloat16_one_layer_per_loop(compiled):
+@pytest.mark.parametrize("name", SCANNED_TRAIN)
+def test_scanned_train_matmuls_are_bfloat16_one_layer_per_loop(compiled, name):
     """Scanned with full remat: four loops, each body one layer. Found: forward bodies 8 (encoder) and 14
     (decoder) matmuls; backward bodies 3 x that (the layer recomputed, then its two backward products each);
-    outside the loops the LM head's 2 forward and 4 backward products."""
-    program = compiled("train_scanned")
+    outside the loops the LM head's 2 forward and 4 backward products. ALBERT's encoder loops run over its groups
+    (2 parameter sets for 4 layers): each body is one inner loop over a group's layers, whose body is the layer;
+    its embedding projection adds 1 + 2 products outside the loops."""
+    program = compiled(name)
     found = matmuls(program)
     check_bfloat16(found)
     hlo = program.hlo
-    per_scope = collections.Counter(hlo.scope(i.computation) for i, _ in found)
-    expected = {hlo.entry: 3 * HEAD_MATMULS}
+    grouped = name == "train_albert_scanned"
+    expected = {hlo.entry: 3 * (HEAD_MATMULS + grouped)}
     for loop in hlo.loops():
         stack, direction = loop_role(loop)
-        expected[hlo.body(loop)] = LAYER_MATMULS[stack] * (3 if direction == "backward" else 1)
-    assert dict(per_scope) == expected
+        inner = hlo.loops(hlo.body(loop))
+        assert len(inner) == (grouped and stack == "encoder"), (loop.op_name, [i.op_name for i in inner])
+        expected[hlo.body(inner[0] if inner else loop)] = LAYER_MATMULS[stack] * (3 if direction == "backward" else 1)
+    assert sorted(map(loop_role, hlo.loops())) == [(stack, direction) for stack in ("decoder", "encoder")
+                                                   for direction in ("backward", "forward")]
+    assert dict(collections.Counter(hlo.scope(i.computation) for i, _ in found)) == expected
 
 
 @pytest.mark.parametrize("name", GENERATE)

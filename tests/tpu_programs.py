@@ -42,6 +42,8 @@ MESH_AXES = ("data", "fsdp", "model")
 # its kernel (q/k/v share one): D 64, 4 heads of 16, MLP 256, vocabulary 512 (a multiple of 16), 96 positions.
 BERT = {"model_type": "bert", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 96}
+# ALBERT's shared layers: 4 layers in 2 groups of 2 (each group one parameter set), under 32-wide embeddings.
+ALBERT = {**BERT, "model_type": "albert", "embedding_size": 32, "num_hidden_layers": 4, "num_hidden_groups": 2}
 BATCH, SOURCE, TARGET = 8, 64, 32
 MAX_NEW_TOKENS = 8
 
@@ -50,13 +52,14 @@ MAX_NEW_TOKENS = 8
 class Program:
     """kind: "train", "generate" or "control" (a program the partitioner must fully rematerialize: it proves the
     log capture sees the message). mesh: (data, fsdp, model) over the devices of ``topology`` (jax's name).
-    beams: generate's num_beams."""
+    beams: generate's num_beams. encoder: the encoder's config (``BERT`` or ``ALBERT``)."""
 
     kind: str
     mesh: tuple[int, int, int] = (1, 2, 2)
     scan: bool = False
     beams: int = 1
     topology: str = TOPOLOGY
+    encoder: str = "bert"
 
 
 PROGRAMS = {
@@ -67,6 +70,7 @@ PROGRAMS = {
     "beam": Program("generate", beams=4),
     "greedy_scanned": Program("generate", scan=True),
     "beam_scanned": Program("generate", scan=True, beams=4),
+    "train_albert_scanned": Program("train", scan=True, encoder="albert"),
     "control": Program("control"),
 }
 
@@ -84,12 +88,12 @@ def child_env(out_dir: str) -> dict[str, str]:
 # ---------------------------------------------------------------------- building and compiling (in the child)
 
 
-def model_config(scan: bool):
+def model_config(scan: bool, encoder: str = "bert"):
     from jaxencdec.config import EncoderDecoderConfig, HFConfig
 
     config = EncoderDecoderConfig.from_encoder_decoder_configs(
-        HFConfig.from_dict(BERT), HFConfig.from_dict(BERT), decoder_start_token_id=1, pad_token_id=0,
-        eos_token_id=2)
+        HFConfig.from_dict({"bert": BERT, "albert": ALBERT}[encoder]), HFConfig.from_dict(BERT),
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2)
     # The scanned layout is trained with full remat, as a deep model would be.
     return config.replace(scan_layers=True, remat="full") if scan else config
 
@@ -121,7 +125,7 @@ def build(program: Program, devices) -> tuple[object, tuple, dict]:
     from jaxencdec.train import step as steps
     from jaxencdec.train.config import OptimConfig
 
-    config = model_config(program.scan)
+    config = model_config(program.scan, program.encoder)
     data, fsdp, model_axis = program.mesh
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, model=model_axis), devices=devices)
     rules = MeshConfig().logical_rules
