@@ -13,7 +13,7 @@ MLP 256, vocabulary 512, bfloat16 compute on float32 params, batch 8 x (64 + 32)
     greedy_scanned, beam_scanned   the same with scanned layers
     control           a reshard the SPMD partitioner can only do by replicating (it logs that it did)
 
-The child takes about 65 s on a quiet 2-core machine: the four train steps 9-13 s each, the four generates 1-2 s
+The child takes about 70 s on a quiet 2-core machine: the four train steps 9-13 s each, the four generates 1-2 s
 each, the rest imports, tracing and libtpu's start.
 """
 
