@@ -416,6 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv is None and args.command in ("train", "compile"):  # as a program (a caller's process is never replaced)
         _restart_with_the_largest_stack()
+    # Before libtpu starts, for every command that builds the run's programs: `compile` reports the programs that
+    # `train` and `eval` run.
+    if args.command in ("train", "eval", "compile"):
+        from jaxencdec.parallel.libtpu_flags import add_libtpu_flags
+
+        add_libtpu_flags()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:

@@ -30,7 +30,7 @@ FLOORS = (
         "jaxencdec.spec", "jaxencdec.architectures", "jaxencdec.bart_architectures", "jaxencdec.llm_architectures",
         "jaxencdec.config",
         "jaxencdec.nn.layers", "jaxencdec.nn.attention", "jaxencdec.parallel.mesh", "jaxencdec.parallel.shard",
-        "jaxencdec.parallel.topology")),
+        "jaxencdec.parallel.topology", "jaxencdec.parallel.libtpu_flags")),
     ("models", (
         "jaxencdec.models.layout", "jaxencdec.models.positions", "jaxencdec.models.transformer",
         "jaxencdec.models.encoder_decoder")),

@@ -222,3 +222,32 @@ def test_compile_run_returns_the_numbers(tmp_path):
     quick = aot.compile_run(config, programs=("eval",), quick=True)
     assert quick.quick and quick.program("eval").arguments_bytes == report.program("eval").arguments_bytes
     assert "note: compiled --quick" in aot.format_report(quick)
+
+
+def test_libtpu_flags_are_added_once_and_a_given_value_wins():
+    from jaxencdec.parallel.libtpu_flags import FSDP_LAYOUT_FLAGS, add_libtpu_flags
+
+    env = {}
+    assert add_libtpu_flags(env).split() == list(FSDP_LAYOUT_FLAGS)
+    assert add_libtpu_flags(env).split() == list(FSDP_LAYOUT_FLAGS)  # nothing added twice
+    env = {"LIBTPU_INIT_ARGS": "--xla_tpu_assign_all_reduce_scatter_layout=false --xla_enable_async_all_gather=true"}
+    flags = add_libtpu_flags(env).split()
+    assert flags[:2] == ["--xla_tpu_assign_all_reduce_scatter_layout=false", "--xla_enable_async_all_gather=true"]
+    assert sorted(flags[2:]) == sorted(f for f in FSDP_LAYOUT_FLAGS if "assign_all_reduce_scatter" not in f)
+
+
+@pytest.mark.parametrize("command, adds", [("train", True), ("eval", True), ("compile", True), ("generate", False),
+                                           ("export", False)])
+def test_the_commands_that_build_the_run_programs_set_the_libtpu_flags(command, adds, monkeypatch):
+    """Before a command runs (and so before libtpu starts): train, eval and compile build the programs the flags are
+    for; generate and export leave libtpu's defaults."""
+    from jaxencdec import cli
+
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "")  # (restored after the test, as the command leaves it set)
+    seen = {}
+    monkeypatch.setitem(cli.COMMANDS, command, lambda args: seen.setdefault("flags", os.environ.get(
+        "LIBTPU_INIT_ARGS")) and 0)
+    args = {"train": ["run.json"], "eval": ["run.json"], "compile": ["run.json"], "generate": ["--model", "m"],
+            "export": ["m", "out"]}[command]
+    cli.main([command, *args])
+    assert ("--xla_tpu_assign_all_reduce_scatter_layout=true" in (seen["flags"] or "")) == adds, seen

@@ -76,10 +76,14 @@ PROGRAMS = {
 
 
 def child_env(out_dir: str) -> dict[str, str]:
-    """The environment of the compiling child: no TPU looked for, XLA's and libtpu's flags at their defaults (the
-    programs as a user gets them), libtpu's warnings on stderr and its log files under ``out_dir``."""
+    """The environment of the compiling child: no TPU looked for, XLA's flags at their defaults and libtpu's as
+    ``jaxencdec train`` sets them (``add_libtpu_flags``: the programs as a user gets them), libtpu's warnings on
+    stderr and its log files under ``out_dir``."""
+    from jaxencdec.parallel.libtpu_flags import add_libtpu_flags
+
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("JAX_", "TPU_")) or k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")) or k == "JAX_ENABLE_X64"}
+    add_libtpu_flags(env)
     env.update(JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
                TPU_STDERR_LOG_LEVEL="1", TPU_LOG_DIR=os.path.join(out_dir, "tpu_logs"), PYTHONUNBUFFERED="1")
     return env

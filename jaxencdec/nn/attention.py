@@ -109,7 +109,9 @@ class HeadsProjection(nn.Module):
     The kernel is stored 3-D (logical axes ``embed``, ``heads``, ``kv``) and multiplied as a 2-D matrix over
     flattened heads. For query, key and value that keeps ``embed`` the major dimension of the kernel's gradient,
     which XLA:TPU then reduce-scatters over ``fsdp``; the 3-D contraction's gradient gets ``embed`` as its
-    minor-most dimension and is all-reduced at full size instead (``tests/test_tpu_programs.py``). ``split``
+    minor-most dimension and is all-reduced at full size instead (``tests/test_tpu_programs.py``). The out
+    kernel's gradient has ``embed`` minor-most either way: libtpu reduce-scatters it with the layout flags of
+    ``jaxencdec.parallel.libtpu_flags``. ``split``
     also flattens the inputs' leading dimensions into rows: with them kept, libtpu 0.0.42 overflows its stack
     compiling the scanned, rematerialized backward pass.
     """
