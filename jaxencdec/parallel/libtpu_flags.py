@@ -1,14 +1,15 @@
 """The libtpu compiler flags jaxencdec trains with on TPUs, added to ``LIBTPU_INIT_ARGS`` before libtpu starts.
 
 libtpu reads ``LIBTPU_INIT_ARGS`` once, when the first TPU backend (or ahead-of-time topology) is created in a
-process: ``jaxencdec train`` and ``jaxencdec compile`` call ``add_libtpu_flags`` before that; from Python, call it
+process: ``jaxencdec train``, ``eval`` and ``compile`` call ``add_libtpu_flags`` before that; from Python, call it
 before anything asks jax for devices (``jax.devices()``, a ``Mesh``).
 
 ``FSDP_LAYOUT_FLAGS`` let XLA:TPU give a gradient whose sharded dimension is its minor-most one (attention's out
 kernel, ``[heads, head_dim, embed]`` with ``embed`` split over ``fsdp``) the layout a reduce-scatter needs. By
 default libtpu sums such a gradient over a group of 2 devices in full (an all-reduce) and keeps a slice of it;
-with these flags each device receives only its shard, as with every other kernel (the flags MaxText's FSDP
-recipes set; ``tests/test_tpu_programs.py`` checks the gradients' collectives compiled with them).
+with these flags each device receives only its shard, as with every other kernel. They are MaxText's
+``LAYOUT_FOR_ALL_REDUCE_SCATTER`` (its ``xla_flags_library``, which its benchmark recipes set);
+``tests/test_tpu_programs.py`` checks the gradients' collectives compiled with them.
 """
 
 from __future__ import annotations
