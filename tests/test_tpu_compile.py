@@ -245,9 +245,13 @@ def test_the_commands_that_build_the_run_programs_set_the_libtpu_flags(command, 
 
     monkeypatch.setenv("LIBTPU_INIT_ARGS", "")  # (restored after the test, as the command leaves it set)
     seen = {}
-    monkeypatch.setitem(cli.COMMANDS, command, lambda args: seen.setdefault("flags", os.environ.get(
-        "LIBTPU_INIT_ARGS")) and 0)
+
+    def run(args) -> int:
+        seen["flags"] = os.environ["LIBTPU_INIT_ARGS"]
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, command, run)
     args = {"train": ["run.json"], "eval": ["run.json"], "compile": ["run.json"], "generate": ["--model", "m"],
             "export": ["m", "out"]}[command]
-    cli.main([command, *args])
-    assert ("--xla_tpu_assign_all_reduce_scatter_layout=true" in (seen["flags"] or "")) == adds, seen
+    assert cli.main([command, *args]) == 0
+    assert ("--xla_tpu_assign_all_reduce_scatter_layout=true" in seen["flags"]) == adds, seen
