@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,28 @@ def test_a_save_that_fails_leaves_the_bucket_untouched(gcs_bucket, gcs_emulator)
             raise RuntimeError("while saving")
     assert gcs_emulator.object_names(gcs_bucket, "failed/") == ["failed/config.json"]
     assert storage.read_json(f"{url}/config.json") == {"kept": True}
+
+
+def test_copy_folder_copies_every_file_on_the_bucket_and_links_local_ones(gcs_bucket, gcs_emulator, tmp_path):
+    """What a checkpoint set aside keeps: every file, nested folders too, after the source is deleted; locally the
+    files are hard links (no bytes copied); an existing target is refused before anything is written."""
+    files = {"meta/metadata": b"{}", "state/array_metadatas/process_0": b"x" * 10, "_CHECKPOINT_METADATA": b"{}"}
+    for root in (str(tmp_path / "ckpt"), f"{gcs_bucket}/ckpt"):
+        for name, data in files.items():
+            paths.as_path(f"{root}/6/{name}").parent.mkdir(parents=True, exist_ok=True)
+            paths.write_bytes(f"{root}/6/{name}", data)
+        paths.copy_folder(f"{root}/6", f"{root}/6.corrupt-1")
+        with pytest.raises(FileExistsError, match="6.corrupt-1: already exists"):
+            paths.copy_folder(f"{root}/6", f"{root}/6.corrupt-1")
+        if paths.is_url(root):
+            paths.as_path(f"{root}/6").rmtree()
+        else:
+            assert os.path.samefile(f"{root}/6/meta/metadata", f"{root}/6.corrupt-1/meta/metadata")
+            shutil.rmtree(f"{root}/6")
+        assert {name: paths.read_bytes(f"{root}/6.corrupt-1/{name}") for name in files} == files
+    assert gcs_emulator.object_names(gcs_bucket, "ckpt/") == sorted(f"ckpt/6.corrupt-1/{n}" for n in files)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        paths.copy_folder(str(tmp_path / "ckpt/6"), str(tmp_path / "ckpt/6.corrupt-2"))
 
 
 def test_tokenizer_round_trip_through_the_bucket(minilm_path, gcs_bucket, gcs_emulator):

@@ -199,7 +199,8 @@ def test_checkpoint_steps_and_moving_a_step_aside_on_a_bucket(gcs_emulator, gcs_
     for name in ("2/commit_success.txt", "2/state/data", "4/state/data", "6/commit_success.txt", "6/meta/x"):
         paths.write_bytes(f"{ckpt}/{name}", b"x")
     assert checkpoint_steps(ckpt) == [2, 6]  # step 4's save was cut short: orbax's commit file is missing
-    paths.as_path(f"{ckpt}/6").rename(f"{ckpt}/6.discarded-1")  # what a resume from step 2 does to step 6
+    paths.copy_folder(f"{ckpt}/6", f"{ckpt}/6.discarded-1")  # what a resume from step 2 does to step 6: a copy,
+    paths.as_path(f"{ckpt}/6").rmtree()  # then orbax deletes the step
     assert checkpoint_steps(ckpt) == [2]
     assert gcs_emulator.object_names(gcs_bucket, "steps-run/checkpoints/6") == [
         "steps-run/checkpoints/6.discarded-1/commit_success.txt", "steps-run/checkpoints/6.discarded-1/meta/x"]

@@ -7,7 +7,8 @@ timeout, a dropped connection, HTTP 429/5xx, tensorstore's UNAVAILABLE / DEADLIN
 client's own retries) is tried again with a growing wait, and if it keeps failing the resume stops with an error
 naming the checkpoint, having moved nothing. One that fails otherwise (damaged files: truncated or missing arrays,
 bad metadata, another tree) is reported and moved aside to ``checkpoints/<step>.corrupt-<n>`` (kept for
-inspection), and the one before it is tried. With several processes each reads on its own and the outcome of every
+inspection: a copy, whose local files are links, not copied bytes; the step itself is then deleted through orbax's
+``CheckpointManager.delete``), and the one before it is tried. With several processes each reads on its own and the outcome of every
 try is the worst of all processes' (one that sees damage, or a storage error, decides for all), so that every
 process restores the same step. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are moved
 aside to ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
@@ -268,26 +269,24 @@ class RunCheckpoints:
         return {"state": state, "data": restored["data"], "meta": restored["meta"]}
 
     def move_newer_aside(self, restored: Restored) -> None:
-        """Moves the checkpoints newer than ``restored`` aside: ``corrupt`` those that failed, ``discarded`` the
+        """Sets the checkpoints newer than ``restored`` aside: ``corrupt`` those that failed, ``discarded`` the
         others (see the module docstring)."""
         for newer in sorted((s for s in self.manager.all_steps() if s > restored.step), reverse=True):
-            self._move_aside(newer, "corrupt" if newer in restored.failed else "discarded")
+            self._set_aside(newer, "corrupt" if newer in restored.failed else "discarded")
 
-    def _move_aside(self, step: int, label: str) -> None:
-        """Renames checkpoint ``step`` to ``<step>.<label>-<n>`` (orbax no longer sees it; the step can be saved
-        again). Process 0 renames; every process waits for it."""
+    def _set_aside(self, step: int, label: str) -> None:
+        """Keeps checkpoint ``step`` as ``<step>.<label>-<n>`` (``paths.copy_folder``: local files linked, not
+        copied; orbax lists only whole-number steps, so it does not see the kept one), then deletes the step
+        through orbax (``CheckpointManager.delete``), so that it can be saved again. Process 0 copies; every
+        process takes part in the delete, whose barrier also waits for the copy."""
         if jax.process_index() == 0:
             n = 1
             while paths.exists(os.path.join(self.dir, f"{step}.{label}-{n}")):
                 n += 1
             target = os.path.join(self.dir, f"{step}.{label}-{n}")
-            paths.as_path(os.path.join(self.dir, str(step))).rename(target)  # on a bucket: copy, then delete
+            paths.copy_folder(os.path.join(self.dir, str(step)), target)
             self.info(f"checkpoint step {step} moved aside to {target}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"jaxencdec: checkpoint {step} moved aside")
-        self.manager.reload()
+        self.manager.delete(step)
         if self.reader is not self.manager:
             self.reader.reload()
 
