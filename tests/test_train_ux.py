@@ -9,6 +9,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -112,6 +114,32 @@ def test_a_fresh_writer_drops_rows_of_steps_to_be_redone(tmp_path):
     MetricsWriter(str(tmp_path), tensorboard=False, keep_through_step=2).write(3, {"train/loss": 9.0})
     got = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert got == rows[:2] + [{"step": 3, "train/loss": 9.0}]
+
+
+TENSORBOARD_WITHOUT_TORCH = """
+import os, sys
+from jaxencdec.train.metrics import MetricsWriter
+if sys.argv[2] == "torch imported":
+    import torch
+writer = MetricsWriter(sys.argv[1], tensorboard=True)
+writer.write(1, {"train/loss": 2.0})
+writer.close()
+print(sorted(os.listdir(os.path.join(sys.argv[1], "tensorboard"))), "torch" in sys.modules,
+      sys.modules.get("torch") is not None)
+"""
+
+
+@pytest.mark.parametrize("before", ["torch imported", "torch not imported"])
+def test_tensorboard_events_are_written_and_torch_is_imported_only_by_whoever_asked(before, tmp_path):
+    """tensorboardX imports torch when it is installed (annotations only, ~1.5 s): the writer hides it from
+    tensorboardX, and leaves torch imported for code that imported it."""
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", TENSORBOARD_WITHOUT_TORCH, str(tmp_path), before],
+                          capture_output=True, text=True, timeout=120, env=testing.subprocess_env(None))
+    assert done.returncode == 0, done.stderr[-3000:]
+    events, imported, usable = done.stdout.strip().rsplit(" ", 2)
+    assert "tfevents" in events
+    assert imported == usable == str(before == "torch imported")
 
 
 def test_plot_has_axis_labels_the_run_name_and_distinct_rouge_lines(tmp_path):
