@@ -51,6 +51,33 @@ def test_shape_mismatch_lists_name_and_shapes(hf_folder, tmp_path):
         EncoderDecoderModel.from_pretrained(tmp_path)
 
 
+def test_params_of_another_shape_given_to_the_model_name_the_parameter_and_both_shapes(ours, monkeypatch):
+    """The shape check of every parameter read (``DirectParams``), as flax's own param check words it; flax's
+    check traced each parameter's initializer at every trace, the library's compares shapes without tracing."""
+    from flax import errors as flax_errors
+    from flax import linen as nn
+
+    traced = []
+    normal = nn.initializers.normal
+
+    def counted_normal(*args, **kwargs):
+        init = normal(*args, **kwargs)
+        return lambda *a, **k: traced.append(a[1]) or init(*a, **k)
+
+    monkeypatch.setattr(nn.initializers, "normal", counted_normal)
+    ids, mask, labels = batch()
+    params = jax.tree.map(np.asarray, ours.params)
+    ours(ids, mask, labels=labels, params=params)
+    assert not traced  # no initializer was run, not even under jax.eval_shape
+    kernel = params["decoder"]["layers_1"]["cross_attention"]["query"]["kernel"]
+    params["decoder"]["layers_1"]["cross_attention"]["query"]["kernel"] = kernel[:, :-1]
+    with pytest.raises(flax_errors.ScopeParamShapeError, match=re.escape(
+            f'For parameter "kernel" in "/decoder/layers_1/cross_attention/query", the given initializer is expected '
+            f"to generate shape {kernel.shape}, but the existing parameter it received has shape "
+            f"{kernel[:, :-1].shape}")):
+        ours(ids, mask, labels=labels, params=params)
+
+
 def test_truncated_safetensors(hf_folder, tmp_path):
     data = (hf_folder / "model.safetensors").read_bytes()
     (tmp_path / "config.json").write_text((hf_folder / "config.json").read_text())

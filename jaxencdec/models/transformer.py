@@ -50,8 +50,9 @@ from jaxencdec.spec import TransformerSpec
 from jaxencdec.models.layout import LAYER_AXIS, SCANNED_KEY
 from jaxencdec.models.positions import positions_for, relative_distances, same_segment, self_attention_mask
 from jaxencdec.nn.attention import ATTENTIONS, Attention, KeyValue, layer_of, write_cache
-from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, Dropout, Dtype, Embeddings, Rotary, constrain, dense,
-                                 layer_norm, logits_dot_general, norm_layer, rotary_angles, zeros_init)
+from jaxencdec.nn.layers import (ACTIVATION_FNS, HIDDEN_AXES, MLP, DirectParams, Dropout, Dtype, Embeddings, Rotary,
+                                 constrain, dense, layer_norm, logits_dot_general, norm_layer, rotary_angles,
+                                 zeros_init)
 
 # The variable collection each stack sows its hidden states into (``Module.sow``): recorded only when mutable.
 HIDDEN_STATES = "hidden_states"
@@ -90,7 +91,7 @@ def attention_block(spec: TransformerSpec, dtype: Dtype, param_dtype: Dtype, cro
                      **own, **module)
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(DirectParams):
     """Self-attention, optional cross-attention (gated when the spec says), MLP; pre- or post-norm residuals as the
     spec says (pre-norm blocks may normalize their outputs too: ``post_sublayer_norm``)."""
 
@@ -227,7 +228,7 @@ class ScannedGroup(ScannedLayer):
         return run(self, carry, per_layer)
 
 
-class LMHead(nn.Module):
+class LMHead(DirectParams):
     """Hidden states ``[batch, length, D]`` -> vocabulary logits ``[batch, length, vocab]`` (float32). Without a
     transform the word table's width must be ``D``."""
 

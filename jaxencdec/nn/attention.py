@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxencdec.nn.layers import Dropout, Dtype, Rotary, einsum_float32, norm_layer, normal_init, rotary, zeros_init
+from jaxencdec.nn.layers import (DirectParams, Dropout, Dtype, Embed, Rotary, einsum_float32, norm_layer, normal_init,
+                                 rotary, zeros_init)
 
 
 # The variable collection that attention probabilities are sown into (``Module.sow``): make it mutable in
@@ -99,7 +100,7 @@ def dot_product_attention(
     return out.transpose(0, 2, 1, 3).reshape(batch, q_len, heads, head_dim), probs.reshape(batch, heads, q_len, -1)
 
 
-class HeadsProjection(nn.Module):
+class HeadsProjection(DirectParams):
     """``y = x @ kernel + bias`` between a width and attention heads: ``split`` maps ``[..., D_in]`` to
     ``[..., heads, head_dim]`` (kernel ``[D_in, heads, head_dim]``, bias ``[heads, head_dim]``), otherwise
     ``[..., heads, head_dim]`` to ``[..., features]`` (kernel ``[heads, head_dim, features]``, bias
@@ -194,7 +195,7 @@ class Attention(nn.Module):
             self.key_norm = norm_layer(self.qk_norm, self.norm_eps, self.dtype, self.param_dtype)
         self.dropout = Dropout(self.dropout_rate)
         if self.relative:
-            self.distance = nn.Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
+            self.distance = Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
                                      param_dtype=self.param_dtype,
                                      embedding_init=normal_init(self.std, ("positions", "kv")))
 
