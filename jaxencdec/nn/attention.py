@@ -196,8 +196,8 @@ class Attention(nn.Module):
         self.dropout = Dropout(self.dropout_rate)
         if self.relative:
             self.distance = Embed(2 * self.max_distance - 1, self.head_dim, dtype=self.dtype,
-                                     param_dtype=self.param_dtype,
-                                     embedding_init=normal_init(self.std, ("positions", "kv")))
+                                  param_dtype=self.param_dtype,
+                                  embedding_init=normal_init(self.std, ("positions", "kv")))
 
     def project_kv(self, inputs: jax.Array, angles: Rotary | None = None) -> KeyValue:
         """``[batch, kv_len, D_in] -> KeyValue`` of ``[batch, kv_heads, kv_len, head_dim]``; the keys normalized

@@ -246,7 +246,7 @@ def norm_layer(kind: str, epsilon: float, dtype: Dtype, param_dtype: Dtype, name
     if kind == "rms_unit_offset":
         return UnitOffsetRMSNorm(epsilon, dtype, param_dtype, name=name)
     return RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=ones_init(("norm",)),
-                      name=name)
+                   name=name)
 
 
 Rotary = tuple[jax.Array, jax.Array]  # (cos, sin), float32 [batch, length, 1, head_dim]

@@ -47,7 +47,6 @@ def missing_metric_package(metric: str) -> str | None:
     return package if importlib.util.find_spec(module) is None else None
 
 
-
 def _summary_writer_class() -> type | None:
     """tensorboardX's ``SummaryWriter``, or None when tensorboardX is not installed (optional: JSONL and the plot
     still work). Imported with torch hidden unless something imported torch already: tensorboardX imports torch
@@ -63,6 +62,7 @@ def _summary_writer_class() -> type | None:
         if hide_torch:
             del sys.modules["torch"]
     return SummaryWriter
+
 
 class MetricsWriter:
     """Appends ``{"step": s, name: value, ...}`` lines to ``{out_dir}/metrics.jsonl`` and scalars to TensorBoard.
