@@ -76,7 +76,8 @@ def test_two_processes_train_on_a_bucket_killed_and_resumed(tmp_path, gcs_emulat
     victim = f"{gcs_bucket}/{prefix}/bucket.json"  # the run config itself read from the bucket
     paths.write_bytes(victim, _write_config(tmp_path, "bucket", run_url, data_url).read_bytes())
 
-    names = _kill_after_checkpoint(testing.start_train_workers(victim, PROCESSES, env), gcs_emulator, gcs_bucket, f"{prefix}/run")
+    names = _kill_after_checkpoint(testing.start_train_workers(victim, PROCESSES, env), gcs_emulator, gcs_bucket,
+                                   f"{prefix}/run")
     assert not any("final_model" in n for n in names)
     outputs = testing.finish_workers(testing.start_train_workers(victim, PROCESSES, env))
     out = outputs[0][0]

@@ -234,8 +234,8 @@ class Attention(nn.Module):
 
         ``distance``: int32 ``[q_len, kv_len]``, each query's position minus each key's; required (and only read)
         with ``relative``. ``angles``: the rotary angles of the queries' positions, or None.
-        Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, after dropout when active) as ``("attentions",
-        "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
+        Sows the probabilities ``[batch, heads, q_len, kv_len]`` (float32, after dropout when active) as
+        ``("attentions", "weights")``: recorded only when the caller makes the ``ATTENTIONS`` collection mutable.
         """
         query = self.query(inputs)
         if self.qk_norm:
