@@ -11,9 +11,9 @@ inspection: a copy, whose local files are links, not copied bytes; the step itse
 ``CheckpointManager.delete``), and the one before it is tried. With several processes each reads on its own and the
 outcome of every try is the worst of all processes' (one that sees damage, or a storage error, decides for all), so
 that every process restores the same step. ``checkpoint.resume_step`` picks an older checkpoint; the newer ones are
-moved aside (the same way) to ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings differ from the
-checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A state saved in
-the other layer layout (``model.scan_layers``) is read in its own layout and converted.
+moved aside (the same way) to ``checkpoints/<step>.discarded-<n>``. A resume whose learning-rate schedule settings
+differ from the checkpoint's is refused unless ``checkpoint.allow_schedule_change`` is set (``check_schedule``). A
+state saved in the other layer layout (``model.scan_layers``) is read in its own layout and converted.
 """
 
 from __future__ import annotations
