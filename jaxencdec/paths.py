@@ -203,10 +203,11 @@ def copy_folder(source: PathLike, target: PathLike) -> None:
         if not is_url(source) and not is_url(target):
             shutil.copytree(src, dst, copy_function=_link_or_copy)
             return
-        _copy_objects(src, dst)
+        _copy_objects(epath.Path(src), epath.Path(dst))  # a local side too: epath's local paths have copy()
 
 
 def _copy_objects(source: epath.Path, target: epath.Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)  # (on a bucket, where folders do not exist, nothing)
     for entry in source.iterdir():
         if entry.is_dir():
             _copy_objects(entry, target / entry.name)

@@ -175,10 +175,10 @@ class DirectParams(nn.Module):
         if not is_shape or not self.has_variable("params", name):
             return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
         value = self.get_variable("params", name)
-        if np.shape(meta.unbox(value)) != tuple(shape):
-            raise flax_errors.ScopeParamShapeError(name, self.scope.path_text, np.shape(meta.unbox(value)),
-                                                   tuple(shape))
-        return meta.unbox(value) if unbox else value
+        unboxed = meta.unbox(value)
+        if np.shape(unboxed) != tuple(shape):
+            raise flax_errors.ScopeParamShapeError(name, self.scope.path_text, np.shape(unboxed), tuple(shape))
+        return unboxed if unbox else value
 
 
 class Dense(DirectParams, nn.Dense):
