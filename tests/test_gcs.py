@@ -132,6 +132,8 @@ def test_copy_folder_copies_every_file_on_the_bucket_and_links_local_ones(gcs_bu
             shutil.rmtree(f"{root}/6")
         assert {name: paths.read_bytes(f"{root}/6.corrupt-1/{name}") for name in files} == files
     assert gcs_emulator.object_names(gcs_bucket, "ckpt/") == sorted(f"ckpt/6.corrupt-1/{n}" for n in files)
+    paths.copy_folder(f"{gcs_bucket}/ckpt/6.corrupt-1", str(tmp_path / "from-bucket"))  # one store to another
+    assert {name: (tmp_path / "from-bucket" / name).read_bytes() for name in files} == files
     with pytest.raises(FileNotFoundError, match="no such folder"):
         paths.copy_folder(str(tmp_path / "ckpt/6"), str(tmp_path / "ckpt/6.corrupt-2"))
 
