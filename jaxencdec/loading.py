@@ -31,6 +31,7 @@ from jaxencdec.config import RUNTIME_FLAGS, EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.models import layout
+from jaxencdec.models.encoder_decoder import init_variables
 
 logger = logging.getLogger("jaxencdec")
 
@@ -209,13 +210,15 @@ def _init_unrolled(model, paths: list[str], seed: int) -> dict[str, jax.Array]:
     """``model.init_params(seed)``'s values of ``paths`` only (flat ``/``-joined paths of the unrolled layout): the
     program computes no other parameter (XLA drops what is not returned), so that a warm start pays for the few
     parameters its checkpoints lack, not for a whole random model."""
+    return _init_paths(model.module, tuple(paths), jax.random.key(seed)) if paths else {}
 
-    def init(rng):
-        params = layout.to_layout(nn.unbox(model._init_fn(rng))["params"], scanned=False)
-        flat = traverse_util.flatten_dict(params, sep="/")
-        return {path: flat[path] for path in paths}
 
-    return jax.jit(init)(jax.random.key(seed)) if paths else {}
+@partial(jax.jit, static_argnums=(0, 1))
+def _init_paths(module, paths: tuple[str, ...], rng: jax.Array) -> dict[str, jax.Array]:
+    """``_init_unrolled``'s program, static in the module and the paths: one compilation per (config, paths)."""
+    params = nn.unbox(init_variables(module, rng))["params"]
+    flat = traverse_util.flatten_dict(layout.to_layout(params, scanned=False), sep="/")
+    return {path: flat[path] for path in paths}
 
 
 def _agreed_dtype(dtypes: Mapping[str, jnp.dtype]) -> jnp.dtype:

@@ -27,8 +27,9 @@ from jaxencdec.inputs import (check_decoder_batch, check_dropout_rng, check_pair
 from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
-                                              Seq2SeqOutput, apply_recording, cross_entropy_loss, empty_cache,
-                                              as_encoder_output, shift_tokens_right, stack_records)
+                                              Seq2SeqOutput, abstract_variables, apply_recording, as_encoder_output,
+                                              cross_entropy_loss, empty_cache, fresh_params, init_variables,
+                                              shift_tokens_right, stack_records)
 from jaxencdec.models.transformer import cache_rows_and_length
 
 WEIGHTS_NAME = "flax_model.msgpack"
@@ -63,21 +64,20 @@ class EncoderDecoderModel:
     # ------------------------------------------------------------------ parameters
 
     def _init_fn(self, rng):
-        ids = jnp.ones((1, 1), jnp.int32)
-        return self.module.init(rng, ids, ids, ids)
+        return init_variables(self.module, rng)
 
     def init_params(self, seed: int = 0) -> Params:
         """Fresh parameters: normal(initializer_range) kernels and embeddings, zero biases, unit norms."""
-        return nn.unbox(jax.jit(self._init_fn)(jax.random.key(seed)))["params"]
+        return fresh_params(self.module, jax.random.key(seed))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Flat ``path -> shape`` of the parameter tree, without allocating it."""
-        tree = nn.unbox(jax.eval_shape(self._init_fn, jax.random.key(0)))["params"]
+        tree = nn.unbox(abstract_variables(self.module))["params"]
         return {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
     def logical_axes(self) -> Params:
         """The parameter tree with each leaf replaced by its logical ``PartitionSpec`` (``vocab``, ``embed``...)."""
-        return nn.get_partition_spec(jax.eval_shape(self._init_fn, jax.random.key(0)))["params"]
+        return nn.get_partition_spec(abstract_variables(self.module))["params"]
 
     def unrolled_params(self, params: Params | None = None) -> Params:
         """``params`` (default ``self.params``) in the unrolled layout (``layers_{i}``), which files hold."""

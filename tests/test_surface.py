@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_reference import EOS, PAD, PAIRS, START, SMALL, batch, by_pair, hf_encoder_decoder, torch_forward
 from jaxencdec import EncoderDecoderModel
-from jaxencdec.config import EncoderDecoderConfig, HFConfig
+from jaxencdec.config import BertConfig, EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError
 from jaxencdec.models.encoder_decoder import DecoderCache, EncoderOutput, shift_tokens_right
 from jaxencdec.train import step as st
@@ -251,6 +251,26 @@ def test_one_compilation_serves_every_decode_step(pair):
     for t in range(1, 4):
         out = ours.decode(decoder_ids[:, t:t + 1], encoded, mask, past_key_values=out.past_key_values)
     assert modeling._decode._cache_size() == compiled
+
+
+def test_models_of_one_config_share_their_init_trace_and_compilation(tmp_path):
+    """A second model of the same config and dtypes, built or loaded from a folder, traces and compiles no init
+    again: random init and the parameter shapes a load checks against are programs of the module, not of the model
+    object (the seed is traced: each model gets its own values)."""
+    from jaxencdec.models.encoder_decoder import abstract_variables, fresh_params
+
+    part = BertConfig(vocab_size=23, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=11)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(part, part, decoder_start_token_id=1, pad_token_id=0)
+    first = EncoderDecoderModel(config, seed=0)
+    shapes, axes = first.param_shapes(), first.logical_axes()
+    compiled, traced = fresh_params._cache_size(), abstract_variables.cache_info().misses
+    second = EncoderDecoderModel(config, seed=1)
+    assert second.param_shapes() == shapes and second.logical_axes() == axes
+    first.save_pretrained(tmp_path / "saved")
+    assert EncoderDecoderModel.from_pretrained(tmp_path / "saved").num_parameters() == first.num_parameters()
+    assert (fresh_params._cache_size(), abstract_variables.cache_info().misses) == (compiled, traced)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.params),
+                                                         jax.tree.leaves(second.params)))
 
 
 def test_scoring_many_candidates_against_one_encoded_source(one_pair):

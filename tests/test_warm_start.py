@@ -151,3 +151,13 @@ def test_new_parameters_hold_what_a_fresh_model_of_the_seed_holds(bert_checkpoin
                               np.asarray(other["decoder/layers_0/cross_attention/query/kernel"]))
     assert not np.array_equal(np.asarray(got["encoder/layers_0/mlp/wi/kernel"]),
                               np.asarray(fresh["encoder/layers_0/mlp/wi/kernel"]))  # from the checkpoint
+    # Another seed: the same program (one per config and missing paths, the seed traced), the other seed's values
+    from jaxencdec.loading import _init_paths
+
+    compiled = _init_paths._cache_size()
+    again = EncoderDecoderModel.from_encoder_decoder_pretrained(bert_checkpoint, gpt2_checkpoint, seed=4,
+                                                                 decoder_start_token_id=3, pad_token_id=1)
+    assert _init_paths._cache_size() == compiled
+    again = traverse_util.flatten_dict(again.params, sep="/")
+    for k in new:
+        np.testing.assert_array_equal(np.asarray(again[k]), np.asarray(other[k]), err_msg=k)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Mapping
 
 import chex
@@ -150,6 +150,14 @@ class EncoderDecoderModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self):
+        # One spelling per dtype: jnp.float32 and np.dtype("float32") compare equal but hash apart, and the jitted
+        # programs with the module static (forward, init, generate) are shared by modules that hash alike.
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+        super().__post_init__()
+
     def setup(self):
         c = self.config
         self.encoder = TransformerStack(c.encoder_spec, self.dtype, self.param_dtype, c.remat, c.scan_layers)
@@ -247,6 +255,27 @@ class EncoderDecoderModule(nn.Module):
                                        deterministic=deterministic, segment_ids=decoder_segment_ids,
                                        encoder_segment_ids=encoder_segment_ids, positions=decoder_positions)
         return Seq2SeqOutput(logits=logits, encoder_last_hidden_state=hidden)
+
+
+def init_variables(module: EncoderDecoderModule, rng: jax.Array) -> dict[str, Any]:
+    """``module.init`` on a one-token pair: the variable tree, parameters boxed with their logical axes
+    (``nn.Partitioned``). Shapes depend on ``module`` alone, values on ``rng``."""
+    ids = jnp.ones((1, 1), jnp.int32)
+    return module.init(rng, ids, ids, ids)
+
+
+@partial(jax.jit, static_argnums=0)
+def fresh_params(module: EncoderDecoderModule, rng: jax.Array) -> dict[str, Any]:
+    """Fresh parameters (unboxed), jitted with ``module`` static: models of equal config and dtypes share one
+    trace and one compilation in a process."""
+    return nn.unbox(init_variables(module, rng))["params"]
+
+
+@lru_cache(maxsize=64)
+def abstract_variables(module: EncoderDecoderModule) -> dict[str, Any]:
+    """``init_variables``' tree as ``jax.ShapeDtypeStruct`` leaves (boxed with their logical axes), traced once per
+    distinct ``module`` in a process. Shared between callers: derive new trees from it, never change it."""
+    return jax.eval_shape(partial(init_variables, module), jax.random.key(0))
 
 
 def _without_tied_params(variables: dict[str, Any]) -> dict[str, Any]:
