@@ -59,9 +59,10 @@ def _as(model: EncoderDecoderModel, scan_layers: bool, remat: str) -> EncoderDec
                                generation_config=model.generation_config)
 
 
-def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
+def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool, compiler_options: dict | None = None):
     """The train step's loss and its gradients (unrolled layout, flat) on ``batch(seed)``, with dropout when
-    ``train``, computed by one jitted program compiled with XLA's default emitters (held to 1e-6 relative)."""
+    ``train``, computed by one jitted program (compiled with the test run's flags unless ``compiler_options``
+    says otherwise; compared to 1e-6 relative)."""
     ids, mask, labels = batch(seed)
     start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
     data = {"input_ids": ids, "attention_mask": mask, "labels": labels,
@@ -69,7 +70,7 @@ def _loss_and_grads(model: EncoderDecoderModel, seed: int, train: bool):
             "decoder_attention_mask": np.ones_like(labels)}
     loss_fn = steps.make_loss_fn(model.module, 0.0, None, deterministic=not train)
     mean = lambda p: (lambda total, count: total / count)(*loss_fn(p, data, jax.random.key(3)))
-    loss, grads = jax.jit(jax.value_and_grad(mean), compiler_options=testing.DEFAULT_EMITTERS)(model.params)
+    loss, grads = jax.jit(jax.value_and_grad(mean), compiler_options=compiler_options)(model.params)
     flat = traverse_util.flatten_dict(layout.to_layout(grads, scanned=False), sep="/")
     return float(loss), {k: np.asarray(v) for k, v in flat.items()}
 
@@ -245,11 +246,14 @@ def test_scanned_encoder_records_every_layer_as_unrolled(hf_pair, name):
 @pytest.mark.slow
 def test_gradient_checkpointing_enable_is_transformers_switch(hf_pair):
     model = EncoderDecoderModel.from_pretrained(hf_pair("bert2gpt2-proj")[1])  # a switch: one pair shows it
-    loss, grads = _loss_and_grads(model, seed=9, train=True)
+    # with dropout, rematerialized under XLA:CPU's loop emitters, this pair's gradients come out 1.7e-6 apart
+    # (relative): compiled as a user's process compiles, they are equal
+    exact = testing.DEFAULT_EMITTERS
+    loss, grads = _loss_and_grads(model, seed=9, train=True, compiler_options=exact)
     assert not model.is_gradient_checkpointing
     model.gradient_checkpointing_enable()
     assert model.is_gradient_checkpointing and model.config.remat == "full"
-    remat_loss, remat_grads = _loss_and_grads(model, seed=9, train=True)
+    remat_loss, remat_grads = _loss_and_grads(model, seed=9, train=True, compiler_options=exact)
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     assert_relatively_close(remat_grads, grads, rtol=1e-6)
     model.gradient_checkpointing_enable({"policy": "dots_saveable"})
