@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import traverse_util
 
 from jaxencdec import paths, storage
@@ -31,7 +30,7 @@ from jaxencdec.config import RUNTIME_FLAGS, EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.models import layout
-from jaxencdec.models.encoder_decoder import init_variables
+from jaxencdec.models.encoder_decoder import fresh_params
 
 logger = logging.getLogger("jaxencdec")
 
@@ -216,8 +215,7 @@ def _init_unrolled(model, paths: list[str], seed: int) -> dict[str, jax.Array]:
 @partial(jax.jit, static_argnums=(0, 1))
 def _init_paths(module, paths: tuple[str, ...], rng: jax.Array) -> dict[str, jax.Array]:
     """``_init_unrolled``'s program, static in the module and the paths: one compilation per (config, paths)."""
-    params = nn.unbox(init_variables(module, rng))["params"]
-    flat = traverse_util.flatten_dict(layout.to_layout(params, scanned=False), sep="/")
+    flat = traverse_util.flatten_dict(layout.to_layout(fresh_params(module, rng), scanned=False), sep="/")
     return {path: flat[path] for path in paths}
 
 

@@ -28,7 +28,7 @@ from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
                                               Seq2SeqOutput, abstract_variables, apply_recording, as_encoder_output,
-                                              cross_entropy_loss, empty_cache, fresh_params, init_variables,
+                                              cross_entropy_loss, empty_cache, fresh_params,
                                               shift_tokens_right, stack_records)
 from jaxencdec.models.transformer import cache_rows_and_length
 
@@ -62,9 +62,6 @@ class EncoderDecoderModel:
         self.load_report: LoadReport | None = None
 
     # ------------------------------------------------------------------ parameters
-
-    def _init_fn(self, rng):
-        return init_variables(self.module, rng)
 
     def init_params(self, seed: int = 0) -> Params:
         """Fresh parameters: normal(initializer_range) kernels and embeddings, zero biases, unit norms."""

@@ -24,16 +24,17 @@ import dataclasses
 import logging
 import os
 import time
+from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from jaxencdec import paths, storage
 from jaxencdec.modeling import EncoderDecoderModel
+from jaxencdec.models.encoder_decoder import fresh_params
 from jaxencdec.parallel.mesh import initialize_distributed, make_mesh
 from jaxencdec.parallel.shard import (check_sharding, global_batch, init_sharded, named, param_specs, put_sharded,
                                       to_host)
@@ -139,7 +140,7 @@ class Trainer:
             pspecs = param_specs(logical, shapes, self.mesh, self.rules)
             params = put_sharded(jax.tree.map(lambda x: np.asarray(x, np.float32), host_params), self.mesh, pspecs)
         else:
-            init = lambda rng: nn.unbox(self.model._init_fn(rng))["params"]
+            init = partial(fresh_params, self.model.module)
             params, pspecs = init_sharded(init, jax.random.key(config.model.init_seed), logical, self.mesh,
                                           self.rules)
         del bundle, host_params  # the host copy is freed here unless another holder of the bundle keeps it
