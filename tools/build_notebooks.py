@@ -7,9 +7,9 @@
 The committed notebooks carry the outputs of an ``--execute`` run of each, in full, on a 2-core CPU (the devices
 are printed in their first code cells; finetune_tpu.ipynb's 300 steps take about half an hour there). Stream
 outputs are stored as a terminal shows them (a progress bar in its last state, not every redraw).
-tests/test_notebooks.py executes both again, in a small setting (``JAXENCDEC_NOTEBOOK_SMALL=1``: 1 step, a short
-eval), from an installed wheel, on 8 host devices (as a Colab TPU v2-8 has),
-and the fine-tune notebook on one as well.
+tests/test_notebooks.py executes both again, in a small setting (``JAXENCDEC_NOTEBOOK_SMALL=1``: the fine-tune
+notebook trains 1 step with its layers scanned, as on a TPU, and evaluates briefly), from an installed wheel, on 8
+host devices (as a Colab TPU v2-8 has), and the fine-tune notebook on one as well.
 
 ``--keep-outputs`` is for a change that leaves what the cells print as it was (a comment, a markdown cell, a
 setting that only matters on other devices), where a full ``--execute`` would cost half an hour: each code cell
@@ -150,10 +150,11 @@ overrides = [f"output_dir=runs/finetune_{{platform}}", "mesh.data=-1",  # data p
              "model.compute_dtype=" + ("bfloat16" if platform == "tpu" else "float32"),
              # on a TPU each stack's layers run as one scanned layer: XLA compiles one layer, not six (half the time)
              "model.scan_layers=" + ("true" if platform == "tpu" else "false")]
-if SMALL:  # the test suite's CPU setting: one step of one row per device, a short eval
+if SMALL:  # the test suite's CPU setting: one step of one row per device, scanned layers as on a TPU, a short eval
     overrides += ["train.num_steps=1", "train.progress_bar=false", f"train.batch_size={{devices}}",
-                  f"eval.batch_size={{devices}}", "eval.every=0", "eval.max_batches=1", "eval.max_new_tokens=8",
-                  "eval.num_beams=2", "checkpoint.every=1", "data.max_source_length=64", "data.source_buckets=null"]
+                  "model.scan_layers=true", f"eval.batch_size={{devices}}", "eval.every=0", "eval.max_batches=1",
+                  "eval.max_new_tokens=8", "eval.num_beams=2", "checkpoint.every=1", "data.max_source_length=64",
+                  "data.source_buckets=null"]
 config = RunConfig.from_dict(apply_overrides(CONFIG, overrides))
 print(config.train, config.mesh, sep="\\n")'''),
     ("code", '''from jaxencdec.train.loop import Trainer
