@@ -3,9 +3,10 @@
 The stated bounds, on the five small reference pairs (random weights drawn large, logits' std ~1.5-2):
 - train loss: bfloat16 within 1% of float32 on the same batch; the whole gradient within 8% (relative L2 norm),
   cosine similarity >= 0.995 (measured: <= 0.4%, <= 3.3%, >= 0.9995);
-- inference with bfloat16 params and KV cache (bert2bert, bert2gpt2, bert2bart): teacher-forced logits within 0.15 x the logits' std of float32's
-  (measured <= 0.09); greedy ids identical to float32's up to the first step where float32's own margin between
-  its token and bfloat16's is below twice that logit error (a near tie), never at a clear choice.
+- inference with bfloat16 params and KV cache (bert2bert, bert2gpt2, bert2bart): teacher-forced logits within
+  0.15 x the logits' std of float32's (measured <= 0.09); greedy ids identical to float32's up to the first step
+  where float32's own margin between its token and bfloat16's is below twice that logit error (a near tie), never
+  at a clear choice.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from huggingface_hub.errors import StrictDataclassFieldValidationError
 from hf_reference import SMALL
 from jaxencdec import (AlbertConfig, BartConfig, BertConfig, BertGenerationConfig, CamembertConfig, ConfigError,
                        DistilBertConfig, ElectraConfig, EncoderDecoderConfig, Gemma3TextConfig, GPT2Config,
-                       GenerationConfig, LlamaConfig, MarianConfig, MBartConfig, ModernBertConfig, Qwen2Config, RobertaConfig,
-                       XLMRobertaConfig)
+                       GenerationConfig, LlamaConfig, MarianConfig, MBartConfig, ModernBertConfig, Qwen2Config,
+                       RobertaConfig, XLMRobertaConfig)
 from jaxencdec.config import HFConfig
 
 OURS = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig, "camembert": CamembertConfig,
@@ -26,7 +26,8 @@ HF = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
       "distilbert": transformers.DistilBertConfig, "albert": transformers.AlbertConfig,
       "gpt2": transformers.GPT2Config, "bart": transformers.BartConfig, "mbart": transformers.MBartConfig,
       "marian": transformers.MarianConfig, "modernbert": transformers.ModernBertConfig,
-      "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "gemma3_text": transformers.Gemma3TextConfig}
+      "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+      "gemma3_text": transformers.Gemma3TextConfig}
 
 
 @pytest.mark.parametrize("arch", list(OURS))

@@ -131,7 +131,8 @@ def test_encoder_no_repeat_ngram_matches_transformers(ngram_size, cur_len):
 
 def test_unimplemented_transformers_options_are_errors_unless_neutral(tmp_path):
     path = tmp_path / "generation_config.json"
-    path.write_text('{"decoder_start_token_id": 3, "typical_p": 0.9, "epsilon_cutoff": 0.0, "transformers_version": "5"}')
+    path.write_text('{"decoder_start_token_id": 3, "typical_p": 0.9, "epsilon_cutoff": 0.0, '
+                    '"transformers_version": "5"}')
     config = GenerationConfig.from_json_file(path)
     with pytest.raises(GenerationConfigError, match="typical_p=0.9"):
         config.resolve()

@@ -27,15 +27,16 @@ from jaxencdec.train import step as steps
 from test_models_equivalence import assert_same_outputs
 
 # (scan_layers, remat) ways of running the layers, each compared with the plain unrolled one.
-LAYOUTS = {"scanned": (True, "none"), "remat": (False, "full"), "remat-dots": (False, "dots_with_no_batch_dims_saveable"),
-           "scanned-remat": (True, "full")}
+LAYOUTS = {"scanned": (True, "none"), "remat": (False, "full"),
+           "remat-dots": (False, "dots_with_no_batch_dims_saveable"), "scanned-remat": (True, "full")}
 
 
 def _relative_and_tied_configs() -> dict[str, EncoderDecoderConfig]:
     """The layouts' other paths: relative position scores (a distance table per layer) and a tied pair (the
     decoder reads the encoder's layers), with fewer decoder than encoder layers."""
-    bert = lambda **k: BertConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                            intermediate_size=37, max_position_embeddings=64), **k})
+    bert = lambda **k: BertConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                            num_attention_heads=4, intermediate_size=37, max_position_embeddings=64),
+                                     **k})
     make = lambda enc, dec, **k: EncoderDecoderConfig.from_encoder_decoder_configs(
         enc, dec, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, **k)
     return {"relative": make(bert(position_embedding_type="relative_key_query"),
@@ -95,7 +96,8 @@ def test_huggingface_folders_load_into_the_scanned_layout_and_match_transformers
     unrolled = spec.unscanned_layers
     assert sorted(k for k in ours.params["encoder"] if k.startswith("layers")) == ["layers"] + [
         f"layers_{i}" for i in range(unrolled)]
-    assert all(x.shape[0] == spec.num_layer_params - unrolled for x in jax.tree.leaves(ours.params["encoder"]["layers"]))
+    scanned_leaves = jax.tree.leaves(ours.params["encoder"]["layers"])
+    assert all(x.shape[0] == spec.num_layer_params - unrolled for x in scanned_leaves)
     assert_same_outputs(ours, hf)
     # and back out: the exported folder is an ordinary transformers checkpoint with the same outputs
     ours.export_pytorch(tmp_path / "exported")

@@ -2,8 +2,9 @@
 cross-attention block whose output is gated by ``tanh(gate)``, the gate initialised to 0.
 
 With the gates at 0 the pair's decoder is the LLM: its logits and its greedy and beam-search ids are those of
-transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` on the same weights, whatever the encoder reads. Training
-opens the gates; the pair saves and loads exactly, and its LLM exports back to a folder of the LLM's class.
+transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Gemma3ForCausalLM`` on the same weights, whatever
+the encoder reads. Training opens the gates; the pair saves and loads exactly, and its LLM exports back to a folder
+of the LLM's class.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def test_unsupported_llm_settings_are_refused_with_the_fix(llm, encoder_folder, 
     llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
     # Gemma 3 has rotary parameters per kind of layer
-    config["rope_parameters"] = {**config["rope_parameters"], "full_attention": llama3} if llm[0] == "gemma3" else llama3
+    config["rope_parameters"] = ({**config["rope_parameters"], "full_attention": llama3} if llm[0] == "gemma3"
+                                 else llama3)
     (scaled / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope type 'llama3' is not supported; only the default"):
         EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_folder, scaled, decoder_start_token_id=START)

@@ -157,7 +157,8 @@ def test_every_weight_is_sharded_as_the_rules_say(result):
 
 
 def test_no_involuntary_rematerialization(result):
-    # the partitioner found a plan for every op without gathering whole activations (see parallel.shard.activation_constraint)
+    # the partitioner found a plan for every op without gathering whole activations
+    # (see parallel.shard.activation_constraint)
     assert "Involuntary full rematerialization" not in result["stderr"]
 
 

@@ -120,7 +120,8 @@ def test_out_of_memory_messages_parse():
                                        "for HLO temporaries (16.94G) exceeds available HBM (15.75G).\nmore")
     assert (oom.what, oom.needed, oom.available) == ("HLO temporaries", int(16.94 * 2**30), int(15.75 * 2**30))
     oom = topology.parse_out_of_memory("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory "
-                                       "in memory space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
+                                       "in memory space hbm. Used 20.50G of 15.75G hbm. "
+                                       "Exceeded hbm capacity by 4.75G.")
     assert (oom.needed, oom.available) == (int(20.5 * 2**30), int(15.75 * 2**30))
     assert topology.parse_out_of_memory("INVALID_ARGUMENT: something else") is None
 

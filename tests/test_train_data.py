@@ -153,8 +153,9 @@ def test_readers(tmp_path):
     (tmp_path / "a.tsv").write_text("src\ttgt\nhello there\thi\n")
     (tmp_path / "a.csv").write_text('src,tgt\n"hello, there",hi\n')
     (tmp_path / "a.jsonl").write_text(json.dumps({"x": {"s": ["one", "two"]}, "t": "hi"}) + "\n")
-    assert open_pairs(DataConfig("tsv", str(tmp_path / "a.tsv"), None, "src", "tgt"), "train") == [("hello there", "hi")]
-    assert open_pairs(DataConfig("csv", str(tmp_path / "a.csv"), None, "src", "tgt"), "train") == [("hello, there", "hi")]
+    read = lambda name: open_pairs(DataConfig(name, str(tmp_path / f"a.{name}"), None, "src", "tgt"), "train")
+    assert read("tsv") == [("hello there", "hi")]
+    assert read("csv") == [("hello, there", "hi")]
     assert open_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.s", "t"), "train") == [("one two", "hi")]
     with pytest.raises(DataError, match="a.jsonl:1: no field 'x.q'"):
         open_pairs(DataConfig("jsonl", str(tmp_path / "a.jsonl"), None, "x.q", "t"), "train")

@@ -104,7 +104,8 @@ def save_parts(folder, name: str, inputs: dict) -> tuple[str, str]:
     """``get_encoder_decoder_model``: the standalone encoder and decoder (transformers' init, seed 0), saved."""
     _, encoder_class, _, decoder_class = PAIRS[name]
     torch.manual_seed(0)
-    kwargs = {"add_pooling_layer": False} if encoder_class in (transformers.BertModel, transformers.RobertaModel) else {}
+    pooled = encoder_class in (transformers.BertModel, transformers.RobertaModel)
+    kwargs = {"add_pooling_layer": False} if pooled else {}
     parts = encoder_class(inputs["config"], **kwargs), decoder_class(inputs["decoder_config"])
     folders = str(folder / "encoder"), str(folder / "decoder")
     for model, path in zip(parts, folders):

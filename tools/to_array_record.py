@@ -30,7 +30,8 @@ def shard_paths(out: str, shards: int) -> list[str]:
 
 def convert(jsonl: str, out: str, shards: int = 1) -> list[str]:
     """Writes ``jsonl``'s objects to ``shard_paths(out, shards)``; returns those paths. Each temporary file is
-    renamed into place once complete (removed on an error). Raises ValueError naming the line of a line that is not a JSON object."""
+    renamed into place once complete (removed on an error). Raises ValueError naming the line of a line that is
+    not a JSON object."""
     from array_record.python import array_record_module
 
     targets = shard_paths(out, shards)

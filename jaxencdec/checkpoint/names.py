@@ -96,7 +96,8 @@ def _norm(hf: str, ours: str, bias: bool = True) -> list[Rule]:
 
 
 def _attention(hf: str, ours: str, q: str, k: str, v: str, out: str) -> list[Rule]:
-    return [r for name, proj in ((q, "query"), (k, "key"), (v, "value")) for r in _linear(f"{hf}.{name}", f"{ours}/{proj}")] \
+    projections = ((q, "query"), (k, "key"), (v, "value"))
+    return [r for name, proj in projections for r in _linear(f"{hf}.{name}", f"{ours}/{proj}")] \
         + _linear(f"{hf}.{out}", f"{ours}/out", n_in=2)
 
 
@@ -244,7 +245,8 @@ def _gpt2_base(spec: TransformerSpec) -> list[Rule]:
         if spec.add_cross_attention:
             rules += _norm(f"{hf}.ln_cross_attn", f"{ours}/cross_attention_norm")
             rules += _conv1d(f"{hf}.crossattention.q_attn", (f"{ours}/cross_attention/query",))
-            rules += _conv1d(f"{hf}.crossattention.c_attn", (f"{ours}/cross_attention/key", f"{ours}/cross_attention/value"))
+            rules += _conv1d(f"{hf}.crossattention.c_attn",
+                             (f"{ours}/cross_attention/key", f"{ours}/cross_attention/value"))
             rules += _conv1d(f"{hf}.crossattention.c_proj", (f"{ours}/cross_attention/out",), n_in=2)
         rules += _norm(f"{hf}.ln_2", f"{ours}/mlp_norm")
         rules += _conv1d(f"{hf}.mlp.c_fc", (f"{ours}/mlp/wi",)) + _conv1d(f"{hf}.mlp.c_proj", (f"{ours}/mlp/wo",))

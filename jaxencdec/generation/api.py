@@ -342,9 +342,9 @@ def generate(model, input_ids, attention_mask=None, generation_config: Generatio
       ``[batch, src_len, D_enc]``) and ``decoder_hidden_states`` (per step, layers + 1 x ``[rows, 1, D_dec]``).
       ``rows`` are ``batch * num_beams`` for beam search (step ``t``: the beams live at that step, before its
       selection, in their order then), else ``batch * num_return_sequences``; the encoder's are not repeated.
-      Probabilities are float32, after the softmax (generation runs without dropout). There is one entry per decoder step run
-      (beam search may run past the longest returned sequence, as transformers does; greedy and sampling record
-      finished rows too, fed the pad token); the source's and the batch's bucket padding is cut off. Recording
+      Probabilities are float32, after the softmax (generation runs without dropout). There is one entry per decoder
+      step run (beam search may run past the longest returned sequence, as transformers does; greedy and sampling
+      record finished rows too, fed the pad token); the source's and the batch's bucket padding is cut off. Recording
       is compiled into the search: asking for it compiles once more per mode and bucket; without it the search
       is unchanged.
 

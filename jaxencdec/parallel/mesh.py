@@ -67,7 +67,8 @@ class MeshConfig:
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.model)
         if sum(s == -1 for s in sizes) > 1:
-            raise MeshError(f"at most one mesh axis may be -1, got data={self.data} fsdp={self.fsdp} model={self.model}")
+            raise MeshError(f"at most one mesh axis may be -1, got data={self.data} fsdp={self.fsdp} "
+                            f"model={self.model}")
         if any(s == 0 or s < -1 for s in sizes):
             raise MeshError(f"mesh axis sizes must be positive or -1, got data={self.data} fsdp={self.fsdp} "
                             f"model={self.model}")

@@ -44,8 +44,8 @@ class ProgramReport:
     shapes: the inputs in words; arguments_bytes: parameters, optimizer state and the batch; the others as
     ``jax.stages.Compiled.memory_analysis()`` names them (None where it does not say). xla_flops: XLA's
     ``cost_analysis()`` count (a loop's body counted once: micro-batches, scanned layers, decoding steps);
-    model_flops: ``jaxencdec.train.flops`` over the devices (None for generate). error: the compile error when XLA ran out of memory (the memory fields then
-    None, ``oom`` its figures).
+    model_flops: ``jaxencdec.train.flops`` over the devices (None for generate). error: the compile error when XLA
+    ran out of memory (the memory fields then None, ``oom`` its figures).
     """
 
     name: str

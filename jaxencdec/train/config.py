@@ -8,8 +8,8 @@ A run config has one object per section (all optional except ``model`` and ``dat
      "checkpoint": {...CheckpointSection}, "distributed": {...DistributedConfig}}
 
 Keys starting with ``_`` are comments. Paths may start with ``package:NAME/`` for a folder inside an installed
-Python package (``package:aclsum/dataset/train.jsonl``). Unknown keys, wrong types and impossible values raise ``RunConfigError`` naming the key, before anything is
-compiled.
+Python package (``package:aclsum/dataset/train.jsonl``). Unknown keys, wrong types and impossible values raise
+``RunConfigError`` naming the key, before anything is compiled.
 """
 
 from __future__ import annotations
