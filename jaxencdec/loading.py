@@ -30,7 +30,7 @@ from jaxencdec.config import RUNTIME_FLAGS, EncoderDecoderConfig, HFConfig
 from jaxencdec.errors import ConfigError, require
 from jaxencdec.generation.config import GENERATION_CONFIG_FILE, GenerationConfig
 from jaxencdec.models import layout
-from jaxencdec.models.encoder_decoder import fresh_params
+from jaxencdec.models.encoder_decoder import abstract_params, fresh_params
 
 logger = logging.getLogger("jaxencdec")
 
@@ -58,7 +58,7 @@ def load_encoder_decoder_pretrained(model_class, encoder_source: str, decoder_so
         {role: _checkpoint_dtype(part.extra, partial(read_state_dict, folder))
          for role, (folder, part) in parts.items()})
     model = model_class(config, params={}, dtype=dtype, param_dtype=param_dtype)
-    unrolled = jax.eval_shape(lambda: layout.to_layout(model.init_params(seed), scanned=False))
+    unrolled = jax.eval_shape(partial(layout.to_layout, scanned=False), abstract_params(model.module))
     shaped = traverse_util.flatten_dict(unrolled, sep="/")  # path -> ShapeDtypeStruct, nothing allocated
     shapes = {k: v.shape for k, v in shaped.items()}
     flat, report = {}, LoadReport()

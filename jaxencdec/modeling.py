@@ -27,8 +27,8 @@ from jaxencdec.inputs import (check_decoder_batch, check_dropout_rng, check_pair
 from jaxencdec.loading import CONFIG_NAME
 from jaxencdec.models import layout
 from jaxencdec.models.encoder_decoder import (DecoderCache, DecoderOutput, EncoderDecoderModule, EncoderOutput,
-                                              Seq2SeqOutput, abstract_variables, apply_recording, as_encoder_output,
-                                              cross_entropy_loss, empty_cache, fresh_params,
+                                              Seq2SeqOutput, abstract_params, abstract_variables, apply_recording,
+                                              as_encoder_output, cross_entropy_loss, empty_cache, fresh_params,
                                               shift_tokens_right, stack_records)
 from jaxencdec.models.transformer import cache_rows_and_length
 
@@ -69,7 +69,7 @@ class EncoderDecoderModel:
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Flat ``path -> shape`` of the parameter tree, without allocating it."""
-        tree = nn.unbox(abstract_variables(self.module))["params"]
+        tree = abstract_params(self.module)
         return {k: v.shape for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
     def logical_axes(self) -> Params:

@@ -107,7 +107,6 @@ def build(program: Program, devices) -> tuple[object, tuple, dict]:
     and mesh spec (``{"path/to/kernel": [shape, spec]}``, spec entries None, an axis name or a list of them)."""
     import jax
     import jax.numpy as jnp
-    from flax import linen as nn
     from flax import traverse_util
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -123,7 +122,7 @@ def build(program: Program, devices) -> tuple[object, tuple, dict]:
     from jaxencdec.generation.api import make_generate_fn
     from jaxencdec.generation.config import GenerationConfig
     from jaxencdec.modeling import EncoderDecoderModel
-    from jaxencdec.models.encoder_decoder import EncoderDecoderModule, abstract_variables
+    from jaxencdec.models.encoder_decoder import EncoderDecoderModule, abstract_params
     from jaxencdec.parallel.mesh import MeshConfig, make_mesh
     from jaxencdec.parallel.shard import batch_sharding, named, param_specs, replicated
     from jaxencdec.train import step as steps
@@ -135,7 +134,7 @@ def build(program: Program, devices) -> tuple[object, tuple, dict]:
     rules = MeshConfig().logical_rules
     model = EncoderDecoderModel(config, params={})
     logical = model.logical_axes()
-    shapes = nn.unbox(abstract_variables(model.module))["params"]
+    shapes = abstract_params(model.module)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), shapes)  # float32 params
     pspecs = param_specs(logical, shapes, mesh, rules)
     flat_shapes = traverse_util.flatten_dict(shapes, sep="/")

@@ -278,6 +278,11 @@ def abstract_variables(module: EncoderDecoderModule) -> dict[str, Any]:
     return jax.eval_shape(partial(init_variables, module), jax.random.key(0))
 
 
+def abstract_params(module: EncoderDecoderModule) -> dict[str, Any]:
+    """The parameter tree of ``abstract_variables(module)``, unboxed: ``jax.ShapeDtypeStruct`` leaves."""
+    return nn.unbox(abstract_variables(module))["params"]
+
+
 def _without_tied_params(variables: dict[str, Any]) -> dict[str, Any]:
     """The decoder's variables without the parameters it reads from the encoder (what its tree stores)."""
     params = variables.get("params", {})

@@ -210,11 +210,10 @@ def compile_run(config: RunConfig, topology: str | Topology | None = None, *,
     """
     import jax
     import jax.numpy as jnp
-    from flax import linen as nn
 
     from jaxencdec.generation.api import make_generate_fn
     from jaxencdec.modeling import EncoderDecoderModel
-    from jaxencdec.models.encoder_decoder import abstract_variables
+    from jaxencdec.models.encoder_decoder import abstract_params
     from jaxencdec.parallel.mesh import make_mesh
     from jaxencdec.parallel.shard import batch_sharding, named, param_specs, replicated
     from jaxencdec.train import step as steps
@@ -238,7 +237,7 @@ def compile_run(config: RunConfig, topology: str | Topology | None = None, *,
 
     # The Trainer's set-up (Trainer.__init__), on abstract values: float32 params, sharded by the rules.
     logical = model.logical_axes()
-    shapes = nn.unbox(abstract_variables(model.module))["params"]
+    shapes = abstract_params(model.module)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), shapes)
     pspecs = param_specs(logical, shapes, mesh, rules)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
