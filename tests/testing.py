@@ -126,8 +126,8 @@ def without_fast_compile_flags(env: dict[str, str]) -> dict[str, str]:
 
 def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
     """The environment for a child Python that sees ``devices`` CPU devices (set before it imports jax) and can
-    import this module (the tests folder is on its ``PYTHONPATH``); it compiles as the tests do (conftest's flags
-    and compilation cache)."""
+    import this module (the tests folder is on its ``PYTHONPATH``); it compiles with conftest's flags and shares the
+    run's persistent compilation cache with the other children (the test processes do not use it)."""
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     if devices is not None:
