@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shutil
@@ -49,13 +48,6 @@ from jaxencdec import assets  # noqa: E402
 # as fast as the persistent cache loads them (measured: over 647 of the tests, 63 cache hits saved no time; over
 # 308 of them, writing to the cache cost 3.5% of their CPU time). Set before anything compiles: jax decides once.
 jax.config.update("jax_enable_compilation_cache", False)
-
-# Python's full (oldest-generation) garbage collections walk every object a test process holds: torch, transformers,
-# jax and the models built so far, over half a million objects. Tracing leaves enough short-lived cycles behind that
-# they ran every few seconds, each slower than the last (test_models_equivalence.py and test_generation.py in one
-# process: 18 full collections took 4.8 s of its 73.5 s of CPU; with this threshold, 2 took 1.2 s of 68.8 s). The
-# young generations, where the tracing garbage dies, are collected as often as before.
-gc.set_threshold(700, 10, 1000)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
