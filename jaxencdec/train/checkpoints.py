@@ -76,8 +76,14 @@ def _process_reader(ckpt_dir: str) -> ocp.CheckpointManager:
 def _manager(ckpt_dir: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     """An orbax ``CheckpointManager`` of ``ckpt_dir`` whose checkpoints hold three items: ``state`` (the
     ``TrainState``, through ``_state_handler``), ``data`` (the data position) and ``meta`` (JSON)."""
-    return ocp.CheckpointManager(ckpt_dir, options=options, item_handlers={
-        "state": _state_handler(), "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    json_args = (ocp.args.JsonSave, ocp.args.JsonRestore)
+    for item, handler, args in (("state", _state_handler(), (ocp.args.PyTreeSave, ocp.args.PyTreeRestore)),
+                                ("data", ocp.JsonCheckpointHandler(), json_args),
+                                ("meta", ocp.JsonCheckpointHandler(), json_args)):
+        for kind in args:
+            registry.add(item, kind, handler)
+    return ocp.CheckpointManager(ckpt_dir, options=options, handler_registry=registry)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -86,8 +92,8 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     devices is written from one replica instead of in slices spread over the replicas (orbax's replica-parallel
     saving, its default on TPUs). A CPU device's shards already sit in host memory, so the slices gain nothing and
     each costs a compiled slicing program at the first save: 2.5 s of a 9.5 s 6-step run of a tiny bert2bert on 8
-    CPU devices (``tests/testing.py``'s ``tiny_run_config``). That handler writes no per-array metadata files,
-    which orbax reads back only to rewrap typed PRNG keys (the state's ``rng`` is a uint32 key)."""
+    CPU devices (``tests/testing.py``'s ``tiny_run_config``). On CPU no per-array metadata files are written either:
+    orbax reads them back only to rewrap typed PRNG keys, and the state's ``rng`` is a uint32 key."""
     registry = ocp.type_handlers.create_type_handler_registry(*[
         (kind, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
          if kind is jax.Array and jax.default_backend() == "cpu" else ocp.type_handlers.get_type_handler(kind))
