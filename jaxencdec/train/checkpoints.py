@@ -98,6 +98,7 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
         (kind, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
          if kind is jax.Array and jax.default_backend() == "cpu" else ocp.type_handlers.get_type_handler(kind))
         for kind in ocp.type_handlers.supported_types()])
+    # the limits on bytes in flight that StandardCheckpointHandler gives the same pytree handler
     return ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96,
                                        type_handler_registry=registry)
 
