@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -408,6 +409,16 @@ def _restart_with_the_largest_stack() -> None:
     os.execv(sys.executable, [sys.executable, "-m", "jaxencdec.cli", *sys.argv[1:]])
 
 
+def _collect_garbage_less_often() -> None:
+    """Python's cyclic garbage collector runs every 10,000 net allocations of this program instead of 700.
+
+    Tracing and lowering a model allocate Python objects by the million, and every so many collections walk all
+    the objects alive (about 160,000 once the training stack is imported). Measured on 2 cores, run alone twice
+    each way: ``jaxencdec compile --quick`` of ``configs/bert2bert_cnn_dailymail_v4-32.json`` took 38 CPU s instead
+    of 42. Cycles are still freed, a little later."""
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -416,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if argv is None and args.command in ("train", "compile"):  # as a program (a caller's process is never replaced)
         _restart_with_the_largest_stack()
+    if argv is None:
+        _collect_garbage_less_often()
     # Before libtpu starts, for every command that builds the run's programs: `compile` reports the programs that
     # `train` and `eval` run.
     if args.command in ("train", "eval", "compile"):

@@ -15,7 +15,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["quickstart.ipynb", "finetune_tpu.ipynb"]
@@ -90,10 +89,9 @@ def test_notebook_runs_from_an_installed_wheel(name, devices, installed_wheel, t
         if c.cell_type == "code":
             c.outputs, c.execution_count = [], None
     notebook.cells.append(nbformat.v4.new_code_cell("import jaxencdec; print('imported from', jaxencdec.__file__)"))
-    # The kernel inherits this environment: a CPU jax with `devices` host devices, compiling as a user's kernel
-    # does (the fine-tune notebook's steps run longer than they compile: the test run's flags would slow it).
-    flags = [f for f in testing.without_fast_compile_flags(dict(os.environ)).get("XLA_FLAGS", "").split()
-             if "force_host_platform_device_count" not in f]
+    # The kernel inherits this environment: a CPU jax with `devices` host devices, compiling with the test run's
+    # flags (the small setting trains one step: its programs take far longer to compile than to run).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     monkeypatch.setenv("XLA_FLAGS", " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", str(installed_wheel))
