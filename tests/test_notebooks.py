@@ -15,6 +15,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["quickstart.ipynb", "finetune_tpu.ipynb"]
@@ -91,8 +92,7 @@ def test_notebook_runs_from_an_installed_wheel(name, devices, installed_wheel, t
     notebook.cells.append(nbformat.v4.new_code_cell("import jaxencdec; print('imported from', jaxencdec.__file__)"))
     # The kernel inherits this environment: a CPU jax with `devices` host devices, compiling with the test run's
     # flags (the small setting trains one step: its programs take far longer to compile than to run).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    monkeypatch.setenv("XLA_FLAGS", " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+    monkeypatch.setenv("XLA_FLAGS", testing.subprocess_env(devices)["XLA_FLAGS"])
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", str(installed_wheel))
     monkeypatch.setenv("JAXENCDEC_NOTEBOOK_SMALL", "1")
