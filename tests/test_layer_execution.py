@@ -240,9 +240,9 @@ def test_scanned_encoder_records_every_layer_as_unrolled(hf_pair, name):
         got = _as(plain, True, remat)(ids, mask, labels=labels, output_attentions=True, output_hidden_states=True)
         assert jax.tree.structure(got) == jax.tree.structure(expected)
         # another fusion of the same float32 sums: outputs up to ~20 in size (float32's spacing there: 1.9e-6) come
-        # out a few of their last bits apart
+        # out a few of their last bits apart (on an AVX-512 Xeon, 4.5e-6 for one logit): the README's 1e-5
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=4e-6, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
